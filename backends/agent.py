@@ -1,0 +1,168 @@
+"""The agent: one per container. Converges the container's loaded models to the shard map and reports.
+
+It keeps the container registered under a lease (its liveness), follows the store's watch, loads what the
+map assigns and unloads what it no longer does, and writes each copy's state (loading / ready / failed)
+so routers send traffic to ready copies only. A failed load is retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from backends.triton import LoadError, TritonAdapter
+from placement import registry
+from placement.model import Container, CopyState, ModelVersion
+from placement.registry import Fleet
+from placement.store import CompactedError, Lease, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+# Events under these prefixes can change what this container should hold.
+_RELEVANT = (registry.ASSIGN, registry.MODELS)
+
+
+@dataclass
+class _Backoff:
+    attempts: int = 0
+    next_try: float = 0.0
+
+
+class Agent:
+    def __init__(
+        self,
+        store: Store,
+        container: Container,
+        adapter: TritonAdapter,
+        *,
+        lease_ttl_s: float = 10.0,
+        max_parallel_loads: int = 4,
+        retry_base_s: float = 1.0,
+        retry_max_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.container = container
+        self.adapter = adapter
+        self.lease_ttl_s = lease_ttl_s
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.loaded: dict[str, ModelVersion] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self._load_slots = asyncio.Semaphore(max_parallel_loads)
+        self._wake = asyncio.Event()
+        self._fleet = Fleet()
+        self._lease: Lease | None = None
+        self.converged = asyncio.Event()  # set whenever a reconcile pass leaves nothing to do
+
+    async def run(self) -> None:
+        """Registers, then reconciles until cancelled."""
+        self._lease = await self.store.grant_lease(self.lease_ttl_s)
+        await registry.register_container(self.store, self.container, self._lease)
+        tasks = [asyncio.create_task(self._keep_alive()), asyncio.create_task(self._follow())]
+        try:
+            await self._reconcile_forever()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(StoreError, OSError):
+                await self._lease.revoke()
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            try:
+                assert self._lease is not None
+                await self._lease.refresh()
+            except StoreError as exc:
+                # The lease is gone (store restarted or we were too slow): register again under a new one.
+                log.warning("container %s: lease refresh failed (%s); re-registering", self.container.id, exc)
+                with contextlib.suppress(StoreError):
+                    self._lease = await self.store.grant_lease(self.lease_ttl_s)
+                    await registry.register_container(self.store, self.container, self._lease)
+
+    async def _follow(self) -> None:
+        """Keeps `_fleet` current: a snapshot, then the watch; reloads on compaction or errors."""
+        while True:
+            try:
+                self._fleet = await registry.load_fleet(self.store)
+                self._wake.set()
+                async for events in self.store.watch_prefix(registry.ROOT, self._fleet.revision + 1):
+                    for event in events:
+                        self._fleet.apply(event)
+                    if any(e.key.startswith(_RELEVANT) for e in events):
+                        self._wake.set()
+            except CompactedError:
+                continue
+            except StoreError as exc:
+                log.warning("container %s: store watch failed (%s); retrying", self.container.id, exc)
+                await asyncio.sleep(1.0)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            delay = await self.reconcile()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def reconcile(self) -> float | None:
+        """One pass: load what is missing, unload what is extra. Returns when to retry failures (s)."""
+        fleet = self._fleet
+        desired = {
+            key: fleet.models[key] for key in fleet.copies_on(self.container.id) if key in fleet.models
+        }
+        now = time.monotonic()
+        to_load = [
+            m
+            for key, m in desired.items()
+            if self.loaded.get(key) != m and self._backoff.get(key, _Backoff()).next_try <= now
+        ]
+        to_unload = [m for key, m in self.loaded.items() if key not in desired]
+        # Loads first: a copy moving here must be up before anything else leaves (make-before-break).
+        await asyncio.gather(*(self._load(m) for m in to_load))
+        await asyncio.gather(*(self._unload(m) for m in to_unload))
+        pending = [b.next_try for key, b in self._backoff.items() if key in desired]
+        if not pending and all(self.loaded.get(k) == m for k, m in desired.items()):
+            self.converged.set()
+        else:
+            self.converged.clear()
+        return max(0.05, min(pending) - time.monotonic()) if pending else None
+
+    async def _load(self, model: ModelVersion) -> None:
+        cid = self.container.id
+        async with self._load_slots:
+            await self._report(model.key, CopyState("loading"))
+            try:
+                await self.adapter.load(model)
+            except (LoadError, OSError) as exc:
+                backoff = self._backoff.setdefault(model.key, _Backoff())
+                backoff.attempts += 1
+                delay = min(self.retry_max_s, self.retry_base_s * 2 ** (backoff.attempts - 1))
+                backoff.next_try = time.monotonic() + delay
+                log.warning(
+                    "container %s: load of %s failed (%s); retry in %.0f s", cid, model.key, exc, delay
+                )
+                await self._report(model.key, CopyState("failed", message=str(exc)))
+                return
+            self._backoff.pop(model.key, None)
+            self.loaded[model.key] = model
+            await self._report(model.key, CopyState("ready"))
+
+    async def _unload(self, model: ModelVersion) -> None:
+        await self._report(model.key, CopyState("unloading"))
+        try:
+            await self.adapter.unload(model)
+        except (LoadError, OSError) as exc:
+            log.warning("container %s: unload of %s failed: %s", self.container.id, model.key, exc)
+        self.loaded.pop(model.key, None)
+        with contextlib.suppress(StoreError):
+            await registry.delete_copy_state(self.store, self.container.id, model.key)
+
+    async def _report(self, key: str, state: CopyState) -> None:
+        try:
+            await registry.put_copy_state(self.store, self.container.id, key, state)
+        except StoreError as exc:
+            log.warning("container %s: cannot report %s as %s: %s", self.container.id, key, state.phase, exc)

@@ -1,0 +1,47 @@
+"""The example models shipped for `modelyard up` and the tests, placed in a local artifact directory."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from placement.model import ModelVersion
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+# A python-backend model costs ~20 MiB (one stub process each); declare a little more.
+EXAMPLE_MEMORY_BYTES = 32 * 1024 * 1024
+EXAMPLE_NAMES = ("add_sub", "scale", "identity")
+
+
+def tree_sha256(root: Path) -> str:
+    """A content hash of a directory: relative paths and bytes of every file, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def install_example(name: str, artifacts: Path, *, version: str = "1", replicas: int = 1) -> ModelVersion:
+    """Copies one example model into `artifacts/<sha256>/` and returns its registration."""
+    source = EXAMPLES_DIR / name
+    if not (source / "config.pbtxt").is_file():
+        raise ValueError(f"no example model named {name!r}; examples: {', '.join(EXAMPLE_NAMES)}")
+    sha = tree_sha256(source)
+    target = artifacts / sha
+    if not target.exists():
+        staging = artifacts / f".{sha}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))
+        staging.rename(target)
+    return ModelVersion(
+        name=name,
+        version=version,
+        backend="triton",
+        kind="cpu",
+        memory_bytes=EXAMPLE_MEMORY_BYTES,
+        replicas=replicas,
+        artifact_uri=target.resolve().as_uri(),
+        sha256=sha,
+    )

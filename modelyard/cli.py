@@ -1,0 +1,107 @@
+"""The `modelyard` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from placement.store import StoreError, default_store_url
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
+def main(log_level: str) -> None:
+    """modelyard: serve thousands of ML models from a fleet of shared inference containers."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path(".modelyard"),
+    show_default=True,
+    help="Where the store, artifacts and container repositories live.",
+)
+@click.option(
+    "--store",
+    "store_url",
+    default=None,
+    help="Store URL (etcd://host:port) or directory; default: WORKDIR/store.",
+)
+@click.option(
+    "--containers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Number of Triton containers.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Router listen address.")
+@click.option("--port", default=8001, show_default=True, type=int, help="Router port (0: any free port).")
+def up(workdir: Path, store_url: str | None, containers: int, host: str, port: int) -> None:
+    """Start a local fleet: Triton containers, example models, agents and the router."""
+    from backends.triton_server import TritonNotInstalled, TritonStartError
+    from modelyard.local import LocalFleet, run_up
+    from router.server import RouterStartError
+
+    fleet = LocalFleet(
+        workdir=workdir,
+        store_url=store_url or str(workdir / "store"),
+        containers=containers,
+        host=host,
+        port=port,
+    )
+    try:
+        asyncio.run(run_up(fleet))
+    except (TritonNotInstalled, TritonStartError, RouterStartError, StoreError, TimeoutError) as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=int)
+def serve(store_url: str | None, host: str, port: int) -> None:
+    """Run the router against a store."""
+    from placement.store import open_store
+    from router.server import RouterServer, RouterStartError
+
+    async def run() -> None:
+        store = open_store(store_url or default_store_url())
+        server = RouterServer(store, host, port)
+        try:
+            await server.start()
+            click.echo(f"router listening on {server.address}")
+            assert server.server is not None
+            await server.server.wait_for_termination()
+        finally:
+            await server.stop()
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except (RouterStartError, StoreError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+def _add_placement() -> None:
+    from placement.cli import placement
+
+    main.add_command(placement)
+
+
+_add_placement()
+
+if __name__ == "__main__":
+    main()

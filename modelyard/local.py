@@ -1,0 +1,180 @@
+"""`modelyard up`: a whole fleet on one machine — embedded store, Triton containers, agents and the router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends.agent import Agent
+from backends.examples import EXAMPLE_NAMES, install_example
+from backends.triton import TritonAdapter
+from backends.triton_server import TritonServer
+from placement import registry
+from placement.model import Container, ModelVersion
+from placement.store import Store, open_store
+from router.server import RouterServer
+
+# Replicas for the example models: add_sub on both containers shows a replicated model.
+EXAMPLE_REPLICAS = {"add_sub": 2, "scale": 1, "identity": 1}
+
+
+@dataclass
+class LocalFleet:
+    workdir: Path
+    store_url: str
+    containers: int = 2
+    container_memory_bytes: int = 2 * 1024**3
+    host: str = "127.0.0.1"
+    port: int = 8001
+    tritons: list[TritonServer] = field(default_factory=list)
+    agents: list[Agent] = field(default_factory=list)
+    router: RouterServer | None = None
+    _store: Store | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self, ready_timeout_s: float = 120.0) -> list[ModelVersion]:
+        """Everything, with the example models planned onto the containers by the placement planner."""
+        models = await self.start_store_and_models()
+        containers = await self.start_containers()
+        await write_plan(self.store, models, containers)
+        await self.start_router()
+        await self.wait_ready(models, ready_timeout_s)
+        return models
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "start_store_and_models() first"
+        return self._store
+
+    async def start_store_and_models(self) -> list[ModelVersion]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._store = store = open_store(self.store_url)
+        models = [
+            install_example(name, self.workdir / "artifacts", replicas=EXAMPLE_REPLICAS.get(name, 1))
+            for name in EXAMPLE_NAMES
+        ]
+        for model in models:
+            await registry.register_model(store, model)
+        return models
+
+    async def start_containers(self) -> list[Container]:
+        """Starts the Triton processes (in parallel) and an agent for each; returns the containers."""
+        self.tritons = [
+            TritonServer(self.workdir / "containers" / f"triton-{i}") for i in range(self.containers)
+        ]
+        for triton in self.tritons:
+            triton.workdir.mkdir(parents=True, exist_ok=True)
+        await asyncio.gather(*(asyncio.to_thread(t.start) for t in self.tritons))
+        containers = [
+            Container(
+                id=f"triton-{i}", address=t.address, kind="cpu", memory_bytes=self.container_memory_bytes
+            )
+            for i, t in enumerate(self.tritons)
+        ]
+        for container, triton in zip(containers, self.tritons, strict=True):
+            agent = Agent(self.store, container, TritonAdapter(triton.address, triton.repository))
+            self.agents.append(agent)
+            self._tasks.append(asyncio.create_task(agent.run(), name=f"agent-{container.id}"))
+        return containers
+
+    async def start_router(self) -> None:
+        self.router = RouterServer(self.store, self.host, self.port)
+        await self.router.start()
+
+    async def wait_ready(self, models: list[ModelVersion], timeout_s: float) -> None:
+        assert self.router is not None
+        table = self.router.router.table
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if table.loaded and all(len(table.ready_copies(m.key)) >= m.replicas for m in models):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(
+            f"models not ready within {timeout_s:.0f} s; see {self.workdir}/containers/*/*.log"
+        )
+
+    async def stop(self) -> None:
+        if self.router is not None:
+            await self.router.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for agent in self.agents:
+            await agent.adapter.close()
+        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.tritons))
+        if self._store is not None:
+            await self._store.close()
+
+
+async def write_plan(store: Store, models: list[ModelVersion], containers: list[Container]) -> int:
+    """Plans `models` onto `containers` (sticky to the current map) and writes the shard map."""
+    from placement.planner import Capacity, Demand, plan
+
+    fleet = await registry.load_fleet(store)
+    result = plan(
+        [Demand(m.key, m.memory_bytes, m.replicas, m.kind) for m in models],
+        [Capacity(c.id, c.memory_bytes, c.kind) for c in containers],
+        previous=fleet.assignments,
+    )
+    if result.unplaced:
+        details = "; ".join(f"{name}: {why}" for name, why in sorted(result.unplaced.items()))
+        print(f"warning: not everything fits: {details}", file=sys.stderr)
+    return await registry.write_shard_map(store, result.assignments, expected_generation=fleet.generation)
+
+
+def example_call(address: str) -> str:
+    code = (
+        "import numpy as np, tritonclient.grpc as g; "
+        f"c = g.InferenceServerClient('{address}'); "
+        "x = g.InferInput('INPUT', [3], 'FP32'); "
+        "x.set_data_from_numpy(np.array([1, 2, 3], dtype=np.float32)); "
+        "print(c.infer('scale', [x]).as_numpy('OUTPUT'))"
+    )
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
+async def run_up(fleet: LocalFleet) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"starting {fleet.containers} Triton containers, agents and the router (store: {fleet.store_url})")
+    try:
+        started = asyncio.create_task(fleet.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+            return
+        models = started.result()
+        assert fleet.router is not None
+        table = fleet.router.router.table
+        print()
+        print(f"{'container':<10} {'address':<17} {'pid':>8}  models")
+        for triton, agent in zip(fleet.tritons, fleet.agents, strict=True):
+            pid = triton.process.pid if triton.process else 0
+            print(
+                f"{agent.container.id:<10} {triton.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
+            )
+        print()
+        for model in models:
+            copies = ", ".join(c.id for c in table.ready_copies(model.key))
+            print(f"model {model.key:<12} ready on {copies}")
+        print()
+        print(f"router ready on {fleet.router.address} (KServe v2 gRPC and modelyard.v1.Router)")
+        print("try it:")
+        print(f"  {example_call(fleet.router.address)}")
+        print("press Ctrl-C to stop everything", flush=True)
+        await stopped
+        print("stopping...", flush=True)
+    finally:
+        await fleet.stop()
+        print("stopped", flush=True)

@@ -1,0 +1,1 @@
+"""Python code generated from protos/modelyard/v1 at build time."""

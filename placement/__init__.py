@@ -1,0 +1,1 @@
+"""Placement: the data model, the planner, the stores and the `modelyard placement` CLI."""

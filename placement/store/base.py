@@ -1,0 +1,100 @@
+"""The store interface: string keys, byte values, revisions, prefix watches and leases (etcd's model)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+
+class StoreError(Exception):
+    """A store operation failed; the message is meant for the user."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached."""
+
+
+class CompactedError(StoreError):
+    """A watch asked for history the store no longer keeps; reload the prefix and watch again."""
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes  # empty for deletes
+    revision: int
+
+
+class Lease(abc.ABC):
+    """A time-to-live grant: keys put with it vanish when it is revoked or not refreshed in time."""
+
+    id: int
+    ttl_s: float
+
+    @abc.abstractmethod
+    async def refresh(self) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke(self) -> None: ...
+
+
+# etcd's default --max-txn-ops is 128; stay below it so every batch is accepted.
+MAX_TXN_OPS = 100
+
+
+class Store(abc.ABC):
+    """What placement, agents and routers need from etcd, implementable on one machine without it."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    @abc.abstractmethod
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """All keys under `prefix` in key order, and the store revision they were read at."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        """Writes one key; returns the new revision."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Sequence[str] = (),
+        *,
+        if_equal: tuple[str, bytes | None] | None = None,
+    ) -> bool:
+        """Writes `puts` and `deletes` atomically if small enough, else in batches.
+
+        With `if_equal=(key, value)` (value None: the key must be absent) the first batch applies only when
+        the key holds that value; returns False, having written nothing, when it does not.
+        """
+
+    @abc.abstractmethod
+    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Events under `prefix` from `start_revision` on, in batches; raises CompactedError if too old."""
+
+    @abc.abstractmethod
+    async def grant_lease(self, ttl_s: float) -> Lease: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,248 @@
+"""The embedded store: one SQLite file in a directory, safe across processes on one machine.
+
+SQLite gives atomic writes and cross-process locking for free; revisions and a change log on top give
+the same watch semantics as etcd, so every caller is written once against `Store`. Work runs in a thread
+so the event loop never blocks on the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from placement.store.base import MAX_TXN_OPS, CompactedError, Event, KeyValue, Lease, Store, StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, mod_revision INTEGER NOT NULL,
+                               lease INTEGER);
+CREATE TABLE IF NOT EXISTS log (revision INTEGER NOT NULL, key TEXT NOT NULL, value BLOB,
+                                PRIMARY KEY (revision, key));
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY AUTOINCREMENT, ttl_s REAL NOT NULL,
+                                   expires_at REAL NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
+"""
+
+# The change log keeps this many revisions for watchers that fall behind; older ones are compacted.
+_LOG_KEEP_REVISIONS = 10_000
+T = TypeVar("T")
+_PREFIX_END = "\U0010ffff"
+
+
+class _EmbeddedLease(Lease):
+    def __init__(self, store: EmbeddedStore, lease_id: int, ttl_s: float) -> None:
+        self.id = lease_id
+        self.ttl_s = ttl_s
+        self._store = store
+
+    async def refresh(self) -> None:
+        await self._store._run(self._store._refresh_lease, self.id, self.ttl_s)
+
+    async def revoke(self) -> None:
+        await self._store._run(self._store._revoke_lease, self.id)
+
+
+class EmbeddedStore(Store):
+    def __init__(self, directory: Path, *, poll_interval_s: float = 0.05) -> None:
+        self.directory = directory
+        self.poll_interval_s = poll_interval_s
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                directory / "store.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the embedded store in {directory}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedStore({str(self.directory)!r})"
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(self._locked, fn, *args)
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            try:
+                return fn(*args)
+            except sqlite3.Error as exc:
+                raise StoreError(f"embedded store {self.directory}: {exc}") from exc
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def _revision(self) -> int:
+        return int(self._conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+
+    def _get(self, key: str) -> KeyValue | None:
+        self._expire_leases()
+        row = self._conn.execute("SELECT value, mod_revision FROM kv WHERE key=?", (key,)).fetchone()
+        return KeyValue(key, bytes(row[0]), row[1]) if row else None
+
+    def _get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        self._expire_leases()
+        self._conn.execute("BEGIN")
+        try:
+            rows = self._conn.execute(
+                "SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                (prefix, prefix + _PREFIX_END),
+            ).fetchall()
+            revision = self._revision()
+        finally:
+            self._conn.execute("COMMIT")
+        return [KeyValue(k, bytes(v), r) for k, v, r in rows], revision
+
+    async def get(self, key: str) -> KeyValue | None:
+        return await self._run(self._get, key)
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        return await self._run(self._get_prefix, prefix)
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def _write(
+        self,
+        puts: Sequence[tuple[str, bytes]],
+        deletes: Sequence[str],
+        lease_id: int | None = None,
+        if_equal: tuple[str, bytes | None] | None = None,
+    ) -> int | None:
+        """One atomic revision. Returns the revision, or None when `if_equal` did not hold."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if if_equal is not None:
+                row = conn.execute("SELECT value FROM kv WHERE key=?", (if_equal[0],)).fetchone()
+                current = bytes(row[0]) if row else None
+                if current != if_equal[1]:
+                    conn.execute("ROLLBACK")
+                    return None
+            if (
+                lease_id is not None
+                and not conn.execute("SELECT 1 FROM leases WHERE id=?", (lease_id,)).fetchone()
+            ):
+                raise StoreError(f"lease {lease_id} has expired or was revoked")
+            revision = self._revision() + 1
+            for key, value in puts:
+                conn.execute(
+                    "INSERT INTO kv VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "value=excluded.value, mod_revision=excluded.mod_revision, lease=excluded.lease",
+                    (key, value, revision, lease_id),
+                )
+                conn.execute("INSERT OR REPLACE INTO log VALUES (?, ?, ?)", (revision, key, value))
+            for key in deletes:
+                if conn.execute("DELETE FROM kv WHERE key=?", (key,)).rowcount:
+                    conn.execute("INSERT OR REPLACE INTO log VALUES (?, ?, NULL)", (revision, key))
+            conn.execute("UPDATE meta SET value=? WHERE name='revision'", (revision,))
+            if revision % 1000 == 0:
+                compacted = revision - _LOG_KEEP_REVISIONS
+                conn.execute("DELETE FROM log WHERE revision <= ?", (compacted,))
+                conn.execute("UPDATE meta SET value=max(value, ?) WHERE name='compacted'", (compacted,))
+            conn.execute("COMMIT")
+            return revision
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _expire_leases(self) -> None:
+        now = time.time()
+        if not self._conn.execute("SELECT 1 FROM leases WHERE expires_at < ? LIMIT 1", (now,)).fetchone():
+            return
+        expired = [r[0] for r in self._conn.execute("SELECT id FROM leases WHERE expires_at < ?", (now,))]
+        for lease_id in expired:
+            self._revoke_lease(lease_id)
+
+    def _revoke_lease(self, lease_id: int) -> None:
+        keys = [r[0] for r in self._conn.execute("SELECT key FROM kv WHERE lease=?", (lease_id,))]
+        self._write([], keys)
+        self._conn.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+
+    def _refresh_lease(self, lease_id: int, ttl_s: float) -> None:
+        self._expire_leases()
+        updated = self._conn.execute(
+            "UPDATE leases SET expires_at=? WHERE id=?", (time.time() + ttl_s, lease_id)
+        ).rowcount
+        if not updated:
+            raise StoreError(f"lease {lease_id} has expired or was revoked")
+
+    def _grant_lease(self, ttl_s: float) -> int:
+        cursor = self._conn.execute(
+            "INSERT INTO leases (ttl_s, expires_at) VALUES (?, ?)", (ttl_s, time.time() + ttl_s)
+        )
+        return int(cursor.lastrowid or 0)
+
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        lease_id = lease.id if lease is not None else None
+        revision = await self._run(self._write, [(key, value)], [], lease_id)
+        assert revision is not None  # no condition given, so the write happened
+        return revision
+
+    async def delete(self, key: str) -> bool:
+        def delete_one() -> bool:
+            existed = self._conn.execute("SELECT 1 FROM kv WHERE key=?", (key,)).fetchone() is not None
+            self._write([], [key])
+            return existed
+
+        return await self._run(delete_one)
+
+    async def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Sequence[str] = (),
+        *,
+        if_equal: tuple[str, bytes | None] | None = None,
+    ) -> bool:
+        # SQLite has no operation limit, but batching the same way as etcd keeps both stores' behaviour alike.
+        ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
+        first = True
+        for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
+            batch = ops[start : start + MAX_TXN_OPS]
+            batch_puts = [(k, v) for k, v in batch if v is not None]
+            batch_deletes = [k for k, v in batch if v is None]
+            guard = if_equal if first else None
+            if await self._run(self._write, batch_puts, batch_deletes, None, guard) is None:
+                return False
+            first = False
+        return True
+
+    async def grant_lease(self, ttl_s: float) -> Lease:
+        return _EmbeddedLease(self, await self._run(self._grant_lease, ttl_s), ttl_s)
+
+    # -- watch ---------------------------------------------------------------------------------------
+
+    def _changes_since(self, prefix: str, revision: int) -> list[Event]:
+        self._expire_leases()
+        compacted = int(self._conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0])
+        if revision <= compacted:
+            raise CompactedError(f"revision {revision} was compacted (oldest kept: {compacted + 1})")
+        rows = self._conn.execute(
+            "SELECT revision, key, value FROM log WHERE revision >= ? AND key >= ? AND key < ? "
+            "ORDER BY revision, key",
+            (revision, prefix, prefix + _PREFIX_END),
+        ).fetchall()
+        return [
+            Event("delete", key, b"", rev) if value is None else Event("put", key, bytes(value), rev)
+            for rev, key, value in rows
+        ]
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        next_revision = start_revision
+        while True:
+            events = await self._run(self._changes_since, prefix, next_revision)
+            if events:
+                next_revision = events[-1].revision + 1
+                yield events
+            else:
+                await asyncio.sleep(self.poll_interval_s)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._conn.close()

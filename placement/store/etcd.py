@@ -1,0 +1,178 @@
+"""The etcd store, through `aetcd` (asyncio, protobuf >= 4 compatible)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, cast
+
+import aetcd
+import aetcd.exceptions
+
+from placement.store.base import (
+    MAX_TXN_OPS,
+    CompactedError,
+    Event,
+    KeyValue,
+    Lease,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+
+
+def _translated(fn: F) -> F:
+    """Turns aetcd's errors into the store's, naming the endpoint."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: EtcdStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(self, *args, **kwargs)
+        except _UNREACHABLE as exc:
+            endpoint = self.endpoint
+            await self._next_endpoint()
+            raise StoreUnavailable(f"etcd at {endpoint} is unreachable: {exc}") from exc
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise CompactedError(str(exc)) from exc
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"etcd at {self.endpoint}: {exc}") from exc
+
+    return cast(F, wrapper)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """etcd's range end for a prefix: the prefix with its last byte incremented."""
+    trimmed = prefix.rstrip(b"\xff")
+    return trimmed[:-1] + bytes([trimmed[-1] + 1]) if trimmed else b"\0"
+
+
+class _EtcdLease(Lease):
+    def __init__(self, store: EtcdStore, lease: Any, ttl_s: float) -> None:
+        self.id = lease.id
+        self.ttl_s = ttl_s
+        self._lease = lease
+        self._store = store
+
+    async def refresh(self) -> None:
+        try:
+            response = await self._lease.refresh()
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"etcd at {self._store.endpoint} is unreachable: {exc}") from exc
+        if response and getattr(response[0], "TTL", 1) <= 0:
+            raise StoreError(f"lease {self.id} has expired or was revoked")
+
+    async def revoke(self) -> None:
+        await self._lease.revoke()
+
+
+class EtcdStore(Store):
+    def __init__(self, endpoints: Sequence[tuple[str, int]], *, timeout_s: float = 5.0) -> None:
+        if not endpoints:
+            raise StoreError("etcd store needs at least one host:port")
+        # aetcd talks to one endpoint at a time; after a call finds it unreachable, the next uses the next.
+        self.endpoints = list(endpoints)
+        self._index = 0
+        self._timeout_s = timeout_s
+        self._client = self._connect()
+
+    @classmethod
+    def from_url(cls, url: str) -> EtcdStore:
+        endpoints: list[tuple[str, int]] = []
+        for part in url.removeprefix("etcd://").strip("/").split(","):
+            host, sep, port = part.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise StoreError(f"bad etcd endpoint {part!r} in {url!r}: expected host:port")
+            endpoints.append((host, int(port)))
+        return cls(endpoints)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.endpoints[self._index]
+        return f"{host}:{port}"
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self.endpoint!r})"
+
+    def _connect(self) -> aetcd.Client:
+        host, port = self.endpoints[self._index]
+        return aetcd.Client(host=host, port=port, timeout=int(self._timeout_s), connect_wait_timeout=1)
+
+    async def _next_endpoint(self) -> None:
+        if len(self.endpoints) > 1:
+            await self._client.close()
+            self._index = (self._index + 1) % len(self.endpoints)
+            self._client = self._connect()
+
+    @_translated
+    async def get(self, key: str) -> KeyValue | None:
+        result = await self._client.get(key.encode())
+        return KeyValue(key, result.value, result.mod_revision) if result is not None else None
+
+    @_translated
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        result = await self._client.get_prefix(prefix.encode(), sort_order="ascend", sort_target="key")
+        items = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in result]
+        return items, result.header.revision
+
+    @_translated
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        result = await self._client.put(key.encode(), value, lease=lease.id if lease else None)
+        return int(result.header.revision)
+
+    @_translated
+    async def delete(self, key: str) -> bool:
+        return bool(await self._client.delete(key.encode()))
+
+    @_translated
+    async def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Sequence[str] = (),
+        *,
+        if_equal: tuple[str, bytes | None] | None = None,
+    ) -> bool:
+        tx = self._client.transactions
+        ops = [tx.put(k.encode(), v) for k, v in puts.items()] + [tx.delete(k.encode()) for k in deletes]
+        first = True
+        for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
+            compare = []
+            if first and if_equal is not None:
+                key, expected = if_equal
+                compare = (
+                    [tx.version(key.encode()) == 0]
+                    if expected is None
+                    else [tx.value(key.encode()) == expected]
+                )
+            succeeded, _ = await self._client.transaction(
+                compare=compare, success=ops[start : start + MAX_TXN_OPS], failure=[]
+            )
+            if not succeeded:
+                return False
+            first = False
+        return True
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        try:
+            watch = await self._client.watch_prefix(prefix.encode(), start_revision=start_revision)
+            async for event in watch:
+                kind: Literal["put", "delete"] = (
+                    "put" if event.kind == aetcd.rtypes.EventKind.PUT else "delete"
+                )
+                yield [Event(kind, event.kv.key.decode(), event.kv.value, event.kv.mod_revision)]
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise CompactedError(str(exc)) from exc
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"etcd at {self.endpoint} is unreachable: {exc}") from exc
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"etcd watch at {self.endpoint}: {exc}") from exc
+
+    @_translated
+    async def grant_lease(self, ttl_s: float) -> Lease:
+        lease = await self._client.lease(max(1, round(ttl_s)))
+        return _EtcdLease(self, lease, ttl_s)
+
+    async def close(self) -> None:
+        await self._client.close()

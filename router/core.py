@@ -1,0 +1,87 @@
+"""The routing core: from a call's header fields and metadata to a ready copy, and forwarding to it.
+
+Servicers stay thin: they hand bytes and the call context here and get bytes back or a RoutingError.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+
+from placement.model import Container, ModelVersion
+from placement.store import Store
+from router.errors import BadRequest, NoReadyCopy
+from router.follow import TableFollower
+from router.forward import ContainerChannels, forwarded_metadata
+from router.table import RoutingTable
+from router.wire import WireError, read_name_version, with_version
+
+TENANT_HEADER = "x-tenant-id"
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == TENANT_HEADER:
+            return str(item.value)
+    return None
+
+
+class Router:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.table = RoutingTable()
+        self.follower = TableFollower(store, self.table)
+        self.channels = ContainerChannels()
+
+    async def start(self) -> None:
+        self.follower.start()
+
+    async def stop(self) -> None:
+        await self.follower.stop()
+        await self.channels.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.table.loaded
+
+    def route(self, request: bytes, context: grpc.aio.ServicerContext) -> tuple[ModelVersion, bytes]:
+        """The model version a request goes to, and the bytes to send (version pinned when it matters)."""
+        try:
+            name, version = read_name_version(request)
+        except WireError as exc:
+            raise BadRequest(f"malformed request: {exc}") from exc
+        if not name:
+            raise BadRequest("model_name is required")
+        model = self.table.resolve(name, version, tenant_of(context))
+        # With several versions registered, the container must not pick its own default.
+        if not version and len(self.table.versions(name)) > 1:
+            request = with_version(request, model.version)
+        return model, request
+
+    async def forward_unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        model, request = self.route(request, context)
+        copies = self.table.ready_copies(model.key)
+        container = self.channels.pick(copies)
+        if container is None:
+            raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+        try:
+            return await self._call(container, method, request, context)
+        except grpc.aio.AioRpcError as exc:
+            # UNAVAILABLE on a unary call: the container never accepted it, so a second copy is safe.
+            retry_on = self.channels.pick(copies, exclude=container.id)
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or retry_on is None:
+                raise
+            return await self._call(retry_on, method, request, context)
+
+    async def _call(
+        self, container: Container, method: str, request: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        outstanding = self.channels.outstanding
+        outstanding[container.id] = outstanding.get(container.id, 0) + 1
+        try:
+            response: bytes = await self.channels.unary(container.address, method)(
+                request, timeout=context.time_remaining(), metadata=forwarded_metadata(context)
+            )
+            return response
+        finally:
+            outstanding[container.id] -= 1

@@ -1,0 +1,27 @@
+"""Routing errors and the one place that maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RoutingError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class BadRequest(RoutingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(RoutingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class NoReadyCopy(RoutingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotReady(RoutingError):
+    """The router has not loaded the routing table yet."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,68 @@
+"""Forwarding calls as bytes to containers: one channel per container, least-outstanding copy choice.
+
+Requests and responses cross the router as serialized bytes (no tensor decoding). A unary call that fails
+with UNAVAILABLE is retried once on another copy: for a unary call UNAVAILABLE means the container did not
+accept the request (connection refused or closed, model not loaded there), so the model did not run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+
+from placement.model import Container
+
+# Headers gRPC manages itself; everything else the caller sent (tenant, trace context, ...) travels on.
+_HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding"})
+_MAX_MESSAGE_BYTES = 2**31 - 1
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)
+
+
+class ContainerChannels:
+    """One channel per container address, with outstanding-call counts for the copy choice."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._unary: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+        self.outstanding: dict[str, int] = {}
+
+    def unary(self, address: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        call = self._unary.get((address, method))
+        if call is None:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[address] = channel
+            call = channel.unary_unary(method)  # no serializers: bytes in, bytes out
+            self._unary[(address, method)] = call
+        return call
+
+    def pick(self, copies: Sequence[Container], exclude: str | None = None) -> Container | None:
+        """Power of two choices: of two random copies, the one with fewer calls in flight."""
+        candidates = [c for c in copies if c.id != exclude] if exclude else copies
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = random.sample(candidates, 2)
+        return a if self.outstanding.get(a.id, 0) <= self.outstanding.get(b.id, 0) else b
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._unary.clear()
+
+
+def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple(
+        (m.key, m.value)
+        for m in context.invocation_metadata() or ()
+        if m.key not in _HOP_HEADERS and not m.key.startswith(":")
+    )

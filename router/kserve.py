@@ -1,0 +1,67 @@
+"""The KServe v2 `inference.GRPCInferenceService` front: any tritonclient works against the router.
+
+Server-level calls are answered by the router itself; model-level calls go to a ready copy as bytes.
+Methods not listed (repository control, shared memory, tracing, logging) answer UNIMPLEMENTED: they
+concern one Triton instance, not the fleet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2 as kserve
+
+from router.core import Router
+from router.errors import RoutingError
+from router.handlers import bytes_handler
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "modelyard"
+SERVER_VERSION = "0.1.0"
+
+
+def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
+    def forward(method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        path = f"/{SERVICE}/{method}"
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await router.forward_unary(path, request, context)
+
+        call.__name__ = method
+        return call
+
+    async def server_live(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return kserve.ServerLiveResponse(live=True).SerializeToString()
+
+    async def server_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return kserve.ServerReadyResponse(ready=router.ready).SerializeToString()
+
+    async def server_metadata(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION).SerializeToString()
+
+    model_ready_forward = forward("ModelReady")
+
+    async def model_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # Like Triton: an unknown or unloaded model is "not ready", not an error.
+        try:
+            return await model_ready_forward(request, context)
+        except RoutingError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            return kserve.ModelReadyResponse(ready=False).SerializeToString()
+
+    handlers = {
+        "ServerLive": server_live,
+        "ServerReady": server_ready,
+        "ServerMetadata": server_metadata,
+        "ModelReady": model_ready,
+        "ModelMetadata": forward("ModelMetadata"),
+        "ModelConfig": forward("ModelConfig"),
+        "ModelStatistics": forward("ModelStatistics"),
+        "ModelInfer": forward("ModelInfer"),
+    }
+    return grpc.method_handlers_generic_handler(
+        SERVICE, {name: bytes_handler(fn) for name, fn in handlers.items()}
+    )

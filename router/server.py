@@ -1,0 +1,54 @@
+"""Building and running the router's grpc.aio server."""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+
+from placement.store import Store
+from router.api import api_handler
+from router.core import Router
+from router.kserve import kserve_handler
+
+SERVER_OPTIONS = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)
+
+
+class RouterStartError(RuntimeError):
+    pass
+
+
+class RouterServer:
+    """The router and its gRPC server on one address."""
+
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 8001) -> None:
+        self.router = Router(store)
+        self.host = host
+        self.port = port
+        self.server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((kserve_handler(self.router), api_handler(self.router)))
+        try:
+            bound = server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise RouterStartError(f"cannot listen on {self.address}: {exc}") from exc
+        if not bound:
+            raise RouterStartError(f"cannot listen on {self.address} (port in use?)")
+        self.port = bound
+        await self.router.start()
+        await server.start()
+        self.server = server
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+            self.server = None
+        await self.router.stop()

@@ -1,0 +1,140 @@
+"""Fixtures that start real servers (etcd, Triton) on free loopback ports and stop them by PID.
+
+With CI=true a missing binary fails the run, saying how to install it; elsewhere it skips the tests
+that need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backends.triton_server import TritonInstall, TritonNotInstalled, free_port
+from placement.store import open_store
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def missing(component: str, hint: str) -> None:
+    message = f"{component} is not installed; {hint}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def require_triton() -> TritonInstall:
+    try:
+        return TritonInstall.find()
+    except TritonNotInstalled as exc:
+        missing("tritonserver", str(exc))
+        raise
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"nothing listening on 127.0.0.1:{port} after {timeout_s} s:\n{log.read_text()[-2000:]}"
+    )
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM to the process group, SIGKILL if it lingers."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+class EtcdServer:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            missing("etcd", "install Debian's etcd-server package: apt-get install etcd-server")
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://127.0.0.1:{self.client_port}"
+        log = self.workdir / "etcd.log"
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                f"--data-dir={self.workdir / 'data'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=default={peer}",
+                "--log-level=warn",
+            ],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_for_port(self.client_port, self.process, timeout_s, log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+async def _wipe(url: str) -> None:
+    async with open_store(url) as store:
+        items, _ = await store.get_prefix("/")
+        await store.apply({}, [item.key for item in items])
+
+
+@pytest.fixture
+def etcd_url(etcd_server: EtcdServer) -> str:
+    """The shared test etcd, emptied for this test."""
+    asyncio.run(_wipe(etcd_server.url))
+    return etcd_server.url
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store implementation in turn: the embedded one in a temp dir, then a real etcd."""
+    if request.param == "embedded":
+        return str(tmp_path / "store")
+    return str(request.getfixturevalue("etcd_url"))

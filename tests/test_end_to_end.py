@@ -1,0 +1,198 @@
+"""The thin slice end to end: store -> shard map -> agents load two real Tritons -> router -> tritonclient."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from modelyard.local import LocalFleet
+from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc
+from placement import registry
+from tests.conftest import _wipe, require_triton
+from tests.fleet import FleetThread
+
+# scale only on triton-0, identity only on triton-1, add_sub on both.
+PLAN = {"scale@1": ["triton-0"], "identity@1": ["triton-1"], "add_sub@1": ["triton-0", "triton-1"]}
+
+
+@pytest.fixture(scope="module", params=["embedded", "etcd"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+    require_triton()
+    workdir = tmp_path_factory.mktemp(f"fleet-{request.param}")
+    if request.param == "etcd":
+        url = request.getfixturevalue("etcd_server").url
+        asyncio.run(_wipe(url))
+    else:
+        url = str(workdir / "store")
+    thread = FleetThread(workdir, url)
+
+    async def setup(fleet: LocalFleet) -> None:
+        models = await fleet.start_store_and_models()
+        await fleet.start_containers()
+        await registry.write_shard_map(fleet.store, PLAN, expected_generation=0)
+        await fleet.start_router()
+        await fleet.wait_ready(models, timeout_s=120)
+
+    try:
+        thread.start(setup)
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+def client(fleet: FleetThread) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(fleet.address) as c:
+        yield c
+
+
+def triton_client(fleet: FleetThread, index: int) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(fleet.fleet.tritons[index].address)
+
+
+def fp32_input(name: str, values: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values.astype(np.float32))
+    return tensor
+
+
+def inference_count(fleet: FleetThread, index: int, model: str) -> int:
+    with triton_client(fleet, index) as direct:
+        stats = direct.get_inference_statistics(model).model_stats
+    return sum(s.inference_count for s in stats)
+
+
+def test_models_on_two_different_tritons_both_answer_through_the_router(
+    fleet: FleetThread, client: grpcclient.InferenceServerClient
+) -> None:
+    with triton_client(fleet, 0) as t0, triton_client(fleet, 1) as t1:
+        assert t0.is_model_ready("scale") and not t1.is_model_ready("scale")
+        assert t1.is_model_ready("identity") and not t0.is_model_ready("identity")
+    scale_before = inference_count(fleet, 0, "scale")
+    identity_before = inference_count(fleet, 1, "identity")
+
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        x = rng.normal(size=17).astype(np.float32)
+        scaled = client.infer("scale", [fp32_input("INPUT", x)]).as_numpy("OUTPUT")
+        np.testing.assert_allclose(scaled, x * 2.0, rtol=1e-6)
+        echoed = client.infer("identity", [fp32_input("INPUT", x)]).as_numpy("OUTPUT")
+        np.testing.assert_array_equal(echoed, x)
+
+    # Each call reached the one Triton that holds the model.
+    assert inference_count(fleet, 0, "scale") == scale_before + 3
+    assert inference_count(fleet, 1, "identity") == identity_before + 3
+
+
+def test_replicated_model_answers_correctly_from_both_copies(
+    fleet: FleetThread, client: grpcclient.InferenceServerClient
+) -> None:
+    before = [inference_count(fleet, i, "add_sub") for i in (0, 1)]
+    rng = np.random.default_rng(11)
+    calls = 40
+    for _ in range(calls):
+        a, b = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+        result = client.infer("add_sub", [fp32_input("INPUT0", a), fp32_input("INPUT1", b)])
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+    after = [inference_count(fleet, i, "add_sub") for i in (0, 1)]
+    served = [after[i] - before[i] for i in (0, 1)]
+    assert sum(served) == calls
+    assert min(served) > 0, f"one copy got no traffic: {served}"
+
+
+def test_unknown_model_returns_not_found_naming_the_model(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("no_such_model", [fp32_input("INPUT", np.ones(3))])
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    assert "no_such_model" in caught.value.message()
+
+
+def test_unknown_version_returns_not_found_naming_it(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("scale", [fp32_input("INPUT", np.ones(3))], model_version="99")
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    assert "'99'" in caught.value.message() and "scale" in caught.value.message()
+
+
+def test_tensor_shape_mismatch_returns_invalid_argument(client: grpcclient.InferenceServerClient) -> None:
+    tensor = fp32_input("INPUT", np.ones(3))
+    tensor.set_shape([5])  # declares 5 elements, carries 3
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("scale", [tensor])
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_bytes_that_are_not_a_request_return_invalid_argument(fleet: FleetThread) -> None:
+    with grpc.insecure_channel(fleet.address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(b"\x0a\xff\xff\xff", timeout=5)  # field 1 claims far more bytes than follow
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed" in caught.value.details()
+
+
+def test_missing_model_name_returns_invalid_argument(fleet: FleetThread) -> None:
+    request = inference_pb2.InferRequest(model_version="1")
+    with grpc.insecure_channel(fleet.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            router_pb2_grpc.RouterStub(channel).Infer(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model_name" in caught.value.details()
+
+
+def test_router_keeps_serving_after_bad_requests(
+    fleet: FleetThread, client: grpcclient.InferenceServerClient
+) -> None:
+    with grpc.insecure_channel(fleet.address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for garbage in (b"\xff", b"\x0a\x05ab", b"\x08"):
+            with pytest.raises(grpc.RpcError):
+                infer(garbage, timeout=5)
+    with pytest.raises(InferenceServerException):
+        client.infer("no_such_model", [fp32_input("INPUT", np.ones(3))])
+    x = np.arange(5, dtype=np.float32)
+    np.testing.assert_allclose(client.infer("scale", [fp32_input("INPUT", x)]).as_numpy("OUTPUT"), x * 2)
+    assert client.is_server_live()
+
+
+def test_server_and_model_status_calls(client: grpcclient.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("identity")
+    assert not client.is_model_ready("no_such_model")
+    metadata = client.get_model_metadata("add_sub")
+    assert metadata.name == "add_sub"
+    assert sorted(i.name for i in metadata.inputs) == ["INPUT0", "INPUT1"]
+    assert [o.datatype for o in metadata.outputs] == ["FP32", "FP32"]
+    config = client.get_model_config("scale").config
+    assert config.name == "scale" and config.backend == "python"
+
+
+def test_modelyard_v1_infer_and_where_is(fleet: FleetThread) -> None:
+    x = np.array([0.5, -1.5, 3.0], dtype=np.float32)
+    request = inference_pb2.InferRequest(model_name="scale")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[3])
+    request.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(fleet.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        response = stub.Infer(request, timeout=10)
+        located = stub.WhereIs(router_pb2.WhereIsRequest(model_name="add_sub"), timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.WhereIs(router_pb2.WhereIsRequest(model_name="nope"), timeout=5)
+    assert response.model_name == "scale" and response.model_version == "1"
+    assert response.outputs[0].name == "OUTPUT"
+    np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], dtype=np.float32), x * 2)
+    assert [(c.container_id, c.state) for c in located.locations[0].copies] == [
+        ("triton-0", "ready"),
+        ("triton-1", "ready"),
+    ]
+    addresses = {t.address for t in fleet.fleet.tritons}
+    assert {c.address for c in located.locations[0].copies} == addresses
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
