@@ -61,7 +61,7 @@ class _EtcdLease(Lease):
             response = await self._lease.refresh()
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"etcd at {self._store.endpoint} is unreachable: {exc}") from exc
-        if response and getattr(response[0], "TTL", 1) <= 0:
+        if getattr(response, "TTL", 1) <= 0:
             raise StoreError(f"lease {self.id} has expired or was revoked")
 
     async def revoke(self) -> None:

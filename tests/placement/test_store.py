@@ -1,0 +1,178 @@
+"""The store contract, run against both implementations: the embedded SQLite store and a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from placement.store import CompactedError, Event, Store, open_store
+from placement.store.base import MAX_TXN_OPS
+
+
+def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]
+    async def main() -> object:
+        async with open_store(url) as store:
+            return await scenario(store)
+
+    return asyncio.run(main())
+
+
+def test_put_then_get_returns_value_and_revision(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        first = await store.put("/t/a", b"one")
+        second = await store.put("/t/a", b"two")
+        item = await store.get("/t/a")
+        assert item is not None and item.value == b"two"
+        assert second > first and item.mod_revision == second
+        assert await store.get("/t/missing") is None
+
+    run(store_url, scenario)
+
+
+def test_get_prefix_returns_only_the_prefix_in_key_order(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        for key in ("/t/b", "/t/a", "/t/c/d", "/u/a", "/t"):
+            await store.put(key, key.encode())
+        items, revision = await store.get_prefix("/t/")
+        assert [i.key for i in items] == ["/t/a", "/t/b", "/t/c/d"]
+        assert all(i.value == i.key.encode() for i in items)
+        assert revision >= max(i.mod_revision for i in items)
+
+    run(store_url, scenario)
+
+
+def test_delete_reports_whether_the_key_existed(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        await store.put("/t/a", b"1")
+        assert await store.delete("/t/a") is True
+        assert await store.delete("/t/a") is False
+        assert await store.get("/t/a") is None
+
+    run(store_url, scenario)
+
+
+def test_apply_with_guard_writes_nothing_when_the_guard_fails(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        await store.put("/t/gen", b"3")
+        assert not await store.apply({"/t/x": b"1"}, if_equal=("/t/gen", b"2"))
+        assert await store.get("/t/x") is None
+        assert not await store.apply({"/t/x": b"1"}, if_equal=("/t/gen", None))
+        assert await store.apply({"/t/x": b"1", "/t/gen": b"4"}, if_equal=("/t/gen", b"3"))
+        item = await store.get("/t/gen")
+        assert item is not None and item.value == b"4"
+        assert await store.apply({"/t/new": b"1"}, if_equal=("/t/absent", None))
+
+    run(store_url, scenario)
+
+
+def test_apply_beyond_one_transaction_writes_every_key(store_url: str) -> None:
+    count = MAX_TXN_OPS * 3 + 7  # etcd rejects more than 128 operations per transaction
+
+    async def scenario(store: Store) -> None:
+        puts = {f"/t/{i:05d}": str(i).encode() for i in range(count)}
+        assert await store.apply(puts)
+        items, _ = await store.get_prefix("/t/")
+        assert {i.key: i.value for i in items} == puts
+        assert await store.apply({}, deletes=sorted(puts)[: MAX_TXN_OPS + 1])
+        items, _ = await store.get_prefix("/t/")
+        assert len(items) == count - MAX_TXN_OPS - 1
+
+    run(store_url, scenario)
+
+
+def test_watch_sees_puts_and_deletes_in_order_from_a_revision(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        await store.put("/t/before", b"0")
+        _, revision = await store.get_prefix("/t/")
+        seen: list[Event] = []
+
+        async def watch() -> None:
+            async for events in store.watch_prefix("/t/", revision + 1):
+                seen.extend(events)
+                if len(seen) >= 3:
+                    return
+
+        task = asyncio.create_task(watch())
+        await store.put("/t/a", b"1")
+        await store.put("/other/x", b"ignored")
+        await store.put("/t/a", b"2")
+        await store.delete("/t/before")
+        await asyncio.wait_for(task, timeout=10)
+        assert [(e.kind, e.key, e.value) for e in seen] == [
+            ("put", "/t/a", b"1"),
+            ("put", "/t/a", b"2"),
+            ("delete", "/t/before", b""),
+        ]
+        assert [e.revision for e in seen] == sorted(e.revision for e in seen)
+
+    run(store_url, scenario)
+
+
+def test_keys_under_an_expired_lease_disappear_and_watchers_see_it(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        lease = await store.grant_lease(1)
+        await store.put("/t/alive", b"1", lease=lease)
+        _, revision = await store.get_prefix("/t/")
+        assert await store.get("/t/alive") is not None
+
+        async def first_delete() -> Event:
+            async for events in store.watch_prefix("/t/", revision + 1):
+                for event in events:
+                    if event.kind == "delete":
+                        return event
+            raise AssertionError("watch ended")
+
+        event = await asyncio.wait_for(first_delete(), timeout=15)
+        assert event.key == "/t/alive"
+        assert await store.get("/t/alive") is None
+
+    run(store_url, scenario)
+
+
+def test_refreshed_lease_keeps_its_keys(store_url: str) -> None:
+    async def scenario(store: Store) -> None:
+        lease = await store.grant_lease(1)
+        await store.put("/t/alive", b"1", lease=lease)
+        for _ in range(6):
+            await asyncio.sleep(0.4)
+            await lease.refresh()
+        assert await store.get("/t/alive") is not None
+        await lease.revoke()
+        assert await store.get("/t/alive") is None
+
+    run(store_url, scenario)
+
+
+def test_embedded_watch_from_a_compacted_revision_raises(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(store: Store) -> None:
+        with pytest.raises(CompactedError):
+            async for _ in store.watch_prefix("/t/", 0):
+                break
+
+    run(str(tmp_path / "store"), scenario)
+
+
+def test_embedded_store_is_shared_between_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    url = str(tmp_path / "store")
+    script = (
+        "import asyncio, sys\n"
+        "from placement.store import open_store\n"
+        "async def main():\n"
+        "    async with open_store(sys.argv[1]) as s:\n"
+        "        for i in range(50):\n"
+        "            await s.put(f'/t/{sys.argv[2]}/{i}', b'x')\n"
+        "asyncio.run(main())\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, url, str(n)]) for n in range(3)]
+    assert [w.wait(60) for w in writers] == [0, 0, 0]
+
+    async def scenario(store: Store) -> None:
+        items, revision = await store.get_prefix("/t/")
+        assert len(items) == 150
+        assert len({i.mod_revision for i in items}) == 150  # every write got its own revision
+
+    run(url, scenario)

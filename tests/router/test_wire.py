@@ -1,0 +1,68 @@
+"""Reading model name and version from request bytes without decoding them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as kserve
+
+from router.wire import WireError, read_name_version, with_version
+
+names = st.text(min_size=0, max_size=40)
+tensors = st.lists(st.binary(max_size=300), max_size=4)
+
+
+def request(name: str, version: str, raw: list[bytes], request_id: str = "") -> kserve.ModelInferRequest:
+    message = kserve.ModelInferRequest(model_name=name, model_version=version, id=request_id)
+    for i, data in enumerate(raw):
+        tensor = message.inputs.add(name=f"INPUT{i}", datatype="UINT8", shape=[len(data)])
+        tensor.parameters["p"].int64_param = i
+        message.raw_input_contents.append(data)
+    message.parameters["priority"].int64_param = 3
+    message.parameters["weight"].double_param = 0.5
+    return message
+
+
+@given(names, names, tensors, names)
+def test_reads_the_name_and_version_protobuf_would_decode(name: str, version: str, raw, request_id) -> None:  # type: ignore[no-untyped-def]
+    data = request(name, version, raw, request_id).SerializeToString()
+    assert read_name_version(data) == (name, version)
+
+
+@given(names, names, names, tensors)
+def test_with_version_sets_the_version_and_keeps_everything_else(name, version, new_version, raw) -> None:  # type: ignore[no-untyped-def]
+    original = request(name, version, raw)
+    patched = kserve.ModelInferRequest.FromString(with_version(original.SerializeToString(), new_version))
+    assert patched.model_version == new_version
+    patched.model_version = version
+    assert patched == original
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_give_a_result_or_wire_error(data: bytes) -> None:
+    try:
+        name, version = read_name_version(data)
+    except WireError:
+        return
+    # Whatever we accept, protobuf accepts too and reads the same name.
+    try:
+        parsed = kserve.ModelInferRequest.FromString(data)
+    except Exception:
+        return  # protobuf is stricter about nested fields we deliberately do not look into
+    assert (parsed.model_name, parsed.model_version) == (name, version)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x0a\x05ab", b"\x0a", b"\x0a\x80", b"\x07", b"\x0a\x02\xff\xfe", b"\x00\x01"],
+    ids=["truncated-string", "missing-length", "truncated-varint", "wire-type-7", "not-utf8", "field-0"],
+)
+def test_malformed_messages_raise_wire_error(data: bytes) -> None:
+    with pytest.raises(WireError):
+        read_name_version(data)
+
+
+def test_large_tensors_are_skipped_not_copied() -> None:
+    data = request("big", "3", [bytes(16 * 1024 * 1024)]).SerializeToString()
+    assert read_name_version(data) == ("big", "3")
