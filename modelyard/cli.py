@@ -95,6 +95,57 @@ def serve(store_url: str | None, host: str, port: int) -> None:
         pass
 
 
+@main.command()
+@click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
+@click.option("--id", "container_id", required=True, help="This container's id in the shard map.")
+@click.option("--triton", "address", required=True, help="The Triton instance's gRPC address (host:port).")
+@click.option(
+    "--repository",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The Triton instance's --model-repository directory (shared with it).",
+)
+@click.option("--memory-bytes", type=click.IntRange(1), required=True, help="The container's memory budget.")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--advertise", default=None, help="Address routers use for this container (default: --triton).")
+def agent(
+    store_url: str | None,
+    container_id: str,
+    address: str,
+    repository: Path,
+    memory_bytes: int,
+    kind: str,
+    advertise: str | None,
+) -> None:
+    """Run the agent of one Triton container: load and unload models to match the shard map."""
+    from backends.agent import Agent
+    from backends.triton import TritonAdapter
+    from placement.model import Container
+    from placement.store import open_store
+
+    async def run() -> None:
+        store = open_store(store_url or default_store_url())
+        container = Container(
+            id=container_id,
+            address=advertise or address,
+            kind=kind,
+            memory_bytes=memory_bytes,  # type: ignore[arg-type]
+        )
+        adapter = TritonAdapter(address, repository)
+        try:
+            await Agent(store, container, adapter).run()
+        finally:
+            await adapter.close()
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except StoreError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
 def _add_placement() -> None:
     from placement.cli import placement
 

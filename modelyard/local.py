@@ -88,11 +88,15 @@ class LocalFleet:
         await self.router.start()
 
     async def wait_ready(self, models: list[ModelVersion], timeout_s: float) -> None:
+        """Waits until every copy the shard map assigns to `models` is ready in the router's table."""
         assert self.router is not None
         table = self.router.router.table
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if table.loaded and all(len(table.ready_copies(m.key)) >= m.replicas for m in models):
+            assigned = table.fleet.assignments
+            if table.loaded and all(
+                0 < len(assigned.get(m.key, ())) == len(table.ready_copies(m.key)) for m in models
+            ):
                 return
             await asyncio.sleep(0.1)
         raise TimeoutError(

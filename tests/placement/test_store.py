@@ -171,7 +171,7 @@ def test_embedded_store_is_shared_between_processes(tmp_path) -> None:  # type: 
     assert [w.wait(60) for w in writers] == [0, 0, 0]
 
     async def scenario(store: Store) -> None:
-        items, revision = await store.get_prefix("/t/")
+        items, _ = await store.get_prefix("/t/")
         assert len(items) == 150
         assert len({i.mod_revision for i in items}) == 150  # every write got its own revision
 
