@@ -89,8 +89,10 @@ class TritonServer:
         self.repository.mkdir(parents=True, exist_ok=True)
         backends = install.backend_directory(self.workdir / "backends")
         env = dict(os.environ)
+        # The bundled libraries, and this interpreter's libpython for the python backend stub.
+        python_libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(install.library_dir), env.get("LD_LIBRARY_PATH", "")) if p
+            p for p in (str(install.library_dir), python_libdir, env.get("LD_LIBRARY_PATH", "")) if p
         )
         # The python backend stub runs `python` models with the interpreter found first on PATH.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
