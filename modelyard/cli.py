@@ -128,8 +128,8 @@ def agent(
         container = Container(
             id=container_id,
             address=advertise or address,
-            kind=kind,
-            memory_bytes=memory_bytes,  # type: ignore[arg-type]
+            kind="gpu" if kind == "gpu" else "cpu",
+            memory_bytes=memory_bytes,
         )
         adapter = TritonAdapter(address, repository)
         try:
