@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -68,6 +69,16 @@ def inference_count(fleet: FleetThread, index: int, model: str) -> int:
     return sum(s.inference_count for s in stats)
 
 
+def settled_counts(fleet: FleetThread, model: str, expected_total: int) -> list[int]:
+    """Per-Triton counts once they add up: Triton records statistics just after sending a response."""
+    deadline = time.monotonic() + 5
+    while True:
+        counts = [inference_count(fleet, i, model) for i in range(len(fleet.fleet.tritons))]
+        if sum(counts) >= expected_total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def test_models_on_two_different_tritons_both_answer_through_the_router(
     fleet: FleetThread, client: grpcclient.InferenceServerClient
 ) -> None:
@@ -86,14 +97,14 @@ def test_models_on_two_different_tritons_both_answer_through_the_router(
         np.testing.assert_array_equal(echoed, x)
 
     # Each call reached the one Triton that holds the model.
-    assert inference_count(fleet, 0, "scale") == scale_before + 3
-    assert inference_count(fleet, 1, "identity") == identity_before + 3
+    assert settled_counts(fleet, "scale", scale_before + 3)[0] == scale_before + 3
+    assert settled_counts(fleet, "identity", identity_before + 3)[1] == identity_before + 3
 
 
 def test_replicated_model_answers_correctly_from_both_copies(
     fleet: FleetThread, client: grpcclient.InferenceServerClient
 ) -> None:
-    before = [inference_count(fleet, i, "add_sub") for i in (0, 1)]
+    before = settled_counts(fleet, "add_sub", 0)
     rng = np.random.default_rng(11)
     calls = 40
     for _ in range(calls):
@@ -101,7 +112,7 @@ def test_replicated_model_answers_correctly_from_both_copies(
         result = client.infer("add_sub", [fp32_input("INPUT0", a), fp32_input("INPUT1", b)])
         np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
         np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
-    after = [inference_count(fleet, i, "add_sub") for i in (0, 1)]
+    after = settled_counts(fleet, "add_sub", sum(before) + calls)
     served = [after[i] - before[i] for i in (0, 1)]
     assert sum(served) == calls
     assert min(served) > 0, f"one copy got no traffic: {served}"
