@@ -135,10 +135,10 @@ async def write_plan(store: Store, models: list[ModelVersion], containers: list[
 def example_call(address: str) -> str:
     code = (
         "import numpy as np, tritonclient.grpc as g; "
-        f"c = g.InferenceServerClient('{address}'); "
-        "x = g.InferInput('INPUT', [3], 'FP32'); "
+        f'c = g.InferenceServerClient("{address}"); '
+        'x = g.InferInput("INPUT", [3], "FP32"); '
         "x.set_data_from_numpy(np.array([1, 2, 3], dtype=np.float32)); "
-        "print(c.infer('scale', [x]).as_numpy('OUTPUT'))"
+        'print(c.infer("scale", [x]).as_numpy("OUTPUT"))'
     )
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
