@@ -76,11 +76,13 @@ class Store(abc.ABC):
         deletes: Sequence[str] = (),
         *,
         if_equal: tuple[str, bytes | None] | None = None,
+        lease: Lease | None = None,
     ) -> bool:
         """Writes `puts` and `deletes` atomically if small enough, else in batches.
 
         With `if_equal=(key, value)` (value None: the key must be absent) the first batch applies only when
-        the key holds that value; returns False, having written nothing, when it does not.
+        the key holds that value; returns False, having written nothing, when it does not. With `lease`,
+        the puts are attached to it.
         """
 
     @abc.abstractmethod

@@ -199,6 +199,7 @@ class EmbeddedStore(Store):
         deletes: Sequence[str] = (),
         *,
         if_equal: tuple[str, bytes | None] | None = None,
+        lease: Lease | None = None,
     ) -> bool:
         # SQLite has no operation limit, but batching the same way as etcd keeps both stores' behaviour alike.
         ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
@@ -208,7 +209,8 @@ class EmbeddedStore(Store):
             batch_puts = [(k, v) for k, v in batch if v is not None]
             batch_deletes = [k for k, v in batch if v is None]
             guard = if_equal if first else None
-            if await self._run(self._write, batch_puts, batch_deletes, None, guard) is None:
+            lease_id = lease.id if lease is not None else None
+            if await self._run(self._write, batch_puts, batch_deletes, lease_id, guard) is None:
                 return False
             first = False
         return True

@@ -133,9 +133,13 @@ class EtcdStore(Store):
         deletes: Sequence[str] = (),
         *,
         if_equal: tuple[str, bytes | None] | None = None,
+        lease: Lease | None = None,
     ) -> bool:
         tx = self._client.transactions
-        ops = [tx.put(k.encode(), v) for k, v in puts.items()] + [tx.delete(k.encode()) for k in deletes]
+        lease_id = lease.id if lease is not None else None
+        ops = [tx.put(k.encode(), v, lease=lease_id) for k, v in puts.items()] + [
+            tx.delete(k.encode()) for k in deletes
+        ]
         first = True
         for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
             compare = []
