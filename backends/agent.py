@@ -42,6 +42,7 @@ class Agent:
         max_parallel_loads: int = 4,
         retry_base_s: float = 1.0,
         retry_max_s: float = 60.0,
+        drain_s: float = 1.0,
     ) -> None:
         self.store = store
         self.container = container
@@ -49,6 +50,7 @@ class Agent:
         self.lease_ttl_s = lease_ttl_s
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.drain_s = drain_s
         self.loaded: dict[str, ModelVersion] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._load_slots = asyncio.Semaphore(max_parallel_loads)
@@ -153,6 +155,9 @@ class Agent:
 
     async def _unload(self, model: ModelVersion) -> None:
         await self._report(model.key, CopyState("unloading"))
+        # Routers stop choosing this copy when they see the new map or this state (well under a second);
+        # calls already sent finish meanwhile. Triton itself also lets in-flight requests complete.
+        await asyncio.sleep(self.drain_s)
         try:
             await self.adapter.unload(model)
         except (LoadError, OSError) as exc:

@@ -1,0 +1,139 @@
+"""Rebalancing a live fleet of real Triton containers and agents while a client keeps calling the router."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from modelyard.local import LocalFleet
+from placement import registry
+from placement.rebalance import RebalancePlan, _moves, apply_rebalance, lost_copies, plan_rebalance
+from tests.conftest import require_triton
+from tests.fleet import FleetThread
+
+PLAN = {"add_sub@1": ["triton-0", "triton-1"], "scale@1": ["triton-0"], "identity@1": ["triton-2"]}
+
+
+@pytest.fixture
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+    require_triton()
+    workdir = tmp_path_factory.mktemp("rebalance")
+    thread = FleetThread(workdir, str(workdir / "store"), containers=3)
+
+    async def setup(fleet: LocalFleet) -> None:
+        models = await fleet.start_store_and_models()
+        await fleet.start_containers()
+        await registry.write_shard_map(fleet.store, PLAN, expected_generation=0)
+        await fleet.start_router()
+        await fleet.wait_ready(models, timeout_s=120)
+
+    try:
+        thread.start(setup)
+        yield thread
+    finally:
+        thread.stop()
+
+
+class CallLoop:
+    """Calls `scale` through the router until stopped, recording every failure."""
+
+    def __init__(self, address: str) -> None:
+        self.client = grpcclient.InferenceServerClient(address)
+        self.calls = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        x = np.arange(8, dtype=np.float32)
+        tensor = grpcclient.InferInput("INPUT", [8], "FP32")
+        tensor.set_data_from_numpy(x)
+        while not self._stop.is_set():
+            try:
+                out = self.client.infer("scale", [tensor], client_timeout=10).as_numpy("OUTPUT")
+                if not np.allclose(out, x * 2):
+                    self.failures.append(f"wrong output {out}")
+            except InferenceServerException as exc:
+                self.failures.append(f"{exc.status()}: {exc.message()}")
+            self.calls += 1
+
+    def __enter__(self) -> CallLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.client.close()
+
+
+def test_moving_a_model_between_tritons_drops_no_call(fleet: FleetThread) -> None:
+    async def move() -> None:
+        store = fleet.fleet.store
+        current = await registry.load_fleet(store)
+        after = dict(current.assignments)
+        after["scale@1"] = ("triton-1",)
+        rebalance = RebalancePlan(
+            generation=current.generation,
+            before=dict(current.assignments),
+            after=after,
+            moves=_moves(current, dict(current.assignments), after),
+            unplaced={},
+            usage_before=[],
+            usage_after=[],
+        )
+        result = await apply_rebalance(store, rebalance, holder="test", ready_timeout_s=60)
+        assert result.failed == {} and result.ready == 1
+        await asyncio.sleep(2.5)  # let triton-0's agent drain and unload its old copy
+
+    with CallLoop(fleet.address) as loop:
+        fleet.call(move())
+    assert loop.calls > 20
+    assert loop.failures == []
+    with grpcclient.InferenceServerClient(fleet.fleet.tritons[0].address) as t0:
+        assert not t0.is_model_ready("scale")
+    with grpcclient.InferenceServerClient(fleet.fleet.tritons[1].address) as t1:
+        assert t1.is_model_ready("scale")
+
+
+def test_a_dead_container_s_models_are_replaced_and_answer_again(fleet: FleetThread) -> None:
+    agent = fleet.fleet.agents[2]
+    task = next(t for t in fleet.fleet._tasks if t.get_name() == "agent-triton-2")
+
+    async def kill_triton_2() -> None:
+        task.cancel()  # the agent revokes its lease on the way out, as a lease expiry would
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(fleet.fleet.tritons[2].stop)
+
+    fleet.call(kill_triton_2())
+    assert agent.container.id == "triton-2"
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+        tensor.set_data_from_numpy(np.ones(2, dtype=np.float32))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", [tensor])
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+
+        async def replan() -> list[tuple[str, str]]:
+            store = fleet.fleet.store
+            current = await registry.load_fleet(store)
+            lost = lost_copies(current)
+            rebalance = plan_rebalance(current)
+            assert {m.model for m in rebalance.moves} == {"identity@1"}
+            result = await apply_rebalance(store, rebalance, holder="test", ready_timeout_s=60)
+            assert result.failed == {}
+            return lost
+
+        assert fleet.call(replan()) == [("identity@1", "triton-2")]
+        deadline = time.monotonic() + 5  # the router follows the store's watch
+        while not client.is_model_ready("identity") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        out = client.infer("identity", [tensor]).as_numpy("OUTPUT")
+        np.testing.assert_array_equal(out, np.ones(2, dtype=np.float32))
