@@ -21,6 +21,7 @@ from placement.store.base import (
 )
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
@@ -98,7 +99,14 @@ class EtcdStore(Store):
 
     def _connect(self) -> aetcd.Client:
         host, port = self.endpoints[self._index]
-        return aetcd.Client(host=host, port=port, timeout=int(self._timeout_s), connect_wait_timeout=1)
+        return aetcd.Client(
+            host=host,
+            port=port,
+            timeout=int(self._timeout_s),
+            connect_wait_timeout=1,
+            # A whole prefix comes back in one response (aetcd has no paging): 100k assignments are ~10 MiB.
+            options={"grpc.max_receive_message_length": _MAX_RESPONSE_BYTES},
+        )
 
     async def _next_endpoint(self) -> None:
         if len(self.endpoints) > 1:
