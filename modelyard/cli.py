@@ -146,13 +146,15 @@ def agent(
         pass
 
 
-def _add_placement() -> None:
+def _add_groups() -> None:
+    from backends.cli import models
     from placement.cli import placement
 
     main.add_command(placement)
+    main.add_command(models)
 
 
-_add_placement()
+_add_groups()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,179 @@
+"""`modelyard models`: upload, list, show and remove model versions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from backends.modelstore import ArchiveError, open_model_store
+from backends.registration import RegistrationError, remove, upload
+from placement import registry
+from placement.model import ModelVersion, split_model_key
+from placement.store import Store, StoreError, default_store_url, open_store
+
+T = TypeVar("T")
+MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
+DEFAULT_MODEL_STORE = ".modelyard/artifacts"
+_STORE_HELP = "Store URL (etcd://host:port) or directory; default $MODELYARD_STORE or ./.modelyard/store."
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _run(store_url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with open_store(store_url or default_store_url()) as store:
+            return await work(store)
+
+    try:
+        return asyncio.run(main())
+    except (StoreError, ArchiveError, RegistrationError) as exc:
+        _fail(str(exc))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@click.group()
+def models() -> None:
+    """Upload, list, show and remove model versions."""
+
+
+@models.command("upload")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name.")
+@click.option("--version", required=True, help="Version (Triton models: a positive integer).")
+@click.option("--tenant", "tenants", multiple=True, help="Tenant allowed to call it (repeat); none: public.")
+@click.option("--memory-bytes", type=int, default=None, help="Declared footprint; default from the archive.")
+@click.option("--replicas", type=int, default=1, show_default=True)
+@click.option("--kind", type=click.Choice(["cpu", "gpu", "any"]), default="cpu", show_default=True)
+@click.option("--sha256", "expected_sha256", default=None, help="Refuse the archive unless it has this hash.")
+@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option(
+    "--model-store",
+    default=None,
+    help=f"Artifact directory; default ${MODEL_STORE_ENV} or {DEFAULT_MODEL_STORE}.",
+)
+def upload_command(
+    archive: Path,
+    name: str,
+    version: str,
+    tenants: tuple[str, ...],
+    memory_bytes: int | None,
+    replicas: int,
+    kind: str,
+    expected_sha256: str | None,
+    store_url: str | None,
+    model_store: str | None,
+) -> None:
+    """Check ARCHIVE, store it by sha256 and register it as NAME@VERSION."""
+    artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+    model = _run(
+        store_url,
+        lambda store: upload(
+            store,
+            artifacts,
+            archive,
+            name=name,
+            version=version,
+            tenants=tenants,
+            memory_bytes=memory_bytes,
+            replicas=replicas,
+            kind=kind,
+            expected_sha256=expected_sha256,
+        ),
+    )
+    click.echo(
+        f"registered {model.key} ({model.backend}, {model.kind}, {_mib(model.memory_bytes)}, "
+        f"sha256 {model.sha256[:12]})"
+    )
+
+
+@models.command("list")
+@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def list_command(store_url: str | None, as_json: bool) -> None:
+    """Registered model versions with their ready copies."""
+    fleet = _run(store_url, registry.load_fleet)
+    rows = sorted(fleet.models.values(), key=lambda m: (m.name, m.version))
+    if as_json:
+        click.echo(json.dumps([json.loads(m.to_json()) for m in rows], indent=2))
+        return
+    table = Table()
+    for column in ("model", "backend", "kind", "memory", "replicas", "ready", "tenants"):
+        table.add_column(column)
+    for m in rows:
+        ready = sum(
+            1
+            for cid in fleet.assignments.get(m.key, ())
+            if (s := fleet.states.get((cid, m.key))) and s.phase == "ready"
+        )
+        table.add_row(
+            m.key,
+            m.backend,
+            m.kind,
+            _mib(m.memory_bytes),
+            str(m.replicas),
+            str(ready),
+            ",".join(m.tenants) or "public",
+        )
+    Console().print(table)
+
+
+@models.command("show")
+@click.argument("model")
+@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+def show_command(model: str, store_url: str | None) -> None:
+    """MODEL as NAME (every version) or NAME@VERSION: registration, memory declared/measured, copies."""
+    name, _, version = model.partition("@")
+    fleet = _run(store_url, registry.load_fleet)
+    found: list[ModelVersion] = sorted(
+        (m for m in fleet.models.values() if m.name == name and (not version or m.version == version)),
+        key=lambda m: m.version,
+    )
+    if not found:
+        _fail(f"{model} is not registered")
+    for m in found:
+        measured = [
+            s.measured_bytes for (_, key), s in fleet.states.items() if key == m.key and s.measured_bytes
+        ]
+        click.echo(f"{m.key}")
+        tenants = ", ".join(m.tenants) or "public"
+        click.echo(f"  backend {m.backend}, kind {m.kind}, replicas {m.replicas}, tenants {tenants}")
+        click.echo(
+            f"  memory declared {_mib(m.memory_bytes)}, measured "
+            + (_mib(max(measured)) if measured else "not yet")
+            + f" (budgeted: {_mib(max([m.memory_bytes, *measured]))})"
+        )
+        click.echo(f"  artifact {m.artifact_uri} (sha256 {m.sha256})")
+        for cid in fleet.assignments.get(m.key, ()):
+            state = fleet.states.get((cid, m.key))
+            alive = cid in fleet.containers
+            phase = state.phase if state else "assigned"
+            note = f" — {state.message}" if state and state.message else ""
+            click.echo(f"  copy on {cid}: {phase if alive else 'lost'}{note}")
+
+
+@models.command("remove")
+@click.argument("model")
+@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+def remove_command(model: str, store_url: str | None) -> None:
+    """Unregister NAME@VERSION; its copies are unloaded. The stored artifact is kept."""
+    try:
+        name, version = split_model_key(model)
+    except ValueError as exc:
+        _fail(str(exc))
+    removed = _run(store_url, lambda store: remove(store, name, version))
+    click.echo(f"removed {removed.key}")

@@ -1,0 +1,263 @@
+"""Model archives and the content-addressed model store.
+
+An archive (`.tar.gz`, `.tgz`, `.tar` or a directory) holds a model version's files and `manifest.json`:
+
+    {"backend": "triton" | "custom", "framework": "python" | "numpy",
+     "memory_bytes": 123,                       # optional declared footprint
+     "inputs":  [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
+     "outputs": [{"name": "OUTPUT", "datatype": "FP32", "shape": [-1]}],
+     ...backend-specific keys (custom: "op")}
+
+- triton: `config.pbtxt` and `version/` (the files of one Triton version folder, e.g. `model.py`); the
+  manifest's signature must match config.pbtxt's inputs and outputs.
+- custom: `weights.npz` for our own container (backends/numpy_model.py checks weights against the op and
+  the signature).
+
+Archives are checked completely before anything is written, then stored under their sha256 (the bytes of
+an archive file, or a hash of a directory's files) by a rename, so a store never holds half an artifact.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from backends.examples import tree_sha256
+
+BACKENDS = ("triton", "custom")
+_TRITON_TYPES = {
+    "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
+    "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
+    "TYPE_INT64": "INT64", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64",
+    "TYPE_STRING": "BYTES", "TYPE_BF16": "BF16",
+}  # fmt: skip
+# A python-backend model runs in its own stub process (~20 MiB) whatever its files weigh.
+TRITON_PYTHON_MIN_BYTES = 32 * 1024 * 1024
+
+
+class ArchiveError(ValueError):
+    """An archive is refused; the message is one line naming what is wrong."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backend: str
+    framework: str
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    memory_bytes: int | None
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CheckedArchive:
+    """An archive that passed every check, unpacked in a temporary directory."""
+
+    root: Path
+    sha256: str
+    manifest: Manifest
+    memory_bytes: int  # declared, else estimated from the files
+
+
+def _signature(items: Any, where: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    if not isinstance(items, list) or not items:
+        raise ArchiveError(f"manifest.json: {where} must be a non-empty list")
+    out = []
+    for item in items:
+        try:
+            name, datatype, shape = item["name"], item["datatype"], item["shape"]
+        except (TypeError, KeyError) as exc:
+            raise ArchiveError(f"manifest.json: each of {where} needs name, datatype and shape") from exc
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise ArchiveError(f"manifest.json: {where} entry {item!r} has the wrong types")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
+            raise ArchiveError(f"manifest.json: {where} {name}: shape must be integers >= -1")
+        out.append((name, datatype, tuple(shape)))
+    return tuple(out)
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise ArchiveError("archive has no manifest.json at its top level")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"manifest.json is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ArchiveError("manifest.json must be a JSON object")
+    backend = raw.get("backend")
+    if backend not in BACKENDS:
+        raise ArchiveError(
+            f"manifest.json: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})"
+        )
+    memory = raw.get("memory_bytes")
+    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0):
+        raise ArchiveError(f"manifest.json: memory_bytes must be a positive integer, got {memory!r}")
+    return Manifest(
+        backend=backend,
+        framework=str(raw.get("framework", "")),
+        inputs=_signature(raw.get("inputs"), "inputs"),
+        outputs=_signature(raw.get("outputs"), "outputs"),
+        memory_bytes=memory,
+        raw=raw,
+    )
+
+
+def _check_triton(root: Path, manifest: Manifest) -> int:
+    config_path = root / "config.pbtxt"
+    if not config_path.is_file() or not (root / "version").is_dir():
+        raise ArchiveError("a triton archive needs config.pbtxt and a version/ folder")
+    try:
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ArchiveError(f"config.pbtxt does not parse: {exc}") from exc
+
+    def declared(tensors: Any) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        return tuple(
+            (t.name, _TRITON_TYPES.get(model_config_pb2.DataType.Name(t.data_type), "?"), tuple(t.dims))
+            for t in tensors
+        )
+
+    for what, ours, theirs in (
+        ("inputs", manifest.inputs, declared(config.input)),
+        ("outputs", manifest.outputs, declared(config.output)),
+    ):
+        if sorted(ours) != sorted(theirs):
+            raise ArchiveError(f"manifest {what} {list(ours)} do not match config.pbtxt's {list(theirs)}")
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return max(size, TRITON_PYTHON_MIN_BYTES) if config.backend == "python" else size
+
+
+def _check_custom(root: Path, manifest: Manifest) -> int:
+    from backends.numpy_model import ModelFormatError, load_model_dir
+
+    try:
+        model = load_model_dir(root)
+    except ModelFormatError as exc:
+        raise ArchiveError(str(exc)) from exc
+    return int(model.memory_bytes)
+
+
+@contextmanager
+def unpacked(archive: Path) -> Iterator[tuple[Path, str]]:
+    """The archive's files in a temporary directory, and the archive's sha256."""
+    if archive.is_dir():
+        with tempfile.TemporaryDirectory(prefix="modelyard-archive-") as tmp:
+            root = Path(tmp) / "model"
+            shutil.copytree(archive, root, ignore=shutil.ignore_patterns("__pycache__"))
+            yield root, tree_sha256(root)
+        return
+    if not archive.is_file():
+        raise ArchiveError(f"{archive}: no such file or directory")
+    digest = hashlib.sha256()
+    with archive.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    try:
+        tar = tarfile.open(archive)
+    except (tarfile.TarError, OSError) as exc:
+        raise ArchiveError(f"{archive}: not a tar archive ({exc})") from exc
+    with tar, tempfile.TemporaryDirectory(prefix="modelyard-archive-") as tmp:
+        root = Path(tmp) / "model"
+        root.mkdir()
+        try:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(root, filter="data")  # refuses absolute paths, links out of the tree, devices
+            else:  # Pythons before 3.11.4 without the backport: plain files and folders inside the tree only
+                members = tar.getmembers()
+                for member in members:
+                    if (
+                        not (member.isfile() or member.isdir())
+                        or member.name.startswith("/")
+                        or (".." in Path(member.name).parts)
+                    ):
+                        raise ArchiveError(f"{archive}: refusing archive member {member.name!r}")
+                tar.extractall(root, members=members)
+        except (tarfile.TarError, OSError) as exc:
+            raise ArchiveError(f"{archive}: cannot unpack: {exc}") from exc
+        entries = list(root.iterdir())
+        if len(entries) == 1 and entries[0].is_dir() and not (root / "manifest.json").exists():
+            root = entries[0]  # an archive of one top-level folder
+        yield root, digest.hexdigest()
+
+
+@contextmanager
+def checked(archive: Path, expected_sha256: str | None = None) -> Iterator[CheckedArchive]:
+    with unpacked(archive) as (root, sha):
+        if expected_sha256 is not None and expected_sha256.lower() != sha:
+            raise ArchiveError(f"sha256 mismatch: expected {expected_sha256}, archive is {sha}")
+        manifest = read_manifest(root)
+        estimate = (
+            _check_triton(root, manifest) if manifest.backend == "triton" else _check_custom(root, manifest)
+        )
+        yield CheckedArchive(root, sha, manifest, manifest.memory_bytes or estimate)
+
+
+class ModelStore(abc.ABC):
+    """Where artifacts live, by sha256. Local directories now; the interface leaves room for S3."""
+
+    @abc.abstractmethod
+    def put(self, archive: CheckedArchive) -> str:
+        """Stores the unpacked archive (idempotent) and returns its artifact URI."""
+
+    @abc.abstractmethod
+    def has(self, sha256: str) -> bool: ...
+
+    @abc.abstractmethod
+    def remove(self, sha256: str) -> None: ...
+
+    @abc.abstractmethod
+    def local_path(self, uri: str) -> Path:
+        """A local directory with the artifact's files (a download cache for remote stores)."""
+
+
+class LocalModelStore(ModelStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def put(self, archive: CheckedArchive) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.root / archive.sha256
+        if not target.exists():
+            staging = Path(tempfile.mkdtemp(prefix=f".{archive.sha256}.", dir=self.root))
+            try:
+                shutil.copytree(archive.root, staging, dirs_exist_ok=True)
+                staging.rename(target)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                if not target.exists():
+                    raise
+        return target.resolve().as_uri()
+
+    def has(self, sha256: str) -> bool:
+        return (self.root / sha256).is_dir()
+
+    def remove(self, sha256: str) -> None:
+        shutil.rmtree(self.root / sha256, ignore_errors=True)
+
+    def local_path(self, uri: str) -> Path:
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("", "file"):
+            raise ArchiveError(f"unsupported artifact URI {uri!r}")
+        return Path(unquote(parsed.path))
+
+
+def open_model_store(uri: str) -> ModelStore:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return LocalModelStore(Path(unquote(parsed.path) if parsed.scheme else uri))
+    raise ArchiveError(f"unsupported model store {uri!r}: only local directories so far")

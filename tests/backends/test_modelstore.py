@@ -1,0 +1,159 @@
+"""Archives, the content-addressed model store and registration: bad archives are refused whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from backends.examples import EXAMPLES_DIR
+from backends.modelstore import ArchiveError, LocalModelStore
+from backends.registration import RegistrationError, remove, upload
+from placement import registry
+from placement.store import open_store
+
+SIGNATURE = {
+    "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
+    "outputs": [{"name": "OUTPUT", "datatype": "FP32", "shape": [-1]}],
+}
+
+
+def triton_archive(tmp_path: Path, manifest: dict | None = None, name: str = "scale.tgz") -> Path:  # type: ignore[type-arg]
+    source = tmp_path / f"src-{name}"
+    shutil.copytree(EXAMPLES_DIR / "scale", source)
+    if manifest is not None:
+        (source / "manifest.json").write_text(json.dumps(manifest))
+    archive = tmp_path / name
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=".")
+    return archive
+
+
+def register(tmp_path: Path, archive: Path, **kwargs):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        async with open_store(str(tmp_path / "store")) as store:
+            model = await upload(store, LocalModelStore(tmp_path / "artifacts"), archive, **kwargs)
+            fleet = await registry.load_fleet(store)
+            return model, fleet
+
+    return asyncio.run(main())
+
+
+def registered(tmp_path: Path) -> dict:  # type: ignore[type-arg]
+    async def main():  # type: ignore[no-untyped-def]
+        async with open_store(str(tmp_path / "store")) as store:
+            return (await registry.load_fleet(store)).models
+
+    return asyncio.run(main())
+
+
+def test_a_good_archive_is_stored_by_hash_and_registered(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", "framework": "python", **SIGNATURE})
+    model, fleet = register(tmp_path, archive, name="scale", version="3", tenants=("b", "a"))
+    import hashlib
+
+    assert model.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    stored = tmp_path / "artifacts" / model.sha256
+    assert (stored / "config.pbtxt").is_file() and (stored / "version" / "model.py").is_file()
+    assert model.artifact_uri == stored.resolve().as_uri()
+    assert model.tenants == ("a", "b") and model.backend == "triton"
+    assert model.memory_bytes >= 32 * 2**20  # a python-backend model costs a stub process at least
+    assert fleet.models == {"scale@3": model}
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        (None, "no manifest.json"),
+        ({"backend": "onnx", **SIGNATURE}, "unknown backend 'onnx'"),
+        ({"backend": "triton", **SIGNATURE, "memory_bytes": -5}, "memory_bytes must be a positive integer"),
+        (
+            {
+                "backend": "triton",
+                "inputs": SIGNATURE["inputs"],
+                "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1]}],
+            },
+            "do not match config.pbtxt",
+        ),
+        (
+            {"backend": "triton", "inputs": [], "outputs": SIGNATURE["outputs"]},
+            "inputs must be a non-empty list",
+        ),
+    ],
+    ids=["no-manifest", "unknown-backend", "negative-memory", "signature-mismatch", "no-inputs"],
+)
+def test_bad_archives_are_refused_and_nothing_is_registered_or_stored(
+    tmp_path: Path, manifest, message
+) -> None:  # type: ignore[no-untyped-def]
+    archive = triton_archive(tmp_path, manifest)
+    with pytest.raises(ArchiveError, match=message):
+        register(tmp_path, archive, name="scale", version="1")
+    assert registered(tmp_path) == {}
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_a_hash_mismatch_is_refused(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    with pytest.raises(ArchiveError, match="sha256 mismatch"):
+        register(tmp_path, archive, name="scale", version="1", expected_sha256="0" * 64)
+    assert registered(tmp_path) == {}
+
+
+def test_a_file_that_is_not_an_archive_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tgz"
+    junk.write_bytes(b"definitely not gzip")
+    with pytest.raises(ArchiveError, match="not a tar archive"):
+        register(tmp_path, junk, name="scale", version="1")
+
+
+def test_an_archive_escaping_its_folder_is_refused(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.tar"
+    payload = tmp_path / "payload"
+    payload.write_text("x")
+    with tarfile.open(evil, "w") as tar:
+        tar.add(payload, arcname="../../escaped")
+    with pytest.raises(ArchiveError):
+        register(tmp_path, evil, name="scale", version="1")
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_versions_are_immutable_but_reuploading_the_same_artifact_is_fine(tmp_path: Path) -> None:
+    first = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE}, name="a.tgz")
+    other = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE, "memory_bytes": 10**9}, name="b.tgz")
+    model, _ = register(tmp_path, first, name="scale", version="1")
+    again, _ = register(tmp_path, first, name="scale", version="1")
+    assert again == model
+    with pytest.raises(RegistrationError, match="already registered with another artifact"):
+        register(tmp_path, other, name="scale", version="1")
+    assert registered(tmp_path) == {"scale@1": model}
+
+
+@pytest.mark.parametrize(
+    "name, version, message",
+    [("bad/name", "1", "bad model name"), ("ok", "v1", "positive integers"), ("a@b", "1", "bad model name")],
+)
+def test_bad_names_and_versions_are_refused(tmp_path: Path, name: str, version: str, message: str) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    with pytest.raises(RegistrationError, match=message):
+        register(tmp_path, archive, name=name, version=version)
+    assert registered(tmp_path) == {}
+
+
+def test_remove_unregisters_and_drops_the_assignment(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    register(tmp_path, archive, name="scale", version="1")
+
+    async def main() -> None:
+        async with open_store(str(tmp_path / "store")) as store:
+            await registry.write_shard_map(store, {"scale@1": ["c1"]}, expected_generation=0)
+            await remove(store, "scale", "1")
+            fleet = await registry.load_fleet(store)
+            assert fleet.models == {} and fleet.assignments == {}
+            with pytest.raises(RegistrationError, match="not registered"):
+                await remove(store, "scale", "1")
+
+    asyncio.run(main())
