@@ -1,18 +1,37 @@
-"""`modelyard placement`: offline planning from files (what-ifs, benchmarks)."""
+"""`modelyard placement`: offline plans from files (what-ifs, benchmarks); show and rebalance on a store."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
 import os
+import socket
 import sys
 import tempfile
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeVar
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from placement.inputs import InputError, format_map, read_containers, read_map, read_models
 from placement.planner import Capacity, Demand, Plan, plan
+from placement.rebalance import (
+    ContainerUsage,
+    RebalancePlan,
+    apply_rebalance,
+    lost_copies,
+    plan_rebalance,
+    under_replicated,
+    usage,
+)
+from placement.registry import ConcurrentPlanError, Fleet, load_fleet
+from placement.store import Store
+
+T = TypeVar("T")
 
 
 @click.group()
@@ -114,3 +133,178 @@ def _summary(models: Sequence[Demand], containers: Sequence[Capacity], result: P
 
 def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+# -- store-backed commands -----------------------------------------------------------------------------
+
+_STORE_HELP = (
+    "Store URL (etcd://host:port[,...]) or embedded store directory; "
+    "default $MODELYARD_STORE or ./.modelyard/store."
+)
+
+
+def _store_url(value: str | None) -> str:
+    from placement.store import default_store_url
+
+    return value or default_store_url()
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = max(0, min(width, round(fraction * width)))
+    return "█" * filled + "·" * (width - filled)
+
+
+def _spread(rows: Sequence[ContainerUsage]) -> tuple[float, float]:
+    live = [r.utilization for r in rows if r.live]
+    if not live:
+        return 0.0, 0.0
+    return sum(live) / len(live), max(live)
+
+
+def _run_store(coro_factory: Callable[[Store], Awaitable[T]], store_url: str | None) -> T:
+    from placement.store import StoreError, open_store
+
+    async def main() -> T:
+        async with open_store(_store_url(store_url)) as store:
+            return await coro_factory(store)
+
+    try:
+        return asyncio.run(main())
+    except (StoreError, ConcurrentPlanError) as exc:
+        _fail(str(exc))
+
+
+@placement.command()
+@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(store_url: str | None, as_json: bool) -> None:
+    """Per container: memory used / capacity, copies; and what is unplaced or lost."""
+    fleet: Fleet = _run_store(load_fleet, store_url)
+    rows = usage(fleet, fleet.assignments)
+    short = under_replicated(fleet)
+    lost = lost_copies(fleet)
+    copies = sum(len(ids) for ids in fleet.assignments.values())
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "generation": fleet.generation,
+                    "models": len(fleet.models),
+                    "copies": copies,
+                    "containers": [
+                        {
+                            "id": r.id,
+                            "kind": r.kind,
+                            "live": r.live,
+                            "used_bytes": r.used_bytes,
+                            "capacity_bytes": r.capacity_bytes,
+                            "copies": r.copies,
+                        }
+                        for r in rows
+                    ],
+                    "unplaced": len(short),
+                    "under_replicated": short,
+                    "lost": [{"model": m, "container": c} for m, c in lost],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        return
+    table = Table(title=f"shard map generation {fleet.generation}")
+    for column in ("container", "kind", "used", "capacity", "", "util", "copies"):
+        table.add_column(
+            column, justify="right" if column in ("used", "capacity", "util", "copies") else "left"
+        )
+    for r in rows:
+        state = "" if r.live else " (lost)"
+        table.add_row(
+            r.id + state,
+            r.kind,
+            _bytes(r.used_bytes),
+            _bytes(r.capacity_bytes) if r.live else "-",
+            _bar(r.utilization) if r.live else "",
+            f"{r.utilization:.0%}" if r.live else "-",
+            str(r.copies),
+        )
+    Console().print(table)
+    mean, top = _spread(rows)
+    click.echo(
+        f"{len(fleet.models)} models, {copies} copies on {sum(r.live for r in rows)} live containers; "
+        f"utilization mean {mean:.0%}, max {top:.0%}; unplaced or under-replicated: {len(short)}; "
+        f"lost copies: {len(lost)}"
+    )
+
+
+@placement.command()
+@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--dry-run", is_flag=True, help="Print the move plan; change nothing.")
+@click.option(
+    "--timeout",
+    "ready_timeout_s",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds to wait for new copies to become ready.",
+)
+def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> None:
+    """Re-place lost and unplaced copies and fill new containers, make-before-break."""
+
+    async def run(store: Store) -> int:
+        fleet = await load_fleet(store)
+        proposal = plan_rebalance(fleet)
+        _print_moves(proposal)
+        if dry_run or not proposal.moves:
+            if not proposal.moves:
+                click.echo("nothing to move")
+            return 0
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        with Progress(
+            TextColumn("loading new copies"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        ) as progress:
+            task = progress.add_task("load", total=sum(1 for m in proposal.moves if m.target))
+            result = await apply_rebalance(
+                store,
+                proposal,
+                holder=holder,
+                ready_timeout_s=ready_timeout_s,
+                on_ready=lambda move: progress.advance(task),
+            )
+        click.echo(f"applied: shard map generation {result.generation}, {result.ready} new copies ready")
+        for (model, cid), why in sorted(result.failed.items()):
+            click.echo(f"not moved: {model} to {cid}: {why} (its old copies were kept)", err=True)
+        return 1 if result.failed else 0
+
+    sys.exit(_run_store(run, store_url))
+
+
+def _print_moves(proposal: RebalancePlan) -> None:
+    if proposal.moves:
+        table = Table(title="moves")
+        for column in ("model", "from", "to", "bytes"):
+            table.add_column(column, justify="right" if column == "bytes" else "left")
+        for move in proposal.moves:
+            table.add_row(
+                move.model, move.source or "(new)", move.target or "(dropped)", _bytes(move.memory_bytes)
+            )
+        Console().print(table)
+    before_mean, before_max = _spread(proposal.usage_before)
+    after_mean, after_max = _spread(proposal.usage_after)
+    click.echo(
+        f"{len(proposal.moves)} moves, {_bytes(proposal.bytes_moved)} moved; utilization mean/max "
+        f"{before_mean:.0%}/{before_max:.0%} -> {after_mean:.0%}/{after_max:.0%}; "
+        f"unplaced after: {len(proposal.unplaced)}"
+    )
+    for name, why in sorted(proposal.unplaced.items()):
+        click.echo(f"unplaced: {name}: {why}", err=True)

@@ -136,6 +136,16 @@ def plan_rebalance(fleet: Fleet) -> RebalancePlan:
         rebalance=True,
     )
     after = dict(result.assignments)
+    # A lost copy that could not be re-placed stays assigned: if its container comes back, so does the copy.
+    for key, ids in before.items():
+        model = fleet.models.get(key)
+        if model is None:
+            continue
+        placed = after.get(key, ())
+        lost = [cid for cid in ids if cid not in fleet.containers and cid not in placed]
+        missing = model.replicas - len(placed)
+        if missing > 0 and lost:
+            after[key] = (*placed, *lost[:missing])
     return RebalancePlan(
         generation=fleet.generation,
         before=before,

@@ -166,3 +166,13 @@ def test_a_20k_model_map_round_trips_through_the_store(store_url: str) -> None:
         assert fleet.assignments == {k: tuple(v) for k, v in assignments.items()}
 
     run(store_url, scenario)
+
+
+def test_lost_copies_with_nowhere_to_go_stay_assigned() -> None:
+    fleet = Fleet()
+    fleet.models = {"m@1": ModelVersion("m", "1", memory_bytes=GiB, replicas=2)}
+    fleet.containers = {"a": Container("a", "x", memory_bytes=4 * GiB)}
+    fleet.assignments = {"m@1": ("a", "dead")}
+    proposal = plan_rebalance(fleet)
+    assert proposal.after == {"m@1": ("a", "dead")}
+    assert proposal.moves == []
