@@ -17,6 +17,7 @@ from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
 from placement import registry
 from placement.model import Container, ModelVersion
+from placement.rebalance import plan_fleet
 from placement.store import Store, open_store
 from router.server import RouterServer
 
@@ -118,14 +119,8 @@ class LocalFleet:
 
 async def write_plan(store: Store, models: list[ModelVersion], containers: list[Container]) -> int:
     """Plans `models` onto `containers` (sticky to the current map) and writes the shard map."""
-    from placement.planner import Capacity, Demand, plan
-
     fleet = await registry.load_fleet(store)
-    result = plan(
-        [Demand(m.key, m.memory_bytes, m.replicas, m.kind) for m in models],
-        [Capacity(c.id, c.memory_bytes, c.kind) for c in containers],
-        previous=fleet.assignments,
-    )
+    result = plan_fleet(models, containers, fleet.assignments)
     if result.unplaced:
         details = "; ".join(f"{name}: {why}" for name, why in sorted(result.unplaced.items()))
         print(f"warning: not everything fits: {details}", file=sys.stderr)

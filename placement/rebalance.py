@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from placement import registry
-from placement.model import ModelVersion
-from placement.planner import Capacity, Demand, plan
+from placement.model import Container, ModelVersion
+from placement.planner import Capacity, Demand, Plan, plan
 from placement.registry import ConcurrentPlanError, Fleet
 from placement.store import Store, StoreError
 
@@ -125,14 +125,41 @@ def _moves(fleet: Fleet, before: dict[str, tuple[str, ...]], after: dict[str, tu
     return moves
 
 
+def plan_fleet(
+    models: Sequence[ModelVersion],
+    containers: Sequence[Container],
+    previous: Mapping[str, Sequence[str]],
+    *,
+    budgets: Mapping[str, int] | None = None,
+    rebalance: bool = False,
+) -> Plan:
+    """Plans each backend separately: Triton models go to Triton containers, custom ones to ours."""
+    assignments: dict[str, tuple[str, ...]] = {}
+    unplaced: dict[str, str] = {}
+    for backend in sorted({m.backend for m in models} | {c.backend for c in containers}):
+        group = [m for m in models if m.backend == backend]
+        if not group:
+            continue
+        result = plan(
+            [Demand(m.key, (budgets or {}).get(m.key, m.memory_bytes), m.replicas, m.kind) for m in group],
+            [Capacity(c.id, c.memory_bytes, c.kind) for c in containers if c.backend == backend],
+            previous={m.key: previous[m.key] for m in group if m.key in previous},
+            rebalance=rebalance,
+        )
+        assignments.update(result.assignments)
+        unplaced.update({key: f"{why} (among {backend} containers)" for key, why in result.unplaced.items()})
+    return Plan(assignments, unplaced)
+
+
 def plan_rebalance(fleet: Fleet) -> RebalancePlan:
     """The map the registered models and live containers should have, sticky to the current one."""
     models = sorted(fleet.models.values(), key=lambda m: m.key)
     before = {k: ids for k, ids in fleet.assignments.items()}
-    result = plan(
-        [Demand(m.key, budget_bytes(fleet, m), m.replicas, m.kind) for m in models],
-        [Capacity(c.id, c.memory_bytes, c.kind) for c in fleet.containers.values()],
-        previous={k: ids for k, ids in before.items() if k in fleet.models},
+    result = plan_fleet(
+        models,
+        list(fleet.containers.values()),
+        before,
+        budgets={m.key: budget_bytes(fleet, m) for m in models},
         rebalance=True,
     )
     after = dict(result.assignments)

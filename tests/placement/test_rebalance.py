@@ -176,3 +176,19 @@ def test_lost_copies_with_nowhere_to_go_stay_assigned() -> None:
     proposal = plan_rebalance(fleet)
     assert proposal.after == {"m@1": ("a", "dead")}
     assert proposal.moves == []
+
+
+def test_models_only_go_to_containers_of_their_backend() -> None:
+    fleet = Fleet()
+    fleet.models = {
+        "t@1": ModelVersion("t", "1", backend="triton", memory_bytes=GiB),
+        "n@1": ModelVersion("n", "1", backend="custom", memory_bytes=GiB),
+        "big@1": ModelVersion("big", "1", backend="custom", memory_bytes=10 * GiB),
+    }
+    fleet.containers = {
+        "tri": Container("tri", "x", memory_bytes=64 * GiB, backend="triton"),
+        "own": Container("own", "y", memory_bytes=4 * GiB, backend="custom"),
+    }
+    proposal = plan_rebalance(fleet)
+    assert proposal.after == {"t@1": ("tri",), "n@1": ("own",)}
+    assert "among custom containers" in proposal.unplaced["big@1"]
