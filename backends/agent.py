@@ -151,7 +151,16 @@ class Agent:
                 return
             self._backoff.pop(model.key, None)
             self.loaded[model.key] = model
-            await self._report(model.key, CopyState("ready"))
+            measured = await self._measure(model)
+            await self._report(model.key, CopyState("ready", measured_bytes=measured))
+
+    async def _measure(self, model: ModelVersion) -> int:
+        """The copy's real footprint (declared sizes lie); 0 when the container cannot tell."""
+        try:
+            return await self.adapter.footprint(model)
+        except Exception as exc:  # measuring is best effort and must never fail a load
+            log.warning("container %s: cannot measure %s: %s", self.container.id, model.key, exc)
+            return 0
 
     async def _unload(self, model: ModelVersion) -> None:
         await self._report(model.key, CopyState("unloading"))

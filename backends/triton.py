@@ -92,7 +92,39 @@ class TritonAdapter:
             shutil.rmtree(target)
         shutil.copytree(files, target, ignore=shutil.ignore_patterns("__pycache__"))
 
+    async def footprint(self, model: ModelVersion) -> int:
+        """Bytes the loaded version really uses: Triton's `memory_usage` statistic where it reports one,
+        else the resident memory of the version's python-backend stub processes (0 when neither shows).
+        """
+        try:
+            stats = await self._client.get_inference_statistics(model.name, model.version)
+            reported = sum(u.byte_size for s in stats.model_stats for u in s.memory_usage)
+        except InferenceServerException:
+            reported = 0
+        if reported:
+            return int(reported)
+        script = str(self.repository / model.name / model.version / "model.py")
+        return await asyncio.to_thread(stub_rss_bytes, script)
+
     async def ready_versions(self) -> set[str]:
         """Model keys (`name@version`) Triton reports READY."""
         index = await self._client.get_model_repository_index()
         return {f"{m.name}@{m.version}" for m in index.models if m.state == "READY" and m.version}
+
+
+def stub_rss_bytes(script: str) -> int:
+    """Resident bytes of the python-backend stubs running `script` (one per model instance)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if len(args) < 2 or args[1].decode(errors="replace") != script:
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            continue  # the process ended while we looked
+    return total

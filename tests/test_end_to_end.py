@@ -209,3 +209,18 @@ def test_modelyard_v1_infer_and_where_is(fleet: FleetThread) -> None:
     addresses = {t.address for t in fleet.fleet.tritons}
     assert {c.address for c in located.locations[0].copies} == addresses
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_agents_record_each_copy_s_measured_memory(fleet: FleetThread) -> None:
+    async def states() -> dict:  # type: ignore[type-arg]
+        return (await registry.load_fleet(fleet.fleet.store)).states
+
+    measured = {key: s.measured_bytes for key, s in fleet.call(states()).items()}
+    assert set(measured) == {
+        ("triton-0", "scale@1"),
+        ("triton-1", "identity@1"),
+        ("triton-0", "add_sub@1"),
+        ("triton-1", "add_sub@1"),
+    }
+    # Each python-backend copy runs a stub process of its own: tens of MiB resident, whatever was declared.
+    assert all(8 * 2**20 < b < 1024 * 2**20 for b in measured.values()), measured
