@@ -60,31 +60,49 @@ class Agent:
         self.converged = asyncio.Event()  # set whenever a reconcile pass leaves nothing to do
 
     async def run(self) -> None:
-        """Registers, then reconciles until cancelled."""
-        self._lease = await self.store.grant_lease(self.lease_ttl_s)
-        await registry.register_container(self.store, self.container, self._lease)
-        tasks = [asyncio.create_task(self._keep_alive()), asyncio.create_task(self._follow())]
+        """Registers (while the container answers), then reconciles until cancelled."""
+        tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow())]
         try:
             await self._reconcile_forever()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(StoreError, OSError):
-                await self._lease.revoke()
+            if self._lease is not None:
+                with contextlib.suppress(StoreError, OSError):
+                    await self._lease.revoke()
 
-    async def _keep_alive(self) -> None:
+    @property
+    def registered(self) -> bool:
+        return self._lease is not None
+
+    async def _heartbeat(self) -> None:
+        """Keeps the container registered while it answers ServerLive, and withdraws it when it stops.
+
+        Withdrawing (revoking the lease) is what tells the placement controller to re-place its copies; a
+        container that comes back is registered again, empty, and gets models from the next plan.
+        """
         while True:
-            await asyncio.sleep(self.lease_ttl_s / 3)
+            live = await self.adapter.live()
             try:
-                assert self._lease is not None
-                await self._lease.refresh()
+                if live and self._lease is None:
+                    lease = await self.store.grant_lease(self.lease_ttl_s)
+                    await registry.register_container(self.store, self.container, lease)
+                    self._lease = lease
+                    self.loaded.clear()  # a container that (re)starts holds nothing
+                    self._wake.set()
+                elif live and self._lease is not None:
+                    await self._lease.refresh()
+                elif self._lease is not None:
+                    log.warning("container %s does not answer; withdrawing it", self.container.id)
+                    lease, self._lease = self._lease, None
+                    self.loaded.clear()
+                    await lease.revoke()
             except StoreError as exc:
-                # The lease is gone (store restarted or we were too slow): register again under a new one.
-                log.warning("container %s: lease refresh failed (%s); re-registering", self.container.id, exc)
-                with contextlib.suppress(StoreError):
-                    self._lease = await self.store.grant_lease(self.lease_ttl_s)
-                    await registry.register_container(self.store, self.container, self._lease)
+                # The lease expired (store restarted, or we were too slow): register again next beat.
+                log.warning("container %s: heartbeat failed (%s); re-registering", self.container.id, exc)
+                self._lease = None
+            await asyncio.sleep(self.lease_ttl_s / 3)
 
     async def _follow(self) -> None:
         """Keeps `_fleet` current: a snapshot, then the watch; reloads on compaction or errors."""
@@ -112,6 +130,8 @@ class Agent:
 
     async def reconcile(self) -> float | None:
         """One pass: load what is missing, unload what is extra. Returns when to retry failures (s)."""
+        if self._lease is None:
+            return None  # not registered (container down): nothing to converge until it is back
         fleet = self._fleet
         desired = {
             key: fleet.models[key] for key in fleet.copies_on(self.container.id) if key in fleet.models

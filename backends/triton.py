@@ -43,7 +43,7 @@ class TritonAdapter:
 
     async def live(self) -> bool:
         try:
-            return bool(await self._client.is_server_live())
+            return bool(await self._client.is_server_live(client_timeout=2))
         except InferenceServerException:
             return False
 

@@ -146,6 +146,33 @@ def agent(
         pass
 
 
+@main.command()
+@click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
+@click.option(
+    "--ready-timeout",
+    "ready_timeout_s",
+    default=120.0,
+    show_default=True,
+    type=float,
+    help="Seconds a rebalance waits for new copies before keeping the old ones.",
+)
+def controller(store_url: str | None, ready_timeout_s: float) -> None:
+    """Run the placement controller: place new models, re-place lost copies, fill new containers."""
+    from placement.controller import PlacementController
+    from placement.store import open_store
+
+    async def run() -> None:
+        async with open_store(store_url or default_store_url()) as store:
+            await PlacementController(store, ready_timeout_s=ready_timeout_s).run()
+
+    try:
+        asyncio.run(run())
+    except StoreError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
 def _add_groups() -> None:
     from backends.cli import models
     from placement.cli import placement

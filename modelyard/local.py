@@ -16,6 +16,7 @@ from backends.examples import EXAMPLE_NAMES, install_example
 from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
 from placement import registry
+from placement.controller import PlacementController
 from placement.model import Container, ModelVersion
 from placement.rebalance import plan_fleet
 from placement.store import Store, open_store
@@ -44,6 +45,7 @@ class LocalFleet:
         models = await self.start_store_and_models()
         containers = await self.start_containers()
         await write_plan(self.store, models, containers)
+        self.start_controller()
         await self.start_router()
         await self.wait_ready(models, ready_timeout_s)
         return models
@@ -83,6 +85,12 @@ class LocalFleet:
             self.agents.append(agent)
             self._tasks.append(asyncio.create_task(agent.run(), name=f"agent-{container.id}"))
         return containers
+
+    def start_controller(self) -> PlacementController:
+        """Re-places copies of containers that die and places models registered later (`models upload`)."""
+        controller = PlacementController(self.store)
+        self._tasks.append(asyncio.create_task(controller.run(), name="placement-controller"))
+        return controller
 
     async def start_router(self) -> None:
         self.router = RouterServer(self.store, self.host, self.port)

@@ -137,3 +137,39 @@ def test_a_dead_container_s_models_are_replaced_and_answer_again(fleet: FleetThr
             time.sleep(0.02)
         out = client.infer("identity", [tensor]).as_numpy("OUTPUT")
         np.testing.assert_array_equal(out, np.ones(2, dtype=np.float32))
+
+
+def test_killing_a_triton_process_gets_its_models_replaced_by_the_controller(fleet: FleetThread) -> None:
+    async def start_controller() -> None:
+        fleet.fleet.start_controller()
+
+    fleet.call(start_controller())
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        tensor = grpcclient.InferInput("INPUT", [3], "FP32")
+        x = np.array([1.0, -2.0, 0.5], dtype=np.float32)
+        tensor.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer("identity", [tensor]).as_numpy("OUTPUT"), x)
+
+        # Kill triton-2's process only: its agent notices, withdraws the container, the controller re-places.
+        triton = fleet.fleet.tritons[2]
+        assert triton.process is not None
+        triton.process.kill()
+        started = time.monotonic()
+        answered = None
+        while time.monotonic() - started < 60:
+            try:
+                answered = client.infer("identity", [tensor], client_timeout=5).as_numpy("OUTPUT")
+                if time.monotonic() - started > 0.5:
+                    break
+            except InferenceServerException:
+                pass
+            time.sleep(0.1)
+        assert answered is not None
+        np.testing.assert_array_equal(answered, x)
+
+    async def placement() -> dict[str, tuple[str, ...]]:
+        return (await registry.load_fleet(fleet.fleet.store)).assignments
+
+    assignments = fleet.call(placement())
+    assert "triton-2" not in {cid for ids in assignments.values() for cid in ids}
+    assert len(assignments["identity@1"]) == 1
