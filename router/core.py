@@ -13,6 +13,7 @@ from placement.store import Store
 from router.errors import BadRequest, NoReadyCopy
 from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
+from router.lazy import LazyLoader
 from router.table import RoutingTable
 from router.wire import WireError, read_name_version, with_version
 
@@ -32,6 +33,7 @@ class Router:
         self.table = RoutingTable()
         self.follower = TableFollower(store, self.table)
         self.channels = ContainerChannels()
+        self.lazy = LazyLoader(store, self.table)
 
     async def start(self) -> None:
         self.follower.start()
@@ -58,9 +60,14 @@ class Router:
             request = with_version(request, model.version)
         return model, request
 
-    async def forward_unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def forward_unary(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
+    ) -> bytes:
+        """Sends `request` to a ready copy; with `lazy_load`, a model with none is loaded first."""
         model, request = self.route(request, context)
         copies = self.table.ready_copies(model.key)
+        if not copies and lazy_load:
+            copies = await self.lazy.ready_copies(model, context.time_remaining())
         container = self.channels.pick(copies)
         if container is None:
             raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")

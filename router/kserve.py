@@ -41,12 +41,11 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
     async def server_metadata(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return kserve.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION).SerializeToString()
 
-    model_ready_forward = forward("ModelReady")
-
     async def model_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        # Like Triton: an unknown or unloaded model is "not ready", not an error.
+        # Like Triton: an unknown or unloaded model is "not ready", not an error; asking loads nothing.
         try:
-            return await model_ready_forward(request, context)
+            path = f"/{SERVICE}/ModelReady"
+            return await router.forward_unary(path, request, context, lazy_load=False)
         except RoutingError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise
