@@ -11,7 +11,7 @@ from placement.model import ModelVersion
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # A python-backend model costs ~20 MiB (one stub process each); declare a little more.
 EXAMPLE_MEMORY_BYTES = 32 * 1024 * 1024
-EXAMPLE_NAMES = ("add_sub", "scale", "identity")
+EXAMPLE_NAMES = ("add_sub", "scale", "identity", "stream")
 
 
 def tree_sha256(root: Path) -> str:

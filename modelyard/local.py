@@ -23,7 +23,7 @@ from placement.store import Store, open_store
 from router.server import RouterServer
 
 # Replicas for the example models: add_sub on both containers shows a replicated model.
-EXAMPLE_REPLICAS = {"add_sub": 2, "scale": 1, "identity": 1}
+EXAMPLE_REPLICAS = {"add_sub": 2, "scale": 1, "identity": 1, "stream": 1}
 
 
 @dataclass

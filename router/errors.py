@@ -25,3 +25,12 @@ class NotReady(RoutingError):
     """The router has not loaded the routing table yet."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class UpstreamFailed(Exception):
+    """A container's stream failed; the router's stream ends with the same status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details

@@ -35,13 +35,19 @@ class ContainerChannels:
     def unary(self, address: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
         call = self._unary.get((address, method))
         if call is None:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-                self._channels[address] = channel
-            call = channel.unary_unary(method)  # no serializers: bytes in, bytes out
+            call = self.channel(address).unary_unary(method)  # no serializers: bytes in, bytes out
             self._unary[(address, method)] = call
         return call
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    def stream(self, address: str, method: str) -> grpc.aio.StreamStreamMultiCallable:
+        return self.channel(address).stream_stream(method)  # bytes in, bytes out
 
     def pick(self, copies: Sequence[Container], exclude: str | None = None) -> Container | None:
         """Power of two choices: of two random copies, the one with fewer calls in flight."""

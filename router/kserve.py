@@ -7,7 +7,7 @@ concern one Triton instance, not the fleet.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -15,7 +15,8 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from router.core import Router
 from router.errors import RoutingError
-from router.handlers import bytes_handler
+from router.handlers import bidi_bytes_handler, bytes_handler
+from router.stream import relay
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "modelyard"
@@ -61,6 +62,13 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         "ModelStatistics": forward("ModelStatistics"),
         "ModelInfer": forward("ModelInfer"),
     }
-    return grpc.method_handlers_generic_handler(
-        SERVICE, {name: bytes_handler(fn) for name, fn in handlers.items()}
-    )
+
+    async def model_stream_infer(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for response in relay(router, requests, context):
+            yield response
+
+    methods = {name: bytes_handler(fn) for name, fn in handlers.items()}
+    methods["ModelStreamInfer"] = bidi_bytes_handler(model_stream_infer)  # type: ignore[arg-type]
+    return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -82,3 +82,87 @@ def with_version(data: bytes, version: str) -> bytes:
     """The message with `model_version` (field 2) set: appending a field overrides earlier occurrences."""
     raw = version.encode()
     return data + b"\x12" + _encode_varint(len(raw)) + raw
+
+
+def length_delimited_fields(data: bytes) -> list[tuple[int, bytes]]:
+    """(field number, value) of every length-delimited top-level field, in order; skips the others."""
+    fields = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > end:
+                raise WireError(f"field {field} runs past the end of the message")
+            fields.append((field, data[pos : pos + length]))
+            pos += length
+        elif wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wire_type} for field {field}")
+    if pos > end:
+        raise WireError("truncated message")
+    return fields
+
+
+def _varint_field(data: bytes, wanted: int) -> int | None:
+    pos = 0
+    value = None
+    while pos < len(data):
+        tag, pos = _varint(data, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            number, pos = _varint(data, pos)
+            if field == wanted:
+                value = number
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wire_type}")
+    return value
+
+
+def bool_parameter(message: bytes, key: str, parameters_field: int = 4) -> bool | None:
+    """A bool entry of a KServe `parameters` map (field 4 of requests and responses), if present."""
+    wanted = key.encode()
+    found = None
+    for field, entry in length_delimited_fields(message):
+        if field != parameters_field:
+            continue
+        entry_fields = dict(length_delimited_fields(entry))
+        if entry_fields.get(1) == wanted and 2 in entry_fields:
+            flag = _varint_field(entry_fields[2], 1)
+            found = bool(flag) if flag is not None else False
+    return found
+
+
+def with_bool_parameter(message: bytes, key: str, value: bool) -> bytes:
+    """The message with `parameters[key] = bool_param(value)` appended (a later map entry wins)."""
+    raw_key = key.encode()
+    parameter = b"\x08" + (b"\x01" if value else b"\x00")
+    entry = (
+        b"\x0a"
+        + _encode_varint(len(raw_key))
+        + raw_key
+        + b"\x12"
+        + _encode_varint(len(parameter))
+        + parameter
+    )
+    return message + b"\x22" + _encode_varint(len(entry)) + entry
+
+
+def stream_error(message: str) -> bytes:
+    """A `ModelStreamInferResponse` carrying only `error_message` (field 1)."""
+    raw = message.encode()
+    return b"\x0a" + _encode_varint(len(raw)) + raw

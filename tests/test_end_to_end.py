@@ -18,8 +18,13 @@ from placement import registry
 from tests.conftest import _wipe, require_triton
 from tests.fleet import FleetThread
 
-# scale only on triton-0, identity only on triton-1, add_sub on both.
-PLAN = {"scale@1": ["triton-0"], "identity@1": ["triton-1"], "add_sub@1": ["triton-0", "triton-1"]}
+# scale only on triton-0, identity and stream only on triton-1, add_sub on both.
+PLAN = {
+    "scale@1": ["triton-0"],
+    "identity@1": ["triton-1"],
+    "add_sub@1": ["triton-0", "triton-1"],
+    "stream@1": ["triton-1"],
+}
 
 
 @pytest.fixture(scope="module", params=["embedded", "etcd"])

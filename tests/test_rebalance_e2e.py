@@ -18,7 +18,12 @@ from placement.rebalance import RebalancePlan, _moves, apply_rebalance, lost_cop
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 
-PLAN = {"add_sub@1": ["triton-0", "triton-1"], "scale@1": ["triton-0"], "identity@1": ["triton-2"]}
+PLAN = {
+    "add_sub@1": ["triton-0", "triton-1"],
+    "scale@1": ["triton-0"],
+    "identity@1": ["triton-2"],
+    "stream@1": ["triton-1"],
+}
 
 
 @pytest.fixture

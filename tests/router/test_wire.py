@@ -7,7 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as kserve
 
-from router.wire import WireError, read_name_version, with_version
+from router.wire import (
+    WireError,
+    bool_parameter,
+    read_name_version,
+    stream_error,
+    with_bool_parameter,
+    with_version,
+)
 
 names = st.text(min_size=0, max_size=40)
 tensors = st.lists(st.binary(max_size=300), max_size=4)
@@ -66,3 +73,27 @@ def test_malformed_messages_raise_wire_error(data: bytes) -> None:
 def test_large_tensors_are_skipped_not_copied() -> None:
     data = request("big", "3", [bytes(16 * 1024 * 1024)]).SerializeToString()
     assert read_name_version(data) == ("big", "3")
+
+
+@given(names, st.booleans(), st.lists(st.tuples(names, st.booleans()), max_size=3))
+def test_bool_parameters_read_back_as_protobuf_sees_them(key: str, value: bool, others) -> None:  # type: ignore[no-untyped-def]
+    message = kserve.ModelInferResponse(model_name="m")
+    for other_key, other_value in others:
+        message.parameters[other_key].bool_param = other_value
+    patched = with_bool_parameter(message.SerializeToString(), key, value)
+    parsed = kserve.ModelInferResponse.FromString(patched)
+    assert parsed.parameters[key].bool_param is value
+    assert bool_parameter(patched, key) is value
+
+
+def test_absent_or_non_bool_parameters_read_as_none_or_false() -> None:
+    message = kserve.ModelInferResponse(model_name="m")
+    message.parameters["count"].int64_param = 3
+    data = message.SerializeToString()
+    assert bool_parameter(data, "triton_final_response") is None
+    assert bool_parameter(data, "count") is False
+
+
+def test_stream_error_is_a_model_stream_infer_response() -> None:
+    parsed = kserve.ModelStreamInferResponse.FromString(stream_error("model 'x' is not registered"))
+    assert parsed.error_message == "model 'x' is not registered" and not parsed.HasField("infer_response")
