@@ -12,8 +12,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from backends.triton import LoadError, TritonAdapter
+from backends.triton import LoadError
 from placement import registry
 from placement.model import Container, CopyState, ModelVersion
 from placement.registry import Fleet
@@ -23,6 +24,16 @@ log = logging.getLogger(__name__)
 
 # Events under these prefixes can change what this container should hold.
 _RELEVANT = (registry.ASSIGN, registry.MODELS)
+
+
+class ContainerAdapter(Protocol):
+    """What the agent needs of a container: TritonAdapter (triton.py) or CustomAdapter (custom.py)."""
+
+    async def live(self) -> bool: ...
+    async def load(self, model: ModelVersion) -> None: ...
+    async def unload(self, model: ModelVersion) -> None: ...
+    async def footprint(self, model: ModelVersion) -> int: ...
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -36,7 +47,7 @@ class Agent:
         self,
         store: Store,
         container: Container,
-        adapter: TritonAdapter,
+        adapter: ContainerAdapter,
         *,
         lease_ttl_s: float = 10.0,
         max_parallel_loads: int = 4,

@@ -96,32 +96,58 @@ def serve(store_url: str | None, host: str, port: int) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8101, show_default=True, type=int, help="0: any free port.")
+@click.option(
+    "--memory-bytes", type=click.IntRange(1), required=True, help="Memory budget for loaded models."
+)
+def container(host: str, port: int, memory_bytes: int) -> None:
+    """Run our own KServe v2 container: many small numpy models in one process."""
+    from backends.container import run_container
+
+    try:
+        asyncio.run(run_container(host, port, memory_bytes))
+    except OSError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
 @click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
 @click.option("--id", "container_id", required=True, help="This container's id in the shard map.")
-@click.option("--triton", "address", required=True, help="The Triton instance's gRPC address (host:port).")
+@click.option("--backend", type=click.Choice(["triton", "custom"]), default="triton", show_default=True)
+@click.option("--address", "--triton", "address", required=True, help="The container's gRPC address.")
 @click.option(
     "--repository",
     type=click.Path(path_type=Path),
-    required=True,
-    help="The Triton instance's --model-repository directory (shared with it).",
+    default=None,
+    help="Triton only: the instance's --model-repository directory (shared with it).",
 )
 @click.option("--memory-bytes", type=click.IntRange(1), required=True, help="The container's memory budget.")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--advertise", default=None, help="Address routers use for this container (default: --triton).")
+@click.option(
+    "--advertise", default=None, help="Address routers use for this container (default: --address)."
+)
 def agent(
     store_url: str | None,
     container_id: str,
+    backend: str,
     address: str,
-    repository: Path,
+    repository: Path | None,
     memory_bytes: int,
     kind: str,
     advertise: str | None,
 ) -> None:
-    """Run the agent of one Triton container: load and unload models to match the shard map."""
-    from backends.agent import Agent
+    """Run the agent of one container: load and unload models to match the shard map."""
+    from backends.agent import Agent, ContainerAdapter
+    from backends.custom import CustomAdapter
     from backends.triton import TritonAdapter
     from placement.model import Container
     from placement.store import open_store
+
+    if backend == "triton" and repository is None:
+        _fail("--repository is required for a Triton container")
 
     async def run() -> None:
         store = open_store(store_url or default_store_url())
@@ -130,8 +156,11 @@ def agent(
             address=advertise or address,
             kind="gpu" if kind == "gpu" else "cpu",
             memory_bytes=memory_bytes,
+            backend="custom" if backend == "custom" else "triton",
         )
-        adapter = TritonAdapter(address, repository)
+        adapter: ContainerAdapter = (
+            CustomAdapter(address) if backend == "custom" else TritonAdapter(address, repository or Path())
+        )
         try:
             await Agent(store, container, adapter).run()
         finally:

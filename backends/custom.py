@@ -1,0 +1,55 @@
+"""The adapter for our own container (backends/container.py): load, unload and measure over KServe v2.
+
+tritonclient's `load_model` cannot pass our load parameters (`version`, `artifact_uri`), so this talks to
+the container with the generated KServe stubs directly.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from backends.triton import LoadError
+from placement.model import ModelVersion
+
+
+class CustomAdapter:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def live(self) -> bool:
+        try:
+            response = await self._stub.ServerLive(pb.ServerLiveRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.live)
+
+    async def load(self, model: ModelVersion, timeout_s: float = 120.0) -> None:
+        request = pb.RepositoryModelLoadRequest(model_name=model.name)
+        request.parameters["version"].string_param = model.version
+        request.parameters["artifact_uri"].string_param = model.artifact_uri
+        try:
+            await self._stub.RepositoryModelLoad(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise LoadError(f"{model.key}: {exc.code().name}: {exc.details()}") from exc
+
+    async def unload(self, model: ModelVersion, timeout_s: float = 60.0) -> None:
+        request = pb.RepositoryModelUnloadRequest(model_name=model.name)
+        request.parameters["version"].string_param = model.version
+        try:
+            await self._stub.RepositoryModelUnload(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise LoadError(f"{model.key}: unload failed: {exc.code().name}: {exc.details()}") from exc
+
+    async def footprint(self, model: ModelVersion) -> int:
+        """The bytes the container accounts for this version (its `memory_usage` statistic)."""
+        request = pb.ModelStatisticsRequest(name=model.name, version=model.version)
+        response = await self._stub.ModelStatistics(request, timeout=5)
+        return sum(u.byte_size for s in response.model_stats for u in s.memory_usage)
