@@ -45,3 +45,52 @@ def install_example(name: str, artifacts: Path, *, version: str = "1", replicas:
         artifact_uri=target.resolve().as_uri(),
         sha256=sha,
     )
+
+
+CUSTOM_EXAMPLE_NAMES = ("linear",)
+
+
+def install_custom_example(
+    name: str, artifacts: Path, *, version: str = "1", replicas: int = 1
+) -> ModelVersion:
+    """A numpy model for our own container: `linear` computes OUTPUT = INPUT @ W + b (4 -> 2)."""
+    import tempfile
+
+    import numpy as np
+
+    from backends.numpy_model import load_model_dir, write_model_dir
+
+    if name != "linear":
+        raise ValueError(
+            f"no custom example model named {name!r}; examples: {', '.join(CUSTOM_EXAMPLE_NAMES)}"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_model_dir(
+            Path(tmp) / name,
+            "linear",
+            {
+                "W": np.arange(8, dtype=np.float32).reshape(4, 2) / 10,
+                "b": np.array([1.0, -1.0], dtype=np.float32),
+            },
+            inputs=[{"name": "INPUT", "datatype": "FP32", "shape": [-1, 4]}],
+            outputs=[{"name": "OUTPUT", "datatype": "FP32", "shape": [-1, 2]}],
+        )
+        memory = load_model_dir(source).memory_bytes
+        sha = tree_sha256(source)
+        target = artifacts / sha
+        if not target.exists():
+            artifacts.mkdir(parents=True, exist_ok=True)
+            staging = artifacts / f".{sha}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            staging.rename(target)
+    return ModelVersion(
+        name=name,
+        version=version,
+        backend="custom",
+        kind="cpu",
+        memory_bytes=int(memory),
+        replicas=replicas,
+        artifact_uri=target.resolve().as_uri(),
+        sha256=sha,
+    )

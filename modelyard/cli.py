@@ -45,10 +45,20 @@ def main(log_level: str) -> None:
     type=click.IntRange(1, 64),
     help="Number of Triton containers.",
 )
+@click.option(
+    "--custom-containers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Number of our own containers (many small numpy models each).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Router listen address.")
 @click.option("--port", default=8001, show_default=True, type=int, help="Router port (0: any free port).")
-def up(workdir: Path, store_url: str | None, containers: int, host: str, port: int) -> None:
-    """Start a local fleet: Triton containers, example models, agents and the router."""
+def up(
+    workdir: Path, store_url: str | None, containers: int, custom_containers: int, host: str, port: int
+) -> None:
+    """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
+    from backends.container_process import ContainerStartError
     from backends.triton_server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
     from router.server import RouterStartError
@@ -57,12 +67,14 @@ def up(workdir: Path, store_url: str | None, containers: int, host: str, port: i
         workdir=workdir,
         store_url=store_url or str(workdir / "store"),
         containers=containers,
+        custom_containers=custom_containers,
         host=host,
         port=port,
     )
+    startup_errors = (TritonNotInstalled, TritonStartError, ContainerStartError, RouterStartError)
     try:
         asyncio.run(run_up(fleet))
-    except (TritonNotInstalled, TritonStartError, RouterStartError, StoreError, TimeoutError) as exc:
+    except (*startup_errors, StoreError, TimeoutError) as exc:
         _fail(str(exc))
 
 

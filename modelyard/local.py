@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.agent import Agent
-from backends.examples import EXAMPLE_NAMES, install_example
+from backends.agent import Agent, ContainerAdapter
+from backends.container_process import CustomContainerProcess
+from backends.custom import CustomAdapter
+from backends.examples import CUSTOM_EXAMPLE_NAMES, EXAMPLE_NAMES, install_custom_example, install_example
 from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
 from placement import registry
@@ -32,9 +34,13 @@ class LocalFleet:
     store_url: str
     containers: int = 2
     container_memory_bytes: int = 2 * 1024**3
+    custom_containers: int = 0
+    custom_memory_bytes: int = 1024**3
+    lease_ttl_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8001
     tritons: list[TritonServer] = field(default_factory=list)
+    customs: list[CustomContainerProcess] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     router: RouterServer | None = None
     _store: Store | None = None
@@ -51,6 +57,10 @@ class LocalFleet:
         return models
 
     @property
+    def processes(self) -> list[TritonServer | CustomContainerProcess]:
+        return [*self.tritons, *self.customs]
+
+    @property
     def store(self) -> Store:
         assert self._store is not None, "start_store_and_models() first"
         return self._store
@@ -62,29 +72,46 @@ class LocalFleet:
             install_example(name, self.workdir / "artifacts", replicas=EXAMPLE_REPLICAS.get(name, 1))
             for name in EXAMPLE_NAMES
         ]
+        if self.custom_containers:
+            models += [
+                install_custom_example(name, self.workdir / "artifacts") for name in CUSTOM_EXAMPLE_NAMES
+            ]
         for model in models:
             await registry.register_model(store, model)
         return models
 
     async def start_containers(self) -> list[Container]:
-        """Starts the Triton processes (in parallel) and an agent for each; returns the containers."""
-        self.tritons = [
-            TritonServer(self.workdir / "containers" / f"triton-{i}") for i in range(self.containers)
-        ]
+        """Starts the Triton and custom container processes (in parallel) and an agent for each."""
+        containers_dir = self.workdir / "containers"
+        self.tritons = [TritonServer(containers_dir / f"triton-{i}") for i in range(self.containers)]
         for triton in self.tritons:
             triton.workdir.mkdir(parents=True, exist_ok=True)
-        await asyncio.gather(*(asyncio.to_thread(t.start) for t in self.tritons))
-        containers = [
-            Container(
-                id=f"triton-{i}", address=t.address, kind="cpu", memory_bytes=self.container_memory_bytes
+        self.customs = [
+            CustomContainerProcess(containers_dir / f"custom-{i}", self.custom_memory_bytes)
+            for i in range(self.custom_containers)
+        ]
+        await asyncio.gather(*(asyncio.to_thread(p.start) for p in self.processes))
+        adapters: list[tuple[Container, ContainerAdapter]] = [
+            (
+                Container(f"triton-{i}", t.address, kind="cpu", memory_bytes=self.container_memory_bytes),
+                TritonAdapter(t.address, t.repository),
             )
             for i, t in enumerate(self.tritons)
         ]
-        for container, triton in zip(containers, self.tritons, strict=True):
-            agent = Agent(self.store, container, TritonAdapter(triton.address, triton.repository))
+        adapters += [
+            (
+                Container(
+                    f"custom-{i}", c.address, kind="cpu", memory_bytes=c.memory_bytes, backend="custom"
+                ),
+                CustomAdapter(c.address),
+            )
+            for i, c in enumerate(self.customs)
+        ]
+        for container, adapter in adapters:
+            agent = Agent(self.store, container, adapter, lease_ttl_s=self.lease_ttl_s)
             self.agents.append(agent)
             self._tasks.append(asyncio.create_task(agent.run(), name=f"agent-{container.id}"))
-        return containers
+        return [container for container, _ in adapters]
 
     def start_controller(self) -> PlacementController:
         """Re-places copies of containers that die and places models registered later (`models upload`)."""
@@ -120,7 +147,7 @@ class LocalFleet:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for agent in self.agents:
             await agent.adapter.close()
-        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.tritons))
+        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in self.processes))
         if self._store is not None:
             await self._store.close()
 
@@ -151,7 +178,10 @@ async def run_up(fleet: LocalFleet) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"starting {fleet.containers} Triton containers, agents and the router (store: {fleet.store_url})")
+    print(
+        f"starting {fleet.containers} Triton and {fleet.custom_containers} custom containers, agents, "
+        f"the placement controller and the router (store: {fleet.store_url})"
+    )
     try:
         started = asyncio.create_task(fleet.start())
         stopped = asyncio.create_task(stop.wait())
@@ -166,10 +196,10 @@ async def run_up(fleet: LocalFleet) -> None:
         table = fleet.router.router.table
         print()
         print(f"{'container':<10} {'address':<17} {'pid':>8}  models")
-        for triton, agent in zip(fleet.tritons, fleet.agents, strict=True):
-            pid = triton.process.pid if triton.process else 0
+        for process, agent in zip(fleet.processes, fleet.agents, strict=True):
+            pid = process.process.pid if process.process else 0
             print(
-                f"{agent.container.id:<10} {triton.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
+                f"{agent.container.id:<10} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
             )
         print()
         for model in models:

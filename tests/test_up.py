@@ -58,8 +58,8 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
             output.append(line)
         text = "".join(output)
         assert f"router ready on 127.0.0.1:{port}" in text
-        pids = [int(m) for m in re.findall(r"^triton-\d+\s+\S+\s+(\d+)", text, re.MULTILINE)]
-        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        pids = [int(m) for m in re.findall(r"^(?:triton|custom)-\d+\s+\S+\s+(\d+)", text, re.MULTILINE)]
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
 
         example = output[output.index("try it:\n") + 1].strip()
         result = subprocess.run(example, shell=True, capture_output=True, text=True, timeout=60)

@@ -1,0 +1,90 @@
+"""Starting and stopping our own container (`modelyard container`) as a process on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from backends.triton_server import free_port
+
+
+class ContainerStartError(RuntimeError):
+    pass
+
+
+class CustomContainerProcess:
+    def __init__(self, workdir: Path, memory_bytes: int, *, host: str = "127.0.0.1", port: int | None = None):
+        self.workdir = workdir
+        self.memory_bytes = memory_bytes
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "container.log"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        command = [
+            sys.executable,
+            "-m",
+            "modelyard",
+            "container",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        self.process = subprocess.Popen(
+            [*command, "--memory-bytes", str(self.memory_bytes)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    log_tail = self.log_path.read_text()[-2000:]
+                    raise ContainerStartError(
+                        f"modelyard container exited ({self.process.returncode}): {log_tail}"
+                    )
+                try:
+                    if stub.ServerLive(pb.ServerLiveRequest(), timeout=1).live:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.05)
+        self.stop()
+        raise ContainerStartError(
+            f"modelyard container not live within {timeout_s:.0f} s; log: {self.log_path}"
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+        self.process = None
