@@ -134,8 +134,9 @@ class Agent:
 
     async def _reconcile_forever(self) -> None:
         while True:
-            delay = await self.reconcile()
+            # Clear before the pass, not after: a change that lands during the pass must wake the next one.
             self._wake.clear()
+            delay = await self.reconcile()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 

@@ -66,9 +66,17 @@ class PlacementController:
         )
         self.rounds += 1
         if result.failed:
-            log.warning(
-                "placement controller: %d copies did not become ready: %s", len(result.failed), result.failed
+            sample = ", ".join(
+                f"{key} on {cid}: {why}" for (key, cid), why in sorted(result.failed.items())[:5]
             )
+            log.warning(
+                "placement controller: %d new copies did not become ready (old copies kept), e.g. %s; "
+                "retrying in %.0f s",
+                len(result.failed),
+                sample,
+                self.retry_s,
+            )
+            asyncio.get_running_loop().call_later(self.retry_s, self._wake.set)
         return True
 
     async def _follow(self) -> None:
