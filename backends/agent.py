@@ -63,6 +63,7 @@ class Agent:
         self.retry_max_s = retry_max_s
         self.drain_s = drain_s
         self.loaded: dict[str, ModelVersion] = {}
+        self.load_calls = 0  # loads sent to the container, for tests and metrics
         self._backoff: dict[str, _Backoff] = {}
         self._load_slots = asyncio.Semaphore(max_parallel_loads)
         self._wake = asyncio.Event()
@@ -169,6 +170,7 @@ class Agent:
         cid = self.container.id
         async with self._load_slots:
             await self._report(model.key, CopyState("loading"))
+            self.load_calls += 1
             try:
                 await self.adapter.load(model)
             except (LoadError, OSError) as exc:

@@ -65,9 +65,12 @@ class LocalFleet:
         assert self._store is not None, "start_store_and_models() first"
         return self._store
 
-    async def start_store_and_models(self) -> list[ModelVersion]:
+    async def start_store_and_models(self, *, examples: bool = True) -> list[ModelVersion]:
+        """Opens the store and registers the example models (Triton ones, and custom ones if any)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._store = store = open_store(self.store_url)
+        if not examples:
+            return []
         models = [
             install_example(name, self.workdir / "artifacts", replicas=EXAMPLE_REPLICAS.get(name, 1))
             for name in EXAMPLE_NAMES

@@ -1,0 +1,102 @@
+"""Lazy load through the router onto our own container (a real process): the first call loads the model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from backends.numpy_model import write_model_dir
+from modelyard.local import LocalFleet
+from placement import registry
+from placement.model import ModelVersion
+from tests.fleet import FleetThread
+
+
+def scale_model(root: Path, name: str, factor: float) -> ModelVersion:
+    path = write_model_dir(
+        root / name,
+        "scale",
+        {"factor": np.array([factor], dtype=np.float32)},
+        inputs=[{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
+        outputs=[{"name": "OUTPUT", "datatype": "FP32", "shape": [-1]}],
+    )
+    return ModelVersion(name, "1", backend="custom", memory_bytes=1024, artifact_uri=path.resolve().as_uri())
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    """One of our containers and the router; no placement controller, so nothing is placed ahead of a call."""
+    thread = FleetThread(tmp_path, str(tmp_path / "store"), containers=0)
+    thread.fleet.custom_containers = 1
+
+    async def setup(fleet: LocalFleet) -> None:
+        await fleet.start_store_and_models(examples=False)
+        await fleet.start_containers()
+        await fleet.start_router()
+
+    try:
+        thread.start(setup)
+        yield thread
+    finally:
+        thread.stop()
+
+
+def register(fleet: FleetThread, model: ModelVersion) -> None:
+    fleet.call(registry.register_model(fleet.fleet.store, model))
+    router = fleet.fleet.router
+    assert router is not None
+    deadline = time.monotonic() + 5
+    while model.key not in router.router.table.fleet.models:  # the router follows the store's watch
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def infer(address: str, name: str, x: np.ndarray, timeout_s: float = 10) -> np.ndarray:
+    tensor = grpcclient.InferInput("INPUT", [x.size], "FP32")
+    tensor.set_data_from_numpy(x)
+    with grpcclient.InferenceServerClient(address) as client:
+        return client.infer(name, [tensor], client_timeout=timeout_s).as_numpy("OUTPUT")
+
+
+def test_first_call_to_a_cold_model_loads_it_and_answers(fleet: FleetThread, tmp_path: Path) -> None:
+    register(fleet, scale_model(tmp_path / "models", "cold", 3.0))
+    agent = fleet.fleet.agents[0]
+    assert agent.load_calls == 0
+    x = np.array([1.0, -2.0], dtype=np.float32)
+    started = time.perf_counter()
+    out = infer(fleet.address, "cold", x)
+    first_s = time.perf_counter() - started
+    np.testing.assert_allclose(out, x * 3.0)
+    assert agent.load_calls == 1
+    print(f"\nfirst call to a cold model: {first_s * 1000:.0f} ms")
+    np.testing.assert_allclose(infer(fleet.address, "cold", x), x * 3.0)
+    assert agent.load_calls == 1  # warm now
+
+
+def test_fifty_concurrent_first_calls_trigger_exactly_one_load(fleet: FleetThread, tmp_path: Path) -> None:
+    register(fleet, scale_model(tmp_path / "models", "herd", 0.5))
+    x = np.arange(4, dtype=np.float32)
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _: infer(fleet.address, "herd", x, timeout_s=30), range(50)))
+    assert all(np.allclose(r, x * 0.5) for r in results)
+    router = fleet.fleet.router
+    assert router is not None
+    assert router.router.lazy.placements == 1
+    assert fleet.fleet.agents[0].load_calls == 1
+
+
+def test_a_cold_model_that_cannot_load_fails_fast_with_the_reason(fleet: FleetThread, tmp_path: Path) -> None:
+    broken = scale_model(tmp_path / "models", "broken", 1.0)
+    (Path(broken.artifact_uri.removeprefix("file://")) / "weights.npz").write_bytes(b"not numpy")
+    register(fleet, broken)
+    started = time.monotonic()
+    with pytest.raises(Exception) as caught:
+        infer(fleet.address, "broken", np.ones(2, dtype=np.float32), timeout_s=20)
+    assert time.monotonic() - started < 10  # the failure is reported, not waited out
+    assert "UNAVAILABLE" in str(caught.value) and "failed to load" in str(caught.value)
