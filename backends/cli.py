@@ -19,6 +19,7 @@ from backends.registration import RegistrationError, remove, upload
 from placement import registry
 from placement.model import ModelVersion, split_model_key
 from placement.store import Store, StoreError, default_store_url, open_store
+from placement.units import format_bytes
 
 T = TypeVar("T")
 MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
@@ -40,10 +41,6 @@ def _run(store_url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except (StoreError, ArchiveError, RegistrationError) as exc:
         _fail(str(exc))
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 @click.group()
@@ -96,7 +93,7 @@ def upload_command(
         ),
     )
     click.echo(
-        f"registered {model.key} ({model.backend}, {model.kind}, {_mib(model.memory_bytes)}, "
+        f"registered {model.key} ({model.backend}, {model.kind}, {format_bytes(model.memory_bytes)}, "
         f"sha256 {model.sha256[:12]})"
     )
 
@@ -124,7 +121,7 @@ def list_command(store_url: str | None, as_json: bool) -> None:
             m.key,
             m.backend,
             m.kind,
-            _mib(m.memory_bytes),
+            format_bytes(m.memory_bytes),
             str(m.replicas),
             str(ready),
             ",".join(m.tenants) or "public",
@@ -153,9 +150,9 @@ def show_command(model: str, store_url: str | None) -> None:
         tenants = ", ".join(m.tenants) or "public"
         click.echo(f"  backend {m.backend}, kind {m.kind}, replicas {m.replicas}, tenants {tenants}")
         click.echo(
-            f"  memory declared {_mib(m.memory_bytes)}, measured "
-            + (_mib(max(measured)) if measured else "not yet")
-            + f" (budgeted: {_mib(max([m.memory_bytes, *measured]))})"
+            f"  memory declared {format_bytes(m.memory_bytes)}, measured "
+            + (format_bytes(max(measured)) if measured else "not yet")
+            + f" (budgeted: {format_bytes(max([m.memory_bytes, *measured]))})"
         )
         click.echo(f"  artifact {m.artifact_uri} (sha256 {m.sha256})")
         for cid in fleet.assignments.get(m.key, ()):

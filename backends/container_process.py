@@ -22,12 +22,12 @@ class ContainerStartError(RuntimeError):
 
 class CustomContainerProcess:
     def __init__(self, workdir: Path, memory_bytes: int, *, host: str = "127.0.0.1", port: int | None = None):
-        self.workdir = workdir
+        self.workdir = workdir.resolve()
         self.memory_bytes = memory_bytes
         self.host = host
         self.port = port or free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "container.log"
+        self.log_path = self.workdir / "container.log"
 
     @property
     def address(self) -> str:

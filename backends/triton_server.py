@@ -73,12 +73,12 @@ class TritonServer:
     """One tritonserver process on loopback, explicit model control, CPU only."""
 
     def __init__(self, workdir: Path, *, grpc_port: int | None = None, host: str = "127.0.0.1") -> None:
-        self.workdir = workdir
-        self.repository = workdir / "repository"
+        self.workdir = workdir.resolve()  # tritonserver runs in it: every path it gets must be absolute
+        self.repository = self.workdir / "repository"
         self.host = host
         self.grpc_port = grpc_port or free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "tritonserver.log"
+        self.log_path = self.workdir / "tritonserver.log"
 
     @property
     def address(self) -> str:

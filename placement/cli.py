@@ -30,6 +30,7 @@ from placement.rebalance import (
 )
 from placement.registry import ConcurrentPlanError, Fleet, load_fleet
 from placement.store import Store
+from placement.units import format_bytes
 
 T = TypeVar("T")
 
@@ -149,13 +150,6 @@ def _store_url(value: str | None) -> str:
     return value or default_store_url()
 
 
-def _bytes(n: int) -> str:
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def _bar(fraction: float, width: int = 20) -> str:
     filled = max(0, min(width, round(fraction * width)))
     return "█" * filled + "·" * (width - filled)
@@ -228,8 +222,8 @@ def show(store_url: str | None, as_json: bool) -> None:
         table.add_row(
             r.id + state,
             r.kind,
-            _bytes(r.used_bytes),
-            _bytes(r.capacity_bytes) if r.live else "-",
+            format_bytes(r.used_bytes),
+            format_bytes(r.capacity_bytes) if r.live else "-",
             _bar(r.utilization) if r.live else "",
             f"{r.utilization:.0%}" if r.live else "-",
             str(r.copies),
@@ -296,13 +290,16 @@ def _print_moves(proposal: RebalancePlan) -> None:
             table.add_column(column, justify="right" if column == "bytes" else "left")
         for move in proposal.moves:
             table.add_row(
-                move.model, move.source or "(new)", move.target or "(dropped)", _bytes(move.memory_bytes)
+                move.model,
+                move.source or "(new)",
+                move.target or "(dropped)",
+                format_bytes(move.memory_bytes),
             )
         Console().print(table)
     before_mean, before_max = _spread(proposal.usage_before)
     after_mean, after_max = _spread(proposal.usage_after)
     click.echo(
-        f"{len(proposal.moves)} moves, {_bytes(proposal.bytes_moved)} moved; utilization mean/max "
+        f"{len(proposal.moves)} moves, {format_bytes(proposal.bytes_moved)} moved; utilization mean/max "
         f"{before_mean:.0%}/{before_max:.0%} -> {after_mean:.0%}/{after_max:.0%}; "
         f"unplaced after: {len(proposal.unplaced)}"
     )

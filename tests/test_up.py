@@ -40,7 +40,8 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
     require_triton()
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "modelyard", "up", "--port", str(port), "--workdir", str(tmp_path / "fleet")],
+        [sys.executable, "-m", "modelyard", "up", "--port", str(port)],  # the default, relative ./.modelyard
+        cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -1,0 +1,94 @@
+"""The README's "upload and call a model" steps: pack an archive, `modelyard models upload`, call it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from modelyard.local import LocalFleet
+from tests.fleet import FleetThread
+
+PACK = """
+import json, numpy as np
+np.savez("weights.npz", factor=np.array([2.0], dtype=np.float32))
+json.dump({"backend": "custom", "framework": "numpy", "format": 1, "op": "scale",
+           "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
+           "outputs": [{"name": "OUTPUT", "datatype": "FP32", "shape": [-1]}]}, open("manifest.json", "w"))
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
+    thread.fleet.custom_containers = 1
+
+    async def setup(fleet: LocalFleet) -> None:
+        await fleet.start_store_and_models(examples=False)
+        await fleet.start_containers()
+        fleet.start_controller()
+        await fleet.start_router()
+
+    try:
+        thread.start(setup)
+        yield thread
+    finally:
+        thread.stop()
+
+
+def test_an_uploaded_archive_is_placed_and_answers_through_the_router(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    source = tmp_path / "double"
+    source.mkdir()
+    subprocess.run([sys.executable, "-c", PACK], cwd=source, check=True, timeout=60)
+    subprocess.run(["tar", "czf", str(tmp_path / "double.tgz"), "."], cwd=source, check=True, timeout=60)
+    upload = subprocess.run(
+        [sys.executable, "-m", "modelyard", "models", "upload", str(tmp_path / "double.tgz"),
+         "--name", "double", "--version", "1",
+         "--store", fleet.fleet.store_url, "--model-store", str(fleet.fleet.workdir / "artifacts")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert upload.returncode == 0, upload.stderr
+    assert upload.stdout.startswith("registered double@1 (custom, cpu, ")
+
+    x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    tensor = grpcclient.InferInput("INPUT", [3], "FP32")
+    tensor.set_data_from_numpy(x)
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        deadline = time.monotonic() + 20  # the controller places it; the agent loads it
+        while not client.is_model_ready("double"):
+            assert time.monotonic() < deadline, "uploaded model never became ready"
+            time.sleep(0.05)
+        np.testing.assert_allclose(client.infer("double", [tensor]).as_numpy("OUTPUT"), x * 2)
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "modelyard", "models", "show", "double", "--store", fleet.fleet.store_url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "memory declared 4 B, measured 4 B" in shown.stdout  # one float32 of weights, both ways
+    assert "copy on custom-0: ready" in shown.stdout
+
+    removed = subprocess.run(
+        [sys.executable, "-m", "modelyard", "models", "remove", "double@1", "--store", fleet.fleet.store_url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                client.infer("double", [tensor])
+            except InferenceServerException as exc:
+                assert exc.status() == "StatusCode.NOT_FOUND"
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
