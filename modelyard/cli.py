@@ -217,9 +217,11 @@ def controller(store_url: str | None, ready_timeout_s: float) -> None:
 def _add_groups() -> None:
     from backends.cli import models
     from placement.cli import placement
+    from router.cli import routes
 
     main.add_command(placement)
     main.add_command(models)
+    main.add_command(routes)
 
 
 _add_groups()

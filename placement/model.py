@@ -102,3 +102,27 @@ class ShardMap:
 
     generation: int = 0
     assignments: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """How calls for a model name pick a version when the request names none.
+
+    Precedence: the request's explicit version, then the caller's tenant pin, then the weighted split
+    (deterministic per request id), then `default_version`, then the highest version the caller may see.
+    """
+
+    model: str
+    default_version: str = ""
+    tenant_versions: tuple[tuple[str, str], ...] = ()  # (tenant, version) pins
+    weights: tuple[tuple[str, int], ...] = ()  # (version, weight) split
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> RouteRule:
+        data: dict[str, Any] = json.loads(raw)
+        data["tenant_versions"] = tuple(tuple(pair) for pair in data.get("tenant_versions", ()))
+        data["weights"] = tuple(tuple(pair) for pair in data.get("weights", ()))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -8,6 +8,7 @@ transaction beyond etcd's limits, and watchers receive small incremental events:
     /modelyard/map/generation                   shard map generation (decimal), the planners' CAS guard
     /modelyard/map/assign/{name}@{version}      container ids (JSON list)
     /modelyard/state/{container}/{name}@{version}  CopyState (JSON), written by that container's agent
+    /modelyard/routes/{name}                    RouteRule (JSON): default version, tenant pins, split
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from placement.model import Container, CopyState, ModelVersion
+from placement.model import Container, CopyState, ModelVersion, RouteRule
 from placement.store.base import Event, KeyValue, Lease, Store, StoreError
 
 ROOT = "/modelyard/"
@@ -25,6 +26,7 @@ CONTAINERS = ROOT + "containers/"
 GENERATION = ROOT + "map/generation"
 ASSIGN = ROOT + "map/assign/"
 STATE = ROOT + "state/"
+ROUTES = ROOT + "routes/"
 
 
 class ConcurrentPlanError(StoreError):
@@ -43,6 +45,7 @@ class Fleet:
     containers: dict[str, Container] = field(default_factory=dict)
     assignments: dict[str, tuple[str, ...]] = field(default_factory=dict)
     states: dict[tuple[str, str], CopyState] = field(default_factory=dict)  # (container id, model key)
+    routes: dict[str, RouteRule] = field(default_factory=dict)  # by model name
     generation: int = 0
     revision: int = 0
 
@@ -83,6 +86,12 @@ class Fleet:
                     self.states[(cid, model)] = CopyState.from_json(event.value)
                 else:
                     self.states.pop((cid, model), None)
+            elif key.startswith(ROUTES):
+                name = key[len(ROUTES) :]
+                if put:
+                    self.routes[name] = RouteRule.from_json(event.value)
+                else:
+                    self.routes.pop(name, None)
             elif key == GENERATION:
                 self.generation = int(event.value) if put else 0
         except (ValueError, TypeError, KeyError):
@@ -100,6 +109,14 @@ async def load_fleet(store: Store) -> Fleet:
 
 async def register_model(store: Store, model: ModelVersion) -> None:
     await store.put(MODELS + model.key, model.to_json())
+
+
+async def put_route_rule(store: Store, rule: RouteRule) -> None:
+    await store.put(ROUTES + rule.model, rule.to_json())
+
+
+async def delete_route_rule(store: Store, model: str) -> bool:
+    return await store.delete(ROUTES + model)
 
 
 async def register_container(store: Store, container: Container, lease: Lease | None = None) -> None:

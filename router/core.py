@@ -15,7 +15,7 @@ from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
 from router.lazy import LazyLoader
 from router.table import RoutingTable
-from router.wire import WireError, read_name_version, with_version
+from router.wire import WireError, read_header, with_version
 
 TENANT_HEADER = "x-tenant-id"
 
@@ -49,12 +49,12 @@ class Router:
     def route(self, request: bytes, context: grpc.aio.ServicerContext) -> tuple[ModelVersion, bytes]:
         """The model version a request goes to, and the bytes to send (version pinned when it matters)."""
         try:
-            name, version = read_name_version(request)
+            name, version, request_id = read_header(request)
         except WireError as exc:
             raise BadRequest(f"malformed request: {exc}") from exc
         if not name:
             raise BadRequest("model_name is required")
-        model = self.table.resolve(name, version, tenant_of(context))
+        model = self.table.resolve(name, version, tenant_of(context), request_id)
         # With several versions registered, the container must not pick its own default.
         if not version and len(self.table.versions(name)) > 1:
             request = with_version(request, model.version)

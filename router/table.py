@@ -6,18 +6,12 @@ request path is a couple of dict reads; each store event invalidates only what i
 
 from __future__ import annotations
 
-import re
-
 from placement import registry
 from placement.model import Container, ModelVersion
 from placement.registry import Fleet
 from placement.store.base import Event
 from router.errors import ModelNotFound
-
-
-def _version_order(version: str) -> tuple[int, int | str]:
-    """Numeric versions compare as numbers and after any non-numeric ones."""
-    return (1, int(version)) if re.fullmatch(r"\d+", version) else (0, version)
+from router.versions import choose_version
 
 
 class RoutingTable:
@@ -57,18 +51,27 @@ class RoutingTable:
     def versions(self, name: str) -> dict[str, ModelVersion]:
         return self._by_name().get(name, {})
 
-    def resolve(self, name: str, version: str, tenant: str | None) -> ModelVersion:
-        """The model version a call for (name, version) from `tenant` goes to."""
+    def resolve(self, name: str, version: str, tenant: str | None, request_id: str = "") -> ModelVersion:
+        """The model version a call for (name, version) from `tenant` goes to.
+
+        Versions private to other tenants are invisible: asking for one is NOT_FOUND, exactly as for a
+        model that does not exist, so callers cannot probe other tenants' models.
+        """
         versions = self._by_name().get(name)
         visible = {v: m for v, m in versions.items() if m.visible_to(tenant)} if versions else {}
         if not visible:
             raise ModelNotFound(f"model '{name}' is not registered")
-        if version:
-            model = visible.get(version)
-            if model is None:
-                raise ModelNotFound(f"model '{name}' has no version '{version}'")
-            return model
-        return visible[max(visible, key=_version_order)]
+        chosen = choose_version(
+            name,
+            visible,
+            requested=version,
+            tenant=tenant,
+            request_id=request_id,
+            rule=self.fleet.routes.get(name),
+        )
+        if chosen is None:
+            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        return visible[chosen]
 
     def ready_copies(self, key: str) -> tuple[Container, ...]:
         copies = self._ready.get(key)

@@ -28,9 +28,12 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-def read_name_version(data: bytes) -> tuple[str, str]:
-    """The string fields 1 and 2 of a serialized message (last occurrence wins, as protobuf parsing does)."""
-    name = version = ""
+def read_header(data: bytes) -> tuple[str, str, str]:
+    """The string fields 1, 2 and 3 (model name, version, request id) of a serialized request.
+
+    The last occurrence of a field wins, as protobuf parsing does; every other field is skipped unread.
+    """
+    fields = ["", "", ""]
     pos = 0
     end = len(data)
     while pos < end:
@@ -43,15 +46,11 @@ def read_name_version(data: bytes) -> tuple[str, str]:
             stop = pos + length
             if stop > end:
                 raise WireError(f"field {field} runs past the end of the message")
-            if field == 1 or field == 2:
+            if field <= 3:
                 try:
-                    text = data[pos:stop].decode()
+                    fields[field - 1] = data[pos:stop].decode()
                 except UnicodeDecodeError as exc:
                     raise WireError(f"field {field} is not UTF-8") from exc
-                if field == 1:
-                    name = text
-                else:
-                    version = text
             pos = stop
         elif wire_type == 0:
             _, pos = _varint(data, pos)
@@ -63,6 +62,11 @@ def read_name_version(data: bytes) -> tuple[str, str]:
             raise WireError(f"unsupported wire type {wire_type} for field {field}")
         if pos > end:
             raise WireError("truncated message")
+    return fields[0], fields[1], fields[2]
+
+
+def read_name_version(data: bytes) -> tuple[str, str]:
+    name, version, _ = read_header(data)
     return name, version
 
 

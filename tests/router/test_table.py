@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from placement import registry
-from placement.model import Container, CopyState, ModelVersion
+from placement.model import Container, CopyState, ModelVersion, RouteRule
 from placement.registry import Fleet
 from placement.store.base import Event
 from router.errors import ModelNotFound
@@ -84,3 +84,16 @@ def test_events_invalidate_cached_answers() -> None:
     assert table.ready_copies(model.key) == ()
     table.apply([put(registry.MODELS + "m@2", ModelVersion("m", "2").to_json(), 7)])
     assert table.resolve("m", "", None).version == "2"
+
+
+def test_route_rules_pin_tenants_and_change_without_restart() -> None:
+    models = [ModelVersion("m", v) for v in ("1", "2", "3")]
+    table = RoutingTable(fleet_with(models, []))
+    assert table.resolve("m", "", "acme").version == "3"
+    rule = RouteRule("m", default_version="2", tenant_versions=(("acme", "1"),))
+    table.apply([put(registry.ROUTES + "m", rule.to_json(), 9)])
+    assert table.resolve("m", "", "acme").version == "1"
+    assert table.resolve("m", "", "other").version == "2"
+    assert table.resolve("m", "3", "acme").version == "3"  # an explicit version still wins
+    table.apply([Event("delete", registry.ROUTES + "m", b"", 10)])
+    assert table.resolve("m", "", "acme").version == "3"
