@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 import grpc.aio
 
 from modelyard.v1 import router_pb2
 from router.core import Router
-from router.errors import BadRequest, ModelNotFound
-from router.handlers import bytes_handler
+from router.errors import BadRequest, ContainerStreamError, ModelNotFound
+from router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from router.kserve import SERVICE as KSERVE_SERVICE
+from router.stream import relay
+from router.table import RoutingTable
+from router.wire import bool_parameter, length_delimited_fields, with_bool_parameter
 
 SERVICE = "modelyard.v1.Router"
 _MODEL_INFER = f"/{KSERVE_SERVICE}/ModelInfer"
+FINAL_FLAG_REQUEST = "triton_enable_empty_final_response"
+FINAL_FLAG_RESPONSE = "triton_final_response"
 
 
 def api_handler(router: Router) -> grpc.GenericRpcHandler:
@@ -52,5 +60,83 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
                 )
         return answer.SerializeToString()
 
-    handlers = {"Infer": infer, "WhereIs": where_is}
-    return grpc.method_handlers_generic_handler(SERVICE, {n: bytes_handler(fn) for n, fn in handlers.items()})
+    async def infer_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        # Ask the container for an explicit final response, so the end of the stream is known.
+        request = with_bool_parameter(request, FINAL_FLAG_REQUEST, True)
+
+        async def one() -> AsyncIterator[bytes]:
+            yield request
+
+        async for envelope in relay(router, one(), context):
+            fields = dict(length_delimited_fields(envelope))
+            if fields.get(1):
+                raise ContainerStreamError(fields[1].decode(errors="replace"))
+            response = fields.get(2, b"")
+            yield response
+            if bool_parameter(response, FINAL_FLAG_RESPONSE):
+                return
+
+    async def infer_session(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
+        async for response in relay(router, requests, context):
+            yield response
+
+    async def watch_routes(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            query = router_pb2.WatchRoutesRequest.FromString(request)
+        except Exception as exc:  # protobuf's DecodeError
+            raise BadRequest(f"malformed WatchRoutesRequest: {exc}") from exc
+        wanted = set(query.model_names)
+        table = router.table
+        watch = table.watch()
+        try:
+            await router.follower.first_load.wait()
+            names = table.names()
+            sent = {n for n in names if not wanted or n in wanted}
+            yield _update(table, sent, snapshot=True)
+            while True:
+                await watch.event.wait()
+                await asyncio.sleep(0.01)  # let a burst of store events coalesce into one update
+                changed, everything = watch.take()
+                current = table.names()
+                names = (current | sent) if everything else changed
+                names = {n for n in names if not wanted or n in wanted}
+                if names:
+                    sent = (sent | names) & current
+                    yield _update(table, names)
+        finally:
+            table.unwatch(watch)
+
+    methods = {n: bytes_handler(fn) for n, fn in {"Infer": infer, "WhereIs": where_is}.items()}
+    methods["InferStream"] = server_stream_bytes_handler(infer_stream)  # type: ignore[arg-type]
+    methods["WatchRoutes"] = server_stream_bytes_handler(watch_routes)  # type: ignore[arg-type]
+    methods["InferSession"] = bidi_bytes_handler(infer_session)  # type: ignore[arg-type]
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def model_routes(table: RoutingTable, name: str) -> router_pb2.ModelRoutes:
+    entry = router_pb2.ModelRoutes(model_name=name)
+    for version, model in sorted(table.versions(name).items()):
+        route = entry.versions.add(version=version, tenants=list(model.tenants))
+        for container in table.ready_copies(model.key):
+            route.ready.add(container_id=container.id, address=container.address, state="ready")
+    rule = table.fleet.routes.get(name)
+    if rule is not None:
+        entry.has_rule = True
+        entry.rule.default_version = rule.default_version
+        entry.rule.tenant_versions.update(dict(rule.tenant_versions))
+        entry.rule.weights.update(dict(rule.weights))
+    return entry
+
+
+def _update(table: RoutingTable, names: set[str], *, snapshot: bool = False) -> bytes:
+    update = router_pb2.RouteUpdate(snapshot=snapshot, generation=table.fleet.generation)
+    known = table.names()
+    for name in sorted(names):
+        if name in known:
+            update.models.append(model_routes(table, name))
+        else:
+            update.removed.append(name)
+    return update.SerializeToString()

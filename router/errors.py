@@ -34,3 +34,9 @@ class UpstreamFailed(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+
+
+class ContainerStreamError(RoutingError):
+    """A container answered a streamed request with an error message (no status code travels with it)."""
+
+    code = grpc.StatusCode.UNKNOWN

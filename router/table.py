@@ -6,6 +6,8 @@ request path is a couple of dict reads; each store event invalidates only what i
 
 from __future__ import annotations
 
+import asyncio
+
 from placement import registry
 from placement.model import Container, ModelVersion
 from placement.registry import Fleet
@@ -14,31 +16,81 @@ from router.errors import ModelNotFound
 from router.versions import choose_version
 
 
+class TableWatch:
+    """Model names whose routing changed since the watcher last looked (WatchRoutes)."""
+
+    def __init__(self) -> None:
+        self.changed: set[str] = set()
+        self.everything = False
+        self.event = asyncio.Event()
+
+    def take(self) -> tuple[set[str], bool]:
+        changed, everything = self.changed, self.everything
+        self.changed, self.everything = set(), False
+        self.event.clear()
+        return changed, everything
+
+
+def _model_name(key: str) -> str:
+    return key.rpartition("@")[0] or key
+
+
 class RoutingTable:
     def __init__(self, fleet: Fleet | None = None) -> None:
         self.fleet = fleet or Fleet()
         self.loaded = fleet is not None
         self._ready: dict[str, tuple[Container, ...]] = {}
         self._versions: dict[str, dict[str, ModelVersion]] | None = None
+        self._watches: set[TableWatch] = set()
+
+    def watch(self) -> TableWatch:
+        watch = TableWatch()
+        self._watches.add(watch)
+        return watch
+
+    def unwatch(self, watch: TableWatch) -> None:
+        self._watches.discard(watch)
+
+    def _notify(self, names: set[str], everything: bool = False) -> None:
+        for watch in self._watches:
+            watch.changed |= names
+            watch.everything |= everything
+            watch.event.set()
 
     def replace(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.loaded = True
         self._ready.clear()
         self._versions = None
+        self._notify(set(), everything=True)
 
     def apply(self, events: list[Event]) -> None:
+        names: set[str] = set()
+        everything = False
         for event in events:
             self.fleet.apply(event)
             key = event.key
             if key.startswith(registry.ASSIGN):
-                self._ready.pop(key[len(registry.ASSIGN) :], None)
+                model = key[len(registry.ASSIGN) :]
+                self._ready.pop(model, None)
+                names.add(_model_name(model))
             elif key.startswith(registry.STATE):
-                self._ready.pop(key[len(registry.STATE) :].partition("/")[2], None)
+                model = key[len(registry.STATE) :].partition("/")[2]
+                self._ready.pop(model, None)
+                names.add(_model_name(model))
             elif key.startswith(registry.MODELS):
                 self._versions = None
+                names.add(_model_name(key[len(registry.MODELS) :]))
+            elif key.startswith(registry.ROUTES):
+                names.add(key[len(registry.ROUTES) :])
             elif key.startswith(registry.CONTAINERS):
                 self._ready.clear()
+                everything = True
+        if self._watches and (names or everything):
+            self._notify(names, everything)
+
+    def names(self) -> set[str]:
+        return set(self._by_name())
 
     def _by_name(self) -> dict[str, dict[str, ModelVersion]]:
         if self._versions is None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -280,3 +284,81 @@ def test_an_unknown_model_in_a_stream_is_an_in_stream_error_and_the_stream_goes_
     results = [result for result, error in got if error is None]
     assert len(errors) == 1 and "no_such_model" in str(errors[0])
     np.testing.assert_array_equal(results[0].as_numpy("OUTPUT"), x)
+
+
+# -- modelyard.v1 from stubs generated out of protos/ alone --------------------------------------------
+
+CLIENT = """
+import json, sys
+import grpc, numpy as np
+from modelyard.v1 import inference_pb2 as inf, router_pb2 as r, router_pb2_grpc as rg
+assert "site-packages" not in inf.__file__, inf.__file__  # the freshly generated stubs, not the package
+
+def request(model, values):
+    req = inf.InferRequest(model_name=model, id="req-1")
+    req.inputs.add(name="INPUT", datatype="FP32", shape=[len(values)])
+    req.raw_input_contents.append(np.array(values, dtype=np.float32).tobytes())
+    return req
+
+def floats(response):
+    raw = response.raw_output_contents
+    return np.frombuffer(raw[0], dtype=np.float32).tolist() if raw else []
+
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    stub = rg.RouterStub(channel)
+    unary = stub.Infer(request("scale", [1.0, 2.5]), timeout=10)
+    streamed = list(stub.InferStream(request("stream", [7.0, 8.0, 9.0]), timeout=10))
+    session = list(stub.InferSession(iter([request("scale", [4.0]), request("identity", [5.0])]), timeout=10))
+    updates = stub.WatchRoutes(r.WatchRoutesRequest(model_names=["scale"]), timeout=10)
+    first = next(updates)
+    updates.cancel()
+print(json.dumps({
+    "unary": [unary.model_name, floats(unary)],
+    "stream": [[floats(x), x.parameters["triton_final_response"].bool_param] for x in streamed],
+    "session": sorted(
+        [x.infer_response.model_name, floats(x.infer_response), x.error_message] for x in session
+    ),
+    "routes": [first.snapshot, [m.model_name for m in first.models],
+               [c.container_id for m in first.models for v in m.versions for c in v.ready]],
+}))
+"""
+
+
+def test_stubs_generated_from_protos_alone_call_all_three_inference_shapes(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    from grpc_tools import protoc
+
+    protos = Path(__file__).resolve().parents[1] / "protos"
+    include = Path(protoc.__file__).resolve().parent / "_proto"
+    sources = [str(p.relative_to(protos)) for p in (protos / "modelyard" / "v1").glob("*.proto")]
+    generated = tmp_path / "gen"
+    generated.mkdir()
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{protos}",
+                f"-I{include}",
+                f"--python_out={generated}",
+                f"--grpc_python_out={generated}",
+                *sources,
+            ]
+        )
+        == 0
+    )
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    # -S: no site hooks, so the installed modelyard package is not importable; only the generated stubs are.
+    bootstrap = f"import sys; sys.path[:0] = [{str(generated)!r}, {site!r}]; exec(open(sys.argv[2]).read())"
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", bootstrap, fleet.address, str(script)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["unary"] == ["scale", [2.0, 5.0]]
+    assert got["stream"] == [[[7.0], False], [[8.0], False], [[9.0], False], [[], True]]
+    assert got["session"] == [["identity", [5.0], ""], ["scale", [8.0], ""]]
+    assert got["routes"] == [True, ["scale"], ["triton-0"]]
