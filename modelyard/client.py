@@ -1,0 +1,206 @@
+"""The zero-hop client: calls containers directly, routed by the router's own table, with no extra hop.
+
+`Client` follows `modelyard.v1.Router/WatchRoutes` on a background thread and keeps the routing table in
+memory. Each call resolves (model, version, tenant, request id) with the same rules as the router
+(router/versions.py), picks a ready copy and sends the request straight to that container with
+`tritonclient`. It falls back to the router when the table is stale (the watch has been down longer than
+`stale_after_s`), when it knows no ready copy, or when the container answers UNAVAILABLE (the copy moved).
+
+It is meant for trusted internal services: tenant visibility is applied on the client side, while the
+router remains the enforcement point for everyone else.
+
+    with Client("router:8001", tenant="acme") as client:
+        result = client.infer("scale", [tensor])      # tritonclient.grpc.InferInput / InferResult
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from modelyard.v1 import router_pb2, router_pb2_grpc
+from placement.model import RouteRule
+from router.versions import choose_version
+
+TENANT_HEADER = "x-tenant-id"
+
+
+@dataclass
+class _VersionRoute:
+    tenants: tuple[str, ...]
+    ready: list[str]  # container addresses
+
+
+@dataclass
+class RouteCache:
+    """The routing table as WatchRoutes describes it. Pure: `apply` updates, `pick` answers."""
+
+    models: dict[str, dict[str, _VersionRoute]] = field(default_factory=dict)
+    rules: dict[str, RouteRule] = field(default_factory=dict)
+    generation: int = 0
+
+    def apply(self, update: router_pb2.RouteUpdate) -> None:
+        if update.snapshot:
+            self.models.clear()
+            self.rules.clear()
+        self.generation = update.generation
+        for entry in update.models:
+            self.models[entry.model_name] = {
+                v.version: _VersionRoute(tuple(v.tenants), [c.address for c in v.ready])
+                for v in entry.versions
+            }
+            if entry.has_rule:
+                rule = entry.rule
+                self.rules[entry.model_name] = RouteRule(
+                    entry.model_name,
+                    rule.default_version,
+                    tuple(sorted(rule.tenant_versions.items())),
+                    tuple(sorted(rule.weights.items())),
+                )
+            else:
+                self.rules.pop(entry.model_name, None)
+        for name in update.removed:
+            self.models.pop(name, None)
+            self.rules.pop(name, None)
+
+    def pick(self, model: str, version: str, tenant: str | None, request_id: str) -> tuple[str, str] | None:
+        """(version, container address) for a call, or None when the router should take it."""
+        versions = self.models.get(model)
+        if not versions:
+            return None
+        visible = {
+            v for v, r in versions.items() if not r.tenants or (tenant is not None and tenant in r.tenants)
+        }
+        chosen = choose_version(
+            model,
+            visible,
+            requested=version,
+            tenant=tenant,
+            request_id=request_id,
+            rule=self.rules.get(model),
+        )
+        if chosen is None or not versions[chosen].ready:
+            return None
+        return chosen, random.choice(versions[chosen].ready)
+
+
+class Client:
+    def __init__(self, router_address: str, *, tenant: str | None = None, stale_after_s: float = 5.0) -> None:
+        self.router_address = router_address
+        self.tenant = tenant
+        self.stale_after_s = stale_after_s
+        self.cache = RouteCache()
+        self.direct_calls = 0
+        self.router_calls = 0
+        self._router = grpcclient.InferenceServerClient(router_address)
+        self._containers: dict[str, grpcclient.InferenceServerClient] = {}
+        self._lock = threading.Lock()
+        self._synced = threading.Event()
+        self._down_since: float | None = time.monotonic()
+        self._closed = threading.Event()
+        self._channel: grpc.Channel | None = None
+        self._thread = threading.Thread(target=self._follow, name="modelyard-routes", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_synced(self, timeout_s: float = 10.0) -> bool:
+        """Waits for the first routing table; False if it did not come in time (calls then use the router)."""
+        return self._synced.wait(timeout_s)
+
+    @property
+    def stale(self) -> bool:
+        """True before the first table arrives, and once the watch has been down for `stale_after_s`."""
+        down = self._down_since
+        if not self._synced.is_set():
+            return True
+        return down is not None and time.monotonic() - down > self.stale_after_s
+
+    def _follow(self) -> None:
+        while not self._closed.is_set():
+            try:
+                with grpc.insecure_channel(self.router_address) as channel:
+                    self._channel = channel
+                    stub = router_pb2_grpc.RouterStub(channel)
+                    for update in stub.WatchRoutes(router_pb2.WatchRoutesRequest()):
+                        with self._lock:
+                            self.cache.apply(update)
+                        self._down_since = None
+                        self._synced.set()
+            except grpc.RpcError:
+                pass
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+            self._closed.wait(0.5)
+
+    def _container(self, address: str) -> grpcclient.InferenceServerClient:
+        client = self._containers.get(address)
+        if client is None:
+            client = self._containers[address] = grpcclient.InferenceServerClient(address)
+        return client
+
+    def infer(
+        self,
+        model_name: str,
+        inputs: list[grpcclient.InferInput],
+        model_version: str = "",
+        outputs: list[grpcclient.InferRequestedOutput] | None = None,
+        request_id: str = "",
+        client_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> grpcclient.InferResult:
+        """Like tritonclient's `infer`, sent straight to a container holding the model when possible."""
+        headers = {TENANT_HEADER: self.tenant} if self.tenant else None
+        choice = None
+        if not self.stale:
+            with self._lock:
+                choice = self.cache.pick(model_name, model_version, self.tenant, request_id)
+        if choice is not None:
+            version, address = choice
+            try:
+                result = self._container(address).infer(
+                    model_name,
+                    inputs,
+                    model_version=version,
+                    outputs=outputs,
+                    request_id=request_id,
+                    headers=headers,
+                    client_timeout=client_timeout,
+                    **kwargs,
+                )
+                self.direct_calls += 1
+                return result
+            except InferenceServerException as exc:
+                if exc.status() != "StatusCode.UNAVAILABLE":
+                    raise
+                # The copy moved or its container went away: the router knows where it is now.
+        self.router_calls += 1
+        return self._router.infer(
+            model_name,
+            inputs,
+            model_version=model_version,
+            outputs=outputs,
+            request_id=request_id,
+            headers=headers,
+            client_timeout=client_timeout,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._channel is not None:
+            self._channel.close()
+        self._thread.join(5)
+        for client in [self._router, *self._containers.values()]:
+            client.close()
