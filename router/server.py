@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from placement.store import Store
+from router.api import SERVICE as ROUTER_SERVICE
 from router.api import api_handler
 from router.core import Router
+from router.health import RouterHealth
+from router.kserve import SERVICE as KSERVE_SERVICE
 from router.kserve import kserve_handler
 
 SERVER_OPTIONS = (
@@ -25,6 +30,7 @@ class RouterServer:
 
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 8001) -> None:
         self.router = Router(store)
+        self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host
         self.port = port
         self.server: grpc.aio.Server | None = None
@@ -36,6 +42,11 @@ class RouterServer:
     async def start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((kserve_handler(self.router), api_handler(self.router)))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (KSERVE_SERVICE, ROUTER_SERVICE, health_name, reflection.SERVICE_NAME), server
+        )
         try:
             bound = server.add_insecure_port(self.address)
         except RuntimeError as exc:
@@ -44,10 +55,12 @@ class RouterServer:
             raise RouterStartError(f"cannot listen on {self.address} (port in use?)")
         self.port = bound
         await self.router.start()
+        await self.health.start()
         await server.start()
         self.server = server
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        await self.health.stop()
         if self.server is not None:
             await self.server.stop(grace_s)
             self.server = None
