@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -82,29 +84,45 @@ def up(
 @click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True, type=int)
-def serve(store_url: str | None, host: str, port: int) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Router processes sharing the port (SO_REUSEPORT).",
+)
+def serve(store_url: str | None, host: str, port: int, workers: int) -> None:
     """Run the router against a store."""
     from placement.store import open_store
     from router.server import RouterServer, RouterStartError
+    from router.workers import run_workers
+
+    url = store_url or default_store_url()
+    if workers > 1:
+        if port == 0:
+            _fail("--workers needs a fixed --port: the workers share it")
+        click.echo(f"router: {workers} workers on {host}:{port}")
+        sys.exit(run_workers(url, host, port, workers))
 
     async def run() -> None:
-        store = open_store(store_url or default_store_url())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        store = open_store(url)
         server = RouterServer(store, host, port)
         try:
             await server.start()
-            click.echo(f"router listening on {server.address}")
-            assert server.server is not None
-            await server.server.wait_for_termination()
+            click.echo(f"router listening on {server.address} (pid {os.getpid()})")
+            await stop.wait()
         finally:
-            await server.stop()
+            await server.stop(grace_s=5.0)  # calls in flight finish; new ones are refused
             await store.close()
 
     try:
         asyncio.run(run())
     except (RouterStartError, StoreError) as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        pass
 
 
 @main.command()

@@ -1,0 +1,100 @@
+"""`modelyard serve --workers N`: N router processes share one port; SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from backends.triton_server import free_port
+from modelyard.local import LocalFleet
+from placement import registry
+from tests.conftest import stop_process
+from tests.fleet import FleetThread
+from tests.test_lazy_load import scale_model
+from tests.test_up import alive
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    """One of our containers with a model ready; its in-process router is not used here."""
+    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
+    thread.fleet.custom_containers = 1
+
+    async def setup(fleet: LocalFleet) -> None:
+        await fleet.start_store_and_models(examples=False)
+        model = scale_model(tmp_path / "models", "m", 5.0)
+        await registry.register_model(fleet.store, model)
+        await fleet.start_containers()
+        fleet.start_controller()
+        await fleet.start_router()
+        await fleet.wait_ready([model], timeout_s=60)
+
+    try:
+        thread.start(setup)
+        yield thread
+    finally:
+        thread.stop()
+
+
+def worker_pids(parent: int) -> list[int]:
+    listed = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    return [
+        int(pid)
+        for pid, ppid, args in re.findall(r"^\s*(\d+)\s+(\d+)\s+(.*)$", listed, re.MULTILINE)
+        if int(ppid) == parent and "serve --workers 1" in args
+    ]
+
+
+def ready(client: grpcclient.InferenceServerClient) -> bool:
+    try:
+        return bool(client.is_server_ready())
+    except InferenceServerException:  # not listening yet
+        return False
+
+
+def test_two_workers_share_the_port_and_stop_on_sigterm(fleet: FleetThread) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "modelyard", "serve", "--workers", "2", "--port", str(port)]
+    process = subprocess.Popen([*command, "--store", fleet.fleet.store_url], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(worker_pids(process.pid)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        pids = worker_pids(process.pid)
+        tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+        tensor.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+        answers = []
+        for _ in range(8):  # fresh connections, which the kernel spreads over the workers
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+                deadline = time.monotonic() + 20
+                while not ready(client):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+                answers.append(client.infer("m", [tensor], client_timeout=20).as_numpy("OUTPUT"))
+        assert all(np.allclose(a, [5.0, 10.0]) for a in answers)
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        if process.poll() is None:
+            stop_process(process)  # type: ignore[arg-type]
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "modelyard", "serve", "--workers", "2", "--port", "0"]
+    result = subprocess.run(
+        [*command, "--store", str(tmp_path / "s")], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and "needs a fixed --port" in result.stderr
