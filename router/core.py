@@ -34,6 +34,7 @@ class Router:
         self.follower = TableFollower(store, self.table)
         self.channels = ContainerChannels()
         self.lazy = LazyLoader(store, self.table)
+        self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
 
     async def start(self) -> None:
         self.follower.start()
@@ -78,6 +79,7 @@ class Router:
             retry_on = self.channels.pick(copies, exclude=container.id)
             if exc.code() != grpc.StatusCode.UNAVAILABLE or retry_on is None:
                 raise
+            self.retries += 1
             return await self._call(retry_on, method, request, context)
 
     async def _call(

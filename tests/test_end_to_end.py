@@ -362,3 +362,15 @@ def test_stubs_generated_from_protos_alone_call_all_three_inference_shapes(
     assert got["stream"] == [[[7.0], False], [[8.0], False], [[9.0], False], [[], True]]
     assert got["session"] == [["identity", [5.0], ""], ["scale", [8.0], ""]]
     assert got["routes"] == [True, ["scale"], ["triton-0"]]
+
+
+def test_async_infer_through_the_router(client: grpcclient.InferenceServerClient) -> None:
+    x = np.linspace(-1, 1, 9, dtype=np.float32)
+    results: queue.Queue = queue.Queue()  # type: ignore[type-arg]
+    for _ in range(5):
+        client.async_infer(
+            "scale", [fp32_input("INPUT", x)], callback=lambda result, error: results.put((result, error))
+        )
+    got = [results.get(timeout=10) for _ in range(5)]
+    assert all(error is None for _, error in got)
+    assert all(np.allclose(result.as_numpy("OUTPUT"), x * 2) for result, _ in got)
