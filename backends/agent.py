@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from backends.triton import LoadError
+from modelyard.telemetry import Telemetry
 from placement import registry
 from placement.model import Container, CopyState, ModelVersion
 from placement.registry import Fleet
@@ -54,6 +55,7 @@ class Agent:
         retry_base_s: float = 1.0,
         retry_max_s: float = 60.0,
         drain_s: float = 1.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.container = container
@@ -62,6 +64,7 @@ class Agent:
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.drain_s = drain_s
+        self.telemetry = telemetry
         self.loaded: dict[str, ModelVersion] = {}
         self.load_calls = 0  # loads sent to the container, for tests and metrics
         self._backoff: dict[str, _Backoff] = {}
@@ -171,9 +174,11 @@ class Agent:
         async with self._load_slots:
             await self._report(model.key, CopyState("loading"))
             self.load_calls += 1
+            started = time.monotonic()
             try:
                 await self.adapter.load(model)
             except (LoadError, OSError) as exc:
+                self._observe_load("failed", started)
                 backoff = self._backoff.setdefault(model.key, _Backoff())
                 backoff.attempts += 1
                 delay = min(self.retry_max_s, self.retry_base_s * 2 ** (backoff.attempts - 1))
@@ -183,10 +188,18 @@ class Agent:
                 )
                 await self._report(model.key, CopyState("failed", message=str(exc)))
                 return
+            self._observe_load("ready", started)
             self._backoff.pop(model.key, None)
             self.loaded[model.key] = model
             measured = await self._measure(model)
             await self._report(model.key, CopyState("ready", measured_bytes=measured))
+
+    def _observe_load(self, outcome: str, started: float) -> None:
+        if self.telemetry is not None and self.telemetry.metrics:
+            self.telemetry.agent_loads.add(1, {"container": self.container.id, "outcome": outcome})
+            self.telemetry.agent_load_duration.record(
+                time.monotonic() - started, {"container": self.container.id}
+            )
 
     async def _measure(self, model: ModelVersion) -> int:
         """The copy's real footprint (declared sizes lie); 0 when the container cannot tell."""

@@ -26,6 +26,8 @@ from urllib.parse import unquote, urlparse
 import grpc
 import grpc.aio
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2 as config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -38,6 +40,7 @@ from backends.numpy_model import (
     TensorSpec,
     load_model_dir,
 )
+from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -462,10 +465,21 @@ def _unary(fn: Unary[H]) -> Unary[H]:
 
     @functools.wraps(fn)
     async def wrapper(self: H, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(self, request, context)
-        except Exception as exc:
-            code, message = _status(exc)
+        telemetry = self.telemetry
+        span_context: Any = (
+            telemetry.start_server_span(fn.__name__, context.invocation_metadata())
+            if telemetry is not None and telemetry.tracing
+            else contextlib.nullcontext()
+        )
+        with span_context as span:
+            if span is not None:
+                span.set_attribute("modelyard.model", getattr(request, "model_name", ""))
+            try:
+                return await fn(self, request, context)
+            except Exception as exc:
+                code, message = _status(exc)
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", code.name)
         await context.abort(code, message)
 
     return wrapper
@@ -474,8 +488,9 @@ def _unary(fn: Unary[H]) -> Unary[H]:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` over a ModelHost. Shared memory, trace, log calls: UNIMPLEMENTED."""
 
-    def __init__(self, host: ModelHost) -> None:
+    def __init__(self, host: ModelHost, telemetry: Telemetry | None = None) -> None:
         self.host = host
+        self.telemetry = telemetry
 
     @_unary
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -646,8 +661,10 @@ class CustomContainer:
         *,
         loader: Callable[[Path], NumpyModel] = load_model_dir,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.models = ModelHost(memory_bytes, loader=loader, drain_timeout_s=drain_timeout_s)
+        self.telemetry = telemetry
         self._server: grpc.aio.Server | None = None
         self._address = ""
 
@@ -671,7 +688,16 @@ class CustomContainer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         server = grpc.aio.server(options=_SERVER_OPTIONS)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.models), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.models, self.telemetry), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+        for name in ("", service):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((service, health_name, reflection.SERVICE_NAME), server)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             bound = server.add_insecure_port(target)
@@ -694,9 +720,9 @@ class CustomContainer:
             self._server = None
 
 
-async def run_container(host: str, port: int, memory_bytes: int) -> None:
+async def run_container(host: str, port: int, memory_bytes: int, telemetry: Telemetry | None = None) -> None:
     """Serves a container until cancelled; prints `container listening on HOST:PORT` once it accepts calls."""
-    container = CustomContainer(memory_bytes)
+    container = CustomContainer(memory_bytes, telemetry=telemetry)
     await container.start(host, port)
     print(f"container listening on {container.address}", flush=True)
     try:

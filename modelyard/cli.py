@@ -91,8 +91,20 @@ def up(
     type=click.IntRange(1, 256),
     help="Router processes sharing the port (SO_REUSEPORT).",
 )
-def serve(store_url: str | None, host: str, port: int, workers: int) -> None:
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve /metrics here (default: $MODELYARD_METRICS_PORT)."
+)
+@click.option(
+    "--traces",
+    type=click.Choice(["none", "console", "otlp"]),
+    default=None,
+    help="Trace exporter (default: $MODELYARD_TRACES or none; otlp reads OTEL_EXPORTER_OTLP_*).",
+)
+def serve(
+    store_url: str | None, host: str, port: int, workers: int, metrics_port: int | None, traces: str | None
+) -> None:
     """Run the router against a store."""
+    from modelyard.telemetry import Telemetry
     from placement.store import open_store
     from router.server import RouterServer, RouterStartError
     from router.workers import run_workers
@@ -102,7 +114,7 @@ def serve(store_url: str | None, host: str, port: int, workers: int) -> None:
         if port == 0:
             _fail("--workers needs a fixed --port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
-        sys.exit(run_workers(url, host, port, workers))
+        sys.exit(run_workers(url, host, port, workers, metrics_port))
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -110,7 +122,9 @@ def serve(store_url: str | None, host: str, port: int, workers: int) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         store = open_store(url)
-        server = RouterServer(store, host, port)
+        server = RouterServer(
+            store, host, port, Telemetry("modelyard-router", traces=traces, metrics_port=metrics_port)
+        )
         try:
             await server.start()
             click.echo(f"router listening on {server.address} (pid {os.getpid()})")
@@ -131,12 +145,20 @@ def serve(store_url: str | None, host: str, port: int, workers: int) -> None:
 @click.option(
     "--memory-bytes", type=click.IntRange(1), required=True, help="Memory budget for loaded models."
 )
-def container(host: str, port: int, memory_bytes: int) -> None:
+@click.option(
+    "--traces",
+    type=click.Choice(["none", "console", "otlp"]),
+    default=None,
+    help="Trace exporter (default: $MODELYARD_TRACES or none).",
+)
+def container(host: str, port: int, memory_bytes: int, traces: str | None) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
     from backends.container import run_container
+    from modelyard.telemetry import Telemetry
 
+    telemetry = Telemetry("modelyard-container", traces=traces)
     try:
-        asyncio.run(run_container(host, port, memory_bytes))
+        asyncio.run(run_container(host, port, memory_bytes, telemetry))
     except OSError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -159,6 +181,9 @@ def container(host: str, port: int, memory_bytes: int) -> None:
 @click.option(
     "--advertise", default=None, help="Address routers use for this container (default: --address)."
 )
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve /metrics here (default: $MODELYARD_METRICS_PORT)."
+)
 def agent(
     store_url: str | None,
     container_id: str,
@@ -168,11 +193,13 @@ def agent(
     memory_bytes: int,
     kind: str,
     advertise: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run the agent of one container: load and unload models to match the shard map."""
     from backends.agent import Agent, ContainerAdapter
     from backends.custom import CustomAdapter
     from backends.triton import TritonAdapter
+    from modelyard.telemetry import Telemetry
     from placement.model import Container
     from placement.store import open_store
 
@@ -192,7 +219,9 @@ def agent(
             CustomAdapter(address) if backend == "custom" else TritonAdapter(address, repository or Path())
         )
         try:
-            await Agent(store, container, adapter).run()
+            telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
+            telemetry.serve_metrics()
+            await Agent(store, container, adapter, telemetry=telemetry).run()
         finally:
             await adapter.close()
             await store.close()

@@ -109,10 +109,11 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         finally:
             table.unwatch(watch)
 
-    methods = {n: bytes_handler(fn) for n, fn in {"Infer": infer, "WhereIs": where_is}.items()}
-    methods["InferStream"] = server_stream_bytes_handler(infer_stream)  # type: ignore[arg-type]
+    telemetry = router.telemetry
+    methods = {n: bytes_handler(fn, telemetry) for n, fn in {"Infer": infer, "WhereIs": where_is}.items()}
+    methods["InferStream"] = server_stream_bytes_handler(infer_stream, telemetry)  # type: ignore[arg-type]
     methods["WatchRoutes"] = server_stream_bytes_handler(watch_routes)  # type: ignore[arg-type]
-    methods["InferSession"] = bidi_bytes_handler(infer_session)  # type: ignore[arg-type]
+    methods["InferSession"] = bidi_bytes_handler(infer_session, telemetry)  # type: ignore[arg-type]
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 
+from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
 from placement.model import Container, ModelVersion
 from placement.store import Store
 from router.errors import BadRequest, NoReadyCopy
@@ -28,12 +29,13 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class Router:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, telemetry: Telemetry | None = None) -> None:
         self.store = store
+        self.telemetry = telemetry
         self.table = RoutingTable()
         self.follower = TableFollower(store, self.table)
         self.channels = ContainerChannels()
-        self.lazy = LazyLoader(store, self.table)
+        self.lazy = LazyLoader(store, self.table, telemetry)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
 
     async def start(self) -> None:
@@ -55,7 +57,11 @@ class Router:
             raise BadRequest(f"malformed request: {exc}") from exc
         if not name:
             raise BadRequest("model_name is required")
-        model = self.table.resolve(name, version, tenant_of(context), request_id)
+        tenant = tenant_of(context)
+        model = self.table.resolve(name, version, tenant, request_id)
+        call = CURRENT_CALL.get()
+        if call is not None:
+            call.model, call.version, call.tenant = model.name, model.version, tenant or ""
         # With several versions registered, the container must not pick its own default.
         if not version and len(self.table.versions(name)) > 1:
             request = with_version(request, model.version)
@@ -80,16 +86,29 @@ class Router:
             if exc.code() != grpc.StatusCode.UNAVAILABLE or retry_on is None:
                 raise
             self.retries += 1
+            call = CURRENT_CALL.get()
+            if call is not None:
+                call.retries += 1
             return await self._call(retry_on, method, request, context)
+
+    def upstream_metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
+        """The caller's metadata for the container; with tracing, the trace context becomes this span's."""
+        metadata = forwarded_metadata(context)
+        if self.telemetry is not None and self.telemetry.tracing:
+            metadata = (*((k, v) for k, v in metadata if k not in TRACE_HEADERS), *self.telemetry.inject())
+        return metadata
 
     async def _call(
         self, container: Container, method: str, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         outstanding = self.channels.outstanding
         outstanding[container.id] = outstanding.get(container.id, 0) + 1
+        call = CURRENT_CALL.get()
+        if call is not None:
+            call.container = container.id
         try:
             response: bytes = await self.channels.unary(container.address, method)(
-                request, timeout=context.time_remaining(), metadata=forwarded_metadata(context)
+                request, timeout=context.time_remaining(), metadata=self.upstream_metadata(context)
             )
             return response
         finally:

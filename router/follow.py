@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from placement import registry
 from placement.store import CompactedError, Store, StoreError
@@ -22,6 +23,7 @@ class TableFollower:
         self.table = table
         self.retry_s = retry_s
         self.degraded = False
+        self.degraded_since: float | None = None  # monotonic time the store became unreachable
         self.first_load = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -39,6 +41,7 @@ class TableFollower:
                 fleet = await registry.load_fleet(self.store)
                 self.table.replace(fleet)
                 self.degraded = False
+                self.degraded_since = None
                 self.first_load.set()
                 async for events in self.store.watch_prefix(registry.ROOT, fleet.revision + 1):
                     self.table.apply(events)
@@ -49,5 +52,6 @@ class TableFollower:
             except StoreError as exc:
                 if not self.degraded:
                     log.warning("routing table: store unreachable (%s); serving the last table", exc)
+                    self.degraded_since = time.monotonic()
                 self.degraded = True
             await asyncio.sleep(self.retry_s)

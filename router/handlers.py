@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
+from modelyard.telemetry import CURRENT_CALL, CallInfo, Telemetry
 from router.errors import RoutingError, UpstreamFailed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Unary = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[T]]
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    call = CURRENT_CALL.get()
+    if call is not None:
+        call.code = code.name
+    await context.abort(code, details)
 
 
 def unary_errors(fn: Unary[T]) -> Unary[T]:
@@ -25,20 +35,15 @@ def unary_errors(fn: Unary[T]) -> Unary[T]:
         try:
             return await fn(request, context)
         except RoutingError as exc:
-            await context.abort(exc.code, str(exc))
+            await _abort(context, exc.code, str(exc))
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or exc.code().name)
+            await _abort(context, exc.code(), exc.details() or exc.code().name)
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal router error in {fn.__name__}")
+            await _abort(context, grpc.StatusCode.INTERNAL, f"internal router error in {fn.__name__}")
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
-
-
-def bytes_handler(fn: Unary[bytes]) -> grpc.RpcMethodHandler:
-    """A unary handler that receives and returns serialized messages untouched."""
-    return grpc.unary_unary_rpc_method_handler(unary_errors(fn))
 
 
 StreamBehaviour = Callable[[object, grpc.aio.ServicerContext], AsyncIterator[bytes]]
@@ -53,21 +58,123 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
             async for response in fn(request, context):
                 yield response
         except RoutingError as exc:
-            await context.abort(exc.code, str(exc))
+            await _abort(context, exc.code, str(exc))
         except UpstreamFailed as exc:
-            await context.abort(exc.code, exc.details)
+            await _abort(context, exc.code, exc.details)
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or exc.code().name)
+            await _abort(context, exc.code(), exc.details() or exc.code().name)
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal router error in {fn.__name__}")
+            await _abort(context, grpc.StatusCode.INTERNAL, f"internal router error in {fn.__name__}")
 
     return wrapper
 
 
-def bidi_bytes_handler(fn: StreamBehaviour) -> grpc.RpcMethodHandler:
-    return grpc.stream_stream_rpc_method_handler(stream_errors(fn))
+def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
+    """A server span and the request metrics around one unary call."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        call = CallInfo(method)
+        token = CURRENT_CALL.set(call)
+        start = time.perf_counter()
+        span_context: Any = (
+            telemetry.start_server_span(method, context.invocation_metadata())
+            if telemetry.tracing
+            else contextlib.nullcontext()
+        )
+        if telemetry.metrics:
+            telemetry.in_flight.add(1, {"method": method})
+        try:
+            with span_context as span:
+                try:
+                    return await fn(request, context)
+                finally:
+                    if span is not None:
+                        span.set_attributes(_span_attributes(call))
+        finally:
+            CURRENT_CALL.reset(token)
+            if telemetry.metrics:
+                _record(telemetry, call, time.perf_counter() - start)
+
+    return wrapper
 
 
-def server_stream_bytes_handler(fn: StreamBehaviour) -> grpc.RpcMethodHandler:
-    return grpc.unary_stream_rpc_method_handler(stream_errors(fn))
+def _span_attributes(call: CallInfo) -> dict[str, str | int]:
+    return {
+        "modelyard.model": call.model,
+        "modelyard.version": call.version,
+        "modelyard.tenant": call.tenant,
+        "modelyard.container": call.container,
+        "modelyard.retries": call.retries,
+        "rpc.grpc.status_code": call.code,
+    }
+
+
+def _record(telemetry: Telemetry, call: CallInfo, seconds: float) -> None:
+    telemetry.in_flight.add(-1, {"method": call.method})
+    telemetry.requests.add(
+        1, {"method": call.method, "model": call.model, "tenant": call.tenant, "code": call.code}
+    )
+    telemetry.duration.record(seconds, {"method": call.method, "model": call.model})
+    if call.retries:
+        telemetry.retries.add(call.retries, {"model": call.model})
+
+
+def bytes_handler(fn: Unary[bytes], telemetry: Telemetry | None = None) -> grpc.RpcMethodHandler:
+    """A unary handler that receives and returns serialized messages untouched."""
+    handler = unary_errors(fn)
+    if telemetry is not None and telemetry.enabled:
+        handler = _observed_unary(handler, telemetry)
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
+def _observed_stream(fn: StreamBehaviour, telemetry: Telemetry) -> StreamBehaviour:
+    """A server span and the stream gauge around one stream."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = CallInfo(method)
+        token = CURRENT_CALL.set(call)
+        start = time.perf_counter()
+        span_context: Any = (
+            telemetry.start_server_span(method, context.invocation_metadata())
+            if telemetry.tracing
+            else contextlib.nullcontext()
+        )
+        if telemetry.metrics:
+            telemetry.streams_open.add(1)
+            telemetry.in_flight.add(1, {"method": method})
+        try:
+            with span_context as span:
+                try:
+                    async for response in fn(request, context):
+                        yield response
+                finally:
+                    if span is not None:
+                        span.set_attributes(_span_attributes(call))
+        finally:
+            CURRENT_CALL.reset(token)
+            if telemetry.metrics:
+                telemetry.streams_open.add(-1)
+                _record(telemetry, call, time.perf_counter() - start)
+
+    return wrapper
+
+
+def bidi_bytes_handler(fn: StreamBehaviour, telemetry: Telemetry | None = None) -> grpc.RpcMethodHandler:
+    handler = stream_errors(fn)
+    if telemetry is not None and telemetry.enabled:
+        handler = _observed_stream(handler, telemetry)
+    return grpc.stream_stream_rpc_method_handler(handler)
+
+
+def server_stream_bytes_handler(
+    fn: StreamBehaviour, telemetry: Telemetry | None = None
+) -> grpc.RpcMethodHandler:
+    handler = stream_errors(fn)
+    if telemetry is not None and telemetry.enabled:
+        handler = _observed_stream(handler, telemetry)
+    return grpc.unary_stream_rpc_method_handler(handler)

@@ -69,6 +69,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         async for response in relay(router, requests, context):
             yield response
 
-    methods = {name: bytes_handler(fn) for name, fn in handlers.items()}
-    methods["ModelStreamInfer"] = bidi_bytes_handler(model_stream_infer)  # type: ignore[arg-type]
+    telemetry = router.telemetry
+    methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}
+    methods["ModelStreamInfer"] = bidi_bytes_handler(model_stream_infer, telemetry)  # type: ignore[arg-type]
     return grpc.method_handlers_generic_handler(SERVICE, methods)

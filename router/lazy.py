@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 
+from modelyard.telemetry import Telemetry
 from placement import registry
 from placement.model import Container, ModelVersion
 from placement.rebalance import budget_bytes, plan_fleet
@@ -27,8 +28,9 @@ _POLL_S = 0.01
 
 
 class LazyLoader:
-    def __init__(self, store: Store, table: RoutingTable) -> None:
+    def __init__(self, store: Store, table: RoutingTable, telemetry: Telemetry | None = None) -> None:
         self.store = store
+        self.telemetry = telemetry
         self.table = table
         self.placements = 0  # shard map writes made for cold models
         self._loads: dict[str, asyncio.Task[None]] = {}
@@ -40,12 +42,17 @@ class LazyLoader:
             task = asyncio.create_task(self._place_and_wait(model, deadline))
             self._loads[model.key] = task
             task.add_done_callback(lambda _: self._loads.pop(model.key, None))
+        started = time.monotonic()
         try:
             # shield: one caller giving up (deadline, cancel) must not cancel the load the others wait on
             await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             pass
         copies = self.table.ready_copies(model.key)
+        if self.telemetry is not None and self.telemetry.metrics:
+            outcome = "ready" if copies else ("failed" if self._all_failed(model.key) else "timeout")
+            self.telemetry.lazy_loads.add(1, {"model": model.name, "outcome": outcome})
+            self.telemetry.lazy_load_duration.record(time.monotonic() - started, {"model": model.name})
         if not copies:
             raise NoReadyCopy(self._why_not_ready(model))
         return copies

@@ -7,6 +7,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelyard.telemetry import Telemetry
 from placement.store import Store
 from router.api import SERVICE as ROUTER_SERVICE
 from router.api import api_handler
@@ -14,6 +15,7 @@ from router.core import Router
 from router.health import RouterHealth
 from router.kserve import SERVICE as KSERVE_SERVICE
 from router.kserve import kserve_handler
+from router.metrics import register_fleet_gauges
 
 SERVER_OPTIONS = (
     ("grpc.max_send_message_length", -1),
@@ -28,8 +30,11 @@ class RouterStartError(RuntimeError):
 class RouterServer:
     """The router and its gRPC server on one address."""
 
-    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 8001) -> None:
-        self.router = Router(store)
+    def __init__(
+        self, store: Store, host: str = "127.0.0.1", port: int = 8001, telemetry: Telemetry | None = None
+    ) -> None:
+        self.telemetry = telemetry
+        self.router = Router(store, telemetry)
         self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host
         self.port = port
@@ -56,6 +61,9 @@ class RouterServer:
         self.port = bound
         await self.router.start()
         await self.health.start()
+        if self.telemetry is not None and self.telemetry.metrics:
+            register_fleet_gauges(self.telemetry, self.router)
+            self.telemetry.serve_metrics()
         await server.start()
         self.server = server
 

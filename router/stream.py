@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
+from modelyard.telemetry import CURRENT_CALL
 from placement.model import Container
 from router.core import Router
 from router.errors import NoReadyCopy, RoutingError, UpstreamFailed
-from router.forward import forwarded_metadata
 from router.wire import stream_error
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -44,8 +44,9 @@ async def relay(
     out: asyncio.Queue[object] = asyncio.Queue()
     upstreams: dict[str, _Upstream] = {}
     producers = 1  # the request pump, plus one per upstream
-    metadata = forwarded_metadata(context)
+    metadata = router.upstream_metadata(context)
     outstanding = router.channels.outstanding
+    call = CURRENT_CALL.get()
 
     async def feed(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
         while (item := await queue.get()) is not None:
@@ -80,6 +81,8 @@ async def relay(
                     )
                     if container is None:
                         raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+                    if call is not None:
+                        call.container = container.id
                 except RoutingError as exc:
                     await out.put(stream_error(str(exc)))
                     continue

@@ -12,12 +12,19 @@ import sys
 import time
 
 
-def run_workers(store_url: str, host: str, port: int, workers: int) -> int:
-    """Starts the workers, forwards SIGINT/SIGTERM to them, and returns when all have exited."""
+def run_workers(store_url: str, host: str, port: int, workers: int, metrics_port: int | None = None) -> int:
+    """Starts the workers, forwards SIGINT/SIGTERM to them, and returns when all have exited.
+
+    With `metrics_port`, worker i serves /metrics on metrics_port + i (each process has its own counters).
+    """
     command = [sys.executable, "-m", "modelyard", "serve", "--workers", "1", "--store", store_url]
+    command += ["--host", host, "--port", str(port)]
     children = [
-        subprocess.Popen([*command, "--host", host, "--port", str(port)], start_new_session=True)
-        for _ in range(workers)
+        subprocess.Popen(
+            [*command, *(["--metrics-port", str(metrics_port + i)] if metrics_port is not None else [])],
+            start_new_session=True,
+        )
+        for i in range(workers)
     ]
     stopping = False
 
