@@ -58,10 +58,12 @@ class Router:
         if not name:
             raise BadRequest("model_name is required")
         tenant = tenant_of(context)
-        model = self.table.resolve(name, version, tenant, request_id)
         call = CURRENT_CALL.get()
+        if call is not None:  # before resolving, so a refused call is still counted under its model
+            call.model, call.version, call.tenant = name, version, tenant or ""
+        model = self.table.resolve(name, version, tenant, request_id)
         if call is not None:
-            call.model, call.version, call.tenant = model.name, model.version, tenant or ""
+            call.version = model.version
         # With several versions registered, the container must not pick its own default.
         if not version and len(self.table.versions(name)) > 1:
             request = with_version(request, model.version)

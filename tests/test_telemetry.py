@@ -1,0 +1,225 @@
+"""Traces across router -> container, and the router's /metrics as Prometheus scrapes it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from backends.agent import Agent
+from backends.container import CustomContainer
+from backends.custom import CustomAdapter
+from backends.triton_server import free_port
+from modelyard import metric_names as names
+from modelyard.telemetry import Telemetry
+from placement import registry
+from placement.model import Container
+from router.server import RouterServer
+from tests.conftest import stop_process
+from tests.fleet import FleetThread
+from tests.test_lazy_load import scale_model
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+class TracedFleet:
+    """Router and our container in this process, each with its own telemetry writing to one exporter."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.spans = InMemorySpanExporter()
+        self.agent_metrics = InMemoryMetricReader()
+        self.thread = FleetThread(tmp_path, str(tmp_path / "store"), containers=0)
+        self.router: RouterServer | None = None
+
+    async def start(self, tmp_path: Path) -> None:
+        fleet = self.thread.fleet
+        await fleet.start_store_and_models(examples=False)
+        self.container = CustomContainer(1 << 30, telemetry=Telemetry("container", span_exporter=self.spans))
+        await self.container.start()
+        self.adapter = CustomAdapter(self.container.address)
+        box = Container("box", self.container.address, memory_bytes=1 << 30, backend="custom")
+        self.agent = Agent(
+            fleet.store, box, self.adapter, telemetry=Telemetry("agent", metric_reader=self.agent_metrics)
+        )
+        fleet._tasks.append(asyncio_task(self.agent.run()))
+        model = scale_model(tmp_path / "models", "m", 2.0)
+        await registry.register_model(fleet.store, model)
+        await registry.write_shard_map(fleet.store, {model.key: ["box"]}, expected_generation=0)
+        self.router = RouterServer(
+            fleet.store, port=0, telemetry=Telemetry("router", span_exporter=self.spans)
+        )
+        fleet.router = self.router
+        await self.router.start()
+        await fleet.wait_ready([model], timeout_s=30)
+
+    async def stop(self) -> None:
+        await self.container.stop()
+        await self.adapter.close()
+
+
+def asyncio_task(coro):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    return asyncio.get_running_loop().create_task(coro)
+
+
+@pytest.fixture
+def traced(tmp_path: Path) -> Iterator[TracedFleet]:
+    fleet = TracedFleet(tmp_path)
+    try:
+        fleet.thread.call(fleet.start(tmp_path))
+        yield fleet
+    finally:
+        fleet.thread.call(fleet.stop())
+        fleet.thread.stop()
+
+
+def test_a_routed_call_is_one_trace_from_client_to_container(traced: TracedFleet) -> None:
+    assert traced.router is not None
+    tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+    tensor.set_data_from_numpy(np.array([1.0, 3.0], dtype=np.float32))
+    headers = {"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01", "x-tenant-id": "acme"}
+    with grpcclient.InferenceServerClient(traced.router.address) as client:
+        out = client.infer("m", [tensor], headers=headers).as_numpy("OUTPUT")
+    np.testing.assert_allclose(out, [2.0, 6.0])
+    spans = [s for s in traced.spans.get_finished_spans() if s.name == "ModelInfer"]
+    by_service = {s.resource.attributes["service.name"]: s for s in spans}
+    router_span, container_span = by_service["router"], by_service["container"]
+    assert f"{router_span.context.trace_id:032x}" == TRACE_ID == f"{container_span.context.trace_id:032x}"
+    assert (
+        f"{router_span.parent.span_id:016x}" == CLIENT_SPAN
+    )  # the client's span is the router span's parent
+    assert container_span.parent.span_id == router_span.context.span_id  # and the router's is the container's
+    assert router_span.attributes["modelyard.model"] == "m"
+    assert router_span.attributes["modelyard.version"] == "1"
+    assert router_span.attributes["modelyard.tenant"] == "acme"
+    assert router_span.attributes["modelyard.container"] == "box"
+    assert router_span.attributes["modelyard.retries"] == 0
+    assert router_span.attributes["rpc.grpc.status_code"] == "OK"
+
+
+def test_a_failed_call_records_its_status_on_the_span(traced: TracedFleet) -> None:
+    assert traced.router is not None
+    tensor = grpcclient.InferInput("INPUT", [1], "FP32")
+    tensor.set_data_from_numpy(np.ones(1, dtype=np.float32))
+    with (
+        grpcclient.InferenceServerClient(traced.router.address) as client,
+        pytest.raises(InferenceServerException),
+    ):
+        client.infer("nope", [tensor])
+    deadline = time.monotonic() + 5  # the span ends just after the status reaches the client
+    while not (
+        failed := [s for s in traced.spans.get_finished_spans() if s.attributes["modelyard.model"] == "nope"]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert failed[0].attributes["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert failed[0].resource.attributes["service.name"] == "router"
+
+
+def test_the_agent_counts_its_loads(traced: TracedFleet) -> None:
+    data = traced.agent_metrics.get_metrics_data()
+    points = {
+        metric.name: list(metric.data.data_points)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    loads = points[names.AGENT_LOADS.removesuffix("_total")]
+    assert [(p.attributes["outcome"], p.value) for p in loads] == [("ready", 1)]
+    assert points[names.AGENT_LOAD_DURATION.removesuffix("_seconds")][0].count == 1
+
+
+@pytest.fixture
+def served_router(tmp_path: Path) -> Iterator[tuple[str, str, FleetThread]]:
+    """`modelyard serve --metrics-port` as a process, on a fleet with one of our containers and a model."""
+    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
+    thread.fleet.custom_containers = 1
+
+    async def setup(fleet) -> None:  # type: ignore[no-untyped-def]
+        await fleet.start_store_and_models(examples=False)
+        model = scale_model(tmp_path / "models", "m", 2.0)
+        await registry.register_model(fleet.store, model)
+        await fleet.start_containers()
+        fleet.start_controller()
+        await fleet.start_router()
+        await fleet.wait_ready([model], timeout_s=60)
+
+    port, metrics_port = free_port(), free_port()
+    process = None
+    try:
+        thread.start(setup)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modelyard", "serve", "--store", thread.fleet.store_url,
+             "--port", str(port), "--metrics-port", str(metrics_port)],
+            start_new_session=True,
+        )  # fmt: skip
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", thread
+    finally:
+        if process is not None:
+            stop_process(process)  # type: ignore[arg-type]
+        thread.stop()
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name -> (labels, value) for every sample /metrics shows."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def test_metrics_endpoint_reports_requests_latency_and_the_fleet(served_router) -> None:  # type: ignore[no-untyped-def]
+    address, url, _ = served_router
+    tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+    tensor.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+    with grpcclient.InferenceServerClient(address) as client:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.infer("m", [tensor], client_timeout=10)
+                break
+            except InferenceServerException:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        for _ in range(4):
+            client.infer("m", [tensor])
+        with pytest.raises(InferenceServerException):
+            client.infer("nope", [tensor])
+    metrics = scrape(url)
+    requests = {(s["model"], s["code"]): v for s, v in metrics[names.REQUESTS] if s["method"] == "ModelInfer"}
+    assert requests[("m", "OK")] == 5
+    assert requests[("nope", "NOT_FOUND")] == 1
+    count = next(v for s, v in metrics[names.REQUEST_DURATION + "_count"] if s["model"] == "m")
+    assert count == 5
+    buckets = [v for s, v in metrics[names.REQUEST_DURATION + "_bucket"] if s["model"] == "m"]
+    assert buckets == sorted(buckets) and buckets[-1] == 5
+    assert metrics[names.SHARD_MAP_GENERATION][0][1] >= 1
+    assert metrics[names.STORE_REACHABLE][0][1] == 1
+    assert dict((s["state"], v) for s, v in metrics[names.COPIES])["ready"] == 1
+    assert metrics[names.UNPLACED_MODELS][0][1] == 0
+    assert [s["container"] for s, _ in metrics[names.CONTAINER_MEMORY_CAPACITY]] == ["custom-0"]
+    router_metrics = set(names.ALL) - {names.AGENT_LOADS, names.AGENT_LOAD_DURATION}
+    present = {name.removesuffix("_bucket") for name in metrics} | set(metrics)
+    missing = {n for n in router_metrics if n not in present and n + "_bucket" not in metrics}
+    assert missing <= {
+        names.RETRIES,
+        names.LAZY_LOADS,
+        names.LAZY_LOAD_DURATION,
+        names.STREAMS_OPEN,
+    }  # not yet used
