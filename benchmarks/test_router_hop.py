@@ -52,6 +52,7 @@ class Hop:
     router: str
     proxy: str
     nginx: str | None
+    router_traced: str  # the same router with tracing (console exporter, to /dev/null) and metrics on
 
 
 def _wait_listening(address: str, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -95,6 +96,16 @@ def hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hop]:
             subprocess.Popen([*serve, "--port", router.rsplit(":", 1)[1]], start_new_session=True)
         )
         _wait_listening(router, processes[-1])
+        router_traced = f"127.0.0.1:{free_port()}"
+        traced = [*serve, "--port", router_traced.rsplit(":", 1)[1], "--traces", "otlp"]
+        processes.append(
+            subprocess.Popen(
+                [*traced, "--metrics-port", str(free_port())],
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        _wait_listening(router_traced, processes[-1])
         proxy = f"127.0.0.1:{free_port()}"
         script = Path(__file__).with_name("minimal_proxy.py")
         processes.append(
@@ -111,7 +122,7 @@ def hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hop]:
             )
             nginx = f"127.0.0.1:{port}"
             _wait_listening(nginx, processes[-1])
-        yield Hop(thread, triton, router, proxy, nginx)
+        yield Hop(thread, triton, router, proxy, nginx, router_traced)
     finally:
         for process in processes:
             stop_process(process)  # type: ignore[arg-type]
@@ -177,7 +188,12 @@ def test_unary_latency_c1(benchmark, hop: Hop, size_bytes: int, rounds: int, per
 @pytest.mark.parametrize("size_bytes", [4096], ids=["4KiB"])
 def test_unary_throughput_c8(benchmark, hop: Hop, size_bytes: int) -> None:  # type: ignore[no-untyped-def]
     tensor, _ = tensor_of(size_bytes)
-    addresses = {"direct": hop.triton, "proxy": hop.proxy, "router": hop.router}
+    addresses = {
+        "direct": hop.triton,
+        "proxy": hop.proxy,
+        "router": hop.router,
+        "router+otel": hop.router_traced,
+    }
     if hop.nginx:
         addresses["nginx"] = hop.nginx
     calls_each = 150
@@ -205,7 +221,7 @@ def test_unary_throughput_c8(benchmark, hop: Hop, size_bytes: int) -> None:  # t
         rates["zero-hop"].append(run(None, True))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     direct = statistics.mean(rates["direct"])
-    print(f"\n{size_bytes} B, c=8: requests/s (x direct, x proxy)")
+    print(f"\n{size_bytes} B, c=8: requests/s (x direct, x proxy); router+otel = traces and metrics on")
     for name, values in rates.items():
         rate = statistics.mean(values)
         print(
