@@ -8,6 +8,7 @@ Run: ./dev bench -k router_hop -s     (each test prints its table; figures also 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import shutil
 import statistics
@@ -52,7 +53,7 @@ class Hop:
     router: str
     proxy: str
     nginx: str | None
-    router_traced: str  # the same router with tracing (console exporter, to /dev/null) and metrics on
+    router_traced: str  # the same router with tracing (OTLP exporter) and metrics on
 
 
 def _wait_listening(address: str, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -98,10 +99,14 @@ def hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hop]:
         _wait_listening(router, processes[-1])
         router_traced = f"127.0.0.1:{free_port()}"
         traced = [*serve, "--port", router_traced.rsplit(":", 1)[1], "--traces", "otlp"]
+        # Spans go to an OTLP endpoint where nothing listens: built, batched and exported (then dropped).
+        otlp = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
         processes.append(
             subprocess.Popen(
                 [*traced, "--metrics-port", str(free_port())],
+                env=otlp,
                 stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
         )

@@ -73,6 +73,7 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
 def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
     """A server span and the request metrics around one unary call."""
     method = fn.__name__
+    attributes = {"method": method}
 
     @functools.wraps(fn)
     async def wrapper(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -85,7 +86,7 @@ def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
             else contextlib.nullcontext()
         )
         if telemetry.metrics:
-            telemetry.in_flight.add(1, {"method": method})
+            telemetry.in_flight.add(1, attributes)
         try:
             with span_context as span:
                 try:
