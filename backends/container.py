@@ -662,9 +662,11 @@ class CustomContainer:
         loader: Callable[[Path], NumpyModel] = load_model_dir,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         telemetry: Telemetry | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.models = ModelHost(memory_bytes, loader=loader, drain_timeout_s=drain_timeout_s)
         self.telemetry = telemetry
+        self.server_credentials = server_credentials
         self._server: grpc.aio.Server | None = None
         self._address = ""
 
@@ -700,7 +702,10 @@ class CustomContainer:
         reflection.enable_server_reflection((service, health_name, reflection.SERVICE_NAME), server)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = server.add_insecure_port(target)
+            if self.server_credentials is not None:
+                bound = server.add_secure_port(target, self.server_credentials)
+            else:
+                bound = server.add_insecure_port(target)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {target}: {exc}") from exc
         if not bound:
@@ -720,9 +725,15 @@ class CustomContainer:
             self._server = None
 
 
-async def run_container(host: str, port: int, memory_bytes: int, telemetry: Telemetry | None = None) -> None:
+async def run_container(
+    host: str,
+    port: int,
+    memory_bytes: int,
+    telemetry: Telemetry | None = None,
+    server_credentials: grpc.ServerCredentials | None = None,
+) -> None:
     """Serves a container until cancelled; prints `container listening on HOST:PORT` once it accepts calls."""
-    container = CustomContainer(memory_bytes, telemetry=telemetry)
+    container = CustomContainer(memory_bytes, telemetry=telemetry, server_credentials=server_credentials)
     await container.start(host, port)
     print(f"container listening on {container.address}", flush=True)
     try:

@@ -16,9 +16,12 @@ from placement.model import ModelVersion
 
 
 class CustomAdapter:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.aio.insecure_channel(address)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -100,16 +101,60 @@ def up(
     default=None,
     help="Trace exporter (default: $MODELYARD_TRACES or none; otlp reads OTEL_EXPORTER_OTLP_*).",
 )
+@click.option(
+    "--tls-cert", envvar="MODELYARD_TLS_CERT", default=None, help="Serve TLS with this PEM certificate."
+)
+@click.option("--tls-key", envvar="MODELYARD_TLS_KEY", default=None, help="The certificate's PEM key.")
+@click.option(
+    "--tls-client-ca",
+    envvar="MODELYARD_TLS_CLIENT_CA",
+    default=None,
+    help="Require client certificates signed by this CA (mutual TLS).",
+)
+@click.option(
+    "--upstream-ca",
+    envvar="MODELYARD_UPSTREAM_CA",
+    default=None,
+    help="Call containers over TLS, trusting this CA.",
+)
+@click.option(
+    "--upstream-cert",
+    envvar="MODELYARD_UPSTREAM_CERT",
+    default=None,
+    help="Client certificate for containers that require one.",
+)
+@click.option("--upstream-key", envvar="MODELYARD_UPSTREAM_KEY", default=None, help="Its PEM key.")
 def serve(
-    store_url: str | None, host: str, port: int, workers: int, metrics_port: int | None, traces: str | None
+    store_url: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    metrics_port: int | None,
+    traces: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    upstream_ca: str | None,
+    upstream_cert: str | None,
+    upstream_key: str | None,
 ) -> None:
     """Run the router against a store."""
     from modelyard.telemetry import Telemetry
+    from modelyard.tls import TLSConfigError, channel_credentials
     from placement.store import open_store
     from router.server import RouterServer, RouterStartError
     from router.workers import run_workers
 
     url = store_url or default_store_url()
+    try:
+        server_tls = _server_tls(tls_cert, tls_key, tls_client_ca)
+        upstream_tls = (
+            channel_credentials(upstream_ca, upstream_cert, upstream_key)
+            if upstream_ca or upstream_cert or upstream_key
+            else None
+        )
+    except TLSConfigError as exc:
+        _fail(str(exc))
     if workers > 1:
         if port == 0:
             _fail("--workers needs a fixed --port: the workers share it")
@@ -123,7 +168,12 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         store = open_store(url)
         server = RouterServer(
-            store, host, port, Telemetry("modelyard-router", traces=traces, metrics_port=metrics_port)
+            store,
+            host,
+            port,
+            Telemetry("modelyard-router", traces=traces, metrics_port=metrics_port),
+            server_credentials=server_tls,
+            upstream_credentials=upstream_tls,
         )
         try:
             await server.start()
@@ -151,14 +201,37 @@ def serve(
     default=None,
     help="Trace exporter (default: $MODELYARD_TRACES or none).",
 )
-def container(host: str, port: int, memory_bytes: int, traces: str | None) -> None:
+@click.option(
+    "--tls-cert", envvar="MODELYARD_TLS_CERT", default=None, help="Serve TLS with this PEM certificate."
+)
+@click.option("--tls-key", envvar="MODELYARD_TLS_KEY", default=None, help="The certificate's PEM key.")
+@click.option(
+    "--tls-client-ca",
+    envvar="MODELYARD_TLS_CLIENT_CA",
+    default=None,
+    help="Require client certificates signed by this CA (mutual TLS).",
+)
+def container(
+    host: str,
+    port: int,
+    memory_bytes: int,
+    traces: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
     from backends.container import run_container
     from modelyard.telemetry import Telemetry
+    from modelyard.tls import TLSConfigError
 
     telemetry = Telemetry("modelyard-container", traces=traces)
     try:
-        asyncio.run(run_container(host, port, memory_bytes, telemetry))
+        credentials = _server_tls(tls_cert, tls_key, tls_client_ca)
+    except TLSConfigError as exc:
+        _fail(str(exc))
+    try:
+        asyncio.run(run_container(host, port, memory_bytes, telemetry, credentials))
     except OSError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -259,6 +332,19 @@ def controller(store_url: str | None, ready_timeout_s: float) -> None:
         _fail(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> Any:
+    """Server credentials from the --tls-* options, or None for plaintext."""
+    from modelyard.tls import TLSConfigError, server_credentials
+
+    if not cert and not key:
+        if client_ca:
+            raise TLSConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not cert or not key:
+        raise TLSConfigError("TLS needs both --tls-cert and --tls-key")
+    return server_credentials(cert, key, client_ca)
 
 
 def _add_groups() -> None:

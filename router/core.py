@@ -29,12 +29,17 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class Router:
-    def __init__(self, store: Store, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        telemetry: Telemetry | None = None,
+        upstream_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.store = store
         self.telemetry = telemetry
         self.table = RoutingTable()
         self.follower = TableFollower(store, self.table)
-        self.channels = ContainerChannels()
+        self.channels = ContainerChannels(upstream_credentials)
         self.lazy = LazyLoader(store, self.table, telemetry)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
 

@@ -27,7 +27,8 @@ CHANNEL_OPTIONS = (
 class ContainerChannels:
     """One channel per container address, with outstanding-call counts for the copy choice."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.credentials = credentials  # TLS to containers when set
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unary: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable] = {}
         self.outstanding: dict[str, int] = {}
@@ -42,7 +43,10 @@ class ContainerChannels:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self.credentials is not None:
+                channel = grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 

@@ -31,10 +31,18 @@ class RouterServer:
     """The router and its gRPC server on one address."""
 
     def __init__(
-        self, store: Store, host: str = "127.0.0.1", port: int = 8001, telemetry: Telemetry | None = None
+        self,
+        store: Store,
+        host: str = "127.0.0.1",
+        port: int = 8001,
+        telemetry: Telemetry | None = None,
+        *,
+        server_credentials: grpc.ServerCredentials | None = None,
+        upstream_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.telemetry = telemetry
-        self.router = Router(store, telemetry)
+        self.server_credentials = server_credentials
+        self.router = Router(store, telemetry, upstream_credentials)
         self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host
         self.port = port
@@ -53,7 +61,10 @@ class RouterServer:
             (KSERVE_SERVICE, ROUTER_SERVICE, health_name, reflection.SERVICE_NAME), server
         )
         try:
-            bound = server.add_insecure_port(self.address)
+            if self.server_credentials is not None:
+                bound = server.add_secure_port(self.address, self.server_credentials)
+            else:
+                bound = server.add_insecure_port(self.address)
         except RuntimeError as exc:
             raise RouterStartError(f"cannot listen on {self.address}: {exc}") from exc
         if not bound:
