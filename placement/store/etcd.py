@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
+from urllib.parse import unquote
 
 import aetcd
 import aetcd.exceptions
@@ -70,9 +72,18 @@ class _EtcdLease(Lease):
 
 
 class EtcdStore(Store):
-    def __init__(self, endpoints: Sequence[tuple[str, int]], *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        *,
+        timeout_s: float = 5.0,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         if not endpoints:
             raise StoreError("etcd store needs at least one host:port")
+        self._username = username or os.environ.get("MODELYARD_ETCD_USER") or None
+        self._password = password or os.environ.get("MODELYARD_ETCD_PASSWORD") or None
         # aetcd talks to one endpoint at a time; after a call finds it unreachable, the next uses the next.
         self.endpoints = list(endpoints)
         self._index = 0
@@ -81,13 +92,21 @@ class EtcdStore(Store):
 
     @classmethod
     def from_url(cls, url: str) -> EtcdStore:
+        """`etcd://[user:password@]host:port[,host:port...]` (credentials also from $MODELYARD_ETCD_USER and
+        $MODELYARD_ETCD_PASSWORD)."""
+        rest = url.removeprefix("etcd://").strip("/")
+        username = password = None
+        if "@" in rest:
+            credentials, rest = rest.rsplit("@", 1)
+            username, _, password = credentials.partition(":")
+            username, password = unquote(username), unquote(password)
         endpoints: list[tuple[str, int]] = []
-        for part in url.removeprefix("etcd://").strip("/").split(","):
+        for part in rest.split(","):
             host, sep, port = part.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise StoreError(f"bad etcd endpoint {part!r} in {url!r}: expected host:port")
             endpoints.append((host, int(port)))
-        return cls(endpoints)
+        return cls(endpoints, username=username or None, password=password or None)
 
     @property
     def endpoint(self) -> str:
@@ -102,6 +121,8 @@ class EtcdStore(Store):
         return aetcd.Client(
             host=host,
             port=port,
+            username=self._username,
+            password=self._password,
             timeout=int(self._timeout_s),
             connect_wait_timeout=1,
             # A whole prefix comes back in one response (aetcd has no paging): 100k assignments are ~10 MiB.

@@ -1,0 +1,58 @@
+"""etcd with authentication enabled: the right credentials work, wrong or missing ones fail clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from placement.store import StoreError, open_store
+from tests.conftest import EtcdServer, missing
+
+
+@pytest.fixture
+def etcd_with_auth(tmp_path: Path) -> Iterator[EtcdServer]:
+    etcdctl = shutil.which("etcdctl")
+    if etcdctl is None:
+        missing("etcdctl", "install Debian's etcd-client package: apt-get install etcd-client")
+    server = EtcdServer(tmp_path)
+    try:
+        server.start()
+        endpoint = f"--endpoints=http://127.0.0.1:{server.client_port}"
+        for args in (
+            ["user", "add", "root:s3cret"],
+            ["user", "grant-role", "root", "root"],
+            ["auth", "enable"],
+        ):
+            subprocess.run([str(etcdctl), endpoint, *args], check=True, capture_output=True, timeout=30)
+        yield server
+    finally:
+        server.stop()
+
+
+async def round_trip(url: str) -> bytes:
+    async with open_store(url) as store:
+        await store.put("/t/auth", b"ok")
+        item = await store.get("/t/auth")
+        assert item is not None
+        return item.value
+
+
+def test_right_credentials_work(etcd_with_auth: EtcdServer) -> None:
+    url = etcd_with_auth.url.replace("etcd://", "etcd://root:s3cret@")
+    assert asyncio.run(round_trip(url)) == b"ok"
+
+
+def test_wrong_credentials_are_refused_with_a_clear_error(etcd_with_auth: EtcdServer) -> None:
+    url = etcd_with_auth.url.replace("etcd://", "etcd://root:wrong@")
+    with pytest.raises(StoreError, match="authentication failed"):
+        asyncio.run(round_trip(url))
+
+
+def test_no_credentials_cannot_write(etcd_with_auth: EtcdServer) -> None:
+    with pytest.raises(StoreError):
+        asyncio.run(round_trip(etcd_with_auth.url))
