@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 
 import click
 
+from modelyard.logs import setup_logging
 from placement.store import StoreError, default_store_url
 
 
@@ -21,10 +21,22 @@ def _fail(message: str) -> None:
 
 
 @click.group()
-@click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
-def main(log_level: str) -> None:
+@click.option(
+    "--log-level",
+    envvar="MODELYARD_LOG_LEVEL",
+    default="WARNING",
+    show_default=True,
+    help="Python log level.",
+)
+@click.option(
+    "--log-json",
+    envvar="MODELYARD_LOG_JSON",
+    is_flag=True,
+    help="One JSON object per log line, with trace and span ids.",
+)
+def main(log_level: str, log_json: bool) -> None:
     """modelyard: serve thousands of ML models from a fleet of shared inference containers."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level, log_json)
 
 
 @main.command()
