@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -16,31 +12,14 @@ from rich.table import Table
 
 from backends.modelstore import ArchiveError, open_model_store
 from backends.registration import RegistrationError, remove, upload
+from modelyard.console import STORE_HELP, fail, run_on_store
 from placement import registry
 from placement.model import ModelVersion, split_model_key
-from placement.store import Store, StoreError, default_store_url, open_store
 from placement.units import format_bytes
 
-T = TypeVar("T")
+REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
 MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
 DEFAULT_MODEL_STORE = ".modelyard/artifacts"
-_STORE_HELP = "Store URL (etcd://host:port) or directory; default $MODELYARD_STORE or ./.modelyard/store."
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _run(store_url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with open_store(store_url or default_store_url()) as store:
-            return await work(store)
-
-    try:
-        return asyncio.run(main())
-    except (StoreError, ArchiveError, RegistrationError) as exc:
-        _fail(str(exc))
 
 
 @click.group()
@@ -57,7 +36,7 @@ def models() -> None:
 @click.option("--replicas", type=int, default=1, show_default=True)
 @click.option("--kind", type=click.Choice(["cpu", "gpu", "any"]), default="cpu", show_default=True)
 @click.option("--sha256", "expected_sha256", default=None, help="Refuse the archive unless it has this hash.")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 @click.option(
     "--model-store",
     default=None,
@@ -77,7 +56,7 @@ def upload_command(
 ) -> None:
     """Check ARCHIVE, store it by sha256 and register it as NAME@VERSION."""
     artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
-    model = _run(
+    model = run_on_store(
         store_url,
         lambda store: upload(
             store,
@@ -91,6 +70,7 @@ def upload_command(
             kind=kind,
             expected_sha256=expected_sha256,
         ),
+        errors=REFUSALS,
     )
     click.echo(
         f"registered {model.key} ({model.backend}, {model.kind}, {format_bytes(model.memory_bytes)}, "
@@ -99,11 +79,11 @@ def upload_command(
 
 
 @models.command("list")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 @click.option("--json", "as_json", is_flag=True)
 def list_command(store_url: str | None, as_json: bool) -> None:
     """Registered model versions with their ready copies."""
-    fleet = _run(store_url, registry.load_fleet)
+    fleet = run_on_store(store_url, registry.load_fleet)
     rows = sorted(fleet.models.values(), key=lambda m: (m.name, m.version))
     if as_json:
         click.echo(json.dumps([json.loads(m.to_json()) for m in rows], indent=2))
@@ -131,17 +111,17 @@ def list_command(store_url: str | None, as_json: bool) -> None:
 
 @models.command("show")
 @click.argument("model")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 def show_command(model: str, store_url: str | None) -> None:
     """MODEL as NAME (every version) or NAME@VERSION: registration, memory declared/measured, copies."""
     name, _, version = model.partition("@")
-    fleet = _run(store_url, registry.load_fleet)
+    fleet = run_on_store(store_url, registry.load_fleet)
     found: list[ModelVersion] = sorted(
         (m for m in fleet.models.values() if m.name == name and (not version or m.version == version)),
         key=lambda m: m.version,
     )
     if not found:
-        _fail(f"{model} is not registered")
+        fail(f"{model} is not registered")
     for m in found:
         measured = [
             s.measured_bytes for (_, key), s in fleet.states.items() if key == m.key and s.measured_bytes
@@ -165,12 +145,12 @@ def show_command(model: str, store_url: str | None) -> None:
 
 @models.command("remove")
 @click.argument("model")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 def remove_command(model: str, store_url: str | None) -> None:
     """Unregister NAME@VERSION; its copies are unloaded. The stored artifact is kept."""
     try:
         name, version = split_model_key(model)
     except ValueError as exc:
-        _fail(str(exc))
-    removed = _run(store_url, lambda store: remove(store, name, version))
+        fail(str(exc))
+    removed = run_on_store(store_url, lambda store: remove(store, name, version), REFUSALS)
     click.echo(f"removed {removed.key}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from backends.process import stop_process_group
 
 INSTALL_HINT = (
     "install it with: pip install 'modelyard[triton]' (the nvidia-pytriton wheel bundles tritonserver)"
@@ -148,24 +149,9 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stops the server and its python backend stubs (its whole process group)."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # stubs left behind by a slow exit
-        except ProcessLookupError:
-            pass
-        process.wait()
-        self.process = None
+        if self.process is not None:
+            stop_process_group(self.process, timeout_s)
+            self.process = None
 
     def __enter__(self) -> TritonServer:
         self.start()

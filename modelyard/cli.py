@@ -11,13 +11,9 @@ from typing import Any
 
 import click
 
+from modelyard.console import fail
 from modelyard.logs import setup_logging
 from placement.store import StoreError, default_store_url
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 @click.group()
@@ -90,7 +86,7 @@ def up(
     try:
         asyncio.run(run_up(fleet))
     except (*startup_errors, StoreError, TimeoutError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @main.command()
@@ -166,10 +162,10 @@ def serve(
             else None
         )
     except TLSConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if workers > 1:
         if port == 0:
-            _fail("--workers needs a fixed --port: the workers share it")
+            fail("--workers needs a fixed --port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
         sys.exit(run_workers(url, host, port, workers, metrics_port))
 
@@ -198,7 +194,7 @@ def serve(
     try:
         asyncio.run(run())
     except (RouterStartError, StoreError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @main.command()
@@ -241,11 +237,11 @@ def container(
     try:
         credentials = _server_tls(tls_cert, tls_key, tls_client_ca)
     except TLSConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         asyncio.run(run_container(host, port, memory_bytes, telemetry, credentials))
     except OSError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:
         pass
 
@@ -289,7 +285,7 @@ def agent(
     from placement.store import open_store
 
     if backend == "triton" and repository is None:
-        _fail("--repository is required for a Triton container")
+        fail("--repository is required for a Triton container")
 
     async def run() -> None:
         store = open_store(store_url or default_store_url())
@@ -314,7 +310,7 @@ def agent(
     try:
         asyncio.run(run())
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:
         pass
 
@@ -341,7 +337,7 @@ def controller(store_url: str | None, ready_timeout_s: float) -> None:
     try:
         asyncio.run(run())
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:
         pass
 

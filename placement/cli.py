@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import os
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
-from typing import NoReturn, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modelyard.console import STORE_HELP, fail, run_on_store
 from placement.inputs import InputError, format_map, read_containers, read_map, read_models
 from placement.planner import Capacity, Demand, Plan, plan
 from placement.rebalance import (
@@ -76,19 +76,14 @@ def _plan(
         containers = read_containers(containers_path)
         previous = read_map(previous_path) if previous_path else None
     except InputError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     result = plan(models, containers, previous.assignments if previous else None, rebalance=rebalance)
     version = previous.version + 1 if previous else 1
     try:
         _write_atomically(out_path, format_map(result, version))
     except OSError as exc:
-        _fail(f"cannot write {out_path}: {exc.strerror or exc}")
+        fail(f"cannot write {out_path}: {exc.strerror or exc}")
     click.echo(_summary(models, containers, result), err=True)
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -138,17 +133,6 @@ def _percent(part: int, whole: int) -> str:
 
 # -- store-backed commands -----------------------------------------------------------------------------
 
-_STORE_HELP = (
-    "Store URL (etcd://host:port[,...]) or embedded store directory; "
-    "default $MODELYARD_STORE or ./.modelyard/store."
-)
-
-
-def _store_url(value: str | None) -> str:
-    from placement.store import default_store_url
-
-    return value or default_store_url()
-
 
 def _bar(fraction: float, width: int = 20) -> str:
     filled = max(0, min(width, round(fraction * width)))
@@ -162,25 +146,12 @@ def _spread(rows: Sequence[ContainerUsage]) -> tuple[float, float]:
     return sum(live) / len(live), max(live)
 
 
-def _run_store(coro_factory: Callable[[Store], Awaitable[T]], store_url: str | None) -> T:
-    from placement.store import StoreError, open_store
-
-    async def main() -> T:
-        async with open_store(_store_url(store_url)) as store:
-            return await coro_factory(store)
-
-    try:
-        return asyncio.run(main())
-    except (StoreError, ConcurrentPlanError) as exc:
-        _fail(str(exc))
-
-
 @placement.command()
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(store_url: str | None, as_json: bool) -> None:
     """Per container: memory used / capacity, copies; and what is unplaced or lost."""
-    fleet: Fleet = _run_store(load_fleet, store_url)
+    fleet: Fleet = run_on_store(store_url, load_fleet, (ConcurrentPlanError,))
     rows = usage(fleet, fleet.assignments)
     short = under_replicated(fleet)
     lost = lost_copies(fleet)
@@ -238,7 +209,7 @@ def show(store_url: str | None, as_json: bool) -> None:
 
 
 @placement.command()
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the move plan; change nothing.")
 @click.option(
     "--timeout",
@@ -280,7 +251,7 @@ def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> N
             click.echo(f"not moved: {model} to {cid}: {why} (its old copies were kept)", err=True)
         return 1 if result.failed else 0
 
-    sys.exit(_run_store(run, store_url))
+    sys.exit(run_on_store(store_url, run, (ConcurrentPlanError,)))
 
 
 def _print_moves(proposal: RebalancePlan) -> None:

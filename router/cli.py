@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
-from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
 
 import click
 
+from modelyard.console import STORE_HELP, fail, run_on_store
 from placement import registry
 from placement.model import RouteRule
-from placement.store import Store, StoreError, default_store_url, open_store
-
-T = TypeVar("T")
-_STORE_HELP = "Store URL (etcd://host:port) or directory; default $MODELYARD_STORE or ./.modelyard/store."
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _run(store_url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with open_store(store_url or default_store_url()) as store:
-            return await work(store)
-
-    try:
-        return asyncio.run(main())
-    except StoreError as exc:
-        _fail(str(exc))
+from placement.store import Store
 
 
 def _pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
@@ -39,7 +17,7 @@ def _pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
     for value in values:
         left, sep, right = value.partition("=")
         if not sep or not left or not right:
-            _fail(f"bad {what} {value!r}: expected LEFT=RIGHT")
+            fail(f"bad {what} {value!r}: expected LEFT=RIGHT")
         pairs.append((left, right))
     return pairs
 
@@ -54,7 +32,7 @@ def routes() -> None:
 @click.option("--default", "default_version", default="", help="Version for callers without a pin or split.")
 @click.option("--pin", "pins", multiple=True, metavar="TENANT=VERSION", help="Pin a tenant to a version.")
 @click.option("--split", "splits", multiple=True, metavar="VERSION=WEIGHT", help="Weighted split (repeat).")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 def set_command(
     model: str, default_version: str, pins: tuple[str, ...], splits: tuple[str, ...], store_url: str | None
 ) -> None:
@@ -62,7 +40,7 @@ def set_command(
     weights = []
     for version, weight in _pairs(splits, "split"):
         if not weight.isdigit() or int(weight) <= 0:
-            _fail(f"bad split weight {weight!r} for version {version!r}: a positive integer")
+            fail(f"bad split weight {weight!r} for version {version!r}: a positive integer")
         weights.append((version, int(weight)))
     rule = RouteRule(model, default_version, tuple(_pairs(pins, "pin")), tuple(weights))
 
@@ -70,22 +48,22 @@ def set_command(
         fleet = await registry.load_fleet(store)
         known = {m.version for m in fleet.models.values() if m.name == model}
         if not known:
-            _fail(f"model '{model}' is not registered")
+            fail(f"model '{model}' is not registered")
         named = {default_version} - {""} | {v for _, v in rule.tenant_versions} | {v for v, _ in weights}
         if unknown := sorted(named - known):
             registered = ", ".join(sorted(known))
-            _fail(f"model '{model}' has no version {', '.join(unknown)} (registered: {registered})")
+            fail(f"model '{model}' has no version {', '.join(unknown)} (registered: {registered})")
         await registry.put_route_rule(store, rule)
 
-    _run(store_url, write)
+    run_on_store(store_url, write)
     click.echo(f"route rule for {model}: {json.loads(rule.to_json())}")
 
 
 @routes.command("show")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 def show_command(store_url: str | None) -> None:
     """Every route rule, as JSON."""
-    fleet = _run(store_url, registry.load_fleet)
+    fleet = run_on_store(store_url, registry.load_fleet)
     click.echo(
         json.dumps({name: json.loads(r.to_json()) for name, r in sorted(fleet.routes.items())}, indent=2)
     )
@@ -93,9 +71,9 @@ def show_command(store_url: str | None) -> None:
 
 @routes.command("clear")
 @click.argument("model")
-@click.option("--store", "store_url", default=None, help=_STORE_HELP)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
 def clear_command(model: str, store_url: str | None) -> None:
     """Remove MODEL's rule: calls get the highest version they may see."""
-    if not _run(store_url, lambda store: registry.delete_route_rule(store, model)):
-        _fail(f"model '{model}' has no route rule")
+    if not run_on_store(store_url, lambda store: registry.delete_route_rule(store, model)):
+        fail(f"model '{model}' has no route rule")
     click.echo(f"route rule for {model} removed")

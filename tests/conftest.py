@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.process import stop_process_group
 from backends.triton_server import TritonInstall, TritonNotInstalled, free_port
 from placement.store import open_store
 
@@ -55,17 +55,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """SIGTERM to the process group, SIGKILL if it lingers."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
+    stop_process_group(process, timeout_s)
 
 
 class EtcdServer:
