@@ -118,8 +118,9 @@ class Telemetry:
         self.duration = meter.create_histogram(
             _base(names.REQUEST_DURATION, "_seconds"), unit="s", description="Routed call duration"
         )
-        self.in_flight = meter.create_up_down_counter(names.IN_FLIGHT, description="Calls in progress")
-        self.streams_open = meter.create_up_down_counter(names.STREAMS_OPEN, description="Streams open")
+        # Plain counters read at scrape time: an up-down counter would cost two SDK calls per request.
+        self.in_flight: dict[str, int] = {}
+        self.streams_open = 0
         self.retries = meter.create_counter(
             _base(names.RETRIES, "_total"), description="Calls sent to a second copy"
         )
@@ -132,6 +133,12 @@ class Telemetry:
             _base(names.AGENT_LOAD_DURATION, "_seconds"), unit="s", description="Agent load time"
         )
         self._meter = meter
+        self.gauge(
+            names.IN_FLIGHT,
+            lambda: [(n, {"method": m}) for m, n in self.in_flight.items()],
+            "Calls in progress",
+        )
+        self.gauge(names.STREAMS_OPEN, lambda: [(self.streams_open, {})], "Streams open")
 
     def gauge(
         self, name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]], description: str

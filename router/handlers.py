@@ -73,7 +73,6 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
 def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
     """A server span and the request metrics around one unary call."""
     method = fn.__name__
-    attributes = {"method": method}
 
     @functools.wraps(fn)
     async def wrapper(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -86,7 +85,7 @@ def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
             else contextlib.nullcontext()
         )
         if telemetry.metrics:
-            telemetry.in_flight.add(1, attributes)
+            telemetry.in_flight[method] = telemetry.in_flight.get(method, 0) + 1
         try:
             with span_context as span:
                 try:
@@ -114,7 +113,7 @@ def _span_attributes(call: CallInfo) -> dict[str, str | int]:
 
 
 def _record(telemetry: Telemetry, call: CallInfo, seconds: float) -> None:
-    telemetry.in_flight.add(-1, {"method": call.method})
+    telemetry.in_flight[call.method] -= 1
     telemetry.requests.add(
         1, {"method": call.method, "model": call.model, "tenant": call.tenant, "code": call.code}
     )
@@ -146,8 +145,8 @@ def _observed_stream(fn: StreamBehaviour, telemetry: Telemetry) -> StreamBehavio
             else contextlib.nullcontext()
         )
         if telemetry.metrics:
-            telemetry.streams_open.add(1)
-            telemetry.in_flight.add(1, {"method": method})
+            telemetry.streams_open += 1
+            telemetry.in_flight[method] = telemetry.in_flight.get(method, 0) + 1
         try:
             with span_context as span:
                 try:
@@ -159,7 +158,7 @@ def _observed_stream(fn: StreamBehaviour, telemetry: Telemetry) -> StreamBehavio
         finally:
             CURRENT_CALL.reset(token)
             if telemetry.metrics:
-                telemetry.streams_open.add(-1)
+                telemetry.streams_open -= 1
                 _record(telemetry, call, time.perf_counter() - start)
 
     return wrapper
