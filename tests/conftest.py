@@ -59,8 +59,10 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> N
 
 
 class EtcdServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key) to serve clients over TLS only."""
         self.workdir = workdir
+        self.tls = tls
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -74,7 +76,8 @@ class EtcdServer:
         if binary is None:
             missing("etcd", "install Debian's etcd-server package: apt-get install etcd-server")
         peer = f"http://127.0.0.1:{self.peer_port}"
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        tls = [f"--cert-file={self.tls[0]}", f"--key-file={self.tls[1]}"] if self.tls else []
         log = self.workdir / "etcd.log"
         self.process = subprocess.Popen(
             [
@@ -86,6 +89,7 @@ class EtcdServer:
                 f"--initial-advertise-peer-urls={peer}",
                 f"--initial-cluster=default={peer}",
                 "--log-level=warn",
+                *tls,
             ],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

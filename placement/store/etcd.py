@@ -10,6 +10,9 @@ from urllib.parse import unquote
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
+import grpc
+import grpc.aio
 
 from placement.store.base import (
     MAX_TXN_OPS,
@@ -46,6 +49,19 @@ def _translated(fn: F) -> F:
     return cast(F, wrapper)
 
 
+def _credentials_from_env() -> grpc.ChannelCredentials | None:
+    """TLS to etcd from $MODELYARD_ETCD_CA (and, for client certificates, $MODELYARD_ETCD_CERT/_KEY)."""
+    ca, cert, key = (os.environ.get(f"MODELYARD_ETCD_{name}") for name in ("CA", "CERT", "KEY"))
+    if not (ca or cert or key):
+        return None
+    from modelyard.tls import TLSConfigError, channel_credentials
+
+    try:
+        return channel_credentials(ca, cert, key)
+    except TLSConfigError as exc:
+        raise StoreError(str(exc)) from exc
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """etcd's range end for a prefix: the prefix with its last byte incremented."""
     trimmed = prefix.rstrip(b"\xff")
@@ -71,6 +87,33 @@ class _EtcdLease(Lease):
         await self._lease.revoke()
 
 
+class _TLSClient(aetcd.Client):
+    """aetcd only opens plaintext channels; this one opens its channel with TLS credentials instead.
+
+    aetcd builds the channel synchronously at the start of `connect()`, through the module-level
+    `aetcd.rpc.insecure_channel`. A one-shot replacement installed right before and removed by its own
+    first call hands back a TLS channel; as the event loop runs one coroutine at a time, no other client
+    can pick it up.
+    """
+
+    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        plaintext = aetcd.rpc.insecure_channel
+
+        def tls_channel(target: str, options: Any = None) -> grpc.aio.Channel:
+            aetcd.rpc.insecure_channel = plaintext
+            return grpc.aio.secure_channel(target, self._credentials, options=options)
+
+        aetcd.rpc.insecure_channel = tls_channel
+        try:
+            await super().connect()
+        finally:
+            aetcd.rpc.insecure_channel = plaintext
+
+
 class EtcdStore(Store):
     def __init__(
         self,
@@ -79,11 +122,13 @@ class EtcdStore(Store):
         timeout_s: float = 5.0,
         username: str | None = None,
         password: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if not endpoints:
             raise StoreError("etcd store needs at least one host:port")
         self._username = username or os.environ.get("MODELYARD_ETCD_USER") or None
         self._password = password or os.environ.get("MODELYARD_ETCD_PASSWORD") or None
+        self._credentials = credentials if credentials is not None else _credentials_from_env()
         # aetcd talks to one endpoint at a time; after a call finds it unreachable, the next uses the next.
         self.endpoints = list(endpoints)
         self._index = 0
@@ -118,7 +163,7 @@ class EtcdStore(Store):
 
     def _connect(self) -> aetcd.Client:
         host, port = self.endpoints[self._index]
-        return aetcd.Client(
+        settings: dict[str, Any] = dict(
             host=host,
             port=port,
             username=self._username,
@@ -128,6 +173,9 @@ class EtcdStore(Store):
             # A whole prefix comes back in one response (aetcd has no paging): 100k assignments are ~10 MiB.
             options={"grpc.max_receive_message_length": _MAX_RESPONSE_BYTES},
         )
+        if self._credentials is not None:
+            return _TLSClient(**settings, credentials=self._credentials)
+        return aetcd.Client(**settings)
 
     async def _next_endpoint(self) -> None:
         if len(self.endpoints) > 1:

@@ -1,4 +1,4 @@
-"""etcd with authentication enabled: the right credentials work, wrong or missing ones fail clearly."""
+"""etcd security: authentication (right credentials work, wrong or missing ones fail clearly) and TLS."""
 
 from __future__ import annotations
 
@@ -56,3 +56,23 @@ def test_wrong_credentials_are_refused_with_a_clear_error(etcd_with_auth: EtcdSe
 def test_no_credentials_cannot_write(etcd_with_auth: EtcdServer) -> None:
     with pytest.raises(StoreError):
         asyncio.run(round_trip(etcd_with_auth.url))
+
+
+def test_etcd_over_tls_works_with_the_ca_and_fails_clearly_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_tls import make_ca, make_cert
+
+    make_ca(tmp_path, "ca")
+    make_cert(tmp_path, "etcd", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    server = EtcdServer(tmp_path / "etcd", tls=(tmp_path / "etcd.pem", tmp_path / "etcd.key"))
+    server.workdir.mkdir()
+    try:
+        server.start()
+        monkeypatch.setenv("MODELYARD_ETCD_CA", str(tmp_path / "ca.pem"))
+        assert asyncio.run(round_trip(server.url)) == b"ok"
+        monkeypatch.delenv("MODELYARD_ETCD_CA")
+        with pytest.raises(StoreError, match=r"etcd at 127\.0\.0\.1"):
+            asyncio.run(round_trip(server.url))  # plaintext against a TLS-only etcd
+    finally:
+        server.stop()
