@@ -40,6 +40,7 @@ from backends.numpy_model import (
     TensorSpec,
     load_model_dir,
 )
+from modelyard import metric_names as names
 from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -735,6 +736,15 @@ async def run_container(
     """Serves a container until cancelled; prints `container listening on HOST:PORT` once it accepts calls."""
     container = CustomContainer(memory_bytes, telemetry=telemetry, server_credentials=server_credentials)
     await container.start(host, port)
+    if telemetry is not None and telemetry.metrics:
+        label = {"container": container.address}
+        telemetry.gauge(
+            names.CONTAINER_MEMORY_USED, lambda: [(float(container.used_bytes), label)], "Bytes loaded"
+        )
+        telemetry.gauge(
+            names.CONTAINER_MEMORY_CAPACITY, lambda: [(float(container.memory_bytes), label)], "Memory budget"
+        )
+        telemetry.serve_metrics()
     print(f"container listening on {container.address}", flush=True)
     try:
         await container.wait()

@@ -219,6 +219,9 @@ def serve(
     default=None,
     help="Require client certificates signed by this CA (mutual TLS).",
 )
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve /metrics here (default: $MODELYARD_METRICS_PORT)."
+)
 def container(
     host: str,
     port: int,
@@ -227,13 +230,14 @@ def container(
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
     from backends.container import run_container
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError
 
-    telemetry = Telemetry("modelyard-container", traces=traces)
+    telemetry = Telemetry("modelyard-container", traces=traces, metrics_port=metrics_port)
     try:
         credentials = _server_tls(tls_cert, tls_key, tls_client_ca)
     except TLSConfigError as exc:

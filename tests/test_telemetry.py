@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ class TracedFleet:
         self.agent = Agent(
             fleet.store, box, self.adapter, telemetry=Telemetry("agent", metric_reader=self.agent_metrics)
         )
-        fleet._tasks.append(asyncio_task(self.agent.run()))
+        fleet._tasks.append(asyncio.get_running_loop().create_task(self.agent.run()))
         model = scale_model(tmp_path / "models", "m", 2.0)
         await registry.register_model(fleet.store, model)
         await registry.write_shard_map(fleet.store, {model.key: ["box"]}, expected_generation=0)
@@ -67,12 +68,6 @@ class TracedFleet:
     async def stop(self) -> None:
         await self.container.stop()
         await self.adapter.close()
-
-
-def asyncio_task(coro):  # type: ignore[no-untyped-def]
-    import asyncio
-
-    return asyncio.get_running_loop().create_task(coro)
 
 
 @pytest.fixture
@@ -223,3 +218,32 @@ def test_metrics_endpoint_reports_requests_latency_and_the_fleet(served_router) 
         names.LAZY_LOAD_DURATION,
         names.STREAMS_OPEN,
     }  # not yet used
+
+
+def test_our_container_serves_its_memory_on_metrics(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelyard", "container", "--port", str(port), "--memory-bytes", "1000000",
+         "--metrics-port", str(metrics_port)],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        adapter_model = scale_model(tmp_path, "m", 2.0)
+
+        async def load() -> None:
+            adapter = CustomAdapter(f"127.0.0.1:{port}")
+            try:
+                deadline = time.monotonic() + 20
+                while not await adapter.live():
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+                await adapter.load(adapter_model)
+            finally:
+                await adapter.close()
+
+        asyncio.run(load())
+        metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert [v for _, v in metrics[names.CONTAINER_MEMORY_CAPACITY]] == [1_000_000]
+        assert [v for _, v in metrics[names.CONTAINER_MEMORY_USED]] == [4]  # one float32 factor
+    finally:
+        stop_process(process)  # type: ignore[arg-type]
