@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelyard.local import LocalFleet
+from placement import registry
+from placement.model import ModelVersion
 
 T = TypeVar("T")
 
@@ -43,3 +45,37 @@ class FleetThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+def start_custom_fleet(
+    workdir: Path,
+    models: list[ModelVersion],
+    *,
+    store_url: str | None = None,
+    containers: int = 1,
+    controller: bool = True,
+    lease_ttl_s: float = 10.0,
+) -> FleetThread:
+    """Our own containers (real processes), their agents, the router and — unless told not to — the
+    placement controller, with `models` registered and ready. Stop it with `.stop()`."""
+    thread = FleetThread(workdir, store_url or str(workdir / "store"), containers=0)
+    thread.fleet.custom_containers = containers
+    thread.fleet.lease_ttl_s = lease_ttl_s
+
+    async def setup(fleet: LocalFleet) -> None:
+        await fleet.start_store_and_models(examples=False)
+        for model in models:
+            await registry.register_model(fleet.store, model)
+        await fleet.start_containers()
+        if controller:
+            fleet.start_controller()
+        await fleet.start_router()
+        if models:
+            await fleet.wait_ready(models, timeout_s=60)
+
+    try:
+        thread.start(setup)
+    except BaseException:
+        thread.stop()
+        raise
+    return thread

@@ -11,32 +11,17 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from modelyard.local import LocalFleet
-from placement import registry
-from tests.fleet import FleetThread
+from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_lazy_load import scale_model
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetThread]:
-    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
-    thread.fleet.custom_containers = 2
-    thread.fleet.lease_ttl_s = 30.0  # the agent notices late: the router must cope on its own meanwhile
-
-    async def setup(fleet: LocalFleet) -> None:
-        await fleet.start_store_and_models(examples=False)
-        model = replace(scale_model(tmp_path / "models", "m", 3.0), replicas=2)
-        await registry.register_model(fleet.store, model)
-        await fleet.start_containers()
-        fleet.start_controller()
-        await fleet.start_router()
-        await fleet.wait_ready([model], timeout_s=60)
-
-    try:
-        thread.start(setup)
-        yield thread
-    finally:
-        thread.stop()
+    # A 30 s lease: the agent notices the dead container late, so the router must cope on its own meanwhile.
+    model = replace(scale_model(tmp_path / "models", "m", 3.0), replicas=2)
+    thread = start_custom_fleet(tmp_path / "fleet", [model], containers=2, lease_ttl_s=30.0)
+    yield thread
+    thread.stop()
 
 
 def test_calls_retry_once_on_another_copy_when_a_container_dies(fleet: FleetThread) -> None:

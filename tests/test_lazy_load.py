@@ -12,10 +12,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from backends.numpy_model import write_model_dir
-from modelyard.local import LocalFleet
 from placement import registry
 from placement.model import ModelVersion
-from tests.fleet import FleetThread
+from tests.fleet import FleetThread, start_custom_fleet
 
 
 def scale_model(root: Path, name: str, factor: float) -> ModelVersion:
@@ -32,19 +31,9 @@ def scale_model(root: Path, name: str, factor: float) -> ModelVersion:
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetThread]:
     """One of our containers and the router; no placement controller, so nothing is placed ahead of a call."""
-    thread = FleetThread(tmp_path, str(tmp_path / "store"), containers=0)
-    thread.fleet.custom_containers = 1
-
-    async def setup(fleet: LocalFleet) -> None:
-        await fleet.start_store_and_models(examples=False)
-        await fleet.start_containers()
-        await fleet.start_router()
-
-    try:
-        thread.start(setup)
-        yield thread
-    finally:
-        thread.stop()
+    thread = start_custom_fleet(tmp_path / "fleet", [], controller=False)
+    yield thread
+    thread.stop()
 
 
 def register(fleet: FleetThread, model: ModelVersion) -> None:

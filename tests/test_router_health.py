@@ -13,10 +13,8 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from modelyard.local import LocalFleet
-from placement import registry
 from tests.conftest import EtcdServer
-from tests.fleet import FleetThread
+from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_lazy_load import scale_model
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -36,23 +34,11 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
 
 @pytest.fixture
 def fleet(tmp_path: Path, etcd: EtcdServer) -> Iterator[FleetThread]:
-    thread = FleetThread(tmp_path / "fleet", etcd.url, containers=0)
-    thread.fleet.custom_containers = 1
-
-    async def setup(fleet: LocalFleet) -> None:
-        await fleet.start_store_and_models(examples=False)
-        model = scale_model(tmp_path / "models", "m", 4.0)
-        await registry.register_model(fleet.store, model)
-        await fleet.start_containers()
-        fleet.start_controller()
-        await fleet.start_router()
-        await fleet.wait_ready([model], timeout_s=60)
-
-    try:
-        thread.start(setup)
-        yield thread
-    finally:
-        thread.stop()
+    thread = start_custom_fleet(
+        tmp_path / "fleet", [scale_model(tmp_path / "models", "m", 4.0)], store_url=etcd.url
+    )
+    yield thread
+    thread.stop()
 
 
 def health(address: str, service: str) -> int:

@@ -17,10 +17,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from backends.triton_server import free_port
-from modelyard.local import LocalFleet
-from placement import registry
 from tests.conftest import stop_process
-from tests.fleet import FleetThread
+from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_lazy_load import scale_model
 from tests.test_up import alive
 
@@ -28,23 +26,9 @@ from tests.test_up import alive
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetThread]:
     """One of our containers with a model ready; its in-process router is not used here."""
-    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
-    thread.fleet.custom_containers = 1
-
-    async def setup(fleet: LocalFleet) -> None:
-        await fleet.start_store_and_models(examples=False)
-        model = scale_model(tmp_path / "models", "m", 5.0)
-        await registry.register_model(fleet.store, model)
-        await fleet.start_containers()
-        fleet.start_controller()
-        await fleet.start_router()
-        await fleet.wait_ready([model], timeout_s=60)
-
-    try:
-        thread.start(setup)
-        yield thread
-    finally:
-        thread.stop()
+    thread = start_custom_fleet(tmp_path / "fleet", [scale_model(tmp_path / "models", "m", 5.0)])
+    yield thread
+    thread.stop()
 
 
 def worker_pids(parent: int) -> list[int]:

@@ -13,8 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.local import LocalFleet
-from tests.fleet import FleetThread
+from tests.fleet import FleetThread, start_custom_fleet
 
 PACK = """
 import json, numpy as np
@@ -27,20 +26,9 @@ json.dump({"backend": "custom", "framework": "numpy", "format": 1, "op": "scale"
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetThread]:
-    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
-    thread.fleet.custom_containers = 1
-
-    async def setup(fleet: LocalFleet) -> None:
-        await fleet.start_store_and_models(examples=False)
-        await fleet.start_containers()
-        fleet.start_controller()
-        await fleet.start_router()
-
-    try:
-        thread.start(setup)
-        yield thread
-    finally:
-        thread.stop()
+    thread = start_custom_fleet(tmp_path / "fleet", [])
+    yield thread
+    thread.stop()
 
 
 def test_an_uploaded_archive_is_placed_and_answers_through_the_router(
