@@ -6,8 +6,9 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -33,6 +34,43 @@ from placement.store import StoreError, default_store_url
 def main(log_level: str, log_json: bool) -> None:
     """modelyard: serve thousands of ML models from a fleet of shared inference containers."""
     setup_logging(log_level, log_json)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _tls_server_options(command: F) -> F:
+    """--tls-cert, --tls-key and --tls-client-ca (server TLS, optionally mutual)."""
+    for option in reversed(
+        (
+            click.option(
+                "--tls-cert",
+                envvar="MODELYARD_TLS_CERT",
+                default=None,
+                help="Serve TLS with this PEM certificate.",
+            ),
+            click.option(
+                "--tls-key", envvar="MODELYARD_TLS_KEY", default=None, help="The certificate's PEM key."
+            ),
+            click.option(
+                "--tls-client-ca",
+                envvar="MODELYARD_TLS_CLIENT_CA",
+                default=None,
+                help="Require client certificates signed by this CA (mutual TLS).",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _metrics_port_option(command: F) -> F:
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Serve /metrics here (default: $MODELYARD_METRICS_PORT).",
+    )(command)
 
 
 @main.command()
@@ -100,25 +138,14 @@ def up(
     type=click.IntRange(1, 256),
     help="Router processes sharing the port (SO_REUSEPORT).",
 )
-@click.option(
-    "--metrics-port", type=int, default=None, help="Serve /metrics here (default: $MODELYARD_METRICS_PORT)."
-)
+@_metrics_port_option
 @click.option(
     "--traces",
     type=click.Choice(["none", "console", "otlp"]),
     default=None,
     help="Trace exporter (default: $MODELYARD_TRACES or none; otlp reads OTEL_EXPORTER_OTLP_*).",
 )
-@click.option(
-    "--tls-cert", envvar="MODELYARD_TLS_CERT", default=None, help="Serve TLS with this PEM certificate."
-)
-@click.option("--tls-key", envvar="MODELYARD_TLS_KEY", default=None, help="The certificate's PEM key.")
-@click.option(
-    "--tls-client-ca",
-    envvar="MODELYARD_TLS_CLIENT_CA",
-    default=None,
-    help="Require client certificates signed by this CA (mutual TLS).",
-)
+@_tls_server_options
 @click.option(
     "--upstream-ca",
     envvar="MODELYARD_UPSTREAM_CA",
@@ -209,19 +236,8 @@ def serve(
     default=None,
     help="Trace exporter (default: $MODELYARD_TRACES or none).",
 )
-@click.option(
-    "--tls-cert", envvar="MODELYARD_TLS_CERT", default=None, help="Serve TLS with this PEM certificate."
-)
-@click.option("--tls-key", envvar="MODELYARD_TLS_KEY", default=None, help="The certificate's PEM key.")
-@click.option(
-    "--tls-client-ca",
-    envvar="MODELYARD_TLS_CLIENT_CA",
-    default=None,
-    help="Require client certificates signed by this CA (mutual TLS).",
-)
-@click.option(
-    "--metrics-port", type=int, default=None, help="Serve /metrics here (default: $MODELYARD_METRICS_PORT)."
-)
+@_tls_server_options
+@_metrics_port_option
 def container(
     host: str,
     port: int,
@@ -266,9 +282,7 @@ def container(
 @click.option(
     "--advertise", default=None, help="Address routers use for this container (default: --address)."
 )
-@click.option(
-    "--metrics-port", type=int, default=None, help="Serve /metrics here (default: $MODELYARD_METRICS_PORT)."
-)
+@_metrics_port_option
 def agent(
     store_url: str | None,
     container_id: str,
