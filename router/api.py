@@ -15,12 +15,11 @@ from router.handlers import bidi_bytes_handler, bytes_handler, server_stream_byt
 from router.kserve import SERVICE as KSERVE_SERVICE
 from router.stream import relay
 from router.table import RoutingTable
-from router.wire import bool_parameter, length_delimited_fields, with_bool_parameter
+from router.wire import length_delimited_fields, with_bool_parameter
 
 SERVICE = "modelyard.v1.Router"
 _MODEL_INFER = f"/{KSERVE_SERVICE}/ModelInfer"
 FINAL_FLAG_REQUEST = "triton_enable_empty_final_response"
-FINAL_FLAG_RESPONSE = "triton_final_response"
 
 
 def api_handler(router: Router) -> grpc.GenericRpcHandler:
@@ -60,30 +59,26 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
                 )
         return answer.SerializeToString()
 
-    async def infer_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def infer_stream(request: bytes, context: grpc.aio.ServicerContext) -> None:
         # Ask the container for an explicit final response, so the end of the stream is known.
         request = with_bool_parameter(request, FINAL_FLAG_REQUEST, True)
 
         async def one() -> AsyncIterator[bytes]:
             yield request
 
-        async for envelope in relay(router, one(), context):
+        async def unwrap(envelope: bytes) -> None:
             fields = dict(length_delimited_fields(envelope))
             if fields.get(1):
                 raise ContainerStreamError(fields[1].decode(errors="replace"))
-            response = fields.get(2, b"")
-            yield response
-            if bool_parameter(response, FINAL_FLAG_RESPONSE):
-                return
+            await context.write(fields.get(2, b""))
 
-    async def infer_session(
-        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+        await relay(router, one(), context, unwrap)
+
+    async def infer_session(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
-        async for response in relay(router, requests, context):
-            yield response
+        await relay(router, requests, context, context.write)
 
-    async def watch_routes(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def watch_routes(request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
             query = router_pb2.WatchRoutesRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError
@@ -95,7 +90,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
             await router.follower.first_load.wait()
             names = table.names()
             sent = {n for n in names if not wanted or n in wanted}
-            yield _update(table, sent, snapshot=True)
+            await context.write(_update(table, sent, snapshot=True))
             while True:
                 await watch.event.wait()
                 await asyncio.sleep(0.01)  # let a burst of store events coalesce into one update
@@ -105,15 +100,15 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
                 names = {n for n in names if not wanted or n in wanted}
                 if names:
                     sent = (sent | names) & current
-                    yield _update(table, names)
+                    await context.write(_update(table, names))
         finally:
             table.unwatch(watch)
 
     telemetry = router.telemetry
     methods = {n: bytes_handler(fn, telemetry) for n, fn in {"Infer": infer, "WhereIs": where_is}.items()}
-    methods["InferStream"] = server_stream_bytes_handler(infer_stream, telemetry)  # type: ignore[arg-type]
-    methods["WatchRoutes"] = server_stream_bytes_handler(watch_routes)  # type: ignore[arg-type]
-    methods["InferSession"] = bidi_bytes_handler(infer_session, telemetry)  # type: ignore[arg-type]
+    methods["InferStream"] = server_stream_bytes_handler(infer_stream, telemetry)
+    methods["WatchRoutes"] = server_stream_bytes_handler(watch_routes)
+    methods["InferSession"] = bidi_bytes_handler(infer_session, telemetry)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 

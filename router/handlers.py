@@ -6,7 +6,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -46,17 +46,17 @@ def unary_errors(fn: Unary[T]) -> Unary[T]:
     return wrapper
 
 
-StreamBehaviour = Callable[[object, grpc.aio.ServicerContext], AsyncIterator[bytes]]
+StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
 
 
 def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
-    """The same mapping for streaming methods: errors end the stream with their status."""
+    """The same mapping for streaming methods (which write with `context.write`): errors end the stream
+    with their status."""
 
     @functools.wraps(fn)
-    async def wrapper(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
-            async for response in fn(request, context):
-                yield response
+            await fn(request, context)
         except RoutingError as exc:
             await _abort(context, exc.code, str(exc))
         except UpstreamFailed as exc:
@@ -135,7 +135,7 @@ def _observed_stream(fn: StreamBehaviour, telemetry: Telemetry) -> StreamBehavio
     method = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
         call = CallInfo(method)
         token = CURRENT_CALL.set(call)
         start = time.perf_counter()
@@ -150,8 +150,7 @@ def _observed_stream(fn: StreamBehaviour, telemetry: Telemetry) -> StreamBehavio
         try:
             with span_context as span:
                 try:
-                    async for response in fn(request, context):
-                        yield response
+                    await fn(request, context)
                 finally:
                     if span is not None:
                         span.set_attributes(_span_attributes(call))

@@ -63,13 +63,10 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         "ModelInfer": forward("ModelInfer"),
     }
 
-    async def model_stream_infer(
-        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        async for response in relay(router, requests, context):
-            yield response
+    async def model_stream_infer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        await relay(router, requests, context, context.write)
 
     telemetry = router.telemetry
     methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}
-    methods["ModelStreamInfer"] = bidi_bytes_handler(model_stream_infer, telemetry)  # type: ignore[arg-type]
+    methods["ModelStreamInfer"] = bidi_bytes_handler(model_stream_infer, telemetry)
     return grpc.method_handlers_generic_handler(SERVICE, methods)

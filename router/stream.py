@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -34,19 +34,38 @@ class _Upstream:
     task: asyncio.Task[None]
 
 
-_DONE = object()
+Send = Callable[[bytes], Awaitable[None]]
 
 
 async def relay(
-    router: Router, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-) -> AsyncIterator[bytes]:
-    """Yields the responses of every upstream stream as they arrive; raises UpstreamFailed."""
-    out: asyncio.Queue[object] = asyncio.Queue()
+    router: Router, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext, send: Send
+) -> None:
+    """Routes every request and hands every response to `send` as it arrives; raises UpstreamFailed.
+
+    Responses go from the task reading each container's stream straight to `send` (one lock keeps
+    writes whole), so a response costs no extra hop through the router's event loop.
+    """
     upstreams: dict[str, _Upstream] = {}
-    producers = 1  # the request pump, plus one per upstream
     metadata = router.upstream_metadata(context)
     outstanding = router.channels.outstanding
     call = CURRENT_CALL.get()
+    write_lock = asyncio.Lock()
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    pending = 1  # the request pump, plus one per upstream
+
+    def done(error: BaseException | None = None) -> None:
+        nonlocal pending
+        pending -= 1
+        if finished.done():
+            return
+        if error is not None:
+            finished.set_exception(error)
+        elif pending == 0:
+            finished.set_result(None)
+
+    async def emit(data: bytes) -> None:
+        async with write_lock:
+            await send(data)
 
     async def feed(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
         while (item := await queue.get()) is not None:
@@ -54,20 +73,26 @@ async def relay(
 
     async def drain(container: Container, queue: asyncio.Queue[bytes | None]) -> None:
         outstanding[container.id] = outstanding.get(container.id, 0) + 1
+        error: BaseException | None = None
         try:
-            call = router.channels.stream(container.address, STREAM_METHOD)(
+            upstream_call = router.channels.stream(container.address, STREAM_METHOD)(
                 feed(queue), timeout=context.time_remaining(), metadata=metadata
             )
-            async for response in call:
-                await out.put(response)
+            async for response in upstream_call:
+                await emit(response)
         except grpc.aio.AioRpcError as exc:
-            await out.put(UpstreamFailed(exc.code(), f"container {container.id}: {exc.details()}"))
+            error = UpstreamFailed(exc.code(), f"container {container.id}: {exc.details()}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # `send` refused a response (InferStream: the container's error)
+            error = exc
         finally:
             outstanding[container.id] -= 1
-            await out.put(_DONE)
+            done(error)
 
     async def pump() -> None:
-        nonlocal producers
+        nonlocal pending
+        error: BaseException | None = None
         try:
             async for raw in requests:
                 try:
@@ -84,30 +109,27 @@ async def relay(
                     if call is not None:
                         call.container = container.id
                 except RoutingError as exc:
-                    await out.put(stream_error(str(exc)))
+                    await emit(stream_error(str(exc)))
                     continue
                 upstream = upstreams.get(container.id)
                 if upstream is None:
                     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-                    producers += 1
+                    pending += 1
                     task = asyncio.create_task(drain(container, queue))
                     upstream = upstreams[container.id] = _Upstream(container, queue, task)
-                await upstream.requests.put(raw)
+                upstream.requests.put_nowait(raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
         finally:
             for upstream in upstreams.values():
-                await upstream.requests.put(None)  # half-close: the container finishes what it has
-            await out.put(_DONE)
+                upstream.requests.put_nowait(None)  # half-close: the container finishes what it has
+            done(error)
 
     pump_task = asyncio.create_task(pump())
     try:
-        while producers:
-            item = await out.get()
-            if item is _DONE:
-                producers -= 1
-            elif isinstance(item, UpstreamFailed):
-                raise item
-            else:
-                yield item  # type: ignore[misc]
+        await finished
     finally:
         pump_task.cancel()
         for upstream in upstreams.values():

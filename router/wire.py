@@ -115,42 +115,6 @@ def length_delimited_fields(data: bytes) -> list[tuple[int, bytes]]:
     return fields
 
 
-def _varint_field(data: bytes, wanted: int) -> int | None:
-    pos = 0
-    value = None
-    while pos < len(data):
-        tag, pos = _varint(data, pos)
-        field, wire_type = tag >> 3, tag & 7
-        if wire_type == 0:
-            number, pos = _varint(data, pos)
-            if field == wanted:
-                value = number
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            pos += length
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        else:
-            raise WireError(f"unsupported wire type {wire_type}")
-    return value
-
-
-def bool_parameter(message: bytes, key: str, parameters_field: int = 4) -> bool | None:
-    """A bool entry of a KServe `parameters` map (field 4 of requests and responses), if present."""
-    wanted = key.encode()
-    found = None
-    for field, entry in length_delimited_fields(message):
-        if field != parameters_field:
-            continue
-        entry_fields = dict(length_delimited_fields(entry))
-        if entry_fields.get(1) == wanted and 2 in entry_fields:
-            flag = _varint_field(entry_fields[2], 1)
-            found = bool(flag) if flag is not None else False
-    return found
-
-
 def with_bool_parameter(message: bytes, key: str, value: bool) -> bytes:
     """The message with `parameters[key] = bool_param(value)` appended (a later map entry wins)."""
     raw_key = key.encode()
