@@ -70,12 +70,14 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
     return wrapper
 
 
-def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
-    """A server span and the request metrics around one unary call."""
+def _observed(
+    fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]], telemetry: Telemetry, *, stream: bool
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]]:
+    """A server span and the request metrics around one call (unary, or a whole stream)."""
     method = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> T:
         call = CallInfo(method)
         token = CURRENT_CALL.set(call)
         start = time.perf_counter()
@@ -86,6 +88,7 @@ def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
         )
         if telemetry.metrics:
             telemetry.in_flight[method] = telemetry.in_flight.get(method, 0) + 1
+            telemetry.streams_open += stream
         try:
             with span_context as span:
                 try:
@@ -96,6 +99,7 @@ def _observed_unary(fn: Unary[bytes], telemetry: Telemetry) -> Unary[bytes]:
         finally:
             CURRENT_CALL.reset(token)
             if telemetry.metrics:
+                telemetry.streams_open -= stream
                 _record(telemetry, call, time.perf_counter() - start)
 
     return wrapper
@@ -126,47 +130,14 @@ def bytes_handler(fn: Unary[bytes], telemetry: Telemetry | None = None) -> grpc.
     """A unary handler that receives and returns serialized messages untouched."""
     handler = unary_errors(fn)
     if telemetry is not None and telemetry.enabled:
-        handler = _observed_unary(handler, telemetry)
+        handler = _observed(handler, telemetry, stream=False)
     return grpc.unary_unary_rpc_method_handler(handler)
-
-
-def _observed_stream(fn: StreamBehaviour, telemetry: Telemetry) -> StreamBehaviour:
-    """A server span and the stream gauge around one stream."""
-    method = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
-        call = CallInfo(method)
-        token = CURRENT_CALL.set(call)
-        start = time.perf_counter()
-        span_context: Any = (
-            telemetry.start_server_span(method, context.invocation_metadata())
-            if telemetry.tracing
-            else contextlib.nullcontext()
-        )
-        if telemetry.metrics:
-            telemetry.streams_open += 1
-            telemetry.in_flight[method] = telemetry.in_flight.get(method, 0) + 1
-        try:
-            with span_context as span:
-                try:
-                    await fn(request, context)
-                finally:
-                    if span is not None:
-                        span.set_attributes(_span_attributes(call))
-        finally:
-            CURRENT_CALL.reset(token)
-            if telemetry.metrics:
-                telemetry.streams_open -= 1
-                _record(telemetry, call, time.perf_counter() - start)
-
-    return wrapper
 
 
 def bidi_bytes_handler(fn: StreamBehaviour, telemetry: Telemetry | None = None) -> grpc.RpcMethodHandler:
     handler = stream_errors(fn)
     if telemetry is not None and telemetry.enabled:
-        handler = _observed_stream(handler, telemetry)
+        handler = _observed(handler, telemetry, stream=True)
     return grpc.stream_stream_rpc_method_handler(handler)
 
 
@@ -175,5 +146,5 @@ def server_stream_bytes_handler(
 ) -> grpc.RpcMethodHandler:
     handler = stream_errors(fn)
     if telemetry is not None and telemetry.enabled:
-        handler = _observed_stream(handler, telemetry)
+        handler = _observed(handler, telemetry, stream=True)
     return grpc.unary_stream_rpc_method_handler(handler)
