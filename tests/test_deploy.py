@@ -192,3 +192,16 @@ def test_dockerfile_has_both_targets_a_non_root_user_and_a_healthcheck() -> None
     assert re.search(r"^USER 10001$", text, re.MULTILINE)
     assert "HEALTHCHECK" in text and re.search(r"^EXPOSE .*\b8001\b", text, re.MULTILINE)
     assert 'ENTRYPOINT ["modelyard"]' in text
+
+
+def test_the_dashboard_queries_only_exported_metrics_and_covers_the_fleet() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "modelyard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bmodelyard_[a-z_]+", e)
+    }
+    assert used <= set(metric_names.ALL)
+    assert used >= set(metric_names.ALL) - {metric_names.LAZY_LOAD_DURATION, metric_names.AGENT_LOADS}
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
