@@ -89,3 +89,30 @@ def test_a_cold_model_that_cannot_load_fails_fast_with_the_reason(fleet: FleetTh
         infer(fleet.address, "broken", np.ones(2, dtype=np.float32), timeout_s=20)
     assert time.monotonic() - started < 10  # the failure is reported, not waited out
     assert "UNAVAILABLE" in str(caught.value) and "failed to load" in str(caught.value)
+
+
+def test_a_failing_load_is_retried_with_backoff_not_in_a_loop(fleet: FleetThread, tmp_path: Path) -> None:
+    broken = scale_model(tmp_path / "models", "flaky", 1.0)
+    (Path(broken.artifact_uri.removeprefix("file://")) / "weights.npz").write_bytes(b"not numpy")
+    agent = fleet.fleet.agents[0]
+
+    async def assign() -> None:
+        await registry.register_model(fleet.fleet.store, broken)
+        generation = await registry.read_generation(fleet.fleet.store)
+        await registry.write_shard_map(
+            fleet.fleet.store, {broken.key: [agent.container.id]}, expected_generation=generation
+        )
+
+    before = agent.load_calls
+    fleet.call(assign())
+    time.sleep(3.5)
+    attempts = agent.load_calls - before
+    # Backoff 1 s, 2 s, 4 s ...: the first try, then ~1 s and ~3 s later; a hot loop would make hundreds.
+    assert 2 <= attempts <= 4, attempts
+
+    async def state() -> str:
+        fleet_now = await registry.load_fleet(fleet.fleet.store)
+        copy = fleet_now.states[(agent.container.id, broken.key)]
+        return f"{copy.phase}: {copy.message}"
+
+    assert fleet.call(state()).startswith("failed: ")
