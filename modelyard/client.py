@@ -92,14 +92,31 @@ class RouteCache:
 
 
 class Client:
-    def __init__(self, router_address: str, *, tenant: str | None = None, stale_after_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        router_address: str,
+        *,
+        tenant: str | None = None,
+        stale_after_s: float = 5.0,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+    ) -> None:
+        """With `root_certificates` (PEM paths, as tritonclient takes them), every connection — to the
+        router and to containers — uses TLS; add `private_key`/`certificate_chain` for mutual TLS."""
         self.router_address = router_address
         self.tenant = tenant
         self.stale_after_s = stale_after_s
         self.cache = RouteCache()
         self.direct_calls = 0
         self.router_calls = 0
-        self._router = grpcclient.InferenceServerClient(router_address)
+        self._tls: dict[str, Any] = (
+            {"ssl": True, "root_certificates": root_certificates, "private_key": private_key,
+             "certificate_chain": certificate_chain}
+            if root_certificates
+            else {}
+        )  # fmt: skip
+        self._router = grpcclient.InferenceServerClient(router_address, **self._tls)
         self._containers: dict[str, grpcclient.InferenceServerClient] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
@@ -130,7 +147,7 @@ class Client:
     def _follow(self) -> None:
         while not self._closed.is_set():
             try:
-                with grpc.insecure_channel(self.router_address) as channel:
+                with self._watch_channel() as channel:
                     self._channel = channel
                     stub = router_pb2_grpc.RouterStub(channel)
                     for update in stub.WatchRoutes(router_pb2.WatchRoutesRequest()):
@@ -144,10 +161,27 @@ class Client:
                 self._down_since = time.monotonic()
             self._closed.wait(0.5)
 
+    def _watch_channel(self) -> grpc.Channel:
+        if not self._tls:
+            return grpc.insecure_channel(self.router_address)
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        credentials = grpc.ssl_channel_credentials(
+            read(self._tls["root_certificates"]),
+            read(self._tls["private_key"]),
+            read(self._tls["certificate_chain"]),
+        )
+        return grpc.secure_channel(self.router_address, credentials)
+
     def _container(self, address: str) -> grpcclient.InferenceServerClient:
         client = self._containers.get(address)
         if client is None:
-            client = self._containers[address] = grpcclient.InferenceServerClient(address)
+            client = self._containers[address] = grpcclient.InferenceServerClient(address, **self._tls)
         return client
 
     def infer(

@@ -174,3 +174,19 @@ def test_a_router_calling_the_tls_container_in_plaintext_fails(fleet: SecureFlee
     with pytest.raises(InferenceServerException) as caught:
         infer(fleet.plain_upstream_router.address)
     assert caught.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_the_zero_hop_client_follows_routes_and_calls_the_container_over_tls(
+    fleet: SecureFleet, pki: PKI
+) -> None:
+    from modelyard.client import Client
+
+    tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+    tensor.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+    tls = {"root_certificates": str(pki["ca.pem"]), "private_key": str(pki["client.key"]),
+           "certificate_chain": str(pki["client.pem"])}  # fmt: skip
+    with Client(fleet.mtls_router.address, **tls) as client:
+        assert client.wait_synced()  # WatchRoutes over mutual TLS
+        out = client.infer("m", [tensor], client_timeout=10).as_numpy("OUTPUT")
+    np.testing.assert_allclose(out, [2.0, 4.0])
+    assert client.direct_calls == 1 and client.router_calls == 0  # straight to the TLS-only container
