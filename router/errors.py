@@ -21,6 +21,12 @@ class NoReadyCopy(RoutingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(RoutingError):
+    """The call's deadline ran out while the model was being loaded for it (the load goes on)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class NotReady(RoutingError):
     """The router has not loaded the routing table yet."""
 

@@ -18,7 +18,7 @@ from placement.model import Container, ModelVersion
 from placement.rebalance import budget_bytes, plan_fleet
 from placement.registry import ConcurrentPlanError
 from placement.store import Store, StoreError
-from router.errors import NoReadyCopy
+from router.errors import DeadlineExceeded, NoReadyCopy
 from router.table import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ class LazyLoader:
             self.telemetry.lazy_loads.add(1, {"model": model.name, "outcome": outcome})
             self.telemetry.lazy_load_duration.record(time.monotonic() - started, {"model": model.name})
         if not copies:
+            if wait_s is not None and time.monotonic() >= deadline and not self._all_failed(model.key):
+                raise DeadlineExceeded(
+                    f"model '{model.name}' version '{model.version}' was not ready within the call's "
+                    "deadline (its load goes on)"
+                )
             raise NoReadyCopy(self._why_not_ready(model))
         return copies
 

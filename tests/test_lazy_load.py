@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from backends.numpy_model import write_model_dir
 from placement import registry
@@ -116,3 +117,18 @@ def test_a_failing_load_is_retried_with_backoff_not_in_a_loop(fleet: FleetThread
         return f"{copy.phase}: {copy.message}"
 
     assert fleet.call(state()).startswith("failed: ")
+
+
+def test_a_cold_call_waits_no_longer_than_its_deadline_and_the_load_goes_on(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    register(fleet, scale_model(tmp_path / "models", "slowpoke", 7.0))
+    x = np.ones(2, dtype=np.float32)
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as caught:
+        # Readiness reaches the router through the store's watch (50 ms polls): 30 ms cannot be enough.
+        infer(fleet.address, "slowpoke", x, timeout_s=0.03)
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert time.monotonic() - started < 1.0
+    np.testing.assert_allclose(infer(fleet.address, "slowpoke", x, timeout_s=10), x * 7.0)
+    assert fleet.fleet.agents[0].load_calls == 1  # the first caller giving up did not cancel its load
