@@ -24,6 +24,7 @@ from router.table import RoutingTable
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 30.0  # for calls without a deadline
+LOAD_WAIT_S = 300.0  # how long one shared load is followed, whoever still waits for it
 _POLL_S = 0.01
 
 
@@ -34,20 +35,28 @@ class LazyLoader:
         self.table = table
         self.placements = 0  # shard map writes made for cold models
         self._loads: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, int] = {}  # callers waiting per model
 
     async def ready_copies(self, model: ModelVersion, wait_s: float | None) -> tuple[Container, ...]:
         deadline = time.monotonic() + (wait_s if wait_s is not None else DEFAULT_WAIT_S)
         task = self._loads.get(model.key)
-        if task is None:
-            task = asyncio.create_task(self._place_and_wait(model, deadline))
+        if task is None or task.done():
+            # The shared wait is bounded by LOAD_WAIT_S, not by this caller's deadline: a caller that gives
+            # up early must not end the wait of those who came later.
+            task = asyncio.create_task(self._place_and_wait(model, time.monotonic() + LOAD_WAIT_S))
             self._loads[model.key] = task
-            task.add_done_callback(lambda _: self._loads.pop(model.key, None))
+            task.add_done_callback(lambda done: self._forget(model.key, done))
         started = time.monotonic()
+        self._waiting[model.key] = self._waiting.get(model.key, 0) + 1
         try:
             # shield: one caller giving up (deadline, cancel) must not cancel the load the others wait on
             await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             pass
+        finally:
+            self._waiting[model.key] -= 1
+            if not self._waiting[model.key]:
+                del self._waiting[model.key]
         copies = self.table.ready_copies(model.key)
         if self.telemetry is not None and self.telemetry.metrics:
             outcome = "ready" if copies else ("failed" if self._all_failed(model.key) else "timeout")
@@ -61,6 +70,10 @@ class LazyLoader:
                 )
             raise NoReadyCopy(self._why_not_ready(model))
         return copies
+
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._loads.get(key) is task:
+            del self._loads[key]
 
     def _why_not_ready(self, model: ModelVersion) -> str:
         fleet = self.table.fleet
@@ -94,6 +107,8 @@ class LazyLoader:
             if self.table.ready_copies(model.key) or self._all_failed(model.key):
                 return
             await asyncio.sleep(_POLL_S)
+            if not self._waiting.get(model.key):
+                return  # every caller gave up; the agent goes on loading, the next call waits again
 
     async def _place(self, model: ModelVersion) -> None:
         for _ in range(5):
