@@ -1,16 +1,28 @@
-# modelyard: one image with the `modelyard` CLI (router, agent, our container, controller, placement).
+# modelyard: one image with the `modelyard` CLI (router, agent, our container, controller, placement), and a
+# second target that adds it to NVIDIA's Triton image for GPU nodes (Triton + agent sidecar in one pod).
 #
-#   docker build -t modelyard .                        router / agent / controller / our container (CPU)
-#   docker build --target triton -t modelyard-triton . Triton (GPU, NVIDIA's image) + modelyard for the agent
+# Build, from the repository root:
+#   docker build -t modelyard:0.1.0 .                              router / agent / controller / our container
+#   docker build --target triton -t modelyard-triton:0.1.0 .       NVIDIA Triton (GPU) + modelyard for the agent
+#   docker build --build-arg TRITON_IMAGE=nvcr.io/nvidia/tritonserver:<tag>-py3 --target triton ...
+#       another Triton release: it must ship Python >= 3.11 (24.12 and later: Ubuntu 24.04 with Python 3.12)
+# Run:
+#   docker run -p 8001:8001 -p 9464:9464 -e MODELYARD_STORE=etcd://etcd:2379 modelyard:0.1.0
+#   docker run -p 8101:8101 -e MODELYARD_HEALTH_ADDRESS=127.0.0.1:8101 modelyard:0.1.0 \
+#       container --host 0.0.0.0 --memory-bytes 8589934592
+# Kubernetes manifests using both images: deploy/k8s/ (kubectl apply -k deploy/k8s).
 #
-# No Docker engine runs on this project's development or CI machines, so these images are not built there;
-# tests/test_deploy.py checks this file's structure instead.
+# No Docker engine runs on this project's development or CI machines, so neither image is built there;
+# tests/test_deploy.py checks this file's structure (targets, non-root user, health check, ports) instead.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.08-py3
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.12-py3
 
-# -- build: a virtual environment with modelyard (setup.py compiles protos/ with grpcio-tools here) -----
+# -- build: the modelyard wheel and a virtual environment holding it ------------------------------------------
+# setup.py compiles protos/ into modelyard/v1/*_pb2*.py while the wheel is built; pip installs grpcio-tools
+# (pyproject's build-system) into its isolated build environment for that, so no runtime stage needs it.
 FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos protos
@@ -18,30 +30,49 @@ COPY modelyard modelyard
 COPY router router
 COPY placement placement
 COPY backends backends
-RUN python -m venv /opt/modelyard \
- && /opt/modelyard/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/modelyard/bin/pip install --no-cache-dir .
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+ && python -m venv /opt/modelyard \
+ && /opt/modelyard/bin/pip install /wheels/*.whl
 
-# -- triton: NVIDIA's Triton image plus modelyard, for GPU nodes (Triton + agent in one pod) ----------------
+# -- triton: NVIDIA's Triton image plus modelyard (for the agent sidecar) -------------------------------------
+# The build stage's venv cannot be copied here (it points at python:3.11-slim's interpreter), so this stage
+# installs the same wheel into a venv of the image's own Python; Ubuntu's system Python is externally managed.
+# Triton's environment is left alone: only the `modelyard` command is linked onto PATH.
 FROM ${TRITON_IMAGE} AS triton
-RUN apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/modelyard
-COPY --from=build /src /src
-RUN /opt/modelyard/bin/pip install --no-cache-dir /src && rm -rf /src
-ENV PATH=/opt/modelyard/bin:$PATH
-# Triton's image runs as root by default; its Kubernetes manifest sets runAsUser 1000 (the image's triton-server user).
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# python3-venv unpinned on purpose: it must be the one that matches the base image's own python3.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /wheels /tmp/wheels
+RUN python3 -m venv /opt/modelyard \
+ && /opt/modelyard/bin/pip install /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels \
+ && ln -s /opt/modelyard/bin/modelyard /usr/local/bin/modelyard
+# NVIDIA's image runs as root unless told otherwise; uid 1000 is its own `triton-server` user, which owns
+# /opt/tritonserver. deploy/k8s/triton-container.yaml runs both of the pod's containers as 1000 too.
 USER 1000
-EXPOSE 8001 9464
+EXPOSE 8001 8002 9464
+# Triton serves grpc.health.v1 on its gRPC port (SERVING while it is ready).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["/opt/modelyard/bin/python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; a = os.environ.get('MODELYARD_HEALTH_ADDRESS', '127.0.0.1:8001'); sys.exit(0 if g.HealthStub(grpc.insecure_channel(a)).Check(h.HealthCheckRequest(), timeout=2).status == h.HealthCheckResponse.SERVING else 1)"]
 
-# -- default target: the modelyard CLI, non-root ---------------------------------------------------------
+# -- modelyard (default target, built last): the modelyard CLI as a non-root user -----------------------------
 FROM ${PYTHON_IMAGE} AS modelyard
-RUN useradd --create-home --uid 10001 modelyard
+RUN useradd --create-home --uid 10001 --user-group modelyard
 COPY --from=build /opt/modelyard /opt/modelyard
-ENV PATH=/opt/modelyard/bin:$PATH PYTHONUNBUFFERED=1
+# Metrics listen on every interface in a container (the code's default, 127.0.0.1, is for one machine).
+ENV PATH=/opt/modelyard/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MODELYARD_METRICS_HOST=0.0.0.0
 USER 10001
 WORKDIR /home/modelyard
+# 8001: router (KServe v2 gRPC + modelyard.v1), 8101: our container, 9464: /metrics
 EXPOSE 8001 8101 9464
-HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-  CMD python -c "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; sys.exit(0 if g.HealthStub(grpc.insecure_channel('127.0.0.1:8001')).Check(h.HealthCheckRequest(), timeout=2).status == h.HealthCheckResponse.SERVING else 1)"
+# The router and our container serve grpc.health.v1 on their gRPC port: SERVING once the router has its
+# routing table (and while the store is away: it keeps routing). Point MODELYARD_HEALTH_ADDRESS at 8101 for
+# `container`; the agent and the controller serve no gRPC, so run them with --no-healthcheck under Docker.
+# (Kubernetes ignores HEALTHCHECK: the manifests declare grpc probes.)
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; a = os.environ.get('MODELYARD_HEALTH_ADDRESS', '127.0.0.1:8001'); sys.exit(0 if g.HealthStub(grpc.insecure_channel(a)).Check(h.HealthCheckRequest(), timeout=2).status == h.HealthCheckResponse.SERVING else 1)"]
 ENTRYPOINT ["modelyard"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "9464"]
