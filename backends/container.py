@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import math
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -737,7 +738,8 @@ async def run_container(
     container = CustomContainer(memory_bytes, telemetry=telemetry, server_credentials=server_credentials)
     await container.start(host, port)
     if telemetry is not None and telemetry.metrics:
-        label = {"container": container.address}
+        # The host name: a pod's name on Kubernetes, which is also its agent's container id there.
+        label = {"container": socket.gethostname()}
         telemetry.gauge(
             names.CONTAINER_MEMORY_USED, lambda: [(float(container.used_bytes), label)], "Bytes loaded"
         )

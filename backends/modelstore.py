@@ -236,6 +236,7 @@ class LocalModelStore(ModelStore):
             staging = Path(tempfile.mkdtemp(prefix=f".{archive.sha256}.", dir=self.root))
             try:
                 shutil.copytree(archive.root, staging, dirs_exist_ok=True)
+                staging.chmod(0o755)  # mkdtemp makes it owner-only; containers may run as other users
                 staging.rename(target)
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -23,11 +23,12 @@ FINAL_FLAG_REQUEST = "triton_enable_empty_final_response"
 
 
 def api_handler(router: Router) -> grpc.GenericRpcHandler:
-    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    # Handlers carry their RPC's name: it labels spans and metrics (`method`).
+    async def Infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # InferRequest/InferResponse are wire-compatible with KServe's: the bytes go to Triton as they are.
         return await router.forward_unary(_MODEL_INFER, request, context)
 
-    async def where_is(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def WhereIs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             query = router_pb2.WhereIsRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError
@@ -59,7 +60,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
                 )
         return answer.SerializeToString()
 
-    async def infer_stream(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def InferStream(request: bytes, context: grpc.aio.ServicerContext) -> None:
         # Ask the container for an explicit final response, so the end of the stream is known.
         request = with_bool_parameter(request, FINAL_FLAG_REQUEST, True)
 
@@ -74,11 +75,11 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
 
         await relay(router, one(), context, unwrap)
 
-    async def infer_session(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    async def InferSession(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
         await relay(router, requests, context, context.write)
 
-    async def watch_routes(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def WatchRoutes(request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
             query = router_pb2.WatchRoutesRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError
@@ -105,10 +106,10 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
             table.unwatch(watch)
 
     telemetry = router.telemetry
-    methods = {n: bytes_handler(fn, telemetry) for n, fn in {"Infer": infer, "WhereIs": where_is}.items()}
-    methods["InferStream"] = server_stream_bytes_handler(infer_stream, telemetry)
-    methods["WatchRoutes"] = server_stream_bytes_handler(watch_routes)
-    methods["InferSession"] = bidi_bytes_handler(infer_session, telemetry)
+    methods = {n: bytes_handler(fn, telemetry) for n, fn in {"Infer": Infer, "WhereIs": WhereIs}.items()}
+    methods["InferStream"] = server_stream_bytes_handler(InferStream, telemetry)
+    methods["WatchRoutes"] = server_stream_bytes_handler(WatchRoutes)
+    methods["InferSession"] = bidi_bytes_handler(InferSession, telemetry)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 

@@ -33,16 +33,17 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         call.__name__ = method
         return call
 
-    async def server_live(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    # Handlers carry their RPC's name: it labels spans and metrics (`method`).
+    async def ServerLive(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return kserve.ServerLiveResponse(live=True).SerializeToString()
 
-    async def server_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def ServerReady(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return kserve.ServerReadyResponse(ready=router.ready).SerializeToString()
 
-    async def server_metadata(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def ServerMetadata(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return kserve.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION).SerializeToString()
 
-    async def model_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def ModelReady(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # Like Triton: an unknown or unloaded model is "not ready", not an error; asking loads nothing.
         try:
             path = f"/{SERVICE}/ModelReady"
@@ -53,20 +54,20 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
 
     handlers = {
-        "ServerLive": server_live,
-        "ServerReady": server_ready,
-        "ServerMetadata": server_metadata,
-        "ModelReady": model_ready,
+        "ServerLive": ServerLive,
+        "ServerReady": ServerReady,
+        "ServerMetadata": ServerMetadata,
+        "ModelReady": ModelReady,
         "ModelMetadata": forward("ModelMetadata"),
         "ModelConfig": forward("ModelConfig"),
         "ModelStatistics": forward("ModelStatistics"),
         "ModelInfer": forward("ModelInfer"),
     }
 
-    async def model_stream_infer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    async def ModelStreamInfer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         await relay(router, requests, context, context.write)
 
     telemetry = router.telemetry
     methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}
-    methods["ModelStreamInfer"] = bidi_bytes_handler(model_stream_infer, telemetry)
+    methods["ModelStreamInfer"] = bidi_bytes_handler(ModelStreamInfer, telemetry)
     return grpc.method_handlers_generic_handler(SERVICE, methods)

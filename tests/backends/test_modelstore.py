@@ -157,3 +157,10 @@ def test_remove_unregisters_and_drops_the_assignment(tmp_path: Path) -> None:
                 await remove(store, "scale", "1")
 
     asyncio.run(main())
+
+
+def test_stored_artifacts_are_readable_by_other_users(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    model, _ = register(tmp_path, archive, name="scale", version="1")
+    stored = tmp_path / "artifacts" / model.sha256
+    assert stored.stat().st_mode & 0o777 == 0o755  # containers may run as another uid than the uploader
