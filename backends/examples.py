@@ -28,9 +28,18 @@ def install_example(name: str, artifacts: Path, *, version: str = "1", replicas:
     source = EXAMPLES_DIR / name
     if not (source / "config.pbtxt").is_file():
         raise ValueError(f"no example model named {name!r}; examples: {', '.join(EXAMPLE_NAMES)}")
+    return install_model_dir(source, artifacts, name=name, version=version, replicas=replicas)
+
+
+def install_model_dir(
+    source: Path, artifacts: Path, *, name: str, version: str = "1", replicas: int = 1
+) -> ModelVersion:
+    """Copies a Triton model folder (`config.pbtxt` + `version/`) into `artifacts/<sha256>/` and returns
+    its registration as `name@version`."""
     sha = tree_sha256(source)
     target = artifacts / sha
     if not target.exists():
+        artifacts.mkdir(parents=True, exist_ok=True)
         staging = artifacts / f".{sha}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,4 +1,12 @@
-"""The Triton adapter: puts a model version into a Triton repository and loads or unloads it."""
+"""The Triton adapter: puts a model version into a Triton repository and loads or unloads it.
+
+Triton keeps one `config.pbtxt` per model directory for all the versions in it, so two versions of one
+model cannot have different configs there (triton#4832). Each version therefore gets a model of its own,
+named by its key `name@version` (`triton_model_name`): our model names match [A-Za-z0-9][A-Za-z0-9_.-]*,
+so the `@` cannot collide with a user's model name, and Triton accepts it. Loading, reloading or
+unloading one version never touches another. Callers keep using the public name and version: the router
+and the zero-hop client send the internal name to Triton and show the public one in answers.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,18 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from placement.model import ModelVersion
+from placement.model import ModelVersion, model_key
+
+TRITON_SERVER_NAME = "triton"  # what Triton answers in ServerMetadata.name
+
+
+def triton_model_name(name: str, version: str) -> str:
+    """The name Triton knows one version of a model by (its own model directory)."""
+    return model_key(name, version)
 
 
 class LoadError(Exception):
@@ -25,11 +42,23 @@ def artifact_path(model: ModelVersion) -> Path:
     return Path(unquote(parsed.path))
 
 
+def version_config(model: ModelVersion, text: str) -> str:
+    """The archive's config for the version's own model: its internal name, and only its version."""
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise LoadError(f"{model.key}: config.pbtxt does not parse: {exc}") from exc
+    config.name = triton_model_name(model.name, model.version)
+    config.version_policy.Clear()
+    config.version_policy.specific.versions.append(int(model.version))
+    return str(text_format.MessageToString(config))
+
+
 class TritonAdapter:
     """Loads and unloads model versions on one Triton instance over its KServe v2 repository API.
 
-    Each version lives in `<repository>/<name>/<version>/`; the config (with `version_policy: all`) loads
-    every version present, so loading or unloading one version means changing folders and reloading.
+    Each version lives in `<repository>/<name@version>/` with its own config and one version folder.
     """
 
     def __init__(self, address: str, repository: Path) -> None:
@@ -47,46 +76,44 @@ class TritonAdapter:
         except InferenceServerException:
             return False
 
+    def model_dir(self, model: ModelVersion) -> Path:
+        return self.repository / triton_model_name(model.name, model.version)
+
     async def load(self, model: ModelVersion, timeout_s: float = 120.0) -> None:
-        async with self._locks[model.name]:
+        internal = triton_model_name(model.name, model.version)
+        async with self._locks[internal]:
             await asyncio.to_thread(self._materialize, model)
-            await self._reload(model.name, timeout_s)
-            if not await self._client.is_model_ready(model.name, model.version):
+            try:
+                await self._client.load_model(internal, client_timeout=timeout_s)
+            except InferenceServerException as exc:
+                raise LoadError(f"{model.key}: Triton refused the load: {exc.message()}") from exc
+            if not await self._client.is_model_ready(internal, model.version):
                 raise LoadError(
                     f"{model.key}: Triton loaded the model but version {model.version} is not ready"
                 )
 
     async def unload(self, model: ModelVersion, timeout_s: float = 60.0) -> None:
-        async with self._locks[model.name]:
-            model_dir = self.repository / model.name
-            await asyncio.to_thread(shutil.rmtree, model_dir / model.version, True)
-            remaining = [p for p in model_dir.iterdir() if p.is_dir()] if model_dir.exists() else []
-            if remaining:
-                await self._reload(model.name, timeout_s)
-                return
+        internal = triton_model_name(model.name, model.version)
+        async with self._locks[internal]:
             try:
-                await self._client.unload_model(model.name, client_timeout=timeout_s)
+                await self._client.unload_model(internal, client_timeout=timeout_s)
             except InferenceServerException as exc:
                 raise LoadError(f"{model.key}: unload failed: {exc.message()}") from exc
-            await asyncio.to_thread(shutil.rmtree, model_dir, True)
-
-    async def _reload(self, name: str, timeout_s: float) -> None:
-        try:
-            await self._client.load_model(name, client_timeout=timeout_s)
-        except InferenceServerException as exc:
-            raise LoadError(f"{name}: Triton refused the load: {exc.message()}") from exc
+            await asyncio.to_thread(shutil.rmtree, self.model_dir(model), True)
 
     def _materialize(self, model: ModelVersion) -> None:
-        if not model.version.isdigit():
+        if not model.version.isdigit() or int(model.version) <= 0:
             raise LoadError(f"{model.key}: Triton versions are positive integers, got {model.version!r}")
         source = artifact_path(model)
         config = source / "config.pbtxt"
         files = source / "version"
         if not config.is_file() or not files.is_dir():
             raise LoadError(f"{model.key}: artifact {source} lacks config.pbtxt or version/")
-        model_dir = self.repository / model.name
+        model_dir = self.model_dir(model)
         model_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(config, model_dir / "config.pbtxt")
+        staged = model_dir / "config.pbtxt.tmp"
+        staged.write_text(version_config(model, config.read_text()))
+        staged.replace(model_dir / "config.pbtxt")
         target = model_dir / model.version
         if target.exists():
             shutil.rmtree(target)
@@ -97,19 +124,24 @@ class TritonAdapter:
         else the resident memory of the version's python-backend stub processes (0 when neither shows).
         """
         try:
-            stats = await self._client.get_inference_statistics(model.name, model.version)
+            internal = triton_model_name(model.name, model.version)
+            stats = await self._client.get_inference_statistics(internal, model.version)
             reported = sum(u.byte_size for s in stats.model_stats for u in s.memory_usage)
         except InferenceServerException:
             reported = 0
         if reported:
             return int(reported)
-        script = str(self.repository / model.name / model.version / "model.py")
+        script = str(self.model_dir(model) / model.version / "model.py")
         return await asyncio.to_thread(stub_rss_bytes, script)
 
     async def ready_versions(self) -> set[str]:
-        """Model keys (`name@version`) Triton reports READY."""
+        """Model keys (`name@version`) Triton reports READY (models under internal names only)."""
         index = await self._client.get_model_repository_index()
-        return {f"{m.name}@{m.version}" for m in index.models if m.state == "READY" and m.version}
+        return {
+            m.name
+            for m in index.models
+            if m.state == "READY" and "@" in m.name and m.name.rpartition("@")[2] == m.version
+        }
 
 
 def stub_rss_bytes(script: str) -> int:

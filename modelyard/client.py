@@ -5,6 +5,8 @@ memory. Each call resolves (model, version, tenant, request id) with the same ru
 (router/versions.py), picks a ready copy and sends the request straight to that container with
 `tritonclient`. It falls back to the router when the table is stale (the watch has been down longer than
 `stale_after_s`), when it knows no ready copy, or when the container answers UNAVAILABLE (the copy moved).
+Triton holds each version under an internal name (backends/triton.py): the client sends that name to a
+Triton container (it asks each container once what it is) and shows the public name in results.
 
 It is meant for trusted internal services: tenant visibility is applied on the client side, while the
 router remains the enforcement point for everyone else.
@@ -25,6 +27,7 @@ import grpc
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from backends.triton import TRITON_SERVER_NAME, triton_model_name
 from modelyard.v1 import router_pb2, router_pb2_grpc
 from placement.model import RouteRule
 from router.versions import choose_version
@@ -118,6 +121,7 @@ class Client:
         )  # fmt: skip
         self._router = grpcclient.InferenceServerClient(router_address, **self._tls)
         self._containers: dict[str, grpcclient.InferenceServerClient] = {}
+        self._tritons: dict[str, bool] = {}  # container address -> whether it is a Triton
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._down_since: float | None = time.monotonic()
@@ -184,6 +188,14 @@ class Client:
             client = self._containers[address] = grpcclient.InferenceServerClient(address, **self._tls)
         return client
 
+    def _is_triton(self, address: str) -> bool:
+        """Whether the container at `address` is a Triton (asked once per address)."""
+        known = self._tritons.get(address)
+        if known is None:
+            metadata = self._container(address).get_server_metadata(client_timeout=5)
+            known = self._tritons[address] = metadata.name == TRITON_SERVER_NAME
+        return known
+
     def infer(
         self,
         model_name: str,
@@ -203,8 +215,9 @@ class Client:
         if choice is not None:
             version, address = choice
             try:
+                triton = self._is_triton(address)
                 result = self._container(address).infer(
-                    model_name,
+                    triton_model_name(model_name, version) if triton else model_name,
                     inputs,
                     model_version=version,
                     outputs=outputs,
@@ -213,6 +226,8 @@ class Client:
                     client_timeout=client_timeout,
                     **kwargs,
                 )
+                if triton:
+                    result.get_response().model_name = model_name
                 self.direct_calls += 1
                 return result
             except InferenceServerException as exc:

@@ -9,7 +9,8 @@ import grpc
 import grpc.aio
 
 from modelyard.v1 import router_pb2
-from router.core import Router
+from placement.model import ModelVersion
+from router.core import Router, public_response, public_stream_response
 from router.errors import BadRequest, ContainerStreamError, ModelNotFound
 from router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from router.kserve import SERVICE as KSERVE_SERVICE
@@ -67,17 +68,23 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         async def one() -> AsyncIterator[bytes]:
             yield request
 
-        async def unwrap(envelope: bytes) -> None:
+        async def unwrap(envelope: bytes, model: ModelVersion) -> None:
             fields = dict(length_delimited_fields(envelope))
             if fields.get(1):
                 raise ContainerStreamError(fields[1].decode(errors="replace"))
-            await context.write(fields.get(2, b""))
+            await context.write(public_response(model, _MODEL_INFER, fields.get(2, b"")))
 
-        await relay(router, one(), context, unwrap)
+        # One request: an error ends the stream with its status, like a unary call's.
+        await relay(
+            router, one(), context, unwrap, in_stream_errors=False, timeout_s=router.upstream_timeout(context)
+        )
 
     async def InferSession(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
-        await relay(router, requests, context, context.write)
+        async def write(response: bytes, model: ModelVersion) -> None:
+            await context.write(public_stream_response(model, response))
+
+        await relay(router, requests, context, write)
 
     async def WatchRoutes(request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:

@@ -7,18 +7,57 @@ from __future__ import annotations
 
 import grpc
 import grpc.aio
+from tritonclient.grpc import service_pb2 as kserve
 
+from backends.triton import triton_model_name
 from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
 from placement.model import Container, ModelVersion
 from placement.store import Store
-from router.errors import BadRequest, NoReadyCopy
+from router.errors import BadRequest, NoReadyCopy, NotReady
 from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
 from router.lazy import LazyLoader
 from router.table import RoutingTable
-from router.wire import WireError, read_header, with_version
+from router.wire import (
+    WireError,
+    read_header,
+    with_name,
+    with_name_version,
+    with_nested_name,
+    with_version,
+)
 
 TENANT_HEADER = "x-tenant-id"
+DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
+_KSERVE = "/inference.GRPCInferenceService/"
+
+
+def public_response(model: ModelVersion, method: str, response: bytes) -> bytes:
+    """A container's answer to a model-level call, showing the model's public name (not Triton's own).
+
+    Triton knows each version by its internal name (backends/triton.py) and answers with it; the version
+    needs no change (the internal model's one version folder is the public version).
+    """
+    if model.backend != "triton":
+        return response
+    if method == _KSERVE + "ModelInfer" or method == _KSERVE + "ModelMetadata":
+        return with_name(response, model.name)  # ModelInferResponse.model_name / ModelMetadataResponse.name
+    if method == _KSERVE + "ModelConfig":
+        return with_nested_name(response, 1, model.name)  # ModelConfigResponse.config.name
+    if method == _KSERVE + "ModelStatistics":  # small, and its names sit in a repeated field: decode it
+        stats = kserve.ModelStatisticsResponse.FromString(response)
+        for entry in stats.model_stats:
+            entry.name = model.name
+        return bytes(stats.SerializeToString())
+    return response
+
+
+def public_stream_response(model: ModelVersion, response: bytes) -> bytes:
+    """A `ModelStreamInferResponse` showing the public model name. One that starts with field 2 carries an
+    `infer_response` and no `error_message` (fields are written in number order); errors pass untouched."""
+    if model.backend != "triton" or response[:1] != b"\x12":
+        return response
+    return with_nested_name(response, 2, model.name)
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
@@ -34,8 +73,11 @@ class Router:
         store: Store,
         telemetry: Telemetry | None = None,
         upstream_credentials: grpc.ChannelCredentials | None = None,
+        *,
+        default_deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> None:
         self.store = store
+        self.default_deadline_s = default_deadline_s
         self.telemetry = telemetry
         self.table = RoutingTable()
         self.follower = TableFollower(store, self.table)
@@ -54,8 +96,16 @@ class Router:
     def ready(self) -> bool:
         return self.table.loaded
 
+    def upstream_timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds an upstream call may take: the caller's deadline, or the router's default."""
+        remaining = context.time_remaining()
+        return self.default_deadline_s if remaining is None else remaining
+
     def route(self, request: bytes, context: grpc.aio.ServicerContext) -> tuple[ModelVersion, bytes]:
-        """The model version a request goes to, and the bytes to send (version pinned when it matters)."""
+        """The model version a request goes to, and the bytes to send: on Triton under the version's
+        internal name; elsewhere with the version pinned when it matters."""
+        if not self.table.loaded:
+            raise NotReady("routing table not loaded yet")
         try:
             name, version, request_id = read_header(request)
         except WireError as exc:
@@ -69,8 +119,10 @@ class Router:
         model = self.table.resolve(name, version, tenant, request_id)
         if call is not None:
             call.version = model.version
+        if model.backend == "triton":
+            request = with_name_version(request, triton_model_name(model.name, model.version), model.version)
         # With several versions registered, the container must not pick its own default.
-        if not version and len(self.table.versions(name)) > 1:
+        elif not version and len(self.table.versions(name)) > 1:
             request = with_version(request, model.version)
         return model, request
 
@@ -86,7 +138,7 @@ class Router:
         if container is None:
             raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
         try:
-            return await self._call(container, method, request, context)
+            return public_response(model, method, await self._call(container, method, request, context))
         except grpc.aio.AioRpcError as exc:
             # UNAVAILABLE on a unary call: the container never accepted it, so a second copy is safe.
             retry_on = self.channels.pick(copies, exclude=container.id)
@@ -96,7 +148,7 @@ class Router:
             call = CURRENT_CALL.get()
             if call is not None:
                 call.retries += 1
-            return await self._call(retry_on, method, request, context)
+            return public_response(model, method, await self._call(retry_on, method, request, context))
 
     def upstream_metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
         """The caller's metadata for the container; with tracing, the trace context becomes this span's."""
@@ -115,7 +167,7 @@ class Router:
             call.container = container.id
         try:
             response: bytes = await self.channels.unary(container.address, method)(
-                request, timeout=context.time_remaining(), metadata=self.upstream_metadata(context)
+                request, timeout=self.upstream_timeout(context), metadata=self.upstream_metadata(context)
             )
             return response
         finally:

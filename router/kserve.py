@@ -13,8 +13,9 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from router.core import Router
-from router.errors import RoutingError
+from placement.model import ModelVersion
+from router.core import Router, public_stream_response
+from router.errors import NotReady, RoutingError
 from router.handlers import bidi_bytes_handler, bytes_handler
 from router.stream import relay
 
@@ -49,7 +50,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
             path = f"/{SERVICE}/ModelReady"
             return await router.forward_unary(path, request, context, lazy_load=False)
         except RoutingError as exc:
-            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT or isinstance(exc, NotReady):
                 raise
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
 
@@ -65,7 +66,10 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
     }
 
     async def ModelStreamInfer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        await relay(router, requests, context, context.write)
+        async def write(response: bytes, model: ModelVersion) -> None:
+            await context.write(public_stream_response(model, response))
+
+        await relay(router, requests, context, write)
 
     telemetry = router.telemetry
     methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}

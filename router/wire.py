@@ -82,10 +82,38 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _string_field(field: int, value: str) -> bytes:
+    raw = value.encode()
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(raw)) + raw
+
+
 def with_version(data: bytes, version: str) -> bytes:
     """The message with `model_version` (field 2) set: appending a field overrides earlier occurrences."""
-    raw = version.encode()
-    return data + b"\x12" + _encode_varint(len(raw)) + raw
+    return data + _string_field(2, version)
+
+
+def with_name_version(data: bytes, name: str, version: str) -> bytes:
+    """The request with `model_name` (field 1) and `model_version` (field 2) set, tensors untouched.
+
+    Every KServe v2 model-level request (infer, metadata, config, ready, statistics) has them there.
+    """
+    return data + _string_field(1, name) + _string_field(2, version)
+
+
+def with_name(data: bytes, name: str) -> bytes:
+    """The message with its string field 1 set to `name` (a response's `model_name` / `name`)."""
+    return data + _string_field(1, name)
+
+
+def with_nested_name(data: bytes, field: int, name: str) -> bytes:
+    """The message with `field` (a singular sub-message) given `name` as its field 1.
+
+    Protobuf merges repeated occurrences of a singular message field, so the appended occurrence only
+    overrides the name: `ModelConfigResponse.config.name`, `ModelStreamInferResponse.infer_response
+    .model_name`.
+    """
+    inner = _string_field(1, name)
+    return data + _encode_varint(field << 3 | 2) + _encode_varint(len(inner)) + inner
 
 
 def length_delimited_fields(data: bytes) -> list[tuple[int, bytes]]:

@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from backends.triton import triton_model_name
 from modelyard.local import LocalFleet
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc
 from placement import registry
@@ -75,7 +76,7 @@ def fp32_input(name: str, values: np.ndarray) -> grpcclient.InferInput:
 
 def inference_count(fleet: FleetThread, index: int, model: str) -> int:
     with triton_client(fleet, index) as direct:
-        stats = direct.get_inference_statistics(model).model_stats
+        stats = direct.get_inference_statistics(triton_model_name(model, "1")).model_stats
     return sum(s.inference_count for s in stats)
 
 
@@ -95,8 +96,10 @@ def test_models_on_two_different_tritons_both_answer_through_the_router(
     fleet: FleetThread, client: grpcclient.InferenceServerClient
 ) -> None:
     with triton_client(fleet, 0) as t0, triton_client(fleet, 1) as t1:
-        assert t0.is_model_ready("scale") and not t1.is_model_ready("scale")
-        assert t1.is_model_ready("identity") and not t0.is_model_ready("identity")
+        # Triton holds each version under its internal name.
+        scale, identity = triton_model_name("scale", "1"), triton_model_name("identity", "1")
+        assert t0.is_model_ready(scale) and not t1.is_model_ready(scale)
+        assert t1.is_model_ready(identity) and not t0.is_model_ready(identity)
     scale_before = inference_count(fleet, 0, "scale")
     identity_before = inference_count(fleet, 1, "identity")
 

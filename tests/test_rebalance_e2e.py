@@ -103,9 +103,9 @@ def test_moving_a_model_between_tritons_drops_no_call(fleet: FleetThread) -> Non
     assert loop.calls > 20
     assert loop.failures == []
     with grpcclient.InferenceServerClient(fleet.fleet.tritons[0].address) as t0:
-        assert not t0.is_model_ready("scale")
+        assert not t0.is_model_ready("scale@1")  # Triton names each version `name@version`
     with grpcclient.InferenceServerClient(fleet.fleet.tritons[1].address) as t1:
-        assert t1.is_model_ready("scale")
+        assert t1.is_model_ready("scale@1")
 
 
 def test_a_call_for_a_model_whose_container_died_places_it_again_lazily(fleet: FleetThread) -> None:
