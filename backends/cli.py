@@ -1,18 +1,27 @@
-"""`modelyard models`: upload, list, show and remove model versions."""
+"""`modelyard models`: upload, import, list, show and remove model versions.
+
+Exit status: 0 done; 2 a refusal (bad archive or name, unreachable store), also when some lines of an
+import failed; 3 `name@version` already exists with another artifact or other settings.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from backends.modelstore import ArchiveError, open_model_store
-from backends.registration import RegistrationError, remove, upload
-from modelyard.console import STORE_HELP, fail, run_on_store
+from backends.modelstore import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    MAX_ARCHIVE_BYTES_ENV,
+    ArchiveError,
+    ModelStore,
+    open_model_store,
+)
+from backends.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
 from placement import registry
 from placement.model import ModelVersion, split_model_key
 from placement.units import format_bytes
@@ -20,6 +29,27 @@ from placement.units import format_bytes
 REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
 MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
 DEFAULT_MODEL_STORE = ".modelyard/artifacts"
+
+_model_store_option = click.option(
+    "--model-store",
+    default=None,
+    help=f"Artifact directory; default ${MODEL_STORE_ENV} or {DEFAULT_MODEL_STORE}.",
+)
+_max_archive_bytes_option = click.option(
+    "--max-archive-bytes",
+    type=click.IntRange(1),
+    envvar=MAX_ARCHIVE_BYTES_ENV,
+    default=DEFAULT_MAX_ARCHIVE_BYTES,
+    show_default=True,
+    help=f"Refuse archives larger than this, packed or unpacked (also ${MAX_ARCHIVE_BYTES_ENV}).",
+)
+
+
+def _open_artifacts(model_store: str | None) -> ModelStore:
+    try:
+        return open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+    except ArchiveError as exc:
+        fail(str(exc))
 
 
 @click.group()
@@ -37,11 +67,8 @@ def models() -> None:
 @click.option("--kind", type=click.Choice(["cpu", "gpu", "any"]), default="cpu", show_default=True)
 @click.option("--sha256", "expected_sha256", default=None, help="Refuse the archive unless it has this hash.")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-@click.option(
-    "--model-store",
-    default=None,
-    help=f"Artifact directory; default ${MODEL_STORE_ENV} or {DEFAULT_MODEL_STORE}.",
-)
+@_model_store_option
+@_max_archive_bytes_option
 def upload_command(
     archive: Path,
     name: str,
@@ -53,10 +80,15 @@ def upload_command(
     expected_sha256: str | None,
     store_url: str | None,
     model_store: str | None,
+    max_archive_bytes: int,
 ) -> None:
-    """Check ARCHIVE, store it by sha256 and register it as NAME@VERSION."""
-    artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
-    model = run_on_store(
+    """Check ARCHIVE, store it by sha256 and register it as NAME@VERSION.
+
+    Versions are immutable: if NAME@VERSION exists with another artifact or other settings, nothing
+    changes and the exit status is 3; the same archive and settings again is a no-op.
+    """
+    artifacts = _open_artifacts(model_store)
+    result = run_on_store(
         store_url,
         lambda store: upload(
             store,
@@ -69,13 +101,77 @@ def upload_command(
             replicas=replicas,
             kind=kind,
             expected_sha256=expected_sha256,
+            max_archive_bytes=max_archive_bytes,
         ),
         errors=REFUSALS,
+        exists=(AlreadyRegistered,),
     )
+    model = result.model
     click.echo(
-        f"registered {model.key} ({model.backend}, {model.kind}, {format_bytes(model.memory_bytes)}, "
-        f"sha256 {model.sha256[:12]})"
+        f"{'registered' if result.created else 'already registered, unchanged:'} {model.key} "
+        f"({model.backend}, {model.kind}, {format_bytes(model.memory_bytes)}, sha256 {model.sha256[:12]})"
     )
+
+
+@models.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+@_model_store_option
+@_max_archive_bytes_option
+def import_command(
+    file: Path, store_url: str | None, model_store: str | None, max_archive_bytes: int
+) -> None:
+    """Register every model version listed in FILE (JSONL), skipping those already registered.
+
+    One JSON object per line: name, version, archive (path relative to FILE's folder), optional tenants
+    (list), memory_bytes, replicas, kind. Each archive is checked and stored once. A bad line is reported
+    with its number and registers nothing; the others go on. Exit status 2 if any line failed.
+    """
+    from backends.bulk_import import count_lines, import_models
+
+    artifacts = _open_artifacts(model_store)
+    try:
+        total = count_lines(file)
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror or exc}")
+
+    def report(number: int, error: str | None) -> None:
+        if error is not None:
+            click.echo(f"{file}:{number}: {error}", err=True)
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("import", total=total)
+
+            def on_line(number: int, error: str | None) -> None:
+                progress.advance(task)
+                if error is not None:
+                    console.print(f"{file}:{number}: {error}", markup=False, highlight=False)
+
+            outcome = run_on_store(
+                store_url,
+                lambda store: import_models(
+                    store, artifacts, file, max_archive_bytes=max_archive_bytes, on_line=on_line
+                ),
+                errors=(OSError,),
+            )
+    else:
+        outcome = run_on_store(
+            store_url,
+            lambda store: import_models(
+                store, artifacts, file, max_archive_bytes=max_archive_bytes, on_line=report
+            ),
+            errors=(OSError,),
+        )
+    click.echo(outcome.summary())
+    if outcome.failed:
+        sys.exit(EXIT_REFUSED)
 
 
 @models.command("list")
@@ -88,6 +184,9 @@ def list_command(store_url: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([json.loads(m.to_json()) for m in rows], indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for column in ("model", "backend", "kind", "memory", "replicas", "ready", "tenants"):
         table.add_column(column)
@@ -147,7 +246,7 @@ def show_command(model: str, store_url: str | None) -> None:
 @click.argument("model")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def remove_command(model: str, store_url: str | None) -> None:
-    """Unregister NAME@VERSION; its copies are unloaded. The stored artifact is kept."""
+    """Unregister NAME@VERSION; the placement controller drops its copies. The stored artifact is kept."""
     try:
         name, version = split_model_key(model)
     except ValueError as exc:

@@ -14,7 +14,9 @@ An archive (`.tar.gz`, `.tgz`, `.tar` or a directory) holds a model version's fi
   the signature).
 
 Archives are checked completely before anything is written, then stored under their sha256 (the bytes of
-an archive file, or a hash of a directory's files) by a rename, so a store never holds half an artifact.
+an archive file, or a hash of a directory's files): copied into a staging folder, every file and folder
+fsynced, then renamed into place (and the parent fsynced), so a store never holds half an artifact, not
+even after a power cut. Archives larger than a limit (packed or unpacked) are refused before unpacking.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -32,10 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
-
 from backends.examples import tree_sha256
+from placement.units import format_bytes
 
 BACKENDS = ("triton", "custom")
 _TRITON_TYPES = {
@@ -46,6 +47,10 @@ _TRITON_TYPES = {
 }  # fmt: skip
 # A python-backend model runs in its own stub process (~20 MiB) whatever its files weigh.
 TRITON_PYTHON_MIN_BYTES = 32 * 1024 * 1024
+# Archives (packed, and their unpacked files) above this are refused: a typo'd path to a dataset, or a
+# decompression bomb, must not fill the artifact store's disk.
+DEFAULT_MAX_ARCHIVE_BYTES = 2 * 1024**3
+MAX_ARCHIVE_BYTES_ENV = "MODELYARD_MAX_ARCHIVE_BYTES"
 
 
 class ArchiveError(ValueError):
@@ -118,6 +123,10 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def _check_triton(root: Path, manifest: Manifest) -> int:
+    # Imported here: protobuf and tritonclient cost ~0.2 s, and only Triton archives need them.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     config_path = root / "config.pbtxt"
     if not config_path.is_file() or not (root / "version").is_dir():
         raise ArchiveError("a triton archive needs config.pbtxt and a version/ folder")
@@ -152,10 +161,23 @@ def _check_custom(root: Path, manifest: Manifest) -> int:
     return int(model.memory_bytes)
 
 
+def _too_big(archive: Path, size: int, limit: int, what: str) -> ArchiveError:
+    return ArchiveError(
+        f"{archive}: {what} {format_bytes(size)}, over the {format_bytes(limit)} archive limit "
+        f"(--max-archive-bytes or ${MAX_ARCHIVE_BYTES_ENV})"
+    )
+
+
 @contextmanager
-def unpacked(archive: Path) -> Iterator[tuple[Path, str]]:
-    """The archive's files in a temporary directory, and the archive's sha256."""
+def unpacked(archive: Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES) -> Iterator[tuple[Path, str]]:
+    """The archive's files in a temporary directory, and the archive's sha256.
+
+    Refuses an archive whose file, or whose unpacked files together, exceed `max_bytes`.
+    """
     if archive.is_dir():
+        size = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file())
+        if size > max_bytes:
+            raise _too_big(archive, size, max_bytes, "its files hold")
         with tempfile.TemporaryDirectory(prefix="modelyard-archive-") as tmp:
             root = Path(tmp) / "model"
             shutil.copytree(archive, root, ignore=shutil.ignore_patterns("__pycache__"))
@@ -163,6 +185,9 @@ def unpacked(archive: Path) -> Iterator[tuple[Path, str]]:
         return
     if not archive.is_file():
         raise ArchiveError(f"{archive}: no such file or directory")
+    packed = archive.stat().st_size
+    if packed > max_bytes:
+        raise _too_big(archive, packed, max_bytes, "the archive is")
     digest = hashlib.sha256()
     with archive.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -175,6 +200,10 @@ def unpacked(archive: Path) -> Iterator[tuple[Path, str]]:
         root = Path(tmp) / "model"
         root.mkdir()
         try:
+            # The members' declared sizes, read before anything is written (a gzip bomb stops here).
+            unpacked_bytes = sum(member.size for member in tar.getmembers() if member.isfile())
+            if unpacked_bytes > max_bytes:
+                raise _too_big(archive, unpacked_bytes, max_bytes, "its files unpack to")
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(root, filter="data")  # refuses absolute paths, links out of the tree, devices
             else:  # Pythons before 3.11.4 without the backport: plain files and folders inside the tree only
@@ -196,8 +225,10 @@ def unpacked(archive: Path) -> Iterator[tuple[Path, str]]:
 
 
 @contextmanager
-def checked(archive: Path, expected_sha256: str | None = None) -> Iterator[CheckedArchive]:
-    with unpacked(archive) as (root, sha):
+def checked(
+    archive: Path, expected_sha256: str | None = None, *, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+) -> Iterator[CheckedArchive]:
+    with unpacked(archive, max_bytes) as (root, sha):
         if expected_sha256 is not None and expected_sha256.lower() != sha:
             raise ArchiveError(f"sha256 mismatch: expected {expected_sha256}, archive is {sha}")
         manifest = read_manifest(root)
@@ -225,19 +256,40 @@ class ModelStore(abc.ABC):
         """A local directory with the artifact's files (a download cache for remote stores)."""
 
 
+def _fsync_path(path: Path, *, directory: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` (and `root`) on disk, deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(folder, name), directory=False)
+        _fsync_path(Path(folder), directory=True)
+
+
 class LocalModelStore(ModelStore):
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def put(self, archive: CheckedArchive) -> str:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            _fsync_path(self.root.parent, directory=True)
         target = self.root / archive.sha256
         if not target.exists():
             staging = Path(tempfile.mkdtemp(prefix=f".{archive.sha256}.", dir=self.root))
             try:
                 shutil.copytree(archive.root, staging, dirs_exist_ok=True)
                 staging.chmod(0o755)  # mkdtemp makes it owner-only; containers may run as other users
+                # Contents durable before the name: after a crash the artifact is whole or absent.
+                _fsync_tree(staging)
                 staging.rename(target)
+                _fsync_path(self.root, directory=True)
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)
                 if not target.exists():

@@ -1,24 +1,42 @@
-"""Registering model versions: check the archive, store it by hash, then write one registry key.
+"""Registering model versions: check the archive, store it by hash, then create one registry key.
+
+`name@version` is immutable. The registry key is created with a compare-and-swap ("only if absent"), so
+of two concurrent registrations of one version exactly one wins and the other is refused with
+AlreadyRegistered; registering the same artifact with the same settings again changes nothing.
 
 Nothing is half-registered: the archive is checked in full first, the artifact lands by rename, and the
-registration is a single put; if that put fails, an artifact this call added is removed again.
+registration is one conditional write. An artifact stored for a registration that then loses the race
+stays in the model store: another registration may share it (artifacts are content-addressed), and an
+unreferenced artifact is harmless.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from backends.modelstore import ModelStore, checked
+from backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ModelStore, checked
 from placement import registry
 from placement.model import MODEL_KINDS, ModelVersion, model_key
-from placement.store import Store, StoreError
+from placement.store import KeyValue, Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
 class RegistrationError(ValueError):
     """A registration is refused; the message is one line."""
+
+
+class AlreadyRegistered(RegistrationError):
+    """`name@version` already holds another artifact or other settings: versions are immutable."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    model: ModelVersion  # as registered in the store
+    created: bool  # False: the identical registration was already there
 
 
 def check_name(name: str, version: str, backend: str) -> None:
@@ -28,6 +46,64 @@ def check_name(name: str, version: str, backend: str) -> None:
         raise RegistrationError(f"bad version {version!r}: Triton versions are positive integers")
     if not _NAME.fullmatch(version):
         raise RegistrationError(f"bad version {version!r}: letters, digits, '_', '.', '-'")
+
+
+def check_settings(kind: str, replicas: int, memory_bytes: int | None) -> None:
+    if kind not in MODEL_KINDS:
+        raise RegistrationError(f"unknown kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
+    if replicas < 1:
+        raise RegistrationError(f"replicas must be >= 1, got {replicas}")
+    if memory_bytes is not None and memory_bytes <= 0:
+        raise RegistrationError(f"memory bytes must be positive, got {memory_bytes}")
+
+
+def same_registration(a: ModelVersion, b: ModelVersion) -> bool:
+    """Same artifact and settings. The artifact URI may differ: one artifact, two model-store paths."""
+    return dataclasses.replace(a, artifact_uri="") == dataclasses.replace(b, artifact_uri="")
+
+
+def parse_registered(item: KeyValue) -> ModelVersion | None:
+    """The registration a registry key holds, or None when its value does not parse."""
+    try:
+        return ModelVersion.from_json(item.value)
+    except (ValueError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
+        return None
+
+
+def conflict(existing: ModelVersion | None, wanted: ModelVersion) -> AlreadyRegistered:
+    """The refusal for registering `wanted` over a different registration of its version."""
+    if existing is None:
+        return AlreadyRegistered(f"{wanted.key} already exists (its registration does not parse)")
+    if existing.sha256 != wanted.sha256:
+        return AlreadyRegistered(
+            f"{wanted.key} already exists with another artifact ({existing.sha256[:12]}); "
+            "versions are immutable: remove it first or upload a new version"
+        )
+    differences = ", ".join(
+        f"{field} {getattr(existing, field)!r}"
+        for field in ("backend", "kind", "memory_bytes", "replicas", "tenants")
+        if getattr(existing, field) != getattr(wanted, field)
+    )
+    return AlreadyRegistered(
+        f"{wanted.key} already exists with this artifact but other settings ({differences}); "
+        "versions are immutable: remove it first or upload a new version"
+    )
+
+
+async def register(store: Store, model: ModelVersion) -> Registration:
+    """Creates `model`'s registry key if absent (compare-and-swap); an identical registration is a no-op."""
+    key = registry.MODELS + model.key
+    for _ in range(3):
+        if await store.apply({key: model.to_json()}, if_equal=(key, None)):
+            return Registration(model, created=True)
+        current = await store.get(key)
+        if current is None:
+            continue  # removed between our write and our read: try to create it again
+        existing = parse_registered(current)
+        if existing is not None and same_registration(existing, model):
+            return Registration(existing, created=False)
+        raise conflict(existing, model)
+    raise AlreadyRegistered(f"{model.key} is being registered and removed concurrently; try again")
 
 
 async def upload(
@@ -42,51 +118,46 @@ async def upload(
     replicas: int = 1,
     kind: str = "cpu",
     expected_sha256: str | None = None,
-) -> ModelVersion:
-    """Checks, stores and registers one model version; returns its registration."""
-    if kind not in MODEL_KINDS:
-        raise RegistrationError(f"unknown kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
-    if replicas < 1:
-        raise RegistrationError(f"replicas must be >= 1, got {replicas}")
-    if memory_bytes is not None and memory_bytes <= 0:
-        raise RegistrationError(f"memory bytes must be positive, got {memory_bytes}")
-    with checked(archive, expected_sha256) as artifact:
+    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+) -> Registration:
+    """Checks, stores and registers one model version."""
+    check_settings(kind, replicas, memory_bytes)
+    with checked(archive, expected_sha256, max_bytes=max_archive_bytes) as artifact:
         check_name(name, version, artifact.manifest.backend)
-        existing = await store.get(registry.MODELS + model_key(name, version))
-        if existing is not None:
-            current = ModelVersion.from_json(existing.value)
-            if current.sha256 != artifact.sha256:
-                raise RegistrationError(
-                    f"{name}@{version} is already registered with another artifact ({current.sha256[:12]}); "
-                    "versions are immutable: remove it first or upload a new version"
-                )
-        newly_stored = not model_store.has(artifact.sha256)
-        uri = model_store.put(artifact)
-        model = ModelVersion(
+        wanted = ModelVersion(
             name=name,
             version=version,
             backend="custom" if artifact.manifest.backend == "custom" else "triton",
             kind=kind,  # type: ignore[arg-type]
             memory_bytes=memory_bytes or artifact.memory_bytes,
             replicas=replicas,
-            artifact_uri=uri,
             sha256=artifact.sha256,
             tenants=tuple(sorted(set(tenants))),
         )
-        try:
-            await registry.register_model(store, model)
-        except StoreError:
-            if newly_stored:
-                model_store.remove(artifact.sha256)
-            raise
-        return model
+        # Refuse early, before storing anything, when the version is visibly taken; the conditional
+        # write in `register` is what decides a race.
+        current = await store.get(registry.MODELS + wanted.key)
+        if current is not None:
+            existing = parse_registered(current)
+            if existing is not None and same_registration(existing, wanted):
+                return Registration(existing, created=False)
+            raise conflict(existing, wanted)
+        uri = model_store.put(artifact)
+        return await register(store, dataclasses.replace(wanted, artifact_uri=uri))
 
 
 async def remove(store: Store, name: str, version: str) -> ModelVersion:
-    """Unregisters a version and drops its assignment (agents unload it). The artifact stays stored."""
+    """Unregisters a version with one conditional delete of its registry key. The artifact stays stored.
+
+    The shard map is the placement controller's: it drops the assignments of unregistered models and the
+    agents unload them, so nothing here writes under /modelyard/map/.
+    """
     key = model_key(name, version)
     existing = await store.get(registry.MODELS + key)
     if existing is None:
         raise RegistrationError(f"{key} is not registered")
-    await store.apply({}, [registry.MODELS + key, registry.ASSIGN + key])
-    return ModelVersion.from_json(existing.value)
+    if not await store.apply({}, [existing.key], if_equal=(existing.key, existing.value)):
+        if await store.get(existing.key) is None:
+            raise RegistrationError(f"{key} is not registered (it was removed concurrently)")
+        raise RegistrationError(f"{key} changed while it was being removed; nothing was removed")
+    return parse_registered(existing) or ModelVersion(name=name, version=version)

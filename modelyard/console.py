@@ -1,29 +1,43 @@
-"""How commands end and reach the store: a user error is one line on stderr and exit status 2."""
+"""How commands end and reach the store: a user error is one line on stderr and a non-zero exit status.
+
+Kept light (click only): every `modelyard` command imports this, and the heavy modules (asyncio, the
+stores) are imported when a command actually runs against a store.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 
-from placement.store import Store, StoreError, default_store_url, open_store
+if TYPE_CHECKING:
+    from placement.store import Store
 
 T = TypeVar("T")
 STORE_HELP = "Store URL (etcd://host:port) or directory; default $MODELYARD_STORE or ./.modelyard/store."
+EXIT_REFUSED = 2  # a user error: bad file, bad flag, refused archive, unreachable store
+EXIT_EXISTS = 3  # what the command would create already exists with other content (name@version taken)
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, status: int = EXIT_REFUSED) -> NoReturn:
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def run_on_store(
-    store_url: str | None, work: Callable[[Store], Awaitable[T]], errors: tuple[type[Exception], ...] = ()
+    store_url: str | None,
+    work: Callable[[Store], Awaitable[T]],
+    errors: tuple[type[Exception], ...] = (),
+    *,
+    exists: tuple[type[Exception], ...] = (),
 ) -> T:
-    """Runs `work` against the store; store errors (and `errors`) end the command with one line."""
+    """Runs `work` against the store; store errors (and `errors`) end the command with one line and
+    EXIT_REFUSED, `exists` errors with one line and EXIT_EXISTS."""
+    import asyncio
+
+    from placement.store import StoreError, default_store_url, open_store
 
     async def main() -> T:
         async with open_store(store_url or default_store_url()) as store:
@@ -32,5 +46,7 @@ def run_on_store(
     refusals: tuple[type[Exception], ...] = (StoreError, *errors)
     try:
         return asyncio.run(main())
+    except exists as exc:
+        fail(str(exc), EXIT_EXISTS)
     except refusals as exc:
         fail(str(exc))

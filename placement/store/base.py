@@ -85,6 +85,22 @@ class Store(abc.ABC):
         the puts are attached to it.
         """
 
+    async def put_absent(self, puts: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Creates each key of `puts` that is absent (a compare-and-swap per key); returns the value each
+        present key holds instead (those keys are left as they are).
+
+        Many keys go in batches of at most MAX_TXN_OPS, each batch one atomic write. This generic version
+        writes one key at a time; the stores do it in one transaction per batch.
+        """
+        present: dict[str, bytes] = {}
+        for key, value in puts.items():
+            while not await self.apply({key: value}, if_equal=(key, None)):
+                current = await self.get(key)
+                if current is not None:
+                    present[key] = current.value
+                    break
+        return present
+
     @abc.abstractmethod
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         """Events under `prefix` from `start_revision` on, in batches; raises CompactedError if too old."""

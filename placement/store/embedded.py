@@ -215,6 +215,41 @@ class EmbeddedStore(Store):
             first = False
         return True
 
+    def _put_absent(self, puts: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
+        """One atomic revision creating the absent keys; the present ones' values."""
+        self._expire_leases()
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            present: dict[str, bytes] = {}
+            revision = self._revision() + 1
+            for key, value in puts:
+                row = conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+                if row is not None:
+                    present[key] = bytes(row[0])
+                    continue
+                conn.execute("INSERT INTO kv VALUES (?, ?, ?, NULL)", (key, value, revision))
+                conn.execute("INSERT OR REPLACE INTO log VALUES (?, ?, ?)", (revision, key, value))
+            if len(present) < len(puts):
+                conn.execute("UPDATE meta SET value=? WHERE name='revision'", (revision,))
+                if revision % 1000 == 0:  # as in _write: the change log keeps the last revisions only
+                    compacted = revision - _LOG_KEEP_REVISIONS
+                    conn.execute("DELETE FROM log WHERE revision <= ?", (compacted,))
+                    conn.execute("UPDATE meta SET value=max(value, ?) WHERE name='compacted'", (compacted,))
+            conn.execute("COMMIT")
+            return present
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    async def put_absent(self, puts: Mapping[str, bytes]) -> dict[str, bytes]:
+        items = list(puts.items())
+        present: dict[str, bytes] = {}
+        for start in range(0, len(items), MAX_TXN_OPS):
+            present.update(await self._run(self._put_absent, items[start : start + MAX_TXN_OPS]))
+        return present
+
     async def grant_lease(self, ttl_s: float) -> Lease:
         return _EmbeddedLease(self, await self._run(self._grant_lease, ttl_s), ttl_s)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from placement.store.base import (
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _MAX_RESPONSE_BYTES = 512 * 1024 * 1024
+_PUT_ABSENT_CONCURRENCY = 4
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
@@ -234,6 +236,42 @@ class EtcdStore(Store):
                 return False
             first = False
         return True
+
+    @_translated
+    async def put_absent(self, puts: Mapping[str, bytes]) -> dict[str, bytes]:
+        # One transaction per batch holding a nested transaction per key (etcd >= 3.3): "if the key has
+        # no version, put it, else read it" — every key decided in the same round trip.
+        tx = self._client.transactions
+        items = list(puts.items())
+        batches = iter(range(0, len(items), MAX_TXN_OPS))
+        present: dict[str, bytes] = {}
+
+        async def write_batches() -> None:
+            for start in batches:  # shared iterator: each batch is taken by one worker
+                batch = items[start : start + MAX_TXN_OPS]
+                ops = [
+                    tx.txn(
+                        compare=[tx.version(key.encode()) == 0],
+                        success=[tx.put(key.encode(), value)],
+                        failure=[tx.get(key.encode())],
+                    )
+                    for key, value in batch
+                ]
+                _, responses = await self._client.transaction(compare=[], success=ops, failure=[])
+                for (key, _), response in zip(batch, responses, strict=True):
+                    outcome = response.response_txn
+                    if not outcome.succeeded:
+                        kvs = outcome.responses[0].response_range.kvs
+                        present[key] = kvs[0].value if kvs else b""
+
+        # A few batches in flight hide the round trips; etcd applies each atomically in its own order.
+        results = await asyncio.gather(
+            *(write_batches() for _ in range(_PUT_ABSENT_CONCURRENCY)), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return present
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from backends.examples import EXAMPLES_DIR
 from backends.modelstore import ArchiveError, LocalModelStore
-from backends.registration import RegistrationError, remove, upload
+from backends.registration import AlreadyRegistered, RegistrationError, remove, upload
 from placement import registry
 from placement.store import open_store
 
@@ -36,7 +39,7 @@ def triton_archive(tmp_path: Path, manifest: dict | None = None, name: str = "sc
 def register(tmp_path: Path, archive: Path, **kwargs):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
         async with open_store(str(tmp_path / "store")) as store:
-            model = await upload(store, LocalModelStore(tmp_path / "artifacts"), archive, **kwargs)
+            model = (await upload(store, LocalModelStore(tmp_path / "artifacts"), archive, **kwargs)).model
             fleet = await registry.load_fleet(store)
             return model, fleet
 
@@ -127,8 +130,10 @@ def test_versions_are_immutable_but_reuploading_the_same_artifact_is_fine(tmp_pa
     model, _ = register(tmp_path, first, name="scale", version="1")
     again, _ = register(tmp_path, first, name="scale", version="1")
     assert again == model
-    with pytest.raises(RegistrationError, match="already registered with another artifact"):
+    with pytest.raises(AlreadyRegistered, match="already exists with another artifact"):
         register(tmp_path, other, name="scale", version="1")
+    with pytest.raises(AlreadyRegistered, match=r"this artifact but other settings \(replicas 1\)"):
+        register(tmp_path, first, name="scale", version="1", replicas=2)
     assert registered(tmp_path) == {"scale@1": model}
 
 
@@ -143,16 +148,19 @@ def test_bad_names_and_versions_are_refused(tmp_path: Path, name: str, version: 
     assert registered(tmp_path) == {}
 
 
-def test_remove_unregisters_and_drops_the_assignment(tmp_path: Path) -> None:
+def test_remove_unregisters_and_leaves_the_shard_map_to_the_controller(tmp_path: Path) -> None:
     archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
     register(tmp_path, archive, name="scale", version="1")
 
     async def main() -> None:
         async with open_store(str(tmp_path / "store")) as store:
             await registry.write_shard_map(store, {"scale@1": ["c1"]}, expected_generation=0)
+            map_before, _ = await store.get_prefix("/modelyard/map/")
             await remove(store, "scale", "1")
-            fleet = await registry.load_fleet(store)
-            assert fleet.models == {} and fleet.assignments == {}
+            assert (await registry.load_fleet(store)).models == {}
+            # The controller is the one writer of the map: it drops the copies of unregistered models.
+            map_after, _ = await store.get_prefix("/modelyard/map/")
+            assert map_after == map_before
             with pytest.raises(RegistrationError, match="not registered"):
                 await remove(store, "scale", "1")
 
@@ -164,3 +172,90 @@ def test_stored_artifacts_are_readable_by_other_users(tmp_path: Path) -> None:
     model, _ = register(tmp_path, archive, name="scale", version="1")
     stored = tmp_path / "artifacts" / model.sha256
     assert stored.stat().st_mode & 0o777 == 0o755  # containers may run as another uid than the uploader
+
+
+def test_an_archive_over_the_size_limit_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    limit = archive.stat().st_size - 1
+    with pytest.raises(ArchiveError, match=r"the archive is .* over the .* archive limit"):
+        register(tmp_path, archive, name="scale", version="1", max_archive_bytes=limit)
+    assert registered(tmp_path) == {}
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_an_archive_that_unpacks_over_the_size_limit_is_refused_before_unpacking(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.tgz"
+    zeros = tmp_path / "zeros"
+    zeros.write_bytes(bytes(1_000_000))  # compresses to ~1 KB
+    with tarfile.open(bomb, "w:gz") as tar:
+        tar.add(zeros, arcname="weights.bin")
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(
+        ArchiveError, match=r"its files unpack to 976\.6 KiB, over the 97\.7 KiB archive limit"
+    ):
+        register(tmp_path, bomb, name="scale", version="1", max_archive_bytes=100_000)
+
+
+def test_a_directory_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    shutil.copytree(EXAMPLES_DIR / "scale", source)
+    (source / "manifest.json").write_text(json.dumps({"backend": "triton", **SIGNATURE}))
+    with pytest.raises(ArchiveError, match="its files hold"):
+        register(tmp_path, source, name="scale", version="1", max_archive_bytes=10)
+
+
+def test_upload_refuses_an_oversized_archive_with_one_line_and_status_2(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    result = subprocess.run(
+        [sys.executable, "-m", "modelyard", "models", "upload", str(archive), "--name", "scale",
+         "--version", "1", "--store", str(tmp_path / "store"), "--model-store", str(tmp_path / "artifacts")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MODELYARD_MAX_ARCHIVE_BYTES": "100"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "over the 100 B archive limit" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stored_artifacts_are_fsynced_before_they_are_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut cannot be produced in a test, so this watches the real fsync calls instead: every file
+    # and folder of the artifact must reach the disk before its final name exists, and the store's
+    # folder after the rename.
+    synced: list[tuple[str, bool]] = []  # (path, the final artifact folder existed at the time)
+    real_fsync = os.fsync
+    artifacts = tmp_path / "artifacts"
+
+    def watched_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, any(p.is_dir() and not p.name.startswith(".") for p in artifacts.iterdir())))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    model, _ = register(tmp_path, archive, name="scale", version="1")
+    stored = artifacts / model.sha256
+    in_staging = {  # what was synced under the staging folder, relative to it, before the rename
+        str(Path(*Path(path).relative_to(artifacts).parts[1:]))
+        for path, visible in synced
+        if not visible and Path(path).is_relative_to(artifacts) and Path(path) != artifacts
+    }
+    assert {str(p.relative_to(stored)) for p in stored.rglob("*")} | {"."} <= in_staging
+    assert (str(artifacts), True) in synced  # the rename itself made durable
+
+
+def test_an_artifact_that_fails_to_reach_the_disk_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error on fsync (a failing disk) cannot be produced on demand: this one is injected.
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    (tmp_path / "artifacts").mkdir()  # so the failure hits the artifact's own files
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    with pytest.raises(OSError, match="Input/output error"):
+        register(tmp_path, archive, name="scale", version="1")
+    assert registered(tmp_path) == {}
+    assert list((tmp_path / "artifacts").iterdir()) == []  # no artifact, no staging folder
