@@ -1,10 +1,14 @@
-"""The `modelyard` command."""
+"""The `modelyard` command.
+
+Start-up cost counts (`modelyard placement plan` on 10k models takes a few tenths of a second), so this
+module imports only click: each command imports what it runs, and the `placement`, `models` and
+`routes` groups are imported when invoked.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +17,35 @@ from typing import Any, TypeVar
 import click
 
 from modelyard.console import fail
-from modelyard.logs import setup_logging
-from placement.store import StoreError, default_store_url
 
 
-@click.group()
+class LazyGroup(click.Group):
+    """A group whose subgroups (`name: "module:attribute"`) are imported only when used."""
+
+    def __init__(self, *args: Any, lazy_groups: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_groups = lazy_groups
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_groups])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy_groups.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command: click.Command = getattr(importlib.import_module(module), attribute)
+        return command
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_groups={
+        "placement": "placement.cli:placement",
+        "models": "backends.cli:models",
+        "routes": "router.cli:routes",
+    },
+)
 @click.option(
     "--log-level",
     envvar="MODELYARD_LOG_LEVEL",
@@ -33,6 +61,8 @@ from placement.store import StoreError, default_store_url
 )
 def main(log_level: str, log_json: bool) -> None:
     """modelyard: serve thousands of ML models from a fleet of shared inference containers."""
+    from modelyard.logs import setup_logging
+
     setup_logging(log_level, log_json)
 
 
@@ -107,9 +137,12 @@ def up(
     workdir: Path, store_url: str | None, containers: int, custom_containers: int, host: str, port: int
 ) -> None:
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
+    import asyncio
+
     from backends.container_process import ContainerStartError
     from backends.triton_server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
+    from placement.store import StoreError
     from router.server import RouterStartError
 
     fleet = LocalFleet(
@@ -159,6 +192,13 @@ def up(
     help="Client certificate for containers that require one.",
 )
 @click.option("--upstream-key", envvar="MODELYARD_UPSTREAM_KEY", default=None, help="Its PEM key.")
+@click.option(
+    "--default-deadline-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Deadline of calls to containers when the caller set none (bidi sessions excepted).",
+)
 def serve(
     store_url: str | None,
     host: str,
@@ -172,11 +212,15 @@ def serve(
     upstream_ca: str | None,
     upstream_cert: str | None,
     upstream_key: str | None,
+    default_deadline_s: float,
 ) -> None:
     """Run the router against a store."""
+    import asyncio
+    import signal
+
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
-    from placement.store import open_store
+    from placement.store import StoreError, default_store_url, open_store
     from router.server import RouterServer, RouterStartError
     from router.workers import run_workers
 
@@ -194,7 +238,7 @@ def serve(
         if port == 0:
             fail("--workers needs a fixed --port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
-        sys.exit(run_workers(url, host, port, workers, metrics_port))
+        sys.exit(run_workers(url, host, port, workers, metrics_port, default_deadline_s=default_deadline_s))
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -209,6 +253,7 @@ def serve(
             Telemetry("modelyard-router", traces=traces, metrics_port=metrics_port),
             server_credentials=server_tls,
             upstream_credentials=upstream_tls,
+            default_deadline_s=default_deadline_s,
         )
         try:
             await server.start()
@@ -249,6 +294,8 @@ def container(
     metrics_port: int | None,
 ) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
+    import asyncio
+
     from backends.container import run_container
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError
@@ -295,12 +342,14 @@ def agent(
     metrics_port: int | None,
 ) -> None:
     """Run the agent of one container: load and unload models to match the shard map."""
+    import asyncio
+
     from backends.agent import Agent, ContainerAdapter
     from backends.custom import CustomAdapter
     from backends.triton import TritonAdapter
     from modelyard.telemetry import Telemetry
     from placement.model import Container
-    from placement.store import open_store
+    from placement.store import StoreError, default_store_url, open_store
 
     if backend == "triton" and repository is None:
         fail("--repository is required for a Triton container")
@@ -345,8 +394,10 @@ def agent(
 )
 def controller(store_url: str | None, ready_timeout_s: float) -> None:
     """Run the placement controller: place new models, re-place lost copies, fill new containers."""
+    import asyncio
+
     from placement.controller import PlacementController
-    from placement.store import open_store
+    from placement.store import StoreError, default_store_url, open_store
 
     async def run() -> None:
         async with open_store(store_url or default_store_url()) as store:
@@ -372,18 +423,6 @@ def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> Any
         raise TLSConfigError("TLS needs both --tls-cert and --tls-key")
     return server_credentials(cert, key, client_ca)
 
-
-def _add_groups() -> None:
-    from backends.cli import models
-    from placement.cli import placement
-    from router.cli import routes
-
-    main.add_command(placement)
-    main.add_command(models)
-    main.add_command(routes)
-
-
-_add_groups()
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ from modelyard.telemetry import Telemetry
 from placement.store import Store
 from router.api import SERVICE as ROUTER_SERVICE
 from router.api import api_handler
-from router.core import Router
+from router.core import DEFAULT_DEADLINE_S, Router
 from router.health import RouterHealth
 from router.kserve import SERVICE as KSERVE_SERVICE
 from router.kserve import kserve_handler
@@ -39,10 +39,11 @@ class RouterServer:
         *,
         server_credentials: grpc.ServerCredentials | None = None,
         upstream_credentials: grpc.ChannelCredentials | None = None,
+        default_deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> None:
         self.telemetry = telemetry
         self.server_credentials = server_credentials
-        self.router = Router(store, telemetry, upstream_credentials)
+        self.router = Router(store, telemetry, upstream_credentials, default_deadline_s=default_deadline_s)
         self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host
         self.port = port

@@ -12,13 +12,23 @@ import sys
 import time
 
 
-def run_workers(store_url: str, host: str, port: int, workers: int, metrics_port: int | None = None) -> int:
+def run_workers(
+    store_url: str,
+    host: str,
+    port: int,
+    workers: int,
+    metrics_port: int | None = None,
+    *,
+    default_deadline_s: float | None = None,
+) -> int:
     """Starts the workers, forwards SIGINT/SIGTERM to them, and returns when all have exited.
 
     With `metrics_port`, worker i serves /metrics on metrics_port + i (each process has its own counters).
     """
     command = [sys.executable, "-m", "modelyard", "serve", "--workers", "1", "--store", store_url]
     command += ["--host", host, "--port", str(port)]
+    if default_deadline_s is not None:
+        command += ["--default-deadline-s", str(default_deadline_s)]
     children = [
         subprocess.Popen(
             [*command, *(["--metrics-port", str(metrics_port + i)] if metrics_port is not None else [])],

@@ -12,6 +12,9 @@ from router.wire import (
     read_name_version,
     stream_error,
     with_bool_parameter,
+    with_name,
+    with_name_version,
+    with_nested_name,
     with_version,
 )
 
@@ -87,3 +90,43 @@ def test_with_bool_parameter_sets_the_parameter_protobuf_reads(key: str, value: 
 def test_stream_error_is_a_model_stream_infer_response() -> None:
     parsed = kserve.ModelStreamInferResponse.FromString(stream_error("model 'x' is not registered"))
     assert parsed.error_message == "model 'x' is not registered" and not parsed.HasField("infer_response")
+
+
+@given(names, names, names, names, tensors)
+def test_with_name_version_overrides_both_and_keeps_the_tensors(
+    name, version, new_name, new_version, raw
+) -> None:  # type: ignore[no-untyped-def]
+    original = request(name, version, raw, "id-1")
+    parsed = kserve.ModelInferRequest.FromString(
+        with_name_version(original.SerializeToString(), new_name, new_version)
+    )
+    assert (parsed.model_name, parsed.model_version) == (new_name, new_version)
+    original.model_name, original.model_version = new_name, new_version
+    assert parsed == original
+
+
+@given(names, names, tensors)
+def test_with_name_overrides_a_response_s_model_name(name, new_name, raw) -> None:  # type: ignore[no-untyped-def]
+    response = kserve.ModelInferResponse(model_name=name, model_version="4", id="r")
+    response.raw_output_contents.extend(raw)
+    parsed = kserve.ModelInferResponse.FromString(with_name(response.SerializeToString(), new_name))
+    response.model_name = new_name
+    assert parsed == response
+
+
+@given(names, names, tensors)
+def test_with_nested_name_merges_into_the_sub_message(name, new_name, raw) -> None:  # type: ignore[no-untyped-def]
+    inner = kserve.ModelInferResponse(model_name=name, model_version="2", id="r")
+    inner.raw_output_contents.extend(raw)
+    inner.parameters["triton_final_response"].bool_param = True
+    envelope = kserve.ModelStreamInferResponse(infer_response=inner).SerializeToString()
+    parsed = kserve.ModelStreamInferResponse.FromString(with_nested_name(envelope, 2, new_name))
+    inner.model_name = new_name
+    assert parsed == kserve.ModelStreamInferResponse(infer_response=inner)
+    config = kserve.ModelConfigResponse()
+    config.config.name = name
+    config.config.backend = "python"
+    parsed_config = kserve.ModelConfigResponse.FromString(
+        with_nested_name(config.SerializeToString(), 1, new_name)
+    )
+    assert (parsed_config.config.name, parsed_config.config.backend) == (new_name, "python")
