@@ -2,7 +2,16 @@
 
 It keeps the container registered under a lease (its liveness), follows the store's watch, loads what the
 map assigns and unloads what it no longer does, and writes each copy's state (loading / ready / failed)
-so routers send traffic to ready copies only. A failed load is retried with exponential backoff.
+so routers send traffic to ready copies only.
+
+It is built to outlive its surroundings:
+- anything a load, unload or measurement raises is one failed copy (with the reason), retried with
+  backoff, and a failed load is retried at once when its model's registration changes;
+- a lost lease (store blip, expiry) re-registers the container and re-reports its copies; what is loaded
+  stays loaded;
+- what the container holds is asked of the container (its repository index) whenever the agent does not
+  know it: at start, and after the container was down or restarted. Models the map no longer assigns are
+  then unloaded, and the ones it still assigns are adopted without a reload.
 """
 
 from __future__ import annotations
@@ -11,15 +20,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from backends.triton import LoadError
 from modelyard.telemetry import Telemetry
 from placement import registry
-from placement.model import Container, CopyState, ModelVersion
+from placement.model import Container, CopyState, ModelVersion, split_model_key
 from placement.registry import Fleet
-from placement.store import CompactedError, Lease, Store, StoreError
+from placement.store import CompactedError, Event, Lease, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +44,25 @@ class ContainerAdapter(Protocol):
     async def load(self, model: ModelVersion) -> None: ...
     async def unload(self, model: ModelVersion) -> None: ...
     async def footprint(self, model: ModelVersion) -> int: ...
+    async def ready_versions(self) -> set[str]:
+        """Keys (`name@version`) of the model versions the container reports ready."""
+        ...
+
     async def close(self) -> None: ...
 
 
 @dataclass
 class _Backoff:
+    model: ModelVersion  # what failed: a different registration is worth a new try at once
     attempts: int = 0
     next_try: float = 0.0
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's own words; with its type's name when it is not one of ours (a client's error, a bug)."""
+    if isinstance(exc, LoadError | StoreError | OSError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Agent:
@@ -67,107 +89,324 @@ class Agent:
         self.telemetry = telemetry
         self.loaded: dict[str, ModelVersion] = {}
         self.load_calls = 0  # loads sent to the container, for tests and metrics
-        self._backoff: dict[str, _Backoff] = {}
+        self.unload_calls = 0
+        self.registrations = 0  # leases granted to this container, for tests and metrics
+        self._measured: dict[str, int] = {}
+        self._load_backoff: dict[str, _Backoff] = {}
+        self._unload_backoff: dict[str, _Backoff] = {}
         self._load_slots = asyncio.Semaphore(max_parallel_loads)
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the reconcile loop has something to look at
+        self._beat = asyncio.Event()  # the heartbeat should look now rather than at its next period
         self._fleet = Fleet()
+        self._fleet_loaded = asyncio.Event()
         self._lease: Lease | None = None
+        self._registered = asyncio.Event()
+        # True while the agent does not know what the container holds (start, container down/restarted).
+        self._holdings_unknown = True
+        self._registration_gone = False  # our container key vanished from the store while we held a lease
         self.converged = asyncio.Event()  # set whenever a reconcile pass leaves nothing to do
 
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
     async def run(self) -> None:
-        """Registers (while the container answers), then reconciles until cancelled."""
-        tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._follow())]
+        """Registers (while the container answers), then reconciles until cancelled.
+
+        Cancelled (an orderly stop), it withdraws the container. If one of its loops crashes (a bug), it
+        raises and keeps the lease: run it again and it carries on where it was, without a reload.
+        """
+        self._holdings_unknown = True
+        tasks = [
+            asyncio.create_task(self._follow(), name=f"agent-{self.container.id}-follow"),
+            asyncio.create_task(self._heartbeat(), name=f"agent-{self.container.id}-heartbeat"),
+            asyncio.create_task(self._reconcile_forever(), name=f"agent-{self.container.id}-reconcile"),
+        ]
+        stopping = False
         try:
-            await self._reconcile_forever()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what stopped it
+            raise RuntimeError("an agent loop returned")
+        except asyncio.CancelledError:
+            stopping = True
+            raise
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self._lease is not None:
-                with contextlib.suppress(StoreError, OSError):
-                    await self._lease.revoke()
+            if stopping and self._lease is not None:
+                lease, self._lease = self._lease, None
+                self._registered.clear()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lease.revoke(), timeout=5)
 
     @property
     def registered(self) -> bool:
         return self._lease is not None
 
-    async def _heartbeat(self) -> None:
-        """Keeps the container registered while it answers ServerLive, and withdraws it when it stops.
+    async def wait_registered(self) -> None:
+        await self._registered.wait()
 
-        Withdrawing (revoking the lease) is what tells the placement controller to re-place its copies; a
-        container that comes back is registered again, empty, and gets models from the next plan.
+    @property
+    def failed_unloads(self) -> set[str]:
+        """Keys whose unload failed and will be tried again."""
+        return set(self._unload_backoff)
+
+    def container_restarted(
+        self, address: str | None = None, adapter: ContainerAdapter | None = None
+    ) -> None:
+        """A supervisor restarted the container: it holds nothing now, perhaps at a new address.
+
+        With a new address, `adapter` talks to it; the container is registered again under that address.
+        The caller closes the old adapter.
         """
-        while True:
-            live = await self.adapter.live()
-            try:
-                if live and self._lease is None:
-                    lease = await self.store.grant_lease(self.lease_ttl_s)
-                    await registry.register_container(self.store, self.container, lease)
-                    self._lease = lease
-                    self.loaded.clear()  # a container that (re)starts holds nothing
-                    self._wake.set()
-                elif live and self._lease is not None:
-                    await self._lease.refresh()
-                elif self._lease is not None:
-                    log.warning("container %s does not answer; withdrawing it", self.container.id)
-                    lease, self._lease = self._lease, None
-                    self.loaded.clear()
-                    await lease.revoke()
-            except StoreError as exc:
-                # The lease expired (store restarted, or we were too slow): register again next beat.
-                log.warning("container %s: heartbeat failed (%s); re-registering", self.container.id, exc)
-                self._lease = None
-            await asyncio.sleep(self.lease_ttl_s / 3)
+        if address is not None and address != self.container.address:
+            self.container = replace(self.container, address=address)
+            self._registration_gone = True  # put the container's key again, with the new address
+        if adapter is not None:
+            self.adapter = adapter
+        self._holdings_unknown = True
+        self._beat.set()
+
+    def check_container(self) -> None:
+        """Look at the container now (a supervisor saw it exit) rather than at the next heartbeat."""
+        self._beat.set()
+
+    # -- following the store -----------------------------------------------------------------------------
 
     async def _follow(self) -> None:
         """Keeps `_fleet` current: a snapshot, then the watch; reloads on compaction or errors."""
         while True:
             try:
-                self._fleet = await registry.load_fleet(self.store)
-                self._wake.set()
+                self._set_fleet(await registry.load_fleet(self.store))
                 async for events in self.store.watch_prefix(registry.ROOT, self._fleet.revision + 1):
-                    for event in events:
-                        self._fleet.apply(event)
-                    if any(e.key.startswith(_RELEVANT) for e in events):
-                        self._wake.set()
+                    self._apply_events(events)
             except CompactedError:
                 continue
-            except StoreError as exc:
+            except Exception as exc:  # StoreError, or anything unexpected: following must not stop
                 log.warning("container %s: store watch failed (%s); retrying", self.container.id, exc)
                 await asyncio.sleep(1.0)
 
+    def _set_fleet(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._fleet_loaded.set()
+        self._wake.set()
+
+    def _apply_events(self, events: Sequence[Event]) -> None:
+        own_key = registry.CONTAINERS + self.container.id
+        relevant = False
+        for event in events:
+            self._fleet.apply(event)
+            if event.key.startswith(_RELEVANT):
+                relevant = True
+            if event.kind == "put" and event.key.startswith(registry.MODELS):
+                # A new registration (a fixed archive) gets a failed load tried again now, not after backoff.
+                if self._load_backoff.pop(event.key[len(registry.MODELS) :], None) is not None:
+                    log.info(
+                        "container %s: %s registered again; retrying its load",
+                        self.container.id,
+                        event.key[len(registry.MODELS) :],
+                    )
+            elif event.kind == "delete" and event.key == own_key and self._lease is not None:
+                self._registration_gone = True
+                self._beat.set()
+        if relevant:
+            self._wake.set()
+
+    def _desired(self) -> dict[str, ModelVersion]:
+        fleet = self._fleet
+        return {key: fleet.models[key] for key in fleet.copies_on(self.container.id) if key in fleet.models}
+
+    # -- registration --------------------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Keeps the container registered while it answers ServerLive, and withdraws it when it stops.
+
+        Withdrawing (revoking the lease) is what tells the placement controller to re-place its copies; a
+        container that comes back is registered again and the agent asks it what it still holds.
+        """
+        await self._fleet_loaded.wait()  # what the container holds is matched against registered models
+        while True:
+            self._beat.clear()
+            try:
+                await self._beat_once()
+            except Exception as exc:  # one bad beat (a store error, a client bug) must not stop the next
+                log.warning("container %s: heartbeat failed (%s); retrying", self.container.id, _reason(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat.wait(), timeout=self.lease_ttl_s / 3)
+
+    async def _beat_once(self) -> None:
+        try:
+            live = await asyncio.wait_for(self.adapter.live(), timeout=max(1.0, self.lease_ttl_s / 3))
+        except Exception as exc:  # the client itself failing says as little about the container
+            log.warning("container %s: liveness check failed: %s", self.container.id, _reason(exc))
+            live = False
+        if not live:
+            self._holdings_unknown = True  # whatever comes back at this address is asked what it holds
+            if self._lease is not None:
+                log.warning("container %s does not answer; withdrawing it", self.container.id)
+                lease, self._lease = self._lease, None
+                self._registered.clear()
+                await asyncio.wait_for(lease.revoke(), timeout=self.lease_ttl_s)
+            return
+        if self._holdings_unknown:
+            await self._sync_holdings()
+            if self._lease is not None:
+                await self._report_states()  # copies the container lost stop looking ready
+        if self._lease is None:
+            await self._register()
+            return
+        if self._registration_gone:
+            # Our key vanished (expired lease, a hand edit) or the address changed: put it again under the
+            # lease we hold; if the lease itself is gone, the put fails and we take a new one.
+            self._registration_gone = False
+            try:
+                await self._report_states()
+                await registry.register_container(self.store, self.container, self._lease)
+                return
+            except StoreUnavailable:
+                raise
+            except StoreError:
+                await self._register()
+                return
+        try:
+            await asyncio.wait_for(self._lease.refresh(), timeout=max(1.0, self.lease_ttl_s / 3))
+        except (StoreUnavailable, TimeoutError) as exc:
+            # The store may come back before the lease runs out: keep it and refresh again next beat.
+            log.warning("container %s: cannot refresh its lease (%s)", self.container.id, _reason(exc))
+        except StoreError as exc:
+            log.warning("container %s: lease lost (%s); registering again", self.container.id, exc)
+            await self._register()
+
+    async def _register(self) -> None:
+        """A new lease, the copies' states as they are, then the container's key (which routers wait for)."""
+        self._lease = None
+        self._registered.clear()
+        lease = await self.store.grant_lease(self.lease_ttl_s)
+        try:
+            await self._report_states()
+            await registry.register_container(self.store, self.container, lease)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+            raise
+        self._lease = lease
+        self._registration_gone = False
+        self.registrations += 1
+        self._registered.set()
+        self._wake.set()
+        log.info("container %s registered at %s", self.container.id, self.container.address)
+
+    async def _sync_holdings(self) -> None:
+        """`loaded` becomes what the container says it holds: models it lost are loaded again, models it
+        holds that we did not know of (an agent restart) are kept if assigned and unloaded if not."""
+        try:
+            held = await asyncio.wait_for(self.adapter.ready_versions(), timeout=30)
+        except Exception as exc:
+            log.warning("container %s: cannot list its models (%s)", self.container.id, _reason(exc))
+            return  # still unknown: asked again next beat
+        models = self._fleet.models
+        for key in [k for k in self.loaded if k not in held]:
+            self.loaded.pop(key)
+            self._measured.pop(key, None)
+        for key in held - self.loaded.keys():
+            if key in models:
+                self.loaded[key] = models[key]
+                continue
+            try:
+                name, version = split_model_key(key)
+            except ValueError:
+                continue
+            # Not registered (any more): enough to unload it by name and version.
+            self.loaded[key] = ModelVersion(name, version, backend=self.container.backend)
+        self._holdings_unknown = False
+        self._wake.set()
+
+    async def _report_states(self) -> None:
+        """Writes the states of the copies assigned here where the store's differ from the truth: ready
+        for those loaded (no reload), loading for those the container lost."""
+        cid = self.container.id
+        puts: dict[str, bytes] = {}
+        for key, model in self._desired().items():
+            recorded = self._fleet.states.get((cid, key))
+            if self.loaded.get(key) == model:
+                measured = self._measured.get(key) or (recorded.measured_bytes if recorded else 0)
+                state = CopyState("ready", measured_bytes=measured)
+            elif recorded is not None and recorded.phase == "ready":
+                state = CopyState("loading")
+            else:
+                continue
+            if recorded != state:
+                puts[registry.state_key(cid, key)] = state.to_json()
+        if puts:
+            await self.store.apply(puts)
+
+    # -- reconciling ---------------------------------------------------------------------------------------
+
     async def _reconcile_forever(self) -> None:
+        failures = 0
         while True:
             # Clear before the pass, not after: a change that lands during the pass must wake the next one.
             self._wake.clear()
-            delay = await self.reconcile()
+            try:
+                delay = await self.reconcile()
+                failures = 0
+            except Exception:  # a bug: log it, and try again rather than stop converging
+                failures += 1
+                delay = min(self.retry_max_s, self.retry_base_s * 2 ** (failures - 1))
+                log.exception(
+                    "container %s: reconcile pass failed; again in %.0f s", self.container.id, delay
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     async def reconcile(self) -> float | None:
         """One pass: load what is missing, unload what is extra. Returns when to retry failures (s)."""
-        if self._lease is None:
-            return None  # not registered (container down): nothing to converge until it is back
-        fleet = self._fleet
-        desired = {
-            key: fleet.models[key] for key in fleet.copies_on(self.container.id) if key in fleet.models
-        }
+        if self._lease is None or self._holdings_unknown or not self._fleet_loaded.is_set():
+            return None  # nothing to converge until registered and sure of what the container holds
+        desired = self._desired()
         now = time.monotonic()
+        for key, backoff in list(self._load_backoff.items()):
+            if key not in desired:
+                del self._load_backoff[key]  # no longer wanted here: its failed state goes too
+                with contextlib.suppress(Exception):
+                    await registry.delete_copy_state(self.store, self.container.id, key)
+            elif backoff.model != desired[key]:
+                del self._load_backoff[key]  # registered anew (a fixed archive): worth a try now
+        for key in [k for k in self._unload_backoff if k in desired or k not in self.loaded]:
+            del self._unload_backoff[key]
         to_load = [
             m
             for key, m in desired.items()
-            if self.loaded.get(key) != m and self._backoff.get(key, _Backoff()).next_try <= now
+            if self.loaded.get(key) != m and self._due(self._load_backoff.get(key), now)
         ]
-        to_unload = [m for key, m in self.loaded.items() if key not in desired]
+        to_unload = [
+            m
+            for key, m in self.loaded.items()
+            if key not in desired and self._due(self._unload_backoff.get(key), now)
+        ]
         # Loads first: a copy moving here must be up before anything else leaves (make-before-break).
         await asyncio.gather(*(self._load(m) for m in to_load))
         await asyncio.gather(*(self._unload(m) for m in to_unload))
-        pending = [b.next_try for key, b in self._backoff.items() if key in desired]
+        pending = [b.next_try for b in (*self._load_backoff.values(), *self._unload_backoff.values())]
         if not pending and all(self.loaded.get(k) == m for k, m in desired.items()):
             self.converged.set()
         else:
             self.converged.clear()
         return max(0.05, min(pending) - time.monotonic()) if pending else None
+
+    @staticmethod
+    def _due(backoff: _Backoff | None, now: float) -> bool:
+        return backoff is None or backoff.next_try <= now
+
+    def _failed(self, table: dict[str, _Backoff], model: ModelVersion) -> float:
+        """Records one more failure of `model` in `table`; returns the delay before the next try."""
+        backoff = table.get(model.key)
+        if backoff is None or backoff.model != model:
+            backoff = table[model.key] = _Backoff(model)
+        backoff.attempts += 1
+        delay = min(self.retry_max_s, self.retry_base_s * 2 ** (backoff.attempts - 1))
+        backoff.next_try = time.monotonic() + delay
+        return delay
 
     async def _load(self, model: ModelVersion) -> None:
         cid = self.container.id
@@ -177,21 +416,19 @@ class Agent:
             started = time.monotonic()
             try:
                 await self.adapter.load(model)
-            except (LoadError, OSError) as exc:
+            except Exception as exc:  # LoadError, tritonclient's or grpc's errors, anything: a failed copy
                 self._observe_load("failed", started)
-                backoff = self._backoff.setdefault(model.key, _Backoff())
-                backoff.attempts += 1
-                delay = min(self.retry_max_s, self.retry_base_s * 2 ** (backoff.attempts - 1))
-                backoff.next_try = time.monotonic() + delay
+                delay = self._failed(self._load_backoff, model)
+                reason = _reason(exc)
                 log.warning(
-                    "container %s: load of %s failed (%s); retry in %.0f s", cid, model.key, exc, delay
+                    "container %s: load of %s failed (%s); retry in %.0f s", cid, model.key, reason, delay
                 )
-                await self._report(model.key, CopyState("failed", message=str(exc)))
+                await self._report(model.key, CopyState("failed", message=reason))
                 return
             self._observe_load("ready", started)
-            self._backoff.pop(model.key, None)
+            self._load_backoff.pop(model.key, None)
             self.loaded[model.key] = model
-            measured = await self._measure(model)
+            measured = self._measured[model.key] = await self._measure(model)
             await self._report(model.key, CopyState("ready", measured_bytes=measured))
 
     def _observe_load(self, outcome: str, started: float) -> None:
@@ -210,20 +447,41 @@ class Agent:
             return 0
 
     async def _unload(self, model: ModelVersion) -> None:
-        await self._report(model.key, CopyState("unloading"))
-        # Routers stop choosing this copy when they see the new map or this state (well under a second);
-        # calls already sent finish meanwhile. Triton itself also lets in-flight requests complete.
-        await asyncio.sleep(self.drain_s)
+        cid, key = self.container.id, model.key
+        retry = key in self._unload_backoff
+        if not retry:
+            await self._report(key, CopyState("unloading"))
+            # Routers stop choosing this copy when they see the new map or this state (well under a
+            # second); calls already sent finish meanwhile. Triton also lets in-flight requests complete.
+            await asyncio.sleep(self.drain_s)
+        self.unload_calls += 1
         try:
             await self.adapter.unload(model)
-        except (LoadError, OSError) as exc:
-            log.warning("container %s: unload of %s failed: %s", self.container.id, model.key, exc)
-        self.loaded.pop(model.key, None)
-        with contextlib.suppress(StoreError):
-            await registry.delete_copy_state(self.store, self.container.id, model.key)
+        except Exception as exc:
+            if not await self._still_held(key):
+                log.info("container %s: unload of %s failed (%s) but it is gone", cid, key, _reason(exc))
+            else:
+                delay = self._failed(self._unload_backoff, model)
+                reason = _reason(exc)
+                log.warning(
+                    "container %s: unload of %s failed (%s); retry in %.0f s", cid, key, reason, delay
+                )
+                await self._report(key, CopyState("unloading", message=f"unload failed: {reason}"))
+                return
+        self._unload_backoff.pop(key, None)
+        self.loaded.pop(key, None)
+        self._measured.pop(key, None)
+        with contextlib.suppress(Exception):
+            await registry.delete_copy_state(self.store, cid, key)
+
+    async def _still_held(self, key: str) -> bool:
+        try:
+            return key in await asyncio.wait_for(self.adapter.ready_versions(), timeout=10)
+        except Exception:
+            return True  # cannot tell: assume it is, and try the unload again
 
     async def _report(self, key: str, state: CopyState) -> None:
         try:
             await registry.put_copy_state(self.store, self.container.id, key, state)
-        except StoreError as exc:
+        except Exception as exc:
             log.warning("container %s: cannot report %s as %s: %s", self.container.id, key, state.phase, exc)

@@ -12,7 +12,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from backends.triton import LoadError
-from placement.model import ModelVersion
+from placement.model import ModelVersion, model_key
 
 
 class CustomAdapter:
@@ -56,3 +56,8 @@ class CustomAdapter:
         request = pb.ModelStatisticsRequest(name=model.name, version=model.version)
         response = await self._stub.ModelStatistics(request, timeout=5)
         return sum(u.byte_size for s in response.model_stats for u in s.memory_usage)
+
+    async def ready_versions(self) -> set[str]:
+        """Keys (`name@version`) of the versions the container holds ready (its repository index)."""
+        response = await self._stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10)
+        return {model_key(m.name, m.version) for m in response.models if m.state == "READY" and m.version}
