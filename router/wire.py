@@ -97,7 +97,7 @@ def with_name_version(data: bytes, name: str, version: str) -> bytes:
 
     Every KServe v2 model-level request (infer, metadata, config, ready, statistics) has them there.
     """
-    return data + _string_field(1, name) + _string_field(2, version)
+    return data + (_string_field(1, name) + _string_field(2, version))  # one copy of `data`, not two
 
 
 def with_name(data: bytes, name: str) -> bytes:
