@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,12 +75,20 @@ def utilization_spread(
 # -- plan as a process: JSON in, JSON out ------------------------------------------------------------------
 
 
+def modelyard_command() -> str:
+    """The installed `modelyard` console script: what a user runs, start-up imports included."""
+    script = Path(sys.executable).with_name("modelyard")
+    found = str(script) if script.is_file() else shutil.which("modelyard")
+    if found is None:
+        pytest.fail("the modelyard console script is not installed (pip install -e .)", pytrace=False)
+    return found
+
+
 def run_plan_process(models: Path, containers: Path, out: Path) -> None:
     subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from placement.cli import placement; placement()",
+            modelyard_command(),
+            "placement",
             "plan",
             "--models",
             str(models),

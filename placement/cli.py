@@ -1,36 +1,30 @@
-"""`modelyard placement`: offline plans from files (what-ifs, benchmarks); show and rebalance on a store."""
+"""`modelyard placement`: offline plans from files (what-ifs, benchmarks); show and rebalance on a store.
+
+`plan` is timed as a whole process, so this module imports only what `plan` needs; the store-backed
+commands import the store, the registry and rich when they run.
+"""
 
 from __future__ import annotations
 
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from modelyard.console import STORE_HELP, fail, run_on_store
 from placement.inputs import InputError, format_map, read_containers, read_map, read_models
 from placement.planner import Capacity, Demand, Plan, plan
-from placement.rebalance import (
-    ContainerUsage,
-    RebalancePlan,
-    apply_rebalance,
-    lost_copies,
-    plan_rebalance,
-    under_replicated,
-    usage,
-)
-from placement.registry import ConcurrentPlanError, Fleet, load_fleet
-from placement.store import Store
 from placement.units import format_bytes
+
+if TYPE_CHECKING:
+    from placement.rebalance import ContainerUsage, RebalancePlan
+    from placement.registry import Fleet
+    from placement.store import Store
 
 T = TypeVar("T")
 
@@ -151,6 +145,12 @@ def _spread(rows: Sequence[ContainerUsage]) -> tuple[float, float]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(store_url: str | None, as_json: bool) -> None:
     """Per container: memory used / capacity, copies; and what is unplaced or lost."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from placement.rebalance import lost_copies, under_replicated, usage
+    from placement.registry import ConcurrentPlanError, load_fleet
+
     fleet: Fleet = run_on_store(store_url, load_fleet, (ConcurrentPlanError,))
     rows = usage(fleet, fleet.assignments)
     short = under_replicated(fleet)
@@ -221,6 +221,13 @@ def show(store_url: str | None, as_json: bool) -> None:
 )
 def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> None:
     """Re-place lost and unplaced copies and fill new containers, make-before-break."""
+    import socket
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from placement.rebalance import apply_rebalance, plan_rebalance
+    from placement.registry import ConcurrentPlanError, load_fleet
 
     async def run(store: Store) -> int:
         fleet = await load_fleet(store)
@@ -255,6 +262,9 @@ def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> N
 
 
 def _print_moves(proposal: RebalancePlan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     if proposal.moves:
         table = Table(title="moves")
         for column in ("model", "from", "to", "bytes"):

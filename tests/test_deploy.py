@@ -117,8 +117,9 @@ def parse(args: list[str]) -> tuple[click.Command, dict[str, Any]]:
     rest = list(args)
     while isinstance(command, click.Group):
         name = rest.pop(0)
-        assert name in command.commands, f"no command {name!r} in {args}"
-        command = command.commands[name]
+        found = command.get_command(click.Context(command), name)  # groups are imported on demand
+        assert found is not None, f"no command {name!r} in {args}"
+        command = found
     with command.make_context(str(command.name), rest) as context:
         return command, dict(context.params)
 
