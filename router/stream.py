@@ -65,6 +65,8 @@ async def relay(
     every upstream stream (None: the caller's deadline, if any).
     """
     upstreams: dict[tuple[str, str], _Upstream] = {}
+    if timeout_s is None:
+        timeout_s = context.time_remaining()  # the caller's deadline travels to the container
     metadata = router.upstream_metadata(context)
     outstanding = router.channels.outstanding
     call = CURRENT_CALL.get()
