@@ -11,7 +11,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from backends.process import stop_process_group
+from backends.process import port_is_free, stop_process_group
 from backends.triton_server import free_port
 
 
@@ -75,3 +75,10 @@ class CustomContainerProcess:
         if self.process is not None:
             stop_process_group(self.process, timeout_s)
             self.process = None
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Starts the container again after it died: on its port if that is still free, else a new one."""
+        self.stop()
+        if not port_is_free(self.host, self.port):
+            self.port = free_port(self.host)
+        self.start(timeout_s)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.process import stop_process_group
+from backends.process import port_is_free, stop_process_group
 
 INSTALL_HINT = (
     "install it with: pip install 'modelyard[triton]' (the nvidia-pytriton wheel bundles tritonserver)"
@@ -152,6 +152,16 @@ class TritonServer:
         if self.process is not None:
             stop_process_group(self.process, timeout_s)
             self.process = None
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Starts the server again after it died: on its port if that is still free, else on a new one.
+
+        Its python backend stubs may have outlived it; they go first (the whole process group).
+        """
+        self.stop()
+        if not port_is_free(self.host, self.grpc_port):
+            self.grpc_port = free_port(self.host)
+        self.start(timeout_s)
 
     def __enter__(self) -> TritonServer:
         self.start()

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shlex
 import signal
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from backends.agent import Agent, ContainerAdapter
 from backends.container_process import CustomContainerProcess
 from backends.custom import CustomAdapter
 from backends.examples import CUSTOM_EXAMPLE_NAMES, EXAMPLE_NAMES, install_custom_example, install_example
+from backends.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
 from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
 from placement import registry
 from placement.controller import PlacementController
 from placement.model import Container, ModelVersion
-from placement.rebalance import plan_fleet
 from placement.store import Store, open_store
 from router.server import RouterServer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Replicas for the example models: add_sub on both containers shows a replicated model.
 EXAMPLE_REPLICAS = {"add_sub": 2, "scale": 1, "identity": 1, "stream": 1}
@@ -43,14 +50,18 @@ class LocalFleet:
     customs: list[CustomContainerProcess] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     router: RouterServer | None = None
+    controller: PlacementController | None = None
+    restarts: Counter[str] = field(default_factory=Counter)  # container restarts by container id
     _store: Store | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self, ready_timeout_s: float = 120.0) -> list[ModelVersion]:
-        """Everything, with the example models planned onto the containers by the placement planner."""
+        """Everything, supervised; the placement controller (the one writer of the shard map) places the
+        example models once every container is registered."""
         models = await self.start_store_and_models()
-        containers = await self.start_containers()
-        await write_plan(self.store, models, containers)
+        await self.start_containers()
+        self.supervise_containers()
+        await self.wait_registered(ready_timeout_s)
         self.start_controller()
         await self.start_router()
         await self.wait_ready(models, ready_timeout_s)
@@ -113,13 +124,81 @@ class LocalFleet:
         for container, adapter in adapters:
             agent = Agent(self.store, container, adapter, lease_ttl_s=self.lease_ttl_s)
             self.agents.append(agent)
-            self._tasks.append(asyncio.create_task(agent.run(), name=f"agent-{container.id}"))
+            # An agent whose loop crashes (a bug) runs again, keeping its lease and its loaded models.
+            task = restart_on_failure(f"agent {container.id}", agent.run)
+            self._tasks.append(asyncio.create_task(task, name=f"agent-{container.id}"))
         return [container for container, _ in adapters]
 
-    def start_controller(self) -> PlacementController:
-        """Re-places copies of containers that die and places models registered later (`models upload`)."""
-        controller = PlacementController(self.store)
-        self._tasks.append(asyncio.create_task(controller.run(), name="placement-controller"))
+    def supervise_containers(self) -> None:
+        """Restarts a container process that exits (a crash, kill -9) with backoff, on its port if free;
+        its agent registers it again (with a new address if the port was taken) and reloads its models."""
+        for process, agent in zip(self.processes, self.agents, strict=True):
+            task = self._supervise(process, agent)
+            self._tasks.append(asyncio.create_task(task, name=f"supervise-{agent.container.id}"))
+
+    async def _supervise(self, process: TritonServer | CustomContainerProcess, agent: Agent) -> None:
+        cid = agent.container.id
+        failures = 0
+        while process.process is not None:
+            pid, up_since = process.process.pid, time.monotonic()
+            status = await wait_for_exit(process.process)
+            agent.check_container()  # withdraw it now, not at the next heartbeat
+            # A process that ran for a while before dying starts its backoff over.
+            failures = 1 if time.monotonic() - up_since >= 60 else failures + 1
+            waited_s = 0.0
+            while True:
+                delay = backoff_s(failures)
+                await asyncio.sleep(delay)
+                waited_s += delay
+                try:
+                    await _finish_in_thread(process.restart)
+                    break
+                except Exception as exc:  # a start error, or anything: keep trying, with backoff
+                    failures += 1
+                    log.error("container %s did not restart (%s); trying again", cid, exc)
+            self.restarts[cid] += 1
+            if process.address != agent.container.address:
+                old = agent.adapter
+                agent.container_restarted(process.address, self._adapter_for(process))
+                with contextlib.suppress(Exception):
+                    await old.close()
+            else:
+                agent.container_restarted()
+            assert process.process is not None
+            log.warning(
+                "container %s (pid %d) %s; restarted after %.1f s as pid %d on %s (restart %d)",
+                cid,
+                pid,
+                describe_exit(status),
+                waited_s,
+                process.process.pid,
+                process.address,
+                self.restarts[cid],
+            )
+
+    @staticmethod
+    def _adapter_for(process: TritonServer | CustomContainerProcess) -> ContainerAdapter:
+        if isinstance(process, TritonServer):
+            return TritonAdapter(process.address, process.repository)
+        return CustomAdapter(process.address)
+
+    async def wait_registered(self, timeout_s: float) -> None:
+        """Waits until every agent has registered its container (so the first plan uses them all)."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(a.wait_registered() for a in self.agents)), timeout_s)
+        except TimeoutError:
+            missing = ", ".join(a.container.id for a in self.agents if not a.registered)
+            raise TimeoutError(
+                f"containers not registered within {timeout_s:.0f} s: {missing}; "
+                f"see {self.workdir}/containers/*/*.log"
+            ) from None
+
+    def start_controller(self, *, eager: bool = True) -> PlacementController:
+        """Places the models, re-places copies of containers that die and places models registered later
+        (`models upload`; with `eager` False only when a call wants them). Restarted if its loop crashes."""
+        self.controller = controller = PlacementController(self.store, eager=eager)
+        task = restart_on_failure("placement controller", controller.run)
+        self._tasks.append(asyncio.create_task(task, name="placement-controller"))
         return controller
 
     async def start_router(self) -> None:
@@ -138,8 +217,13 @@ class LocalFleet:
             ):
                 return
             await asyncio.sleep(0.1)
+        assigned = table.fleet.assignments
+        waiting = [
+            m.key for m in models if not 0 < len(assigned.get(m.key, ())) == len(table.ready_copies(m.key))
+        ]
         raise TimeoutError(
-            f"models not ready within {timeout_s:.0f} s; see {self.workdir}/containers/*/*.log"
+            f"models not ready within {timeout_s:.0f} s: {', '.join(waiting)}; "
+            f"see {self.workdir}/containers/*/*.log"
         )
 
     async def stop(self) -> None:
@@ -155,14 +239,16 @@ class LocalFleet:
             await self._store.close()
 
 
-async def write_plan(store: Store, models: list[ModelVersion], containers: list[Container]) -> int:
-    """Plans `models` onto `containers` (sticky to the current map) and writes the shard map."""
-    fleet = await registry.load_fleet(store)
-    result = plan_fleet(models, containers, fleet.assignments)
-    if result.unplaced:
-        details = "; ".join(f"{name}: {why}" for name, why in sorted(result.unplaced.items()))
-        print(f"warning: not everything fits: {details}", file=sys.stderr)
-    return await registry.write_shard_map(store, result.assignments, expected_generation=fleet.generation)
+async def _finish_in_thread(fn: Callable[[], T]) -> T:
+    """Runs `fn` in a thread; if cancelled meanwhile, waits for it to finish before passing the
+    cancellation on, so a process it starts is known (and stopped) by whoever stops the fleet."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def example_call(address: str) -> str:
