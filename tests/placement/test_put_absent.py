@@ -67,3 +67,16 @@ def test_racing_put_absent_calls_create_each_key_exactly_once(store_url: str) ->
             assert all(present[key] == final[key] for present in results if key in present)
 
     run(store_url, scenario)
+
+
+def test_the_generic_put_absent_of_the_interface_agrees_with_the_store_s_own(store_url: str) -> None:
+    """`Store.put_absent` (one conditional write per key) is what a new store gets before it batches."""
+
+    async def scenario(store: Store) -> None:
+        await store.put("/t/b", b"old")
+        present = await Store.put_absent(store, {"/t/a": b"1", "/t/b": b"2", "/t/c": b"3"})
+        assert present == {"/t/b": b"old"}
+        items, _ = await store.get_prefix("/t/")
+        assert {i.key: i.value for i in items} == {"/t/a": b"1", "/t/b": b"old", "/t/c": b"3"}
+
+    run(store_url, scenario)
