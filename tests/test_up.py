@@ -36,51 +36,110 @@ def read_lines(stream, sink: queue.Queue[str]) -> None:  # type: ignore[no-untyp
     sink.put("")
 
 
+class Up:
+    """`modelyard up` as a real process in `cwd`, its output read line by line."""
+
+    def __init__(self, cwd: Path, port: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "modelyard", "up", "--port", str(port)],  # default, relative ./.modelyard
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=read_lines, args=(self.process.stdout, self.lines), daemon=True).start()
+
+    def read_until(self, text: str, timeout_s: float) -> str:
+        """Reads output until a line containing `text`; returns that line."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert time.monotonic() < deadline, f"no {text!r} from modelyard up:\n" + "".join(self.output)
+            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line, "modelyard up exited early:\n" + "".join(self.output)
+            self.output.append(line)
+            if text in line:
+                return line
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            stop_process(self.process)  # type: ignore[arg-type]
+
+
+def run_example(example: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(example, shell=True, capture_output=True, text=True, timeout=60)
+
+
 def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     require_triton()
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelyard", "up", "--port", str(port)],  # the default, relative ./.modelyard
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
-    output: list[str] = []
+    up = Up(tmp_path, port)
     try:
-        deadline = time.monotonic() + 180
-        while not any("press Ctrl-C" in line for line in output):
-            assert time.monotonic() < deadline, "modelyard up did not become ready:\n" + "".join(output)
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line, "modelyard up exited early:\n" + "".join(output)
-            output.append(line)
-        text = "".join(output)
+        up.read_until("press Ctrl-C", 180)
+        text = "".join(up.output)
         assert f"router ready on 127.0.0.1:{port}" in text
         pids = [int(m) for m in re.findall(r"^(?:triton|custom)-\d+\s+\S+\s+(\d+)", text, re.MULTILINE)]
         assert len(pids) == 3 and all(alive(pid) for pid in pids)
 
-        example = output[output.index("try it:\n") + 1].strip()
-        result = subprocess.run(example, shell=True, capture_output=True, text=True, timeout=60)
+        example = up.output[up.output.index("try it:\n") + 1].strip()
+        result = run_example(example)
         assert result.returncode == 0, result.stderr
         printed = np.array([float(v) for v in re.findall(r"-?\d+\.?\d*", result.stdout)])
         np.testing.assert_allclose(printed, np.array([1, 2, 3]) * 2.0)
 
-        os.kill(process.pid, signal.SIGINT)
-        assert process.wait(60) == 0
+        os.kill(up.process.pid, signal.SIGINT)
+        assert up.process.wait(60) == 0
         deadline = time.monotonic() + 15
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(alive(pid) for pid in pids), "Triton processes outlived modelyard up"
         rest = []
-        while (line := lines.get(timeout=10)) != "":
+        while (line := up.lines.get(timeout=10)) != "":
             rest.append(line)
         assert "stopped" in "".join(rest)
     finally:
-        if process.poll() is None:
-            stop_process(process)  # type: ignore[arg-type]
+        up.stop()
+
+
+def test_up_restarts_a_killed_triton_and_serves_again_within_30_s(tmp_path: Path) -> None:
+    require_triton()
+    up = Up(tmp_path, free_port())
+    try:
+        up.read_until("press Ctrl-C", 180)
+        text = "".join(up.output)
+        holder = re.search(r"^model scale@1\s+ready on (triton-\d+)$", text, re.MULTILINE)
+        assert holder is not None, text
+        name = holder.group(1)
+        row = re.search(rf"^{name}\s+\S+\s+(\d+)", text, re.MULTILINE)
+        assert row is not None
+        pid = int(row.group(1))
+        example = up.output[up.output.index("try it:\n") + 1].strip()
+
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while (result := run_example(example)).returncode != 0:
+            assert time.monotonic() - killed_at < 30, "scale not served again within 30 s:\n" + result.stderr
+            time.sleep(0.2)
+        printed = np.array([float(v) for v in re.findall(r"-?\d+\.?\d*", result.stdout)])
+        np.testing.assert_allclose(printed, np.array([1, 2, 3]) * 2.0)
+
+        restart = up.read_until(
+            f"container {name} (pid {pid}) killed by SIGKILL", 30 - (time.monotonic() - killed_at)
+        )
+        assert time.monotonic() - killed_at < 30
+        new_pid = re.search(r"as pid (\d+)", restart)
+        assert new_pid is not None and alive(int(new_pid.group(1))), restart
+
+        os.kill(up.process.pid, signal.SIGINT)
+        assert up.process.wait(60) == 0
+        deadline = time.monotonic() + 15
+        while alive(int(new_pid.group(1))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(int(new_pid.group(1))), "the restarted Triton outlived modelyard up"
+    finally:
+        up.stop()
 
 
 def test_up_on_a_busy_port_fails_with_one_clear_line(tmp_path: Path) -> None:
