@@ -236,7 +236,7 @@ class Agent:
 
     async def _beat_once(self) -> None:
         try:
-            live = await asyncio.wait_for(self.adapter.live(), timeout=max(1.0, self.lease_ttl_s / 3))
+            live = await asyncio.wait_for(self.adapter.live(), timeout=max(3.0, self.lease_ttl_s / 3))
         except Exception as exc:  # the client itself failing says as little about the container
             log.warning("container %s: liveness check failed: %s", self.container.id, _reason(exc))
             live = False
