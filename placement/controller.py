@@ -1,9 +1,12 @@
-"""The placement controller: keeps the shard map matched to the fleet without an operator.
+"""The placement controller: the one writer of the shard map, keeping it matched to the fleet.
 
-It follows the store and, shortly after registrations or the set of live containers change, runs the same
-rebalance an operator would (`modelyard placement rebalance`): new models get placed, copies on containers
-whose lease expired are re-placed, and new containers fill up — all make-before-break, under the rebalance
-lock, so a manual rebalance and the controller never apply at once.
+It follows the store and, as one leader among any number of controllers (a key under its lease):
+- places what is new at once and incrementally: a registered model without a copy, a model a router is
+  waiting for (`wanted`), the copies of a container whose lease expired, the assignment of a removed model.
+  An incremental pass costs O(the models it touches + copies), not a plan of the whole fleet;
+- runs the full sticky rebalance (the one `modelyard placement rebalance` runs) when a container joins,
+  when it becomes leader, and every `full_every_s`: new containers adopt copies, make-before-break.
+Both write through one MapWriter under the rebalance lock, so a manual rebalance never applies at once.
 """
 
 from __future__ import annotations
@@ -13,82 +16,277 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Iterable
 
 from placement import registry
+from placement.follow import StoreFollower
+from placement.mapwriter import MapWriter
+from placement.model import ModelVersion
+from placement.planner import Capacity, Demand, plan
 from placement.rebalance import apply_rebalance, plan_rebalance
-from placement.registry import Fleet
-from placement.store import CompactedError, Store, StoreError
+from placement.registry import Changes, Fleet
+from placement.store import Lease, Store, StoreError
+from placement.store.base import MAX_TXN_OPS
 
 log = logging.getLogger(__name__)
-
-_TRIGGERS = (registry.MODELS, registry.CONTAINERS)
 
 
 class PlacementController:
     def __init__(
-        self, store: Store, *, debounce_s: float = 0.5, ready_timeout_s: float = 120.0, retry_s: float = 5.0
+        self,
+        store: Store,
+        *,
+        debounce_s: float = 0.5,
+        ready_timeout_s: float = 120.0,
+        retry_s: float = 5.0,
+        lease_ttl_s: float = 10.0,
+        full_every_s: float = 300.0,
+        eager: bool = True,
     ) -> None:
         self.store = store
         self.debounce_s = debounce_s
         self.ready_timeout_s = ready_timeout_s
         self.retry_s = retry_s
-        self.holder = f"controller {socket.gethostname()}:{os.getpid()}"
-        self.rounds = 0  # rebalances applied, for tests and metrics
-        self._wake = asyncio.Event()
+        self.lease_ttl_s = lease_ttl_s
+        self.full_every_s = full_every_s
+        self.eager = eager  # place models when registered; else only when a call wants one (lazy load)
+        self.holder = f"controller {socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.rounds = 0  # full rebalances that applied moves, for tests and metrics
+        self.placements = 0  # incremental passes that wrote the map
+        self.leading = asyncio.Event()
+        self.follower = StoreFollower(store, name="placement controller")
+        self.writer = MapWriter(store, self.follower, self.holder)
+        self._touched: set[str] = set()  # model keys an incremental pass should look at
+        self._incremental = asyncio.Event()
+        self._full = asyncio.Event()
+        self.follower.listen(self._on_change)
+
+    # -- following -------------------------------------------------------------------------------------
+
+    def _on_change(self, fleet: Fleet, changes: Changes) -> None:
+        if changes.everything:
+            self._full.set()
+            return
+        touched = self._touched
+        touched |= changes.registrations if self.eager else changes.registrations - fleet.models.keys()
+        touched |= {key for key in changes.wanted if fleet.wanted.get(key) == ""}
+        for cid in changes.containers:
+            if cid in fleet.containers:
+                self._full.set()  # a container joined (or re-registered): it may adopt copies
+            else:
+                touched |= fleet.by_container.get(cid, set())  # its copies need a new home
+        if touched:
+            self._incremental.set()
+
+    # -- leading ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        follower = asyncio.create_task(self._follow())
+        self.follower.start()
         try:
+            await self.follower.loaded.wait()
             while True:
-                await self._wake.wait()
-                await asyncio.sleep(self.debounce_s)  # let a burst of registrations settle into one plan
-                self._wake.clear()
+                lease = await self._campaign()
                 try:
-                    await self.reconcile()
-                except StoreError as exc:  # includes a rebalance someone else holds, or a concurrent plan
-                    log.info("placement controller: %s; retrying in %.0f s", exc, self.retry_s)
+                    await self._lead(lease)
+                except StoreError as exc:
+                    log.warning("placement controller: lost leadership (%s); campaigning again", exc)
+                except Exception:
+                    log.exception("placement controller: failed while leading; campaigning again")
                     await asyncio.sleep(self.retry_s)
-                    self._wake.set()
+                finally:
+                    self.leading.clear()
+                    with contextlib.suppress(StoreError, TimeoutError):
+                        await asyncio.wait_for(lease.revoke(), 5.0)
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            await self.follower.stop()
+
+    async def _campaign(self) -> Lease:
+        """Becomes the leader: a key under this controller's lease, written only if no one holds it."""
+        while True:
+            seen = self.follower.version
+            if not self.follower.fleet.leader:
+                try:
+                    lease = await self.store.grant_lease(self.lease_ttl_s)
+                    if await self.store.apply(
+                        {registry.LEADER: self.holder.encode()}, if_equal=(registry.LEADER, None), lease=lease
+                    ):
+                        log.info("placement controller: %s leads", self.holder)
+                        self.leading.set()
+                        return lease
+                    await lease.revoke()
+                except StoreError as exc:
+                    log.warning("placement controller: cannot campaign (%s); retrying", exc)
+                    await asyncio.sleep(self.retry_s)
+                    continue
+            await self.follower.wait_changed(self.lease_ttl_s, seen)
+
+    async def _lead(self, lease: Lease) -> None:
+        self._full.set()
+        tasks = [
+            asyncio.create_task(self._keep_lease(lease), name="controller-lease"),
+            asyncio.create_task(self._incremental_loop(), name="controller-incremental"),
+            asyncio.create_task(self._full_loop(), name="controller-full"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            await lease.refresh()
+            if self.follower.fleet.leader not in ("", self.holder) and self.follower.healthy:
+                raise StoreError(f"the store names another leader ({self.follower.fleet.leader})")
+
+    # -- incremental -----------------------------------------------------------------------------------
+
+    async def _incremental_loop(self) -> None:
+        while True:
+            await self._incremental.wait()
+            await asyncio.sleep(0.01)  # gather a burst (concurrent cold calls, a bulk import's batch)
+            self._incremental.clear()
+            touched, self._touched = self._touched, set()
+            try:
+                await self.place_incrementally(touched)
+            except StoreError as exc:  # includes the lock held by a manual rebalance
+                log.info("placement controller: %s; retrying in %.0f s", exc, self.retry_s)
+                self._touched |= touched
+                asyncio.get_running_loop().call_later(self.retry_s, self._incremental.set)
+            except Exception:
+                log.exception("placement controller: incremental placement failed; retrying")
+                self._touched |= touched
+                asyncio.get_running_loop().call_later(self.retry_s, self._incremental.set)
+
+    async def place_incrementally(self, keys: Iterable[str]) -> int:
+        """Places the given models' missing copies around everything else; returns models changed."""
+        keys = set(keys)
+        async with self.writer.locked():
+            fleet = self.follower.fleet
+            changes, unplaced = incremental_changes(fleet, keys)
+            if changes:
+                await self.writer.update(changes)
+                self.placements += 1
+            # Answer routers waiting for a model: done (key deleted) or why not (the reason as value).
+            asked = [k for k in keys if k in fleet.wanted]
+            done = [registry.WANTED + k for k in asked if k not in unplaced]
+            reasons = {registry.WANTED + k: unplaced[k].encode() for k in asked if k in unplaced}
+            for start in range(0, len(done), MAX_TXN_OPS):
+                await self.store.apply({}, done[start : start + MAX_TXN_OPS])
+            if reasons:
+                await self.store.apply(reasons)
+            if unplaced:
+                sample = "; ".join(f"{k}: {why}" for k, why in sorted(unplaced.items())[:3])
+                log.warning(
+                    "placement controller: %d models cannot be placed, e.g. %s", len(unplaced), sample
+                )
+            return len(changes)
+
+    # -- full rebalance --------------------------------------------------------------------------------
+
+    async def _full_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.full_every_s)
+            await asyncio.sleep(self.debounce_s)  # let a burst of joins settle into one plan
+            self._full.clear()
+            try:
+                await self.reconcile()
+            except StoreError as exc:  # includes a rebalance someone else holds, or a concurrent plan
+                log.info("placement controller: %s; retrying in %.0f s", exc, self.retry_s)
+                asyncio.get_running_loop().call_later(self.retry_s, self._full.set)
 
     async def reconcile(self) -> bool:
-        """One rebalance if the fleet needs one; True when it applied moves."""
-        fleet = await registry.load_fleet(self.store)
-        proposal = plan_rebalance(fleet)
-        if not proposal.moves:
-            return False
-        log.info("placement controller: applying %d moves", len(proposal.moves))
-        result = await apply_rebalance(
-            self.store, proposal, holder=self.holder, ready_timeout_s=self.ready_timeout_s
-        )
+        """One full rebalance if the fleet needs one; True when it applied moves."""
+        async with self.writer.locked():
+            started = time.monotonic()
+            proposal = plan_rebalance(self.follower.fleet, placed_only=not self.eager)
+            log.debug("placement controller: planned in %.3f s", time.monotonic() - started)
+            if not proposal.moves:
+                return False
+            log.info("placement controller: applying %d moves", len(proposal.moves))
+            result = await apply_rebalance(
+                self.store,
+                proposal,
+                holder=self.holder,
+                writer=self.writer,
+                ready_timeout_s=self.ready_timeout_s,
+            )
         self.rounds += 1
         if result.failed:
             sample = ", ".join(
                 f"{key} on {cid}: {why}" for (key, cid), why in sorted(result.failed.items())[:5]
             )
             log.warning(
-                "placement controller: %d new copies did not become ready (old copies kept), e.g. %s; "
-                "retrying in %.0f s",
+                "placement controller: %d new copies did not become ready (old copies kept), e.g. %s",
                 len(result.failed),
                 sample,
-                self.retry_s,
             )
-            asyncio.get_running_loop().call_later(self.retry_s, self._wake.set)
         return True
 
-    async def _follow(self) -> None:
-        while True:
-            try:
-                fleet: Fleet = await registry.load_fleet(self.store)
-                self._wake.set()
-                async for events in self.store.watch_prefix(registry.ROOT, fleet.revision + 1):
-                    if any(e.key.startswith(_TRIGGERS) for e in events):
-                        self._wake.set()
-            except CompactedError:
-                continue
-            except StoreError as exc:
-                log.warning("placement controller: store watch failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+
+def incremental_changes(
+    fleet: Fleet, keys: Iterable[str]
+) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """New assignments for `keys` only, placed into the room the rest of the map leaves.
+
+    A removed model loses its assignment; a model short of live copies gets the missing ones on live
+    containers of its backend (its live copies stay); copies on dead containers are dropped once the model
+    has its replicas elsewhere, and kept (the container may come back) while it has not. Pure.
+    """
+    changes: dict[str, tuple[str, ...]] = {}
+    short: dict[str, ModelVersion] = {}
+    for key in set(keys):
+        assigned = fleet.assignments.get(key, ())
+        model = fleet.models.get(key)
+        if model is None:
+            if assigned:
+                changes[key] = ()
+            continue
+        live = tuple(cid for cid in assigned if cid in fleet.containers)
+        if len(live) < model.replicas:
+            short[model.key] = model
+        elif live != assigned:
+            changes[key] = live
+    unplaced: dict[str, str] = {}
+    if not short:
+        return changes, unplaced
+    # Free bytes per live container, not counting the copies of the models being placed (the planner
+    # keeps those copies where they are and takes their bytes again).
+    used: dict[str, int] = {}
+    for cid in fleet.containers:
+        held = fleet.by_container.get(cid, ())
+        used[cid] = sum(
+            fleet.budget_bytes(m) for k in held if k not in short and (m := fleet.models.get(k)) is not None
+        )
+    for backend in sorted({m.backend for m in short.values()}):
+        group = [m for m in short.values() if m.backend == backend]
+        capacities = [
+            Capacity(c.id, max(0, c.memory_bytes - used[c.id]), c.kind)
+            for c in fleet.containers.values()
+            if c.backend == backend
+        ]
+        previous = {
+            m.key: [cid for cid in fleet.assignments.get(m.key, ()) if cid in fleet.containers] for m in group
+        }
+        result = plan(
+            [Demand(m.key, fleet.budget_bytes(m), m.replicas, m.kind) for m in group],
+            capacities,
+            previous={k: v for k, v in previous.items() if v},
+        )
+        for m in group:
+            placed = result.assignments.get(m.key, ())
+            lost = [cid for cid in fleet.assignments.get(m.key, ()) if cid not in fleet.containers]
+            missing = m.replicas - len(placed)
+            new = (*placed, *lost[: max(0, missing)])
+            if new != fleet.assignments.get(m.key, ()):
+                changes[m.key] = new
+            if m.key in result.unplaced or not placed:
+                why = result.unplaced.get(m.key, "no live container")
+                unplaced[m.key] = f"{why} (among {backend} containers)"
+    return changes, unplaced

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, TypeVar
 
 Kind = Literal["gpu", "cpu", "any"]
 ContainerKind = Literal["gpu", "cpu"]
@@ -13,6 +13,64 @@ CopyPhase = Literal["loading", "ready", "failed", "unloading", "lost"]
 
 MODEL_KINDS: tuple[str, ...] = ("gpu", "cpu", "any")
 CONTAINER_KINDS: tuple[str, ...] = ("gpu", "cpu")
+BACKENDS: tuple[str, ...] = ("triton", "custom")
+COPY_PHASES: tuple[str, ...] = ("loading", "ready", "failed", "unloading", "lost")
+
+T = TypeVar("T")
+
+
+def _pairs(value: Any, second: type) -> tuple[tuple[Any, Any], ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, list)
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], second)
+        and not isinstance(p[1], bool)
+        for p in value
+    ):
+        raise ValueError(f"expected [string, {second.__name__}] pairs, got {value!r}")
+    return tuple((p[0], p[1]) for p in value)
+
+
+def _typed(cls: type[T], raw: bytes | str, choices: dict[str, tuple[str, ...]] | None = None) -> T:
+    """Builds `cls` from untrusted JSON: unknown fields dropped, every known field type-checked.
+
+    Store values are written by other processes (or by hand): a wrong type must fail here, with a clear
+    ValueError, rather than deep inside a planner or a router later.
+    """
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "str" or kind in ("Kind", "ContainerKind", "Backend", "CopyPhase"):
+            if not isinstance(value, str):
+                raise ValueError(f"{f.name}: expected a string, got {value!r}")
+        elif kind == "int":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{f.name}: expected a non-negative integer, got {value!r}")
+        elif kind == "tuple[str, ...]":
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise ValueError(f"{f.name}: expected a list of strings, got {value!r}")
+            value = tuple(value)
+        elif kind == "tuple[tuple[str, str], ...]":
+            value = _pairs(value, str)
+        elif kind == "tuple[tuple[str, int], ...]":
+            value = _pairs(value, int)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no check for type {kind}")
+        values[f.name] = value
+    for name, allowed in (choices or {}).items():
+        if name in values and values[name] not in allowed:
+            raise ValueError(f"{name}: {values[name]!r} is not one of {', '.join(allowed)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise ValueError(f"{cls.__name__}: {exc}") from exc
 
 
 def model_key(name: str, version: str) -> str:
@@ -53,9 +111,10 @@ class ModelVersion:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelVersion:
-        data: dict[str, Any] = json.loads(raw)
-        data["tenants"] = tuple(data.get("tenants", ()))
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        model = _typed(cls, raw, {"backend": BACKENDS, "kind": MODEL_KINDS})
+        if not model.name or not model.version:
+            raise ValueError("a model needs a name and a version")
+        return model
 
 
 @dataclass(frozen=True)
@@ -74,9 +133,10 @@ class Container:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Container:
-        data: dict[str, Any] = json.loads(raw)
-        data["labels"] = tuple(tuple(pair) for pair in data.get("labels", ()))
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        container = _typed(cls, raw, {"kind": CONTAINER_KINDS, "backend": BACKENDS})
+        if not container.id or not container.address:
+            raise ValueError("a container needs an id and an address")
+        return container
 
 
 @dataclass(frozen=True)
@@ -92,8 +152,7 @@ class CopyState:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> CopyState:
-        data: dict[str, Any] = json.loads(raw)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        return _typed(cls, raw, {"phase": COPY_PHASES})
 
 
 @dataclass(frozen=True)
@@ -122,7 +181,7 @@ class RouteRule:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RouteRule:
-        data: dict[str, Any] = json.loads(raw)
-        data["tenant_versions"] = tuple(tuple(pair) for pair in data.get("tenant_versions", ()))
-        data["weights"] = tuple(tuple(pair) for pair in data.get("weights", ()))
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        rule = _typed(cls, raw)
+        if not rule.model:
+            raise ValueError("a route rule needs a model name")
+        return rule

@@ -9,22 +9,18 @@ ready, and only then writes the final map, which lets the agents drop the old co
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from placement import registry
+from placement.follow import StoreFollower
+from placement.mapwriter import LOCK, MapWriter, RebalanceInProgress
 from placement.model import Container, ModelVersion
 from placement.planner import Capacity, Demand, Plan, plan
-from placement.registry import ConcurrentPlanError, Fleet
-from placement.store import Store, StoreError
+from placement.registry import Changes, ConcurrentPlanError, Fleet
+from placement.store import Store
 
-LOCK = registry.ROOT + "lock/rebalance"
-
-
-class RebalanceInProgress(StoreError):
-    """Another rebalance holds the lock."""
+__all__ = ["LOCK", "RebalanceInProgress"]
 
 
 @dataclass(frozen=True)
@@ -68,17 +64,16 @@ class RebalancePlan:
 
 def budget_bytes(fleet: Fleet, model: ModelVersion) -> int:
     """What a copy costs: max(declared, measured), since declared sizes lie."""
-    measured = [s.measured_bytes for (_, key), s in fleet.states.items() if key == model.key]
-    return max([model.memory_bytes, *measured])
+    return fleet.budget_bytes(model)
 
 
-def usage(fleet: Fleet, assignments: dict[str, tuple[str, ...]]) -> list[ContainerUsage]:
+def usage(fleet: Fleet, assignments: Mapping[str, Sequence[str]]) -> list[ContainerUsage]:
     """Per container (live ones, and dead ones still holding copies): bytes used and copies."""
     used: dict[str, int] = {}
     copies: dict[str, int] = {}
     for key, ids in assignments.items():
         model = fleet.models.get(key)
-        cost = budget_bytes(fleet, model) if model else 0
+        cost = fleet.budget_bytes(model) if model else 0
         for cid in ids:
             used[cid] = used.get(cid, 0) + cost
             copies[cid] = copies.get(cid, 0) + 1
@@ -114,8 +109,10 @@ def under_replicated(fleet: Fleet) -> dict[str, int]:
 def _moves(fleet: Fleet, before: dict[str, tuple[str, ...]], after: dict[str, tuple[str, ...]]) -> list[Move]:
     moves = []
     for key in sorted(set(before) | set(after)):
+        if before.get(key, ()) == after.get(key, ()):
+            continue
         model = fleet.models.get(key)
-        cost = budget_bytes(fleet, model) if model else 0
+        cost = fleet.budget_bytes(model) if model else 0
         old, new = set(before.get(key, ())), set(after.get(key, ()))
         gone, added = sorted(old - new), sorted(new - old)
         for i in range(max(len(gone), len(added))):
@@ -151,15 +148,21 @@ def plan_fleet(
     return Plan(assignments, unplaced)
 
 
-def plan_rebalance(fleet: Fleet) -> RebalancePlan:
-    """The map the registered models and live containers should have, sticky to the current one."""
-    models = sorted(fleet.models.values(), key=lambda m: m.key)
+def plan_rebalance(fleet: Fleet, *, placed_only: bool = False) -> RebalancePlan:
+    """The map the registered models and live containers should have, sticky to the current one.
+
+    With `placed_only` (a controller that places on demand), models without a copy stay without one.
+    """
+    models = sorted(
+        (m for m in fleet.models.values() if not placed_only or m.key in fleet.assignments),
+        key=lambda m: m.key,
+    )
     before = {k: ids for k, ids in fleet.assignments.items()}
     result = plan_fleet(
         models,
         list(fleet.containers.values()),
         before,
-        budgets={m.key: budget_bytes(fleet, m) for m in models},
+        budgets={m.key: fleet.budget_bytes(m) for m in models},
         rebalance=True,
     )
     after = dict(result.assignments)
@@ -184,33 +187,6 @@ def plan_rebalance(fleet: Fleet) -> RebalancePlan:
     )
 
 
-@contextlib.asynccontextmanager
-async def rebalance_lock(store: Store, holder: str, ttl_s: float = 15.0) -> AsyncIterator[None]:
-    """Held for the whole rebalance; expires with its lease if the holder dies."""
-    lease = await store.grant_lease(ttl_s)
-    if not await store.apply({LOCK: holder.encode()}, if_equal=(LOCK, None), lease=lease):
-        await lease.revoke()
-        current = await store.get(LOCK)
-        owner = current.value.decode(errors="replace") if current else "unknown"
-        raise RebalanceInProgress(
-            f"another rebalance is in progress (held by {owner}); try again when it ends"
-        )
-
-    async def keep_alive() -> None:
-        while True:
-            await asyncio.sleep(ttl_s / 3)
-            await lease.refresh()
-
-    task = asyncio.create_task(keep_alive())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        with contextlib.suppress(StoreError):
-            await lease.revoke()
-
-
 @dataclass(frozen=True)
 class ApplyResult:
     generation: int
@@ -223,45 +199,103 @@ async def apply_rebalance(
     rebalance: RebalancePlan,
     *,
     holder: str,
+    writer: MapWriter | None = None,
     ready_timeout_s: float = 300.0,
-    poll_s: float = 0.2,
     on_ready: Callable[[Move], None] | None = None,
 ) -> ApplyResult:
-    """Applies a plan make-before-break; copies that never became ready keep their old placement."""
-    async with rebalance_lock(store, holder):
-        if await registry.read_generation(store) != rebalance.generation:
+    """Applies a plan make-before-break; copies that never became ready keep their old placement.
+
+    Without `writer` (the CLI), a follower and a writer are made for this call.
+    """
+    if writer is not None:
+        return await _apply(writer, rebalance, ready_timeout_s, on_ready)
+    follower = StoreFollower(store, name="rebalance")
+    follower.start()
+    try:
+        await follower.loaded.wait()
+        writer = MapWriter(store, follower, holder)
+        return await _apply(writer, rebalance, ready_timeout_s, on_ready)
+    finally:
+        await follower.stop()
+
+
+async def _apply(
+    writer: MapWriter,
+    rebalance: RebalancePlan,
+    ready_timeout_s: float,
+    on_ready: Callable[[Move], None] | None,
+) -> ApplyResult:
+    follower = writer.follower
+    async with writer.locked():
+        if await registry.read_generation(writer.store) != rebalance.generation:
             raise ConcurrentPlanError("the shard map changed since this plan was made; plan again")
+        changed = set(rebalance.before) | set(rebalance.after)
         union = {
             key: tuple(dict.fromkeys((*rebalance.after.get(key, ()), *rebalance.before.get(key, ()))))
-            for key in set(rebalance.before) | set(rebalance.after)
+            for key in changed
         }
-        generation = await registry.write_shard_map(store, union, expected_generation=rebalance.generation)
-
-        waiting = {(m.model, m.target): m for m in rebalance.moves if m.target is not None}
+        waiting: dict[str, dict[str, Move]] = {}  # model -> target container -> move
+        for m in rebalance.moves:
+            if m.target is not None:
+                waiting.setdefault(m.model, {})[m.target] = m
         failed: dict[tuple[str, str], str] = {}
-        deadline = time.monotonic() + ready_timeout_s
-        while waiting and time.monotonic() < deadline:
-            fleet = await registry.load_fleet(store)
-            for (key, cid), move in list(waiting.items()):
-                state = fleet.states.get((cid, key))
-                if state is not None and state.phase == "ready":
-                    del waiting[(key, cid)]
-                    if on_ready:
-                        on_ready(move)
-                elif cid not in fleet.containers:
-                    failed[(key, cid)] = "container is gone"
-                    del waiting[(key, cid)]
-            if waiting:
-                await asyncio.sleep(poll_s)
-        for key, cid in waiting:
-            failed[(key, cid)] = f"not ready within {ready_timeout_s:.0f} s"
+
+        def check(fleet: Fleet, keys: Iterable[str]) -> None:
+            for key in keys:
+                targets = waiting.get(key)
+                if not targets:
+                    continue
+                for cid, move in list(targets.items()):
+                    state = fleet.states.get((cid, key))
+                    if cid not in fleet.containers:
+                        failed[(key, cid)] = "container is gone"
+                    elif state is not None and state.phase == "failed":
+                        failed[(key, cid)] = (
+                            f"load failed: {state.message}" if state.message else "load failed"
+                        )
+                    elif (
+                        state is not None and state.phase == "ready" and cid in fleet.assignments.get(key, ())
+                    ):
+                        if on_ready:
+                            on_ready(move)
+                    else:
+                        continue
+                    del targets[cid]
+                if not targets:
+                    del waiting[key]
+
+        def listener(fleet: Fleet, changes: Changes) -> None:
+            if changes.everything or changes.containers:
+                check(fleet, list(waiting))
+            else:
+                check(fleet, changes.models)
+
+        follower.listen(listener)
+        try:
+            await writer.update({key: union[key] for key in changed})
+            check(follower.fleet, list(waiting))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + ready_timeout_s
+            while waiting:
+                seen = follower.version
+                left = deadline - loop.time()
+                if left <= 0 or not waiting:
+                    break
+                await follower.wait_changed(left, seen)
+        finally:
+            follower.unlisten(listener)
+        for key, targets in waiting.items():
+            for cid in targets:
+                failed[(key, cid)] = f"not ready within {ready_timeout_s:.0f} s"
 
         final = dict(rebalance.after)
         for key, cid in failed:
             # Keep the copies this model had; drop the one that never came up.
             kept = [c for c in final.get(key, ()) if c != cid] + list(rebalance.before.get(key, ()))
             final[key] = tuple(dict.fromkeys(kept))
-            if not final[key]:
-                del final[key]
-        generation = await registry.write_shard_map(store, final, expected_generation=generation)
+        # Only keys still as this rebalance left them: a cold model placed meanwhile stays placed.
+        current = follower.fleet.assignments
+        generation = await writer.update(
+            {key: final.get(key, ()) for key in changed if current.get(key, ()) == union[key]}
+        )
         return ApplyResult(generation, sum(1 for m in rebalance.moves if m.target) - len(failed), failed)

@@ -1,24 +1,37 @@
-"""The key layout in the store and typed reads and writes on top of it.
+"""The key layout in the store, typed reads and writes on top of it, and the one shard-map write protocol.
 
 One key per model, container, assignment and copy state, so a 100k-model fleet never needs a value or a
 transaction beyond etcd's limits, and watchers receive small incremental events:
 
     /modelyard/models/{name}@{version}          ModelVersion (JSON)
     /modelyard/containers/{id}                  Container (JSON), under the container's lease
-    /modelyard/map/generation                   shard map generation (decimal), the planners' CAS guard
-    /modelyard/map/assign/{name}@{version}      container ids (JSON list)
+    /modelyard/map/generation                   committed shard map generation: "G", or "G:TOKEN" while a
+                                                writer stages generation G+1 (the writers' CAS guard)
+    /modelyard/map/assign/{name}@{version}      {"ids": [...], "gen": G, "prev": [...]}: see below
     /modelyard/state/{container}/{name}@{version}  CopyState (JSON), written by that container's agent
     /modelyard/routes/{name}                    RouteRule (JSON): default version, tenant pins, split
+    /modelyard/wanted/{name}@{version}          a router got a call for it and found no copy to load
+    /modelyard/controller/leader                the leading placement controller, under its lease
+
+A map change can be larger than one etcd transaction, yet readers must see it whole or not at all. Each
+assignment value carries the generation that wrote it and the ids it had before (`prev`); a reader uses
+`ids` when that generation is committed and `prev` while it is still being staged. The writer marks the
+generation key as staging, writes its batches (each a compare-and-swap on that mark, so a writer that lost
+the lock can never write again), and commits by setting the generation in one last compare-and-swap.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from placement.model import Container, CopyState, ModelVersion, RouteRule
-from placement.store.base import Event, KeyValue, Lease, Store, StoreError
+from placement.model import Container, CopyState, ModelVersion, RouteRule, split_model_key
+from placement.store.base import MAX_TXN_OPS, Event, KeyValue, Lease, Store, StoreError
+
+log = logging.getLogger(__name__)
 
 ROOT = "/modelyard/"
 MODELS = ROOT + "models/"
@@ -27,6 +40,9 @@ GENERATION = ROOT + "map/generation"
 ASSIGN = ROOT + "map/assign/"
 STATE = ROOT + "state/"
 ROUTES = ROOT + "routes/"
+WANTED = ROOT + "wanted/"
+LEADER = ROOT + "controller/leader"
+WANT = b"1"  # a wanted key's value while the controller has not answered
 
 
 class ConcurrentPlanError(StoreError):
@@ -37,17 +53,96 @@ def state_key(container_id: str, key: str) -> str:
     return f"{STATE}{container_id}/{key}"
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """One model's assignment value: `ids` from generation `gen` on, `prev` before it."""
+
+    ids: tuple[str, ...]
+    gen: int
+    prev: tuple[str, ...] = ()
+
+    def to_json(self) -> bytes:
+        return json.dumps({"ids": list(self.ids), "gen": self.gen, "prev": list(self.prev)}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Assignment:
+        data = json.loads(raw)
+        if isinstance(data, list):  # written before generations were staged: committed from the start
+            data = {"ids": data, "gen": 0, "prev": []}
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        ids, gen, prev = data.get("ids"), data.get("gen", 0), data.get("prev", [])
+        for name, value in (("ids", ids), ("prev", prev)):
+            if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+                raise ValueError(f"{name}: expected a list of container ids, got {value!r}")
+        if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
+            raise ValueError(f"gen: expected a non-negative integer, got {gen!r}")
+        return cls(tuple(ids), gen, tuple(prev))  # type: ignore[arg-type]
+
+
+def parse_generation(raw: bytes) -> tuple[int, str]:
+    """(committed generation, staging token or "")."""
+    text = raw.decode()
+    number, _, token = text.partition(":")
+    generation = int(number)
+    if generation < 0:
+        raise ValueError(f"negative generation {generation}")
+    return generation, token
+
+
+@dataclass
+class Changes:
+    """What one batch of store events changed, as the readers (router, agents, controller) need it."""
+
+    models: set[str] = field(default_factory=set)  # name@version: registration, assignment or copy state
+    registrations: set[str] = field(default_factory=set)  # name@version: registration itself
+    routes: set[str] = field(default_factory=set)  # model names
+    containers: set[str] = field(default_factory=set)
+    wanted: set[str] = field(default_factory=set)
+    leader: bool = False
+    everything: bool = False  # a fresh snapshot: anything may have changed
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.models or self.routes or self.containers or self.wanted or self.leader or self.everything
+        )
+
+    def update(self, other: Changes) -> None:
+        self.models |= other.models
+        self.registrations |= other.registrations
+        self.routes |= other.routes
+        self.containers |= other.containers
+        self.wanted |= other.wanted
+        self.leader |= other.leader
+        self.everything |= other.everything
+
+
 @dataclass
 class Fleet:
-    """Everything under /modelyard/ as typed values; built from a snapshot and kept current from events."""
+    """Everything under /modelyard/ as typed values; built from a snapshot and kept current from events.
+
+    Besides the values it keeps the indexes every pass needs, updated per event, so no pass scans the
+    fleet to answer "which copies does container C hold", "what did model M measure" or "which versions
+    does name N have": each pass over the fleet is O(models + copies), and an event costs O(its copies).
+    """
 
     models: dict[str, ModelVersion] = field(default_factory=dict)
     containers: dict[str, Container] = field(default_factory=dict)
-    assignments: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    assignments: dict[str, tuple[str, ...]] = field(default_factory=dict)  # committed, by model key
     states: dict[tuple[str, str], CopyState] = field(default_factory=dict)  # (container id, model key)
     routes: dict[str, RouteRule] = field(default_factory=dict)  # by model name
+    wanted: dict[str, str] = field(default_factory=dict)  # model key -> "" (asked) or why not placed
+    leader: str = ""
     generation: int = 0
+    staging: str = ""  # token of a writer staging generation + 1, if any
     revision: int = 0
+    # indexes
+    by_name: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)  # name -> version -> model
+    by_container: dict[str, set[str]] = field(default_factory=dict)  # container id -> model keys
+    measured: dict[str, dict[str, int]] = field(default_factory=dict)  # model key -> container -> bytes
+    raw_assignments: dict[str, Assignment] = field(default_factory=dict)
+    _pending: dict[int, set[str]] = field(default_factory=dict)  # generation -> keys staged for it
+    skipped: int = 0  # store values that did not parse
 
     @classmethod
     def from_items(cls, items: Iterable[KeyValue], revision: int) -> Fleet:
@@ -57,49 +152,194 @@ class Fleet:
         fleet.revision = revision
         return fleet
 
-    def apply(self, event: Event) -> None:
-        """Applies one store event. Values that do not parse are ignored rather than stopping a reader."""
-        key, put = event.key, event.kind == "put"
-        self.revision = max(self.revision, event.revision)
-        try:
-            if key.startswith(MODELS):
-                name = key[len(MODELS) :]
-                if put:
-                    self.models[name] = ModelVersion.from_json(event.value)
-                else:
-                    self.models.pop(name, None)
-            elif key.startswith(CONTAINERS):
-                cid = key[len(CONTAINERS) :]
-                if put:
-                    self.containers[cid] = Container.from_json(event.value)
-                else:
-                    self.containers.pop(cid, None)
-            elif key.startswith(ASSIGN):
-                name = key[len(ASSIGN) :]
-                if put:
-                    self.assignments[name] = tuple(json.loads(event.value))
-                else:
-                    self.assignments.pop(name, None)
-            elif key.startswith(STATE):
-                cid, _, model = key[len(STATE) :].partition("/")
-                if put:
-                    self.states[(cid, model)] = CopyState.from_json(event.value)
-                else:
-                    self.states.pop((cid, model), None)
-            elif key.startswith(ROUTES):
-                name = key[len(ROUTES) :]
-                if put:
-                    self.routes[name] = RouteRule.from_json(event.value)
-                else:
-                    self.routes.pop(name, None)
-            elif key == GENERATION:
-                self.generation = int(event.value) if put else 0
-        except (ValueError, TypeError, KeyError):
-            return
+    @classmethod
+    def of(
+        cls,
+        *,
+        models: Iterable[ModelVersion] = (),
+        containers: Iterable[Container] = (),
+        assignments: Mapping[str, Sequence[str]] | None = None,
+        states: Mapping[tuple[str, str], CopyState] | None = None,
+        routes: Iterable[RouteRule] = (),
+    ) -> Fleet:
+        """A fleet with these values and its indexes, as a store holding them would give (for pure code)."""
+        fleet = cls()
+        puts = [
+            *((MODELS + m.key, m.to_json()) for m in models),
+            *((CONTAINERS + c.id, c.to_json()) for c in containers),
+            *((ASSIGN + k, Assignment(tuple(ids), 0).to_json()) for k, ids in (assignments or {}).items()),
+            *((state_key(cid, k), s.to_json()) for (cid, k), s in (states or {}).items()),
+            *((ROUTES + r.model, r.to_json()) for r in routes),
+        ]
+        for revision, (key, value) in enumerate(puts, 1):
+            fleet.apply(Event("put", key, value, revision))
+        return fleet
+
+    # -- reads ---------------------------------------------------------------------------------------
 
     def copies_on(self, container_id: str) -> list[str]:
         """Model keys the shard map assigns to a container, sorted."""
-        return sorted(k for k, ids in self.assignments.items() if container_id in ids)
+        return sorted(self.by_container.get(container_id, ()))
+
+    def budget_bytes(self, model: ModelVersion) -> int:
+        """What a copy costs: max(declared, measured), since declared sizes lie."""
+        measured = self.measured.get(model.key)
+        return max(model.memory_bytes, *measured.values()) if measured else model.memory_bytes
+
+    def ready_on(self, key: str) -> list[str]:
+        """Live containers holding a ready copy of `key`."""
+        return [
+            cid
+            for cid in self.assignments.get(key, ())
+            if cid in self.containers
+            and (state := self.states.get((cid, key))) is not None
+            and state.phase == "ready"
+        ]
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def apply(self, event: Event) -> Changes:
+        """Applies one store event. A value that does not parse is skipped with one log line naming it."""
+        changes = Changes()
+        self.revision = max(self.revision, event.revision)
+        try:
+            self._apply(event, changes)
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+            self.skipped += 1
+            log.warning("store key %s: skipped, its value does not parse (%s)", event.key, exc)
+        return changes
+
+    def _apply(self, event: Event, changes: Changes) -> None:
+        key, put = event.key, event.kind == "put"
+        if key.startswith(MODELS):
+            mkey = key[len(MODELS) :]
+            name, version = split_model_key(mkey)
+            if put:
+                model = ModelVersion.from_json(event.value)
+                if model.key != mkey:
+                    raise ValueError(f"registered as {model.key}")
+                self.models[mkey] = model
+                self.by_name.setdefault(name, {})[version] = model
+            else:
+                self.models.pop(mkey, None)
+                versions = self.by_name.get(name)
+                if versions is not None:
+                    versions.pop(version, None)
+                    if not versions:
+                        del self.by_name[name]
+            changes.models.add(mkey)
+            changes.registrations.add(mkey)
+        elif key.startswith(CONTAINERS):
+            cid = key[len(CONTAINERS) :]
+            if put:
+                container = Container.from_json(event.value)
+                if container.id != cid:
+                    raise ValueError(f"container value names {container.id!r}")
+                self.containers[cid] = container
+            else:
+                self.containers.pop(cid, None)
+            changes.containers.add(cid)
+        elif key.startswith(ASSIGN):
+            mkey = key[len(ASSIGN) :]
+            split_model_key(mkey)
+            if put:
+                value = Assignment.from_json(event.value)
+                old = self.raw_assignments.get(mkey)
+                if old is not None and old.gen > self.generation:
+                    self._pending.get(old.gen, set()).discard(mkey)
+                self.raw_assignments[mkey] = value
+                if value.gen > self.generation:
+                    self._pending.setdefault(value.gen, set()).add(mkey)
+                    self._set_assignment(mkey, value.prev, changes)
+                else:
+                    self._set_assignment(mkey, value.ids, changes)
+            else:
+                old = self.raw_assignments.pop(mkey, None)
+                if old is not None and old.gen > self.generation:
+                    self._pending.get(old.gen, set()).discard(mkey)
+                self._set_assignment(mkey, (), changes)
+        elif key.startswith(STATE):
+            cid, _, mkey = key[len(STATE) :].partition("/")
+            split_model_key(mkey)
+            if put:
+                state = CopyState.from_json(event.value)
+                self.states[(cid, mkey)] = state
+                if state.measured_bytes:
+                    self.measured.setdefault(mkey, {})[cid] = state.measured_bytes
+                else:
+                    self._forget_measure(mkey, cid)
+            else:
+                self.states.pop((cid, mkey), None)
+                self._forget_measure(mkey, cid)
+            changes.models.add(mkey)
+        elif key.startswith(ROUTES):
+            name = key[len(ROUTES) :]
+            if put:
+                rule = RouteRule.from_json(event.value)
+                if rule.model != name:
+                    raise ValueError(f"route rule names model {rule.model!r}")
+                self.routes[name] = rule
+            else:
+                self.routes.pop(name, None)
+            changes.routes.add(name)
+        elif key.startswith(WANTED):
+            mkey = key[len(WANTED) :]
+            split_model_key(mkey)
+            if put:
+                self.wanted[mkey] = "" if event.value in (b"", WANT) else event.value.decode()
+            else:
+                self.wanted.pop(mkey, None)
+            changes.wanted.add(mkey)
+        elif key == LEADER:
+            self.leader = event.value.decode() if put else ""
+            changes.leader = True
+        elif key == GENERATION:
+            generation, token = parse_generation(event.value) if put else (0, "")
+            self.staging = token
+            if generation != self.generation:
+                self._commit(generation, changes)
+
+    def _commit(self, generation: int, changes: Changes) -> None:
+        """The committed generation moved: staged assignments up to it take effect (or, going back, not)."""
+        went_back = generation < self.generation
+        self.generation = generation
+        for gen in [g for g in self._pending if g <= generation]:
+            for mkey in self._pending.pop(gen):
+                value = self.raw_assignments.get(mkey)
+                if value is not None:
+                    self._set_assignment(mkey, value.ids, changes)
+        if not went_back:
+            return
+        # A generation that went back (a store restored from a backup) re-stages what is now ahead of it.
+        for mkey, value in self.raw_assignments.items():
+            if value.gen > generation and mkey not in self._pending.get(value.gen, ()):
+                self._pending.setdefault(value.gen, set()).add(mkey)
+                self._set_assignment(mkey, value.prev, changes)
+
+    def _set_assignment(self, mkey: str, ids: tuple[str, ...], changes: Changes) -> None:
+        old = self.assignments.get(mkey, ())
+        if old == ids:
+            return
+        for cid in old:
+            held = self.by_container.get(cid)
+            if held is not None:
+                held.discard(mkey)
+                if not held:
+                    del self.by_container[cid]
+        for cid in ids:
+            self.by_container.setdefault(cid, set()).add(mkey)
+        if ids:
+            self.assignments[mkey] = ids
+        else:
+            self.assignments.pop(mkey, None)
+        changes.models.add(mkey)
+
+    def _forget_measure(self, mkey: str, cid: str) -> None:
+        measured = self.measured.get(mkey)
+        if measured is not None:
+            measured.pop(cid, None)
+            if not measured:
+                del self.measured[mkey]
 
 
 async def load_fleet(store: Store) -> Fleet:
@@ -131,33 +371,130 @@ async def delete_copy_state(store: Store, container_id: str, key: str) -> None:
     await store.delete(state_key(container_id, key))
 
 
+async def want_model(store: Store, key: str) -> int:
+    """Asks the placement controller to place `key` now (a call is waiting for it); returns the revision."""
+    return await store.put(WANTED + key, WANT)
+
+
 async def read_generation(store: Store) -> int:
     item = await store.get(GENERATION)
-    return int(item.value) if item else 0
+    return parse_generation(item.value)[0] if item else 0
+
+
+def _generation_value(generation: int, token: str = "") -> bytes | None:
+    if not generation and not token:
+        return None  # generation 0 is an absent key
+    return f"{generation}:{token}".encode() if token else str(generation).encode()
+
+
+async def update_shard_map(store: Store, changes: Mapping[str, Sequence[str]], *, base: Fleet) -> int:
+    """Changes the assignments of the models in `changes` (empty: unassigned) as one new generation.
+
+    `base` is the caller's current view of the store (a followed Fleet): the new generation is base's + 1
+    and is refused (ConcurrentPlanError, nothing visible) if the store's map moved past it. Readers see all
+    of the change or none of it, however many transactions it takes. Callers hold the rebalance lock.
+    """
+    generation = base.generation
+    if base.staging:
+        await abort_staging(store, base)
+    puts: dict[str, bytes] = {}
+    for mkey, ids in changes.items():
+        new = tuple(dict.fromkeys(ids))
+        current = base.assignments.get(mkey, ())
+        raw = base.raw_assignments.get(mkey)
+        if new == current and (raw is None or raw.gen <= generation):
+            continue
+        puts[ASSIGN + mkey] = Assignment(new, generation + 1, current).to_json()
+    # Tombstones of earlier generations change nothing any reader sees: they can go in any batch.
+    deletes = [
+        ASSIGN + mkey
+        for mkey, raw in base.raw_assignments.items()
+        if not raw.ids and raw.gen <= generation and ASSIGN + mkey not in puts
+    ][: MAX_TXN_OPS * 10]
+    idle = _generation_value(generation)
+    committed = str(generation + 1).encode()
+    if not puts and not deletes:
+        return generation
+    if len(puts) + len(deletes) < MAX_TXN_OPS:
+        if not await store.apply({**puts, GENERATION: committed}, deletes, if_equal=(GENERATION, idle)):
+            raise _moved(generation)
+        return generation + 1
+    token = secrets.token_hex(8)
+    staging = _generation_value(generation, token)
+    if not await store.apply({GENERATION: staging or b""}, if_equal=(GENERATION, idle)):
+        raise _moved(generation)
+    ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
+    for start in range(0, len(ops), MAX_TXN_OPS - 1):
+        batch = ops[start : start + MAX_TXN_OPS - 1]
+        batch_puts = {k: v for k, v in batch if v is not None}
+        batch_deletes = [k for k, v in batch if v is None]
+        if not await store.apply(batch_puts, batch_deletes, if_equal=(GENERATION, staging)):
+            raise ConcurrentPlanError(
+                f"another writer took over the shard map while generation {generation + 1} was staged"
+            )
+    if not await store.apply({GENERATION: committed}, if_equal=(GENERATION, staging)):
+        raise ConcurrentPlanError(
+            f"another writer took over the shard map while generation {generation + 1} was staged"
+        )
+    return generation + 1
+
+
+async def abort_staging(store: Store, base: Fleet) -> None:
+    """Undoes a staged generation whose writer lost the rebalance lock (it died or hung).
+
+    Only a writer that holds the lock calls this: the staged values go back to what they were, then the
+    staging mark is cleared, each step a compare-and-swap on that mark.
+    """
+    generation, token = base.generation, base.staging
+    staging = _generation_value(generation, token)
+    staged = [(mkey, raw) for mkey, raw in base.raw_assignments.items() if raw.gen > generation]
+    log.warning(
+        "shard map: undoing generation %d staged by a writer that lost the lock (%d keys)",
+        generation + 1,
+        len(staged),
+    )
+    for start in range(0, len(staged), MAX_TXN_OPS - 1):
+        batch = {
+            ASSIGN + mkey: Assignment(raw.prev, generation, raw.prev).to_json()
+            for mkey, raw in staged[start : start + MAX_TXN_OPS - 1]
+        }
+        if not await store.apply(batch, if_equal=(GENERATION, staging)):
+            raise _moved(generation)
+    idle = _generation_value(generation)
+    cleared = await (
+        store.apply({GENERATION: idle}, if_equal=(GENERATION, staging))
+        if idle is not None
+        else store.apply({}, [GENERATION], if_equal=(GENERATION, staging))
+    )
+    if not cleared:
+        raise _moved(generation)
+    base.staging = ""
+
+
+def _moved(generation: int) -> ConcurrentPlanError:
+    return ConcurrentPlanError(
+        f"the shard map changed while planning (expected generation {generation}); plan again"
+    )
 
 
 async def write_shard_map(
     store: Store,
     assignments: Mapping[str, Sequence[str]],
     *,
-    expected_generation: int,
+    expected_generation: int | None = None,
+    base: Fleet | None = None,
 ) -> int:
-    """Replaces the shard map with `assignments` if its generation is still `expected_generation`.
+    """Replaces the whole shard map with `assignments` (only changed keys are written).
 
-    Only changed keys are written, in batches within etcd's transaction limit; the generation bump rides
-    in the first batch with the compare-and-swap, so a concurrent planner fails before writing anything.
+    With `base`, relative to that view; else the store is read first and its generation must be
+    `expected_generation`.
     """
-    current, _ = await store.get_prefix(ASSIGN)
-    existing = {kv.key[len(ASSIGN) :]: kv.value for kv in current}
-    puts: dict[str, bytes] = {GENERATION: str(expected_generation + 1).encode()}
-    for key, ids in sorted(assignments.items()):
-        value = json.dumps(list(ids)).encode()
-        if existing.get(key) != value:
-            puts[ASSIGN + key] = value
-    deletes = [ASSIGN + key for key in sorted(existing) if key not in assignments]
-    guard = str(expected_generation).encode() if expected_generation else None
-    if not await store.apply(puts, deletes, if_equal=(GENERATION, guard)):
-        raise ConcurrentPlanError(
-            f"the shard map changed while planning (expected generation {expected_generation}); plan again"
-        )
-    return expected_generation + 1
+    if base is None:
+        base = await load_fleet(store)
+        if expected_generation is not None and base.generation != expected_generation:
+            raise _moved(expected_generation)
+    changes: dict[str, Sequence[str]] = dict(assignments)
+    for mkey in base.assignments:
+        if mkey not in assignments:
+            changes[mkey] = ()
+    return await update_shard_map(store, changes, base=base)

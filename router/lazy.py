@@ -1,9 +1,10 @@
-"""Lazy load: a call for a registered model with no ready copy places and loads it, then proceeds.
+"""Lazy load: a call for a registered model with no ready copy waits for one to be loaded, then proceeds.
 
-Like SageMaker multi-model endpoints, the first call pays for the load. Concurrent calls for the same cold
-model share one load (one placement, one agent load), each bounded by its own deadline. When the model
-has no copy on a live container, the router adds one to the shard map itself — the planner's sticky plan
-keeps every other assignment as it is — under the map's generation compare-and-swap.
+Like SageMaker multi-model endpoints, the first call pays for the load. The router neither plans nor
+writes the shard map: when the model has no copy on a live container it records that the model is wanted
+(one small key; concurrent callers share one) and the placement controller places it. Every wait is on
+routing-table events, bounded by the caller's deadline. With no controller running, or when the controller
+says the model cannot be placed, the call fails at once with the reason.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ import time
 from modelyard.telemetry import Telemetry
 from placement import registry
 from placement.model import Container, ModelVersion
-from placement.rebalance import budget_bytes, plan_fleet
-from placement.registry import ConcurrentPlanError
 from placement.store import Store, StoreError
-from router.errors import DeadlineExceeded, NoReadyCopy
+from router.errors import DeadlineExceeded, NoController, NoReadyCopy
 from router.table import RoutingTable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 30.0  # for calls without a deadline
-LOAD_WAIT_S = 300.0  # how long one shared load is followed, whoever still waits for it
-_POLL_S = 0.01
 
 
 class LazyLoader:
@@ -33,104 +30,84 @@ class LazyLoader:
         self.store = store
         self.telemetry = telemetry
         self.table = table
-        self.placements = 0  # shard map writes made for cold models
-        self._loads: dict[str, asyncio.Task[None]] = {}
-        self._waiting: dict[str, int] = {}  # callers waiting per model
+        self.placements = 0  # wanted-keys written (requests to the controller), for tests and metrics
+        self._asking: dict[str, asyncio.Task[int]] = {}
 
     async def ready_copies(self, model: ModelVersion, wait_s: float | None) -> tuple[Container, ...]:
-        deadline = time.monotonic() + (wait_s if wait_s is not None else DEFAULT_WAIT_S)
-        task = self._loads.get(model.key)
-        if task is None or task.done():
-            # The shared wait is bounded by LOAD_WAIT_S, not by this caller's deadline: a caller that gives
-            # up early must not end the wait of those who came later.
-            task = asyncio.create_task(self._place_and_wait(model, time.monotonic() + LOAD_WAIT_S))
-            self._loads[model.key] = task
-            task.add_done_callback(lambda done: self._forget(model.key, done))
         started = time.monotonic()
-        self._waiting[model.key] = self._waiting.get(model.key, 0) + 1
+        deadline = started + (wait_s if wait_s is not None else DEFAULT_WAIT_S)
+        outcome = "timeout"
         try:
-            # shield: one caller giving up (deadline, cancel) must not cancel the load the others wait on
-            await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            pass
+            copies = await self._wait(model, deadline, wait_s is not None)
+            outcome = "ready"
+            return copies
+        except (NoReadyCopy, NoController):
+            outcome = "failed"
+            raise
         finally:
-            self._waiting[model.key] -= 1
-            if not self._waiting[model.key]:
-                del self._waiting[model.key]
-        copies = self.table.ready_copies(model.key)
-        if self.telemetry is not None and self.telemetry.metrics:
-            outcome = "ready" if copies else ("failed" if self._all_failed(model.key) else "timeout")
-            self.telemetry.lazy_loads.add(1, {"model": model.name, "outcome": outcome})
-            self.telemetry.lazy_load_duration.record(time.monotonic() - started, {"model": model.name})
-        if not copies:
-            if wait_s is not None and time.monotonic() >= deadline and not self._all_failed(model.key):
-                raise DeadlineExceeded(
-                    f"model '{model.name}' version '{model.version}' was not ready within the call's "
-                    "deadline (its load goes on)"
-                )
-            raise NoReadyCopy(self._why_not_ready(model))
-        return copies
+            if self.telemetry is not None and self.telemetry.metrics:
+                self.telemetry.lazy_loads.add(1, {"model": model.name, "outcome": outcome})
+                self.telemetry.lazy_load_duration.record(time.monotonic() - started, {"model": model.name})
 
-    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
-        if self._loads.get(key) is task:
-            del self._loads[key]
+    async def _wait(self, model: ModelVersion, deadline: float, has_deadline: bool) -> tuple[Container, ...]:
+        key = model.key
+        asked_at = 0  # store revision of the request this call relies on; 0: none yet
+        while True:
+            copies = self.table.ready_copies(key)
+            if copies:
+                return copies
+            fleet = self.table.fleet
+            live = [cid for cid in fleet.assignments.get(key, ()) if cid in fleet.containers]
+            if live:
+                states = [fleet.states.get((cid, key)) for cid in live]
+                if all(s is not None and s.phase == "failed" for s in states):
+                    raise NoReadyCopy(self._failures(model, live))
+            else:
+                if not fleet.leader:
+                    raise NoController(
+                        f"model '{model.name}' version '{model.version}' has no copy, and no placement "
+                        "controller is running to place it (start one: `modelyard controller`)"
+                    )
+                reason = fleet.wanted.get(key)
+                if reason and asked_at and fleet.revision >= asked_at:
+                    raise NoReadyCopy(
+                        f"model '{model.name}' version '{model.version}' cannot be placed: {reason}"
+                    )
+                if not asked_at:
+                    # Pending ("") means another call asked already; a reason is an earlier answer that
+                    # may no longer hold (memory was freed since): ask again.
+                    asked_at = fleet.revision if reason == "" else await self._ask(key)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if has_deadline:
+                    raise DeadlineExceeded(
+                        f"model '{model.name}' version '{model.version}' was not ready within the call's "
+                        "deadline (its load goes on)"
+                    )
+                raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+            await self.table.wait_changed(key, left)
 
-    def _why_not_ready(self, model: ModelVersion) -> str:
-        fleet = self.table.fleet
-        failures = [
-            f"{cid}: {state.message}"
-            for cid in fleet.assignments.get(model.key, ())
-            if (state := fleet.states.get((cid, model.key))) is not None and state.phase == "failed"
-        ]
-        if failures:
-            return f"model '{model.name}' version '{model.version}' failed to load ({'; '.join(failures)})"
-        return f"model '{model.name}' version '{model.version}' has no ready copy"
-
-    def _live_assignment(self, key: str) -> bool:
-        fleet = self.table.fleet
-        return any(cid in fleet.containers for cid in fleet.assignments.get(key, ()))
-
-    def _all_failed(self, key: str) -> bool:
-        fleet = self.table.fleet
-        ids = [cid for cid in fleet.assignments.get(key, ()) if cid in fleet.containers]
-        states = [fleet.states.get((cid, key)) for cid in ids]
-        return bool(ids) and all(s is not None and s.phase == "failed" for s in states)
-
-    async def _place_and_wait(self, model: ModelVersion, deadline: float) -> None:
-        if not self._live_assignment(model.key):
-            try:
-                await self._place(model)
-            except StoreError as exc:
-                log.warning("lazy load of %s: cannot place it: %s", model.key, exc)
-                return
-        while time.monotonic() < deadline:
-            if self.table.ready_copies(model.key) or self._all_failed(model.key):
-                return
-            await asyncio.sleep(_POLL_S)
-            if not self._waiting.get(model.key):
-                return  # every caller gave up; the agent goes on loading, the next call waits again
-
-    async def _place(self, model: ModelVersion) -> None:
-        for _ in range(5):
-            fleet = await registry.load_fleet(self.store)
-            if any(cid in fleet.containers for cid in fleet.assignments.get(model.key, ())):
-                return  # someone placed it meanwhile
-            registered = list(fleet.models.values())
-            result = plan_fleet(
-                registered,
-                list(fleet.containers.values()),
-                fleet.assignments,
-                budgets={m.key: budget_bytes(fleet, m) for m in registered},
-            )
-            placed = result.assignments.get(model.key)
-            if not placed:
-                raise StoreError(result.unplaced.get(model.key, "no container has room"))
-            assignments = dict(fleet.assignments)
-            assignments[model.key] = placed
-            try:
-                await registry.write_shard_map(self.store, assignments, expected_generation=fleet.generation)
-            except ConcurrentPlanError:
-                continue
+    async def _ask(self, key: str) -> int:
+        """Writes the wanted key, once for all callers until the table shows it; returns its revision."""
+        task = self._asking.get(key)
+        if task is None or (
+            task.done() and (task.exception() is not None or task.result() <= self.table.fleet.revision)
+        ):
+            task = asyncio.create_task(registry.want_model(self.store, key))
+            self._asking[key] = task
             self.placements += 1
-            return
-        raise StoreError("the shard map kept changing; gave up placing")
+        try:
+            return await asyncio.shield(task)
+        except StoreError as exc:
+            raise NoReadyCopy(
+                f"model {key} has no copy and the store cannot be reached to ask for one: {exc}"
+            ) from exc
+
+    def _failures(self, model: ModelVersion, live: list[str]) -> str:
+        fleet = self.table.fleet
+        reasons = "; ".join(
+            f"{cid}: {state.message or 'load failed'}"
+            for cid in live
+            if (state := fleet.states.get((cid, model.key))) is not None
+        )
+        return f"model '{model.name}' version '{model.version}' failed to load ({reasons})"

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
-from placement import registry
 from placement.model import Container, ModelVersion
-from placement.registry import Fleet
+from placement.registry import Changes, Fleet
 from placement.store.base import Event
 from router.errors import ModelNotFound
 from router.versions import choose_version
@@ -40,8 +39,8 @@ class RoutingTable:
         self.fleet = fleet or Fleet()
         self.loaded = fleet is not None
         self._ready: dict[str, tuple[Container, ...]] = {}
-        self._versions: dict[str, dict[str, ModelVersion]] | None = None
         self._watches: set[TableWatch] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def watch(self) -> TableWatch:
         watch = TableWatch()
@@ -57,51 +56,62 @@ class RoutingTable:
             watch.everything |= everything
             watch.event.set()
 
+    async def wait_changed(self, key: str, timeout_s: float) -> None:
+        """Returns when anything about model `key` (or the whole table) changes, or after `timeout_s`."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(future)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[key]
+
+    def _wake(self, keys: set[str] | None) -> None:
+        for key in list(self._waiters) if keys is None else keys & self._waiters.keys():
+            for future in self._waiters.pop(key, ()):
+                if not future.done():
+                    future.set_result(None)
+
     def replace(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-        self.loaded = True
-        self._ready.clear()
-        self._versions = None
-        self._notify(set(), everything=True)
+        self.on_change(fleet, Changes(everything=True))
 
     def apply(self, events: list[Event]) -> None:
-        names: set[str] = set()
-        everything = False
+        changes = Changes()
         for event in events:
-            self.fleet.apply(event)
-            key = event.key
-            if key.startswith(registry.ASSIGN):
-                model = key[len(registry.ASSIGN) :]
-                self._ready.pop(model, None)
-                names.add(_model_name(model))
-            elif key.startswith(registry.STATE):
-                model = key[len(registry.STATE) :].partition("/")[2]
-                self._ready.pop(model, None)
-                names.add(_model_name(model))
-            elif key.startswith(registry.MODELS):
-                self._versions = None
-                names.add(_model_name(key[len(registry.MODELS) :]))
-            elif key.startswith(registry.ROUTES):
-                names.add(key[len(registry.ROUTES) :])
-            elif key.startswith(registry.CONTAINERS):
-                self._ready.clear()
-                everything = True
-        if self._watches and (names or everything):
-            self._notify(names, everything)
+            changes.update(self.fleet.apply(event))
+        self.on_change(self.fleet, changes)
+
+    def on_change(self, fleet: Fleet, changes: Changes) -> None:
+        """The store follower applied `changes` to `fleet`: drop what they make stale, wake who waits."""
+        if changes.everything or fleet is not self.fleet:
+            self.fleet = fleet
+            self.loaded = True
+            self._ready.clear()
+            self._notify(set(), everything=True)
+            self._wake(None)
+            return
+        if changes.containers:
+            self._ready.clear()
+        else:
+            for key in changes.models:
+                self._ready.pop(key, None)
+        if self._watches:
+            names = {_model_name(key) for key in changes.models} | changes.routes
+            if names or changes.containers:
+                self._notify(names, everything=bool(changes.containers))
+        if self._waiters:
+            self._wake(None if changes.containers or changes.leader else changes.models | changes.wanted)
 
     def names(self) -> set[str]:
-        return set(self._by_name())
-
-    def _by_name(self) -> dict[str, dict[str, ModelVersion]]:
-        if self._versions is None:
-            versions: dict[str, dict[str, ModelVersion]] = {}
-            for model in self.fleet.models.values():
-                versions.setdefault(model.name, {})[model.version] = model
-            self._versions = versions
-        return self._versions
+        return set(self.fleet.by_name)
 
     def versions(self, name: str) -> dict[str, ModelVersion]:
-        return self._by_name().get(name, {})
+        return self.fleet.by_name.get(name, {})
 
     def resolve(self, name: str, version: str, tenant: str | None, request_id: str = "") -> ModelVersion:
         """The model version a call for (name, version) from `tenant` goes to.
@@ -109,7 +119,7 @@ class RoutingTable:
         Versions private to other tenants are invisible: asking for one is NOT_FOUND, exactly as for a
         model that does not exist, so callers cannot probe other tenants' models.
         """
-        versions = self._by_name().get(name)
+        versions = self.fleet.by_name.get(name)
         visible = {v: m for v, m in versions.items() if m.visible_to(tenant)} if versions else {}
         if not visible:
             raise ModelNotFound(f"model '{name}' is not registered")

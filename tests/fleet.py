@@ -54,10 +54,12 @@ def start_custom_fleet(
     store_url: str | None = None,
     containers: int = 1,
     controller: bool = True,
+    eager: bool = True,
     lease_ttl_s: float = 10.0,
 ) -> FleetThread:
     """Our own containers (real processes), their agents, the router and — unless told not to — the
-    placement controller, with `models` registered and ready. Stop it with `.stop()`."""
+    placement controller (placing models when registered, or with `eager` False only when a call wants
+    them), with `models` registered and ready. Stop it with `.stop()`."""
     thread = FleetThread(workdir, store_url or str(workdir / "store"), containers=0)
     thread.fleet.custom_containers = containers
     thread.fleet.lease_ttl_s = lease_ttl_s
@@ -68,7 +70,7 @@ def start_custom_fleet(
             await registry.register_model(fleet.store, model)
         await fleet.start_containers()
         if controller:
-            fleet.start_controller()
+            fleet.start_controller(eager=eager)
         await fleet.start_router()
         if models:
             await fleet.wait_ready(models, timeout_s=60)

@@ -31,8 +31,8 @@ def scale_model(root: Path, name: str, factor: float) -> ModelVersion:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetThread]:
-    """One of our containers and the router; no placement controller, so nothing is placed ahead of a call."""
-    thread = start_custom_fleet(tmp_path / "fleet", [], controller=False)
+    """One of our containers, the router and a controller that places a model only when a call wants it."""
+    thread = start_custom_fleet(tmp_path / "fleet", [], eager=False)
     yield thread
     thread.stop()
 
@@ -132,3 +132,35 @@ def test_a_cold_call_waits_no_longer_than_its_deadline_and_the_load_goes_on(
     assert time.monotonic() - started < 1.0
     np.testing.assert_allclose(infer(fleet.address, "slowpoke", x, timeout_s=10), x * 7.0)
     assert fleet.fleet.agents[0].load_calls == 1  # the first caller giving up did not cancel its load
+
+
+def test_without_a_controller_a_cold_call_fails_fast_naming_the_missing_controller(tmp_path: Path) -> None:
+    thread = start_custom_fleet(tmp_path / "fleet", [], controller=False)
+    try:
+        register(thread, scale_model(tmp_path / "models", "orphan", 2.0))
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as caught:
+            infer(thread.address, "orphan", np.ones(2, dtype=np.float32), timeout_s=20)
+        assert time.monotonic() - started < 2.0  # not waited out
+        assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert "no placement controller" in str(caught.value)
+        assert thread.fleet.agents[0].load_calls == 0
+    finally:
+        thread.stop()
+
+
+def test_a_cold_model_too_big_for_every_container_fails_with_the_controllers_reason(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    huge = scale_model(tmp_path / "models", "huge", 1.0)
+    register(
+        fleet,
+        ModelVersion(huge.name, "1", backend="custom", memory_bytes=1 << 50, artifact_uri=huge.artifact_uri),
+    )
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as caught:
+        infer(fleet.address, "huge", np.ones(2, dtype=np.float32), timeout_s=20)
+    assert time.monotonic() - started < 5.0
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    assert "cannot be placed" in str(caught.value)
+    assert fleet.fleet.agents[0].load_calls == 0

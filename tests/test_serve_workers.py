@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,12 +31,20 @@ def fleet(tmp_path: Path) -> Iterator[FleetThread]:
 
 
 def worker_pids(parent: int) -> list[int]:
-    listed = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    return [
-        int(pid)
-        for pid, ppid, args in re.findall(r"^\s*(\d+)\s+(\d+)\s+(.*)$", listed, re.MULTILINE)
-        if int(ppid) == parent and "serve --workers 1" in args
-    ]
+    """Children of `parent` running `serve --workers`, read from /proc (ps cuts long lines at 80 columns)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and b"--workers" in args and b"serve" in args:
+            pids.append(int(entry.name))
+    return pids
 
 
 def ready(client: grpcclient.InferenceServerClient) -> bool:

@@ -82,11 +82,20 @@ class _EtcdLease(Lease):
             response = await self._lease.refresh()
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"etcd at {self._store.endpoint} is unreachable: {exc}") from exc
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"lease {self.id}: {exc}") from exc
         if getattr(response, "TTL", 1) <= 0:
             raise StoreError(f"lease {self.id} has expired or was revoked")
 
     async def revoke(self) -> None:
-        await self._lease.revoke()
+        try:
+            await self._lease.revoke()
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"etcd at {self._store.endpoint} is unreachable: {exc}") from exc
+        except aetcd.exceptions.ClientError as exc:
+            if "not found" in str(exc):
+                return  # expired or revoked already: what revoking wanted
+            raise StoreError(f"lease {self.id}: {exc}") from exc
 
 
 class _TLSClient(aetcd.Client):

@@ -67,20 +67,19 @@ def test_copies_on_a_container_whose_lease_expired_are_lost_and_replanned(store_
 
 
 def test_replanning_an_unchanged_fleet_moves_nothing() -> None:
-    fleet = Fleet()
-    fleet.models = {f"m{i}@1": ModelVersion(f"m{i}", "1", memory_bytes=GiB) for i in range(20)}
-    fleet.containers = {c: Container(c, "x", memory_bytes=16 * GiB) for c in ("a", "b", "c")}
-    first = plan_rebalance(fleet)
-    fleet.assignments = first.after
-    second = plan_rebalance(fleet)
+    models = [ModelVersion(f"m{i}", "1", memory_bytes=GiB) for i in range(20)]
+    containers = [Container(c, "x", memory_bytes=16 * GiB) for c in ("a", "b", "c")]
+    first = plan_rebalance(Fleet.of(models=models, containers=containers))
+    second = plan_rebalance(Fleet.of(models=models, containers=containers, assignments=first.after))
     assert second.moves == [] and second.after == first.after
 
 
 def test_usage_budgets_with_measured_memory_when_it_exceeds_the_declared() -> None:
-    fleet = Fleet()
-    fleet.models = {"m@1": ModelVersion("m", "1", memory_bytes=100)}
-    fleet.containers = {"a": Container("a", "x", memory_bytes=1000)}
-    fleet.states = {("a", "m@1"): CopyState("ready", measured_bytes=400)}
+    fleet = Fleet.of(
+        models=[ModelVersion("m", "1", memory_bytes=100)],
+        containers=[Container("a", "x", memory_bytes=1000)],
+        states={("a", "m@1"): CopyState("ready", measured_bytes=400)},
+    )
     assert usage(fleet, {"m@1": ("a",)})[0].used_bytes == 400
 
 
@@ -98,9 +97,11 @@ def test_two_concurrent_rebalances_exactly_one_applies_and_unready_moves_keep_ol
 
         # No agent runs for "b", so its copies never become ready: the first rebalance waits for them.
         first = asyncio.create_task(
-            apply_rebalance(store, plan, holder="first", ready_timeout_s=2, poll_s=0.05)
+            apply_rebalance(store, plan, holder="first", ready_timeout_s=2)
         )
-        await asyncio.sleep(0.5)
+        while await store.get("/modelyard/lock/rebalance") is None:  # the first holds the lock
+            assert not first.done(), first
+            await asyncio.sleep(0.01)
         with pytest.raises(RebalanceInProgress, match="held by first"):
             await apply_rebalance(store, plan, holder="second", ready_timeout_s=2)
         result = await first
@@ -142,7 +143,7 @@ def test_a_rebalance_waits_for_new_copies_before_dropping_old_ones(store_url: st
 
         helper = asyncio.create_task(agent_for_b())
         try:
-            result = await apply_rebalance(store, plan, holder="t", ready_timeout_s=20, poll_s=0.05)
+            result = await apply_rebalance(store, plan, holder="t", ready_timeout_s=20)
         finally:
             helper.cancel()
         assert result.failed == {} and result.ready == len(targets)
@@ -169,26 +170,28 @@ def test_a_20k_model_map_round_trips_through_the_store(store_url: str) -> None:
 
 
 def test_lost_copies_with_nowhere_to_go_stay_assigned() -> None:
-    fleet = Fleet()
-    fleet.models = {"m@1": ModelVersion("m", "1", memory_bytes=GiB, replicas=2)}
-    fleet.containers = {"a": Container("a", "x", memory_bytes=4 * GiB)}
-    fleet.assignments = {"m@1": ("a", "dead")}
+    fleet = Fleet.of(
+        models=[ModelVersion("m", "1", memory_bytes=GiB, replicas=2)],
+        containers=[Container("a", "x", memory_bytes=4 * GiB)],
+        assignments={"m@1": ("a", "dead")},
+    )
     proposal = plan_rebalance(fleet)
     assert proposal.after == {"m@1": ("a", "dead")}
     assert proposal.moves == []
 
 
 def test_models_only_go_to_containers_of_their_backend() -> None:
-    fleet = Fleet()
-    fleet.models = {
-        "t@1": ModelVersion("t", "1", backend="triton", memory_bytes=GiB),
-        "n@1": ModelVersion("n", "1", backend="custom", memory_bytes=GiB),
-        "big@1": ModelVersion("big", "1", backend="custom", memory_bytes=10 * GiB),
-    }
-    fleet.containers = {
-        "tri": Container("tri", "x", memory_bytes=64 * GiB, backend="triton"),
-        "own": Container("own", "y", memory_bytes=4 * GiB, backend="custom"),
-    }
+    fleet = Fleet.of(
+        models=[
+            ModelVersion("t", "1", backend="triton", memory_bytes=GiB),
+            ModelVersion("n", "1", backend="custom", memory_bytes=GiB),
+            ModelVersion("big", "1", backend="custom", memory_bytes=10 * GiB),
+        ],
+        containers=[
+            Container("tri", "x", memory_bytes=64 * GiB, backend="triton"),
+            Container("own", "y", memory_bytes=4 * GiB, backend="custom"),
+        ],
+    )
     proposal = plan_rebalance(fleet)
     assert proposal.after == {"t@1": ("tri",), "n@1": ("own",)}
     assert "among custom containers" in proposal.unplaced["big@1"]

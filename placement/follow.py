@@ -1,0 +1,128 @@
+"""The one store follower: a snapshot of /modelyard/, then its watch, applied to a Fleet.
+
+Router, agents and placement controller all read the fleet through it. It never blocks the event loop: a
+snapshot is parsed in a thread, and a burst of events is applied in slices with a yield between them. It
+restarts itself after any error (store down, compacted history, a bug), reports whether it is current
+(`healthy`), and tells its listeners what each batch changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from placement import registry
+from placement.registry import Changes, Fleet
+from placement.store import CompactedError, Store, StoreError
+from placement.store.base import Event
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Fleet, Changes], None]
+
+# Events applied between two yields to the event loop: ~2-5 ms of work on this machine's cores.
+SLICE_EVENTS = 256
+
+
+class StoreFollower:
+    def __init__(self, store: Store, *, name: str, retry_s: float = 1.0) -> None:
+        self.store = store
+        self.name = name
+        self.retry_s = retry_s
+        self.fleet = Fleet()
+        self.loaded = asyncio.Event()  # set once the first snapshot is in
+        self.healthy = False  # current with the store (snapshot loaded, watch running)
+        self.unhealthy_since: float | None = time.monotonic()
+        self._listeners: list[Listener] = []
+        self._changed = asyncio.Condition()
+        self.version = 0  # bumped after every published change
+        self._task: asyncio.Task[None] | None = None
+
+    def listen(self, listener: Listener) -> None:
+        """`listener(fleet, changes)` runs on the loop after every applied slice (and after a snapshot)."""
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"store-follower-{self.name}")
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancels the follower; bounded, because a store client may not finish cancelling a watch."""
+        if self._task is not None:
+            self._task.cancel()
+            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+            if not done:
+                log.warning("%s: store watch did not stop within %.0f s; leaving it", self.name, timeout_s)
+            self._task = None
+
+    async def wait_changed(self, timeout_s: float | None, seen: int | None = None) -> bool:
+        """Waits for a change after `seen` (a `version` read earlier; default: now); False on timeout.
+
+        Read `version` before checking a condition and pass it here, so a change that lands between the
+        check and the wait is not missed.
+        """
+        async with self._changed:
+            if seen is not None and self.version != seen:
+                return True
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                items, revision = await self.store.get_prefix(registry.ROOT)
+                fleet = await asyncio.to_thread(Fleet.from_items, items, revision)
+                del items
+                self.fleet = fleet
+                self._set_healthy(True)
+                self.loaded.set()
+                await self._publish(Changes(everything=True))
+                async for events in self.store.watch_prefix(registry.ROOT, fleet.revision + 1):
+                    await self._apply(events)
+                log.info("%s: store watch ended; reloading", self.name)
+            except CompactedError:
+                log.info("%s: store watch history compacted; reloading", self.name)
+                continue
+            except StoreError as exc:
+                if self.healthy:
+                    log.warning("%s: store unreachable (%s); keeping the last view", self.name, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop the follower for good: log it, reload, go on
+                log.exception("%s: store follower failed; reloading", self.name)
+            self._set_healthy(False)
+            await asyncio.sleep(self.retry_s)
+
+    async def _apply(self, events: list[Event]) -> None:
+        fleet = self.fleet
+        for start in range(0, len(events), SLICE_EVENTS):
+            changes = Changes()
+            for event in events[start : start + SLICE_EVENTS]:
+                changes.update(fleet.apply(event))
+            if changes:
+                await self._publish(changes)
+            if start + SLICE_EVENTS < len(events):
+                await asyncio.sleep(0)  # let calls through between slices of a big burst
+
+    async def _publish(self, changes: Changes) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(self.fleet, changes)
+            except Exception:
+                log.exception("%s: a store listener failed", self.name)
+        self.version += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self.unhealthy_since = None if healthy else (self.unhealthy_since or time.monotonic())
