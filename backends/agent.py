@@ -231,8 +231,10 @@ class Agent:
                 await self._beat_once()
             except Exception as exc:  # one bad beat (a store error, a client bug) must not stop the next
                 log.warning("container %s: heartbeat failed (%s); retrying", self.container.id, _reason(exc))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancel that stops us
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat.wait(), timeout=self.lease_ttl_s / 3)
+                async with asyncio.timeout(self.lease_ttl_s / 3):
+                    await self._beat.wait()
 
     async def _beat_once(self) -> None:
         try:
@@ -357,7 +359,8 @@ class Agent:
                     "container %s: reconcile pass failed; again in %.0f s", self.container.id, delay
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def reconcile(self) -> float | None:
         """One pass: load what is missing, unload what is extra. Returns when to retry failures (s)."""

@@ -97,7 +97,8 @@ class PlacementController:
                 finally:
                     self.leading.clear()
                     with contextlib.suppress(StoreError, TimeoutError):
-                        await asyncio.wait_for(lease.revoke(), 5.0)
+                        async with asyncio.timeout(5.0):
+                            await lease.revoke()
         finally:
             await self.follower.stop()
 
@@ -192,7 +193,8 @@ class PlacementController:
     async def _full_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.full_every_s)
+                async with asyncio.timeout(self.full_every_s):
+                    await self._full.wait()
             await asyncio.sleep(self.debounce_s)  # let a burst of joins settle into one plan
             self._full.clear()
             try:

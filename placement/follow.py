@@ -71,7 +71,9 @@ class StoreFollower:
             if seen is not None and self.version != seen:
                 return True
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait()
             except TimeoutError:
                 return False
         return True

@@ -61,7 +61,8 @@ class RoutingTable:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(future)
         try:
-            await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancellation on 3.11
+                await future
         except TimeoutError:
             pass
         finally:
