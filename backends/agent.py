@@ -20,23 +20,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from backends.triton import LoadError
 from modelyard.telemetry import Telemetry
 from placement import registry
+from placement.follow import StoreFollower
 from placement.model import Container, CopyState, ModelVersion, split_model_key
-from placement.registry import Fleet
-from placement.store import CompactedError, Event, Lease, Store, StoreError, StoreUnavailable
+from placement.registry import Changes, Fleet
+from placement.store import Lease, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+
 # Events under these prefixes can change what this container should hold.
-_RELEVANT = (registry.ASSIGN, registry.MODELS)
-
-
 class ContainerAdapter(Protocol):
     """What the agent needs of a container: TritonAdapter (triton.py) or CustomAdapter (custom.py)."""
 
@@ -174,41 +172,35 @@ class Agent:
     # -- following the store -----------------------------------------------------------------------------
 
     async def _follow(self) -> None:
-        """Keeps `_fleet` current: a snapshot, then the watch; reloads on compaction or errors."""
-        while True:
-            try:
-                self._set_fleet(await registry.load_fleet(self.store))
-                async for events in self.store.watch_prefix(registry.ROOT, self._fleet.revision + 1):
-                    self._apply_events(events)
-            except CompactedError:
-                continue
-            except Exception as exc:  # StoreError, or anything unexpected: following must not stop
-                log.warning("container %s: store watch failed (%s); retrying", self.container.id, exc)
-                await asyncio.sleep(1.0)
+        """Keeps `_fleet` current through the one store follower (placement/follow.py), until cancelled."""
+        follower = StoreFollower(self.store, name=f"agent {self.container.id}")
+        follower.listen(self._on_change)
+        follower.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await follower.stop()
 
-    def _set_fleet(self, fleet: Fleet) -> None:
+    def _on_change(self, fleet: Fleet, changes: Changes) -> None:
+        cid = self.container.id
         self._fleet = fleet
         self._fleet_loaded.set()
-        self._wake.set()
-
-    def _apply_events(self, events: Sequence[Event]) -> None:
-        own_key = registry.CONTAINERS + self.container.id
+        if changes.everything:
+            self._wake.set()
+            return
+        mine = fleet.by_container.get(cid, set())
         relevant = False
-        for event in events:
-            self._fleet.apply(event)
-            if event.key.startswith(_RELEVANT):
-                relevant = True
-            if event.kind == "put" and event.key.startswith(registry.MODELS):
+        for key in changes.registrations:
+            if key in fleet.models and self._load_backoff.pop(key, None) is not None:
                 # A new registration (a fixed archive) gets a failed load tried again now, not after backoff.
-                if self._load_backoff.pop(event.key[len(registry.MODELS) :], None) is not None:
-                    log.info(
-                        "container %s: %s registered again; retrying its load",
-                        self.container.id,
-                        event.key[len(registry.MODELS) :],
-                    )
-            elif event.kind == "delete" and event.key == own_key and self._lease is not None:
-                self._registration_gone = True
-                self._beat.set()
+                log.info("container %s: %s registered again; retrying its load", cid, key)
+            if key in mine or key in self.loaded:
+                relevant = True
+        if not relevant:
+            relevant = any(key in mine or key in self.loaded for key in changes.assigned)
+        if cid in changes.containers and cid not in fleet.containers and self._lease is not None:
+            self._registration_gone = True
+            self._beat.set()
         if relevant:
             self._wake.set()
 

@@ -96,6 +96,7 @@ class Changes:
 
     models: set[str] = field(default_factory=set)  # name@version: registration, assignment or copy state
     registrations: set[str] = field(default_factory=set)  # name@version: registration itself
+    assigned: set[str] = field(default_factory=set)  # name@version: its committed assignment
     routes: set[str] = field(default_factory=set)  # model names
     containers: set[str] = field(default_factory=set)
     wanted: set[str] = field(default_factory=set)
@@ -110,6 +111,7 @@ class Changes:
     def update(self, other: Changes) -> None:
         self.models |= other.models
         self.registrations |= other.registrations
+        self.assigned |= other.assigned
         self.routes |= other.routes
         self.containers |= other.containers
         self.wanted |= other.wanted
@@ -333,6 +335,7 @@ class Fleet:
         else:
             self.assignments.pop(mkey, None)
         changes.models.add(mkey)
+        changes.assigned.add(mkey)
 
     def _forget_measure(self, mkey: str, cid: str) -> None:
         measured = self.measured.get(mkey)
