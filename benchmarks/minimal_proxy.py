@@ -1,7 +1,11 @@
-"""The reference hop for router benchmarks: a bare grpc.aio pass-through proxy to one upstream.
+"""The anchor of the router benchmarks: the least a Python gRPC hop can do, a grpc.aio pass-through.
 
-Bytes in, bytes out; it reads the model name (field 1) as a router must, and does nothing else — no
-routing table, tenancy, retries or telemetry. Run: python benchmarks/minimal_proxy.py LISTEN UPSTREAM
+Generic handler, bytes in and bytes out (no serializers), one channel to one upstream and one handler per
+method built once and cached (never per call). Unary calls go through as they came; a bidi stream
+(`ModelStreamInfer`) is relayed message by message on one upstream stream per client stream. No routing
+table, tenancy, retries, renaming or telemetry: the router cannot be cheaper than this and do its job.
+
+Run: python benchmarks/minimal_proxy.py LISTEN UPSTREAM
 """
 
 from __future__ import annotations
@@ -16,38 +20,42 @@ import grpc.aio
 OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 
 
-def model_name(data: bytes) -> bytes:
-    """Field 1 of a KServe request, assuming (as serializers do) it comes first with a one-byte length."""
-    return data[2 : 2 + data[1]] if len(data) > 1 and data[0] == 0x0A else b""
+class PassThrough(grpc.GenericRpcHandler):
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        handler = self.handlers.get(method)
+        if handler is None:
+            handler = self.handlers[method] = self._handler(method)
+        return handler
+
+    def _handler(self, method: str) -> grpc.RpcMethodHandler:
+        if method.endswith("StreamInfer"):
+            stream = self.channel.stream_stream(method)
+
+            async def bidi(
+                requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[bytes]:
+                async for response in stream(requests):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(bidi)
+        unary = self.channel.unary_unary(method)
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            response: bytes = await unary(request)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(call)
 
 
 async def main(listen: str, upstream: str) -> None:
     channel = grpc.aio.insecure_channel(upstream, options=OPTIONS)
-
-    class PassThrough(grpc.GenericRpcHandler):
-        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            method = details.method
-            if method.endswith("StreamInfer"):
-                stream = channel.stream_stream(method)
-
-                async def bidi(
-                    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-                ) -> AsyncIterator[bytes]:
-                    async for response in stream(requests):
-                        yield response
-
-                return grpc.stream_stream_rpc_method_handler(bidi)
-            unary = channel.unary_unary(method)
-
-            async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                model_name(request)
-                response: bytes = await unary(request)
-                return response
-
-            return grpc.unary_unary_rpc_method_handler(call)
-
     server = grpc.aio.server(options=OPTIONS)
-    server.add_generic_rpc_handlers((PassThrough(),))
+    server.add_generic_rpc_handlers((PassThrough(channel),))
     server.add_insecure_port(listen)
     await server.start()
     print("proxy ready", flush=True)

@@ -1,0 +1,183 @@
+"""The load generator of the router benchmarks, in its own process (never in the fleet's or the router's).
+
+It reads one JSON command per line on stdin and answers one JSON line on stdout, so one process (imports
+paid once) serves a whole benchmark run. Clients and channels are made once per target and reused:
+
+    {"op": "unary", "address": A, "model": M, "size_bytes": N, "calls": K, "concurrency": C,
+     "client": "triton" | "zero-hop"}
+        -> {"latencies_s": [...]} (C = 1) or {"calls_per_s": x} (C > 1); "zero-hop" is
+           modelyard.client.Client following the router at A.
+    {"op": "stream", "address": A, "model": M, "api": "kserve" | "infer_stream" | "session",
+     "responses": 64, "runs": K}
+        -> {"first_s": [...], "total_s": [...]}: one request for `responses` responses per run; kserve and
+           session streams stay open across runs (as a client keeps one), InferStream is one RPC per run.
+
+Run by benchmarks/test_router_hop.py; `python benchmarks/loadgen.py` alone waits for commands.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as kserve
+
+from modelyard.client import Client
+
+OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+_KSERVE_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+_INFER_STREAM = "/modelyard.v1.Router/InferStream"
+_INFER_SESSION = "/modelyard.v1.Router/InferSession"
+
+Infer = Callable[[str, list[grpcclient.InferInput]], grpcclient.InferResult]
+_clients: dict[tuple[str, str], Any] = {}
+
+
+def _client(address: str, kind: str) -> Any:
+    """One client per (target, kind), reused by every command (connections stay warm)."""
+    client = _clients.get((address, kind))
+    if client is None:
+        if kind == "zero-hop":
+            client = Client(address)
+            if not client.wait_synced(30):
+                raise RuntimeError(f"zero-hop client: no routing table from {address}")
+        else:
+            client = grpcclient.InferenceServerClient(address)
+        _clients[(address, kind)] = client
+    return client
+
+
+def tensor_of(size_bytes: int) -> tuple[grpcclient.InferInput, np.ndarray]:
+    x = np.random.default_rng(0).random(max(1, size_bytes // 4), dtype=np.float32)
+    tensor = grpcclient.InferInput("INPUT", [x.size], "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor, x
+
+
+def unary(command: dict[str, Any]) -> dict[str, Any]:
+    tensor, x = tensor_of(command["size_bytes"])
+    model, calls, concurrency = command["model"], command["calls"], command["concurrency"]
+    if concurrency == 1:
+        infer: Infer = _client(command["address"], command["client"]).infer
+        out = infer(model, [tensor]).as_numpy("OUTPUT")  # warm, and right
+        if out is None or not np.array_equal(out, x):
+            raise RuntimeError(f"{command['address']} answered wrong")
+        latencies = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            infer(model, [tensor])
+            latencies.append(time.perf_counter() - start)
+        return {"latencies_s": latencies}
+    # Concurrency C: C clients of their own (own connections), each calling in a loop on its own thread.
+    clients = [
+        Client(command["address"]) if command["client"] == "zero-hop" else
+        grpcclient.InferenceServerClient(command["address"])
+        for _ in range(concurrency)
+    ]  # fmt: skip
+    try:
+        for client in clients:
+            if isinstance(client, Client) and not client.wait_synced(30):
+                raise RuntimeError("zero-hop client: no routing table")
+            client.infer(model, [tensor])
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda c: [c.infer(model, [tensor]) for _ in range(calls)], clients))
+        elapsed = time.perf_counter() - start
+    finally:
+        for client in clients:
+            client.close()
+    return {"calls_per_s": concurrency * calls / elapsed}
+
+
+def _stream_request(model: str, responses: int, *, final_flag: bool) -> bytes:
+    request = kserve.ModelInferRequest(model_name=model, id="bench")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[responses])
+    request.raw_input_contents.append(np.arange(responses, dtype=np.float32).tobytes())
+    if final_flag:
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return bytes(request.SerializeToString())
+
+
+class _OpenStream:
+    """A bidi stream kept open across runs: requests go in through a queue, responses come out in order."""
+
+    def __init__(self, channel: grpc.Channel, method: str) -> None:
+        self.requests: queue.Queue[bytes | None] = queue.Queue()
+        self.call = channel.stream_stream(method)(iter(self.requests.get, None))
+        self.responses: Iterator[bytes] = iter(self.call)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+
+
+_channels: dict[str, grpc.Channel] = {}
+_streams: dict[tuple[str, str], _OpenStream] = {}
+
+
+def _channel(address: str) -> grpc.Channel:
+    channel = _channels.get(address)
+    if channel is None:
+        channel = _channels[address] = grpc.insecure_channel(address, options=OPTIONS)
+    return channel
+
+
+def stream(command: dict[str, Any]) -> dict[str, Any]:
+    address, api, responses = command["address"], command["api"], command["responses"]
+    request = _stream_request(command["model"], responses, final_flag=True)
+    firsts, totals = [], []
+    for run in range(command["runs"] + 1):  # the first run warms up
+        start = time.perf_counter()
+        count = 0
+        first = 0.0
+        if api == "infer_stream":
+            for _ in _channel(address).unary_stream(_INFER_STREAM)(request, timeout=60):
+                count += 1
+                if count == 1:
+                    first = time.perf_counter()
+        else:
+            method = _KSERVE_STREAM if api == "kserve" else _INFER_SESSION
+            open_stream = _streams.get((address, method))
+            if open_stream is None:
+                open_stream = _streams[(address, method)] = _OpenStream(_channel(address), method)
+            open_stream.requests.put(request)
+            for _ in range(responses + 1):  # the data responses and the empty final one
+                next(open_stream.responses)
+                count += 1
+                if count == 1:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        if count != responses + 1:
+            raise RuntimeError(f"{address} {api}: {count} responses, expected {responses + 1}")
+        if run:
+            firsts.append(first - start)
+            totals.append(end - start)
+    return {"first_s": firsts, "total_s": totals}
+
+
+def main() -> None:
+    operations = {"unary": unary, "stream": stream}
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        try:
+            answer = operations[command["op"]](command)
+        except Exception as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), flush=True)
+    for open_stream in _streams.values():
+        open_stream.close()
+    for client in _clients.values():
+        client.close()
+
+
+if __name__ == "__main__":
+    main()
