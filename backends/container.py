@@ -8,6 +8,10 @@ numpy and back, and every error becomes a gRPC status in one place (`_status`).
 Load a model with `RepositoryModelLoad`: `model_name`, parameters `artifact_uri` (string, a `file://`
 model directory; required) and `version` (string, default "1"). `RepositoryModelUnload` takes an optional
 `version` parameter (default: every version) and succeeds when nothing is loaded, so it is idempotent.
+
+Closed to strangers: with a fleet secret, every call but the gRPC health check must carry the header
+`modelyard-fleet-secret` (as Triton's restricted protocols check it), and with a model store, artifacts
+load only from inside it. Model math runs in a thread pool, so a slow model never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
 import math
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
@@ -41,17 +47,21 @@ from backends.numpy_model import (
     TensorSpec,
     load_model_dir,
 )
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard import metric_names as names
 from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 SERVER_NAME = "modelyard-container"
 SERVER_VERSION = "0.1.0"
 DEFAULT_VERSION = "1"
 FINAL_RESPONSE = "triton_final_response"  # the response parameter Triton sets on a decoupled model's last
 DRAIN_TIMEOUT_S = 30.0
-_SERVER_OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+# Over this, gRPC refuses the message with RESOURCE_EXHAUSTED naming the limit, before buffering it.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
+_OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes (kubelet) call these without the secret
 # Typed `contents` fields per datatype (FP16 travels as raw bytes only, as in Triton).
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -78,6 +88,10 @@ class BadRequest(ContainerError):
 
 class ModelNotFound(ContainerError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDenied(ContainerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class OverBudget(ContainerError):
@@ -110,6 +124,13 @@ def artifact_dir(artifact_uri: str) -> Path:
     if parsed.scheme != "file" or not parsed.path:
         raise BadRequest(f"artifact_uri must be a file:// directory, got {artifact_uri!r}")
     return Path(unquote(parsed.path))
+
+
+def check_in_store(path: Path, model_store: Path) -> None:
+    """Refuses a model directory outside `model_store` (resolved first: neither `..` nor a symbolic link
+    leads out of it). File system calls: run it off the event loop."""
+    if not path.resolve().is_relative_to(model_store.resolve()):
+        raise PermissionDenied(f"model directory {str(path)!r} is outside this container's model store")
 
 
 class LoadedVersion:
@@ -196,8 +217,14 @@ class ModelHost:
         *,
         loader: Callable[[Path], NumpyModel] = load_model_dir,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        model_store: Path | None = None,
+        compute_threads: int | None = None,
     ) -> None:
+        """`model_store`: load only from inside this directory (None: anywhere). `compute_threads`: the
+        pool running model math (numpy releases the GIL in most of it); default: Python's choice."""
         self.memory_bytes = memory_bytes
+        self.model_store = model_store
+        self.compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="model-compute")
         self.used_bytes = 0
         self.load_count = 0  # artifact reads performed; concurrent loads of one key share one
         self.drain_timeout_s = drain_timeout_s
@@ -273,7 +300,7 @@ class ModelHost:
             self.load_count += 1
             started = time.perf_counter()
             try:
-                model = await asyncio.to_thread(self._loader, path)
+                model = await asyncio.to_thread(self._read, path)
             finally:
                 self._loading.discard(key)
             # No await from here on: the budget check and the commit are atomic on the event loop.
@@ -301,6 +328,15 @@ class ModelHost:
                 (time.perf_counter() - started) * 1e3,
             )
             return loaded
+
+    def _read(self, path: Path) -> NumpyModel:
+        if self.model_store is not None:
+            check_in_store(path, self.model_store)
+        return self._loader(path)
+
+    async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        """`fn(*args)` on the compute pool: the event loop keeps serving other models meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
     async def unload(self, name: str, version: str | None = None) -> list[str]:
         """Unloads one version (or all of `name`'s); returns the versions unloaded."""
@@ -412,6 +448,13 @@ def infer_response(
         tensor.shape.extend(array.shape)
         response.raw_output_contents.append(array.tobytes())
     return response
+
+
+def _infer(loaded: LoadedVersion, request: Any) -> Any:
+    """One request's decode, model math and encode (runs on the compute pool)."""
+    inputs = decode_inputs(request, loaded.model)
+    names = requested_outputs(request, loaded.model)
+    return infer_response(loaded, request, loaded.model.run(inputs), names)
 
 
 def _tensor_metadata(specs: Sequence[TensorSpec]) -> list[Any]:
@@ -575,9 +618,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             start_ns = time.perf_counter_ns()
             try:
-                inputs = decode_inputs(request, loaded.model)
-                names = requested_outputs(request, loaded.model)
-                response = infer_response(loaded, request, loaded.model.run(inputs), names)
+                response = await self.host.run(_infer, loaded, request)
             except Exception as exc:
                 loaded.record(start_ns, ok=False)
                 if isinstance(exc, TensorError):
@@ -603,10 +644,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         with self.host.serving(request.model_name, request.model_version) as loaded:
             start_ns = time.perf_counter_ns()
             try:
-                inputs = decode_inputs(request, loaded.model)
-                names = requested_outputs(request, loaded.model)
+                model = loaded.model
+                inputs = await self.host.run(decode_inputs, request, model)
+                names = requested_outputs(request, model)
                 pending = None
-                for outputs in loaded.model.stream(inputs):
+                steps = model.stream(inputs)
+                while (outputs := await self.host.run(next, steps, None)) is not None:
                     if pending is not None:
                         yield pending
                     pending = infer_response(loaded, request, outputs, names)
@@ -654,6 +697,44 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+class FleetSecretCheck(grpc.aio.ServerInterceptor):
+    """Refuses every call without the fleet secret header (UNAUTHENTICATED), the health check excepted."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_METHODS):
+            return handler
+        for key, value in details.invocation_metadata or ():
+            if key == FLEET_SECRET_HEADER:
+                given = value if isinstance(value, bytes) else str(value).encode()
+                if hmac.compare_digest(given, self.secret):
+                    return handler
+        return _refusal(handler)
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that answers UNAUTHENTICATED without reading the request."""
+    message = "this container serves only its fleet: the modelyard-fleet-secret header is missing or wrong"
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 class CustomContainer:
     """A KServe v2 gRPC server hosting numpy models under a memory budget."""
 
@@ -665,10 +746,18 @@ class CustomContainer:
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         telemetry: Telemetry | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
+        fleet_secret: str | None = None,
+        model_store: Path | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self.models = ModelHost(memory_bytes, loader=loader, drain_timeout_s=drain_timeout_s)
+        """`fleet_secret`: calls must carry it; `model_store`: load only from inside it."""
+        self.models = ModelHost(
+            memory_bytes, loader=loader, drain_timeout_s=drain_timeout_s, model_store=model_store
+        )
         self.telemetry = telemetry
         self.server_credentials = server_credentials
+        self.fleet_secret = fleet_secret
+        self.max_message_bytes = max_message_bytes
         self._server: grpc.aio.Server | None = None
         self._address = ""
 
@@ -691,7 +780,12 @@ class CustomContainer:
         return self.models.load_count
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        options = (
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        )
+        interceptors = [FleetSecretCheck(self.fleet_secret)] if self.fleet_secret else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.models, self.telemetry), server
         )
@@ -725,6 +819,7 @@ class CustomContainer:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        self.models.compute.shutdown(wait=False)
 
 
 async def run_container(
@@ -733,9 +828,20 @@ async def run_container(
     memory_bytes: int,
     telemetry: Telemetry | None = None,
     server_credentials: grpc.ServerCredentials | None = None,
+    *,
+    fleet_secret: str | None = None,
+    model_store: Path | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> None:
     """Serves a container until cancelled; prints `container listening on HOST:PORT` once it accepts calls."""
-    container = CustomContainer(memory_bytes, telemetry=telemetry, server_credentials=server_credentials)
+    container = CustomContainer(
+        memory_bytes,
+        telemetry=telemetry,
+        server_credentials=server_credentials,
+        fleet_secret=fleet_secret,
+        model_store=model_store,
+        max_message_bytes=max_message_bytes,
+    )
     await container.start(host, port)
     if telemetry is not None and telemetry.metrics:
         # The host name: a pod's name on Kubernetes, which is also its agent's container id there.

@@ -12,7 +12,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from backends.process import port_is_free, stop_process_group
-from backends.triton_server import free_port
+from backends.triton_server import FLEET_SECRET_HEADER, free_port
 
 
 class ContainerStartError(RuntimeError):
@@ -20,7 +20,20 @@ class ContainerStartError(RuntimeError):
 
 
 class CustomContainerProcess:
-    def __init__(self, workdir: Path, memory_bytes: int, *, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        memory_bytes: int,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        fleet_secret_file: Path | None = None,
+        model_store: Path | None = None,
+    ):
+        """`fleet_secret_file`: the container refuses calls without its secret; `model_store`: it loads
+        models only from inside this directory."""
+        self.fleet_secret_file = fleet_secret_file
+        self.model_store = model_store
         self.workdir = workdir.resolve()
         self.memory_bytes = memory_bytes
         self.host = host
@@ -45,6 +58,12 @@ class CustomContainerProcess:
             "--port",
             str(self.port),
         ]
+        if self.fleet_secret_file is not None:
+            command += ["--fleet-secret-file", str(self.fleet_secret_file)]
+        if self.model_store is not None:
+            command += ["--model-store", str(self.model_store)]
+        secret = self.fleet_secret_file.read_text().strip() if self.fleet_secret_file else ""
+        metadata = ((FLEET_SECRET_HEADER, secret),) if secret else None
         self.process = subprocess.Popen(
             [*command, "--memory-bytes", str(self.memory_bytes)],
             stdout=log,
@@ -62,7 +81,7 @@ class CustomContainerProcess:
                         f"modelyard container exited ({self.process.returncode}): {log_tail}"
                     )
                 try:
-                    if stub.ServerLive(pb.ServerLiveRequest(), timeout=1).live:
+                    if stub.ServerLive(pb.ServerLiveRequest(), timeout=1, metadata=metadata).live:
                         return
                 except grpc.RpcError:
                     time.sleep(0.05)

@@ -12,12 +12,21 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from backends.triton import LoadError
+from backends.triton_server import FLEET_SECRET_HEADER
 from placement.model import ModelVersion, model_key
 
 
 class CustomAdapter:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        *,
+        fleet_secret: str | None = None,
+    ) -> None:
         self.address = address
+        # Sent on every call: a container with a fleet secret refuses calls without it.
+        self._metadata = ((FLEET_SECRET_HEADER, fleet_secret),) if fleet_secret else None
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials)
         else:
@@ -29,7 +38,7 @@ class CustomAdapter:
 
     async def live(self) -> bool:
         try:
-            response = await self._stub.ServerLive(pb.ServerLiveRequest(), timeout=2)
+            response = await self._stub.ServerLive(pb.ServerLiveRequest(), timeout=2, metadata=self._metadata)
         except grpc.aio.AioRpcError:
             return False
         return bool(response.live)
@@ -39,7 +48,7 @@ class CustomAdapter:
         request.parameters["version"].string_param = model.version
         request.parameters["artifact_uri"].string_param = model.artifact_uri
         try:
-            await self._stub.RepositoryModelLoad(request, timeout=timeout_s)
+            await self._stub.RepositoryModelLoad(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise LoadError(f"{model.key}: {exc.code().name}: {exc.details()}") from exc
 
@@ -47,17 +56,19 @@ class CustomAdapter:
         request = pb.RepositoryModelUnloadRequest(model_name=model.name)
         request.parameters["version"].string_param = model.version
         try:
-            await self._stub.RepositoryModelUnload(request, timeout=timeout_s)
+            await self._stub.RepositoryModelUnload(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise LoadError(f"{model.key}: unload failed: {exc.code().name}: {exc.details()}") from exc
 
     async def footprint(self, model: ModelVersion) -> int:
         """The bytes the container accounts for this version (its `memory_usage` statistic)."""
         request = pb.ModelStatisticsRequest(name=model.name, version=model.version)
-        response = await self._stub.ModelStatistics(request, timeout=5)
+        response = await self._stub.ModelStatistics(request, timeout=5, metadata=self._metadata)
         return sum(u.byte_size for s in response.model_stats for u in s.memory_usage)
 
     async def ready_versions(self) -> set[str]:
         """Keys (`name@version`) of the versions the container holds ready (its repository index)."""
-        response = await self._stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10)
+        response = await self._stub.RepositoryIndex(
+            pb.RepositoryIndexRequest(ready=True), timeout=10, metadata=self._metadata
+        )
         return {model_key(m.name, m.version) for m in response.models if m.state == "READY" and m.version}

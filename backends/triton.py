@@ -21,6 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from backends.triton_server import FLEET_SECRET_HEADER
 from placement.model import ModelVersion, model_key
 
 TRITON_SERVER_NAME = "triton"  # what Triton answers in ServerMetadata.name
@@ -61,10 +62,12 @@ class TritonAdapter:
     Each version lives in `<repository>/<name@version>/` with its own config and one version folder.
     """
 
-    def __init__(self, address: str, repository: Path) -> None:
+    def __init__(self, address: str, repository: Path, *, fleet_secret: str | None = None) -> None:
         self.address = address
         self.repository = repository
         self._client = triton_aio.InferenceServerClient(address)
+        # Sent on every call: Triton's restricted protocols refuse calls without it.
+        self._headers = {FLEET_SECRET_HEADER: fleet_secret} if fleet_secret else None
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def close(self) -> None:
@@ -72,7 +75,7 @@ class TritonAdapter:
 
     async def live(self) -> bool:
         try:
-            return bool(await self._client.is_server_live(client_timeout=2))
+            return bool(await self._client.is_server_live(client_timeout=2, headers=self._headers))
         except InferenceServerException:
             return False
 
@@ -84,10 +87,10 @@ class TritonAdapter:
         async with self._locks[internal]:
             await asyncio.to_thread(self._materialize, model)
             try:
-                await self._client.load_model(internal, client_timeout=timeout_s)
+                await self._client.load_model(internal, client_timeout=timeout_s, headers=self._headers)
             except InferenceServerException as exc:
                 raise LoadError(f"{model.key}: Triton refused the load: {exc.message()}") from exc
-            if not await self._client.is_model_ready(internal, model.version):
+            if not await self._client.is_model_ready(internal, model.version, headers=self._headers):
                 raise LoadError(
                     f"{model.key}: Triton loaded the model but version {model.version} is not ready"
                 )
@@ -96,7 +99,7 @@ class TritonAdapter:
         internal = triton_model_name(model.name, model.version)
         async with self._locks[internal]:
             try:
-                await self._client.unload_model(internal, client_timeout=timeout_s)
+                await self._client.unload_model(internal, client_timeout=timeout_s, headers=self._headers)
             except InferenceServerException as exc:
                 raise LoadError(f"{model.key}: unload failed: {exc.message()}") from exc
             await asyncio.to_thread(shutil.rmtree, self.model_dir(model), True)
@@ -125,7 +128,9 @@ class TritonAdapter:
         """
         try:
             internal = triton_model_name(model.name, model.version)
-            stats = await self._client.get_inference_statistics(internal, model.version)
+            stats = await self._client.get_inference_statistics(
+                internal, model.version, headers=self._headers
+            )
             reported = sum(u.byte_size for s in stats.model_stats for u in s.memory_usage)
         except InferenceServerException:
             reported = 0
@@ -136,7 +141,7 @@ class TritonAdapter:
 
     async def ready_versions(self) -> set[str]:
         """Model keys (`name@version`) Triton reports READY (models under internal names only)."""
-        index = await self._client.get_model_repository_index()
+        index = await self._client.get_model_repository_index(headers=self._headers)
         return {
             m.name
             for m in index.models

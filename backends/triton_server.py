@@ -14,6 +14,21 @@ from pathlib import Path
 
 from backends.process import port_is_free, stop_process_group
 
+# The header carrying the fleet secret: Triton's --grpc-restricted-protocol checks it, our container too.
+FLEET_SECRET_HEADER = "modelyard-fleet-secret"
+# Every gRPC protocol Triton 2.51 can restrict (`tritonserver --help`): a caller without the secret gets
+# nothing, not even liveness (Triton's own readiness check below sends the header).
+RESTRICTED_PROTOCOLS = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
 INSTALL_HINT = (
     "install it with: pip install 'modelyard[triton]' (the nvidia-pytriton wheel bundles tritonserver)"
 )
@@ -73,7 +88,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 class TritonServer:
     """One tritonserver process on loopback, explicit model control, CPU only."""
 
-    def __init__(self, workdir: Path, *, grpc_port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        grpc_port: int | None = None,
+        host: str = "127.0.0.1",
+        fleet_secret: str | None = None,
+    ) -> None:
+        """`fleet_secret`: every gRPC call must carry it (restricted protocols). Triton 2.51 has no
+        gRPC message-size option (it takes up to 2 GiB); the router in front bounds what reaches it."""
+        self.fleet_secret = fleet_secret
         self.workdir = workdir.resolve()  # tritonserver runs in it: every path it gets must be absolute
         self.repository = self.workdir / "repository"
         self.host = host
@@ -110,6 +135,12 @@ class TritonServer:
             "--exit-timeout-secs=5",
             "--log-verbose=0",
         ]
+        if self.fleet_secret:
+            # On the command line (Triton reads it nowhere else): visible to this machine's users in ps.
+            command.append(
+                f"--grpc-restricted-protocol={','.join(RESTRICTED_PROTOCOLS)}:"
+                f"{FLEET_SECRET_HEADER}={self.fleet_secret}"
+            )
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
@@ -131,7 +162,7 @@ class TritonServer:
                         + self.log_tail()
                     )
                 try:
-                    if client.is_server_ready(client_timeout=1):
+                    if client.is_server_ready(headers=self.headers, client_timeout=1):
                         return
                 except Exception:
                     pass
@@ -140,6 +171,11 @@ class TritonServer:
             client.close()
         self.stop()
         raise TritonStartError(f"tritonserver not ready within {timeout_s:.0f} s; log: {self.log_path}")
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """The headers a call to this Triton needs (tritonclient's `headers=`)."""
+        return {FLEET_SECRET_HEADER: self.fleet_secret} if self.fleet_secret else None
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -94,6 +94,26 @@ def _tls_server_options(command: F) -> F:
     return command
 
 
+def _fleet_secret_option(command: F) -> F:
+    return click.option(
+        "--fleet-secret-file",
+        envvar="MODELYARD_FLEET_SECRET_FILE",
+        default=None,
+        help="File holding the fleet secret: containers accept only calls that carry it.",
+    )(command)
+
+
+def _max_message_option(command: F) -> F:
+    return click.option(
+        "--max-message-bytes",
+        envvar="MODELYARD_MAX_MESSAGE_BYTES",
+        type=click.IntRange(1024, 2**31 - 1),
+        default=64 * 1024**2,
+        show_default=True,
+        help="Largest request or response; a larger one gets RESOURCE_EXHAUSTED.",
+    )(command)
+
+
 def _metrics_port_option(command: F) -> F:
     return click.option(
         "--metrics-port",
@@ -199,6 +219,27 @@ def up(
     show_default=True,
     help="Deadline of calls to containers when the caller set none (bidi sessions excepted).",
 )
+@click.option(
+    "--tenant-tokens",
+    envvar="MODELYARD_TENANT_TOKENS",
+    default=None,
+    help="Identify callers by bearer token: a file of 'sha256:<hex> TENANT [routes]' lines (reloaded).",
+)
+@click.option(
+    "--tenant-certs",
+    envvar="MODELYARD_TENANT_CERTS",
+    default=None,
+    help="Identify callers by client certificate: a file of 'SAN-or-CN=name TENANT [routes]' lines "
+    "(needs --tls-client-ca).",
+)
+@click.option(
+    "--insecure-trust-tenant-header",
+    envvar="MODELYARD_INSECURE_TRUST_TENANT_HEADER",
+    is_flag=True,
+    help="Take x-tenant-id as sent: only behind a gateway that sets it (the default on loopback).",
+)
+@_fleet_secret_option
+@_max_message_option
 def serve(
     store_url: str | None,
     host: str,
@@ -213,14 +254,25 @@ def serve(
     upstream_cert: str | None,
     upstream_key: str | None,
     default_deadline_s: float,
+    tenant_tokens: str | None,
+    tenant_certs: str | None,
+    insecure_trust_tenant_header: bool,
+    fleet_secret_file: str | None,
+    max_message_bytes: int,
 ) -> None:
-    """Run the router against a store."""
+    """Run the router against a store.
+
+    Callers are identified by bearer token (--tenant-tokens) and/or client certificate (--tenant-certs);
+    on a non-loopback address the router refuses to start without one, unless told to trust the
+    x-tenant-id header as sent (--insecure-trust-tenant-header, behind a trusted gateway).
+    """
     import asyncio
     import signal
 
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
     from placement.store import StoreError, default_store_url, open_store
+    from router.identity import Authenticator, IdentityConfigError, IdentityFile
     from router.server import RouterServer, RouterStartError
     from router.workers import run_workers
 
@@ -234,7 +286,38 @@ def serve(
         )
     except TLSConfigError as exc:
         fail(str(exc))
+    if tenant_certs and not tls_client_ca:
+        fail("--tenant-certs needs --tls-client-ca: the router must verify client certificates")
+    trust_header = insecure_trust_tenant_header
+    if not (tenant_tokens or tenant_certs or trust_header):
+        if not is_loopback(host):
+            fail(
+                f"refusing to serve on {host} without an identity mode: give --tenant-tokens and/or "
+                "--tenant-certs, or --insecure-trust-tenant-header behind a gateway that sets x-tenant-id"
+            )
+        trust_header = True
+    fleet_secret = read_fleet_secret(fleet_secret_file)
+    try:
+        identity = Authenticator(
+            trust_tenant_header=trust_header,
+            tokens=IdentityFile(tenant_tokens, "token file") if tenant_tokens else None,
+            certificates=IdentityFile(tenant_certs, "certificate map") if tenant_certs else None,
+            fleet_secret=fleet_secret,
+        )
+    except IdentityConfigError as exc:
+        fail(str(exc))
+    click.echo(f"router: tenants from {identity.mode}", err=True)
     if workers > 1:
+        # The workers are `serve` processes: they read the same settings from the environment.
+        for name, value in (
+            ("MODELYARD_TENANT_TOKENS", tenant_tokens),
+            ("MODELYARD_TENANT_CERTS", tenant_certs),
+            ("MODELYARD_INSECURE_TRUST_TENANT_HEADER", "1" if insecure_trust_tenant_header else None),
+            ("MODELYARD_FLEET_SECRET_FILE", fleet_secret_file),
+            ("MODELYARD_MAX_MESSAGE_BYTES", str(max_message_bytes)),
+        ):
+            if value:
+                os.environ[name] = value
         if port == 0:
             fail("--workers needs a fixed --port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
@@ -254,6 +337,9 @@ def serve(
             server_credentials=server_tls,
             upstream_credentials=upstream_tls,
             default_deadline_s=default_deadline_s,
+            identity=identity,
+            fleet_secret=fleet_secret,
+            max_message_bytes=max_message_bytes,
         )
         try:
             await server.start()
@@ -283,6 +369,16 @@ def serve(
 )
 @_tls_server_options
 @_metrics_port_option
+@_fleet_secret_option
+@_max_message_option
+@click.option(
+    "--model-store",
+    envvar="MODELYARD_MODEL_STORE",
+    type=click.Path(path_type=Path),
+    default=Path(".modelyard/artifacts"),
+    show_default=True,
+    help="Load models only from inside this directory (the model store's file:// root).",
+)
 def container(
     host: str,
     port: int,
@@ -292,6 +388,9 @@ def container(
     tls_key: str | None,
     tls_client_ca: str | None,
     metrics_port: int | None,
+    fleet_secret_file: str | None,
+    max_message_bytes: int,
+    model_store: Path,
 ) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
     import asyncio
@@ -306,7 +405,18 @@ def container(
     except TLSConfigError as exc:
         fail(str(exc))
     try:
-        asyncio.run(run_container(host, port, memory_bytes, telemetry, credentials))
+        asyncio.run(
+            run_container(
+                host,
+                port,
+                memory_bytes,
+                telemetry,
+                credentials,
+                fleet_secret=read_fleet_secret(fleet_secret_file),
+                model_store=model_store.resolve(),
+                max_message_bytes=max_message_bytes,
+            )
+        )
     except OSError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -330,6 +440,7 @@ def container(
     "--advertise", default=None, help="Address routers use for this container (default: --address)."
 )
 @_metrics_port_option
+@_fleet_secret_option
 def agent(
     store_url: str | None,
     container_id: str,
@@ -340,6 +451,7 @@ def agent(
     kind: str,
     advertise: str | None,
     metrics_port: int | None,
+    fleet_secret_file: str | None,
 ) -> None:
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
@@ -353,6 +465,7 @@ def agent(
 
     if backend == "triton" and repository is None:
         fail("--repository is required for a Triton container")
+    secret = read_fleet_secret(fleet_secret_file)
 
     async def run() -> None:
         store = open_store(store_url or default_store_url())
@@ -364,7 +477,9 @@ def agent(
             backend="custom" if backend == "custom" else "triton",
         )
         adapter: ContainerAdapter = (
-            CustomAdapter(address) if backend == "custom" else TritonAdapter(address, repository or Path())
+            CustomAdapter(address, fleet_secret=secret)
+            if backend == "custom"
+            else TritonAdapter(address, repository or Path(), fleet_secret=secret)
         )
         try:
             telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
@@ -409,6 +524,30 @@ def controller(store_url: str | None, ready_timeout_s: float) -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_fleet_secret(path: str | None) -> str | None:
+    """The fleet secret in `path` (surrounding whitespace dropped), or None without a path."""
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        fail(f"cannot read the fleet secret {path}: {exc.strerror or exc}")
+    if len(secret) < 16 or not secret.isprintable() or " " in secret:
+        fail(f"the fleet secret in {path} must be at least 16 printable characters without spaces")
+    return secret
 
 
 def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> Any:

@@ -8,10 +8,12 @@ memory. Each call resolves (model, version, tenant, request id) with the same ru
 Triton holds each version under an internal name (backends/triton.py): the client sends that name to a
 Triton container (it asks each container once what it is) and shows the public name in results.
 
-It is meant for trusted internal services: tenant visibility is applied on the client side, while the
-router remains the enforcement point for everyone else.
+It is meant for trusted internal services: the router sends container addresses only to route readers
+(a token or certificate with the `routes` permission, or a caller presenting the fleet secret), and the
+containers accept only calls carrying the fleet secret, so a direct call needs `fleet_secret`. The router
+sends each caller only the models it may call; without addresses every call goes through the router.
 
-    with Client("router:8001", tenant="acme") as client:
+    with Client("router:8001", tenant="acme", fleet_secret=secret) as client:
         result = client.infer("scale", [tensor])      # tritonclient.grpc.InferInput / InferResult
 """
 
@@ -28,6 +30,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from backends.triton import TRITON_SERVER_NAME, triton_model_name
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.v1 import router_pb2, router_pb2_grpc
 from placement.model import RouteRule
 from router.versions import choose_version
@@ -104,11 +107,27 @@ class Client:
         root_certificates: str | None = None,
         private_key: str | None = None,
         certificate_chain: str | None = None,
+        token: str | None = None,
+        fleet_secret: str | None = None,
     ) -> None:
         """With `root_certificates` (PEM paths, as tritonclient takes them), every connection — to the
-        router and to containers — uses TLS; add `private_key`/`certificate_chain` for mutual TLS."""
+        router and to containers — uses TLS; add `private_key`/`certificate_chain` for mutual TLS.
+        `token`: a bearer token for a router that identifies callers by token. `fleet_secret`: lets the
+        client read routes and call containers directly."""
         self.router_address = router_address
         self.tenant = tenant
+        # To the router: who we are. To containers: the fleet secret (and the tenant, as the router sends).
+        self._router_headers: dict[str, str] = {}
+        if tenant:
+            self._router_headers[TENANT_HEADER] = tenant
+        if token:
+            self._router_headers["authorization"] = f"Bearer {token}"
+        self._watch_metadata = tuple(self._router_headers.items()) + (
+            ((FLEET_SECRET_HEADER, fleet_secret),) if fleet_secret else ()
+        )
+        self._container_headers = {TENANT_HEADER: tenant} if tenant else {}
+        if fleet_secret:
+            self._container_headers[FLEET_SECRET_HEADER] = fleet_secret
         self.stale_after_s = stale_after_s
         self.cache = RouteCache()
         self.direct_calls = 0
@@ -154,7 +173,8 @@ class Client:
                 with self._watch_channel() as channel:
                     self._channel = channel
                     stub = router_pb2_grpc.RouterStub(channel)
-                    for update in stub.WatchRoutes(router_pb2.WatchRoutesRequest()):
+                    updates = stub.WatchRoutes(router_pb2.WatchRoutesRequest(), metadata=self._watch_metadata)
+                    for update in updates:
                         with self._lock:
                             self.cache.apply(update)
                         self._down_since = None
@@ -192,7 +212,9 @@ class Client:
         """Whether the container at `address` is a Triton (asked once per address)."""
         known = self._tritons.get(address)
         if known is None:
-            metadata = self._container(address).get_server_metadata(client_timeout=5)
+            metadata = self._container(address).get_server_metadata(
+                headers=self._container_headers, client_timeout=5
+            )
             known = self._tritons[address] = metadata.name == TRITON_SERVER_NAME
         return known
 
@@ -207,7 +229,6 @@ class Client:
         **kwargs: Any,
     ) -> grpcclient.InferResult:
         """Like tritonclient's `infer`, sent straight to a container holding the model when possible."""
-        headers = {TENANT_HEADER: self.tenant} if self.tenant else None
         choice = None
         if not self.stale:
             with self._lock:
@@ -222,7 +243,7 @@ class Client:
                     model_version=version,
                     outputs=outputs,
                     request_id=request_id,
-                    headers=headers,
+                    headers=self._container_headers or None,
                     client_timeout=client_timeout,
                     **kwargs,
                 )
@@ -241,7 +262,7 @@ class Client:
             model_version=model_version,
             outputs=outputs,
             request_id=request_id,
-            headers=headers,
+            headers=self._router_headers or None,
             client_timeout=client_timeout,
             **kwargs,
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import shlex
 import signal
 import sys
@@ -52,6 +54,10 @@ class LocalFleet:
     router: RouterServer | None = None
     controller: PlacementController | None = None
     restarts: Counter[str] = field(default_factory=Counter)  # container restarts by container id
+    # Containers accept only calls carrying this secret (only the agents and the router hold it); it is
+    # also written to WORKDIR/fleet-secret (mode 0600) for trusted zero-hop clients.
+    fleet_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    model_store: Path | None = None  # our containers load only from inside it (default: WORKDIR)
     _store: Store | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -94,21 +100,45 @@ class LocalFleet:
             await registry.register_model(store, model)
         return models
 
+    @property
+    def fleet_secret_file(self) -> Path:
+        return self.workdir / "fleet-secret"
+
+    def write_fleet_secret(self) -> Path:
+        """WORKDIR/fleet-secret, readable by this user only."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.fleet_secret_file
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(self.fleet_secret + "\n")
+        os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+        return path
+
     async def start_containers(self) -> list[Container]:
-        """Starts the Triton and custom container processes (in parallel) and an agent for each."""
+        """Starts the Triton and custom container processes (in parallel) and an agent for each; every
+        container refuses calls without the fleet secret, and ours loads only from WORKDIR."""
         containers_dir = self.workdir / "containers"
-        self.tritons = [TritonServer(containers_dir / f"triton-{i}") for i in range(self.containers)]
+        secret_file = self.write_fleet_secret()
+        self.tritons = [
+            TritonServer(containers_dir / f"triton-{i}", fleet_secret=self.fleet_secret)
+            for i in range(self.containers)
+        ]
         for triton in self.tritons:
             triton.workdir.mkdir(parents=True, exist_ok=True)
         self.customs = [
-            CustomContainerProcess(containers_dir / f"custom-{i}", self.custom_memory_bytes)
+            CustomContainerProcess(
+                containers_dir / f"custom-{i}",
+                self.custom_memory_bytes,
+                fleet_secret_file=secret_file,
+                model_store=(self.model_store or self.workdir).resolve(),
+            )
             for i in range(self.custom_containers)
         ]
         await asyncio.gather(*(asyncio.to_thread(p.start) for p in self.processes))
         adapters: list[tuple[Container, ContainerAdapter]] = [
             (
                 Container(f"triton-{i}", t.address, kind="cpu", memory_bytes=self.container_memory_bytes),
-                TritonAdapter(t.address, t.repository),
+                TritonAdapter(t.address, t.repository, fleet_secret=self.fleet_secret),
             )
             for i, t in enumerate(self.tritons)
         ]
@@ -117,7 +147,7 @@ class LocalFleet:
                 Container(
                     f"custom-{i}", c.address, kind="cpu", memory_bytes=c.memory_bytes, backend="custom"
                 ),
-                CustomAdapter(c.address),
+                CustomAdapter(c.address, fleet_secret=self.fleet_secret),
             )
             for i, c in enumerate(self.customs)
         ]
@@ -176,11 +206,10 @@ class LocalFleet:
                 self.restarts[cid],
             )
 
-    @staticmethod
-    def _adapter_for(process: TritonServer | CustomContainerProcess) -> ContainerAdapter:
+    def _adapter_for(self, process: TritonServer | CustomContainerProcess) -> ContainerAdapter:
         if isinstance(process, TritonServer):
-            return TritonAdapter(process.address, process.repository)
-        return CustomAdapter(process.address)
+            return TritonAdapter(process.address, process.repository, fleet_secret=self.fleet_secret)
+        return CustomAdapter(process.address, fleet_secret=self.fleet_secret)
 
     async def wait_registered(self, timeout_s: float) -> None:
         """Waits until every agent has registered its container (so the first plan uses them all)."""
@@ -202,7 +231,8 @@ class LocalFleet:
         return controller
 
     async def start_router(self) -> None:
-        self.router = RouterServer(self.store, self.host, self.port)
+        # Tenants from the x-tenant-id header as sent: loopback development (run_up says so).
+        self.router = RouterServer(self.store, self.host, self.port, fleet_secret=self.fleet_secret)
         await self.router.start()
 
     async def wait_ready(self, models: list[ModelVersion], timeout_s: float) -> None:
@@ -296,6 +326,11 @@ async def run_up(fleet: LocalFleet) -> None:
             print(f"model {model.key:<12} ready on {copies}")
         print()
         print(f"router ready on {fleet.router.address} (KServe v2 gRPC and modelyard.v1.Router)")
+        print(
+            "tenants: x-tenant-id is trusted as sent (local development; `modelyard serve` identifies "
+            "callers by token or client certificate)"
+        )
+        print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
         print("try it:")
         print(f"  {example_call(fleet.router.address)}")
         print("press Ctrl-C to stop everything", flush=True)

@@ -51,6 +51,10 @@ class CallInfo:
     container: str = ""
     retries: int = 0
     code: str = "OK"
+    # Metric labels: bounded. A model the caller may not see or a tenant nobody configured is `other`;
+    # spans carry the names as sent (`model`, `tenant`).
+    model_label: str = ""
+    tenant_label: str = ""
 
 
 CURRENT_CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("modelyard_call", default=None)

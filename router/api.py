@@ -13,6 +13,7 @@ from placement.model import ModelVersion
 from router.core import Router, public_response, public_stream_response
 from router.errors import BadRequest, ContainerStreamError, ModelNotFound
 from router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
+from router.identity import Identity
 from router.kserve import SERVICE as KSERVE_SERVICE
 from router.stream import relay
 from router.table import RoutingTable
@@ -30,6 +31,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         return await router.forward_unary(_MODEL_INFER, request, context)
 
     async def WhereIs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        identity = router.identify(context)
         try:
             query = router_pb2.WhereIsRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError
@@ -38,12 +40,12 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
             raise BadRequest("model_name is required")
         table = router.table
         fleet = table.fleet
-        versions = table.versions(query.model_name)
-        if not versions or (query.model_version and query.model_version not in versions):
-            raise ModelNotFound(
-                f"model '{query.model_name}'"
-                + (f" has no version '{query.model_version}'" if versions else " is not registered")
-            )
+        # Versions private to other tenants do not exist here: the same answers as RoutingTable.resolve's.
+        versions = visible_versions(table, query.model_name, identity.tenant)
+        if not versions:
+            raise ModelNotFound(f"model '{query.model_name}' is not registered")
+        if query.model_version and query.model_version not in versions:
+            raise ModelNotFound(f"model '{query.model_name}' has no version '{query.model_version}'")
         answer = router_pb2.WhereIsResponse(generation=fleet.generation)
         for version in sorted(versions):
             if query.model_version and version != query.model_version:
@@ -55,13 +57,15 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
                 state = fleet.states.get((cid, key))
                 location.copies.add(
                     container_id=cid,
-                    address=container.address if container else "",
+                    # Addresses only for route readers (the zero-hop client): containers are not for callers.
+                    address=container.address if container and identity.routes else "",
                     state=state.phase if state else ("assigned" if container else "lost"),
                     message=state.message if state else "",
                 )
         return answer.SerializeToString()
 
     async def InferStream(request: bytes, context: grpc.aio.ServicerContext) -> None:
+        router.identify(context)  # a caller without valid credentials: the stream ends at once
         # Ask the container for an explicit final response, so the end of the stream is known.
         request = with_bool_parameter(request, FINAL_FLAG_REQUEST, True)
 
@@ -80,6 +84,8 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         )
 
     async def InferSession(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        router.identify(context)  # a caller without valid credentials: the stream ends at once
+
         # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
         async def write(response: bytes, model: ModelVersion) -> None:
             await context.write(public_stream_response(model, response))
@@ -87,6 +93,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         await relay(router, requests, context, write)
 
     async def WatchRoutes(request: bytes, context: grpc.aio.ServicerContext) -> None:
+        identity = router.identify(context)
         try:
             query = router_pb2.WatchRoutesRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError
@@ -96,19 +103,24 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         watch = table.watch()
         try:
             await router.follower.first_load.wait()
-            names = table.names()
+            # Only what the caller may call: a model private to another tenant is never mentioned.
+            names = visible_names(table, identity.tenant)
             sent = {n for n in names if not wanted or n in wanted}
-            await context.write(_update(table, sent, snapshot=True))
+            await context.write(_update(table, sent, identity, snapshot=True))
             while True:
                 await watch.event.wait()
                 await asyncio.sleep(0.01)  # let a burst of store events coalesce into one update
                 changed, everything = watch.take()
-                current = table.names()
-                names = (current | sent) if everything else changed
+                names = (table.names() | sent) if everything else changed
                 names = {n for n in names if not wanted or n in wanted}
+                # A name the caller never saw and still cannot see is nobody's business.
+                names = {n for n in names if n in sent or visible_versions(table, n, identity.tenant)}
                 if names:
-                    sent = (sent | names) & current
-                    await context.write(_update(table, names))
+                    update = _update(table, names, identity)
+                    sent = (sent | names) - {
+                        n for n in names if not visible_versions(table, n, identity.tenant)
+                    }
+                    await context.write(update)
         finally:
             table.unwatch(watch)
 
@@ -120,27 +132,48 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-def model_routes(table: RoutingTable, name: str) -> router_pb2.ModelRoutes:
+def visible_versions(table: RoutingTable, name: str, tenant: str | None) -> dict[str, ModelVersion]:
+    """The versions of `name` that `tenant` may call (all public ones and its own private ones)."""
+    return {v: m for v, m in table.versions(name).items() if m.visible_to(tenant)}
+
+
+def visible_names(table: RoutingTable, tenant: str | None) -> set[str]:
+    return {
+        name
+        for name, versions in table.fleet.by_name.items()
+        if any(m.visible_to(tenant) for m in versions.values())
+    }
+
+
+def model_routes(table: RoutingTable, name: str, identity: Identity) -> router_pb2.ModelRoutes:
+    """`name`'s routes as `identity` may see them: its visible versions (a private version lists only the
+    caller as its tenant), ready copies' addresses only for route readers, and of the route rule only
+    what can choose among those versions (the same choice as the whole rule's: router/versions.py)."""
+    tenant = identity.tenant
     entry = router_pb2.ModelRoutes(model_name=name)
-    for version, model in sorted(table.versions(name).items()):
-        route = entry.versions.add(version=version, tenants=list(model.tenants))
-        for container in table.ready_copies(model.key):
-            route.ready.add(container_id=container.id, address=container.address, state="ready")
+    versions = visible_versions(table, name, tenant)
+    for version, model in sorted(versions.items()):
+        route = entry.versions.add(version=version, tenants=[tenant] if model.tenants and tenant else [])
+        if identity.routes:
+            for container in table.ready_copies(model.key):
+                route.ready.add(container_id=container.id, address=container.address, state="ready")
     rule = table.fleet.routes.get(name)
     if rule is not None:
         entry.has_rule = True
-        entry.rule.default_version = rule.default_version
-        entry.rule.tenant_versions.update(dict(rule.tenant_versions))
-        entry.rule.weights.update(dict(rule.weights))
+        if rule.default_version in versions:
+            entry.rule.default_version = rule.default_version
+        pinned = dict(rule.tenant_versions).get(tenant or "")
+        if tenant and pinned in versions:
+            entry.rule.tenant_versions[tenant] = pinned
+        entry.rule.weights.update({v: w for v, w in rule.weights if v in versions})
     return entry
 
 
-def _update(table: RoutingTable, names: set[str], *, snapshot: bool = False) -> bytes:
+def _update(table: RoutingTable, names: set[str], identity: Identity, *, snapshot: bool = False) -> bytes:
     update = router_pb2.RouteUpdate(snapshot=snapshot, generation=table.fleet.generation)
-    known = table.names()
     for name in sorted(names):
-        if name in known:
-            update.models.append(model_routes(table, name))
+        if visible_versions(table, name, identity.tenant):
+            update.models.append(model_routes(table, name, identity))
         else:
             update.removed.append(name)
     return update.SerializeToString()

@@ -16,6 +16,7 @@ from placement.store import Store
 from router.errors import BadRequest, NoReadyCopy, NotReady
 from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
+from router.identity import CREDENTIAL_HEADERS, FLEET_SECRET_HEADER, TENANT_HEADER, Authenticator, Identity
 from router.lazy import LazyLoader
 from router.table import RoutingTable
 from router.wire import (
@@ -27,7 +28,6 @@ from router.wire import (
     with_version,
 )
 
-TENANT_HEADER = "x-tenant-id"
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
 _KSERVE = "/inference.GRPCInferenceService/"
 
@@ -60,11 +60,7 @@ def public_stream_response(model: ModelVersion, response: bytes) -> bytes:
     return with_nested_name(response, 2, model.name)
 
 
-def tenant_of(context: grpc.aio.ServicerContext) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == TENANT_HEADER:
-            return str(item.value)
-    return None
+OTHER_LABEL = "other"  # the metric label of every model and tenant the router does not know
 
 
 class Router:
@@ -75,8 +71,13 @@ class Router:
         upstream_credentials: grpc.ChannelCredentials | None = None,
         *,
         default_deadline_s: float = DEFAULT_DEADLINE_S,
+        identity: Authenticator | None = None,
+        fleet_secret: str | None = None,
     ) -> None:
         self.store = store
+        # Without a configured identity the x-tenant-id header is trusted (tests, loopback `up`).
+        self.identity = identity or Authenticator.trusting_header(fleet_secret)
+        self.fleet_secret = fleet_secret  # sent to containers on every call (their restricted protocols)
         self.default_deadline_s = default_deadline_s
         self.telemetry = telemetry
         self.table = RoutingTable()
@@ -87,8 +88,10 @@ class Router:
 
     async def start(self) -> None:
         self.follower.start()
+        self.identity.start()
 
     async def stop(self) -> None:
+        await self.identity.stop()
         await self.follower.stop()
         await self.channels.close()
 
@@ -112,13 +115,17 @@ class Router:
             raise BadRequest(f"malformed request: {exc}") from exc
         if not name:
             raise BadRequest("model_name is required")
-        tenant = tenant_of(context)
+        identity = self.identify(context)
+        tenant = identity.tenant
         call = CURRENT_CALL.get()
         if call is not None:  # before resolving, so a refused call is still counted under its model
             call.model, call.version, call.tenant = name, version, tenant or ""
+            call.model_label, call.tenant_label = OTHER_LABEL, OTHER_LABEL if tenant else ""
         model = self.table.resolve(name, version, tenant, request_id)
         if call is not None:
             call.version = model.version
+            call.model_label = name  # registered, and visible to the caller
+            call.tenant_label = self.tenant_label(identity, model)
         if model.backend == "triton":
             request = with_name_version(request, triton_model_name(model.name, model.version), model.version)
         # With several versions registered, the container must not pick its own default.
@@ -150,9 +157,35 @@ class Router:
                 call.retries += 1
             return public_response(model, method, await self._call(retry_on, method, request, context))
 
+    def identify(self, context: grpc.aio.ServicerContext) -> Identity:
+        """The caller's authenticated identity (router/identity.py); raises Unauthenticated or
+        PermissionDenied."""
+        return self.identity.identify(context)
+
+    def tenant_label(self, identity: Identity, model: ModelVersion) -> str:
+        """The tenant as a metric label: only tenants the router knows (from a token or certificate, or
+        named by the model's visibility or route rule); any other is counted as `other`."""
+        tenant = identity.tenant
+        if not tenant:
+            return ""
+        if identity.via != "header" or tenant in model.tenants:
+            return tenant
+        rule = self.table.fleet.routes.get(model.name)
+        if rule is not None and any(t == tenant for t, _ in rule.tenant_versions):
+            return tenant
+        return OTHER_LABEL
+
     def upstream_metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-        """The caller's metadata for the container; with tracing, the trace context becomes this span's."""
-        metadata = forwarded_metadata(context)
+        """The caller's metadata for the container, its credentials replaced by the authenticated tenant
+        and the fleet secret; with tracing, the trace context becomes this span's."""
+        identity = self.identify(context)
+        metadata: tuple[tuple[str, str | bytes], ...] = tuple(
+            (k, v) for k, v in forwarded_metadata(context) if k not in CREDENTIAL_HEADERS
+        )
+        if identity.tenant:
+            metadata += ((TENANT_HEADER, identity.tenant),)
+        if self.fleet_secret:
+            metadata += ((FLEET_SECRET_HEADER, self.fleet_secret),)
         if self.telemetry is not None and self.telemetry.tracing:
             metadata = (*((k, v) for k, v in metadata if k not in TRACE_HEADERS), *self.telemetry.inject())
         return metadata

@@ -1,8 +1,9 @@
 """The KServe v2 `inference.GRPCInferenceService` front: any tritonclient works against the router.
 
 Server-level calls are answered by the router itself; model-level calls go to a ready copy as bytes.
-Methods not listed (repository control, shared memory, tracing, logging) answer UNIMPLEMENTED: they
-concern one Triton instance, not the fleet.
+`RepositoryIndex` lists the fleet's models the caller may call. Methods not listed (repository control,
+shared memory, tracing, logging) answer UNIMPLEMENTED: they concern one Triton instance, not the fleet.
+For a tenant, a model private to another tenant does not exist on any of these calls.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from placement.model import ModelVersion
 from router.core import Router, public_stream_response
-from router.errors import NotReady, RoutingError
+from router.errors import BadRequest, NotReady, RoutingError
 from router.handlers import bidi_bytes_handler, bytes_handler
+from router.identity import PermissionDenied, Unauthenticated
 from router.stream import relay
 
 SERVICE = "inference.GRPCInferenceService"
@@ -50,9 +52,32 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
             path = f"/{SERVICE}/ModelReady"
             return await router.forward_unary(path, request, context, lazy_load=False)
         except RoutingError as exc:
-            if exc.code == grpc.StatusCode.INVALID_ARGUMENT or isinstance(exc, NotReady):
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT or isinstance(
+                exc, (NotReady, Unauthenticated, PermissionDenied)
+            ):
                 raise
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
+
+    async def RepositoryIndex(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Every version the caller may call, READY when a copy is ready (no container names)."""
+        tenant = router.identify(context).tenant
+        try:
+            query = kserve.RepositoryIndexRequest.FromString(request)
+        except Exception as exc:  # protobuf's DecodeError
+            raise BadRequest(f"malformed RepositoryIndexRequest: {exc}") from exc
+        if not router.ready:
+            raise NotReady("routing table not loaded yet")
+        table = router.table
+        answer = kserve.RepositoryIndexResponse()
+        for name, versions in sorted(table.fleet.by_name.items()):
+            for version, model in sorted(versions.items()):
+                if not model.visible_to(tenant):
+                    continue
+                ready = bool(table.ready_copies(model.key))
+                if query.ready and not ready:
+                    continue
+                answer.models.add(name=name, version=version, state="READY" if ready else "UNAVAILABLE")
+        return answer.SerializeToString()
 
     handlers = {
         "ServerLive": ServerLive,
@@ -63,9 +88,12 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         "ModelConfig": forward("ModelConfig"),
         "ModelStatistics": forward("ModelStatistics"),
         "ModelInfer": forward("ModelInfer"),
+        "RepositoryIndex": RepositoryIndex,
     }
 
     async def ModelStreamInfer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        router.identify(context)  # a caller without valid credentials: the stream ends at once
+
         async def write(response: bytes, model: ModelVersion) -> None:
             await context.write(public_stream_response(model, response))
 

@@ -13,14 +13,21 @@ from router.api import SERVICE as ROUTER_SERVICE
 from router.api import api_handler
 from router.core import DEFAULT_DEADLINE_S, Router
 from router.health import RouterHealth
+from router.identity import Authenticator
 from router.kserve import SERVICE as KSERVE_SERVICE
 from router.kserve import kserve_handler
 from router.metrics import register_fleet_gauges
 
-SERVER_OPTIONS = (
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-)
+# One message (request or response) at most this big: gRPC refuses a larger one with RESOURCE_EXHAUSTED
+# naming the limit before buffering it, so one caller cannot exhaust the router's memory.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
+
+
+def server_options(max_message_bytes: int) -> tuple[tuple[str, int], ...]:
+    return (
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    )
 
 
 class RouterStartError(RuntimeError):
@@ -40,10 +47,23 @@ class RouterServer:
         server_credentials: grpc.ServerCredentials | None = None,
         upstream_credentials: grpc.ChannelCredentials | None = None,
         default_deadline_s: float = DEFAULT_DEADLINE_S,
+        identity: Authenticator | None = None,
+        fleet_secret: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        """`identity`: how callers are identified (None: the x-tenant-id header is trusted as sent);
+        `fleet_secret`: sent to containers on every call, and makes a caller presenting it a route reader."""
         self.telemetry = telemetry
         self.server_credentials = server_credentials
-        self.router = Router(store, telemetry, upstream_credentials, default_deadline_s=default_deadline_s)
+        self.max_message_bytes = max_message_bytes
+        self.router = Router(
+            store,
+            telemetry,
+            upstream_credentials,
+            default_deadline_s=default_deadline_s,
+            identity=identity,
+            fleet_secret=fleet_secret,
+        )
         self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host
         self.port = port
@@ -54,7 +74,7 @@ class RouterServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=server_options(self.max_message_bytes))
         server.add_generic_rpc_handlers((kserve_handler(self.router), api_handler(self.router)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -20,6 +20,7 @@ class FleetThread:
 
     def __init__(self, workdir: Path, store_url: str, containers: int = 2) -> None:
         self.fleet = LocalFleet(workdir=workdir, store_url=store_url, containers=containers, port=0)
+        self.fleet.model_store = workdir.parent  # tests keep model folders next to the fleet's workdir
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="fleet", daemon=True)
         self._thread.start()

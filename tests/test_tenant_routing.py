@@ -117,19 +117,74 @@ def test_rules_change_without_a_restart(fleet: FleetThread) -> None:
     assert bad.returncode == 2 and "has no version 9" in bad.stderr
 
 
-def test_where_is_lists_every_version_and_its_copies(fleet: FleetThread) -> None:
-    with grpc.insecure_channel(fleet.address) as channel:
-        answer = router_pb2_grpc.RouterStub(channel).WhereIs(
-            router_pb2.WhereIsRequest(model_name="m"), timeout=5
+def where_is(
+    address: str, model: str, metadata: tuple[tuple[str, str], ...] = ()
+) -> router_pb2.WhereIsResponse:
+    with grpc.insecure_channel(address) as channel:
+        answer: router_pb2.WhereIsResponse = router_pb2_grpc.RouterStub(channel).WhereIs(
+            router_pb2.WhereIsRequest(model_name=model), timeout=5, metadata=metadata
         )
-    assert [loc.model_version for loc in answer.locations] == ["1", "2", "3"]
-    assert all(len(loc.copies) == 1 and loc.copies[0].state == "ready" for loc in answer.locations)
+    return answer
+
+
+def test_where_is_lists_the_versions_the_tenant_may_call_and_their_copies(fleet: FleetThread) -> None:
+    mine = where_is(fleet.address, "m", (("x-tenant-id", "acme"),))
+    assert [loc.model_version for loc in mine.locations] == ["1", "2", "3"]
+    assert all(len(loc.copies) == 1 and loc.copies[0].state == "ready" for loc in mine.locations)
+    for tenant in ("beta", None):  # m@3 is acme's: nobody else learns where it runs, or that it exists
+        metadata = (("x-tenant-id", tenant),) if tenant else ()
+        answer = where_is(fleet.address, "m", metadata)
+        assert [loc.model_version for loc in answer.locations] == ["1", "2"]
+
+
+def test_where_is_gives_container_addresses_only_to_route_readers(fleet: FleetThread) -> None:
+    plain = where_is(fleet.address, "m", (("x-tenant-id", "acme"),))
+    assert {c.address for loc in plain.locations for c in loc.copies} == {""}
+    secret = (("x-tenant-id", "acme"), ("modelyard-fleet-secret", fleet.fleet.fleet_secret))
+    reader = where_is(fleet.address, "m", secret)
+    addresses = {c.address for loc in reader.locations for c in loc.copies}
+    assert addresses and all(a.startswith("127.0.0.1:") for a in addresses)
+
+
+def watch_snapshot(address: str, metadata: tuple[tuple[str, str], ...]) -> router_pb2.RouteUpdate:
+    with grpc.insecure_channel(address) as channel:
+        stream = router_pb2_grpc.RouterStub(channel).WatchRoutes(
+            router_pb2.WatchRoutesRequest(), timeout=10, metadata=metadata
+        )
+        snapshot: router_pb2.RouteUpdate = next(iter(stream))
+        stream.cancel()
+    return snapshot
+
+
+def test_watch_routes_sends_a_tenant_only_what_it_may_call(fleet: FleetThread) -> None:
+    secret = ("modelyard-fleet-secret", fleet.fleet.fleet_secret)
+    beta = watch_snapshot(fleet.address, (("x-tenant-id", "beta"), secret))
+    m = next(entry for entry in beta.models if entry.model_name == "m")
+    assert [v.version for v in m.versions] == ["1", "2"]
+    assert dict(m.rule.tenant_versions) == {"beta": "2"}  # its own pin, nobody else's
+    assert "acme" not in str(beta)
+    acme = watch_snapshot(fleet.address, (("x-tenant-id", "acme"), secret))
+    m = next(entry for entry in acme.models if entry.model_name == "m")
+    assert [(v.version, list(v.tenants)) for v in m.versions] == [("1", []), ("2", []), ("3", ["acme"])]
+    assert dict(m.rule.tenant_versions) == {}  # beta's pin is beta's business
+    assert "beta" not in str(acme)
+    assert all(v.ready and v.ready[0].address for v in m.versions)
+
+
+def test_watch_routes_sends_addresses_only_to_route_readers(fleet: FleetThread) -> None:
+    snapshot = watch_snapshot(fleet.address, (("x-tenant-id", "acme"),))
+    assert {e.model_name for e in snapshot.models} == {"m", "s"}
+    assert all(not v.ready for e in snapshot.models for v in e.versions)
 
 
 def test_zero_hop_client_gives_the_routers_answers_without_the_router(fleet: FleetThread) -> None:
     tensor = grpcclient.InferInput("INPUT", [3], "FP32")
     tensor.set_data_from_numpy(X)
-    with Client(fleet.address, tenant="beta") as beta, Client(fleet.address, tenant="acme") as acme:
+    secret = fleet.fleet.fleet_secret
+    with (
+        Client(fleet.address, tenant="beta", fleet_secret=secret) as beta,
+        Client(fleet.address, tenant="acme", fleet_secret=secret) as acme,
+    ):
         assert beta.wait_synced() and acme.wait_synced()
         assert factor_seen(beta.infer("m", [tensor])) == 2.0
         assert factor_seen(acme.infer("m", [tensor])) == 1.0
@@ -145,6 +200,15 @@ def test_zero_hop_client_gives_the_routers_answers_without_the_router(fleet: Fle
         assert caught.value.status() == "StatusCode.NOT_FOUND" and beta.router_calls == 1
 
 
+def test_zero_hop_client_without_the_fleet_secret_calls_through_the_router(fleet: FleetThread) -> None:
+    tensor = grpcclient.InferInput("INPUT", [3], "FP32")
+    tensor.set_data_from_numpy(X)
+    with Client(fleet.address, tenant="acme") as acme:
+        assert acme.wait_synced()
+        assert factor_seen(acme.infer("m", [tensor], model_version="3")) == 3.0
+        assert acme.router_calls == 1 and acme.direct_calls == 0  # no addresses without the permission
+
+
 def test_zero_hop_client_without_a_table_uses_the_router(fleet: FleetThread) -> None:
     """Before its first table (or once the watch has been down too long) every call goes to the router.
 
@@ -152,7 +216,7 @@ def test_zero_hop_client_without_a_table_uses_the_router(fleet: FleetThread) -> 
     """
     tensor = grpcclient.InferInput("INPUT", [3], "FP32")
     tensor.set_data_from_numpy(X)
-    with Client(fleet.address, tenant="beta") as client:
+    with Client(fleet.address, tenant="beta", fleet_secret=fleet.fleet.fleet_secret) as client:
         assert client.wait_synced()
         client._synced.clear()
         assert client.stale

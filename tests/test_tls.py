@@ -1,11 +1,14 @@
-"""TLS and mutual TLS on the router's front and between router and container, with a throwaway CA."""
+"""TLS and mutual TLS on the router's front and between router and container, with a throwaway CA; tenants
+from client certificates and from bearer tokens (router/identity.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from backends.custom import CustomAdapter
 from modelyard.tls import channel_credentials, server_credentials
 from placement import registry
 from placement.model import Container
+from router.identity import Authenticator, IdentityFile, token_key
 from router.server import RouterServer
 from tests.fleet import FleetThread
 from tests.test_lazy_load import scale_model
@@ -74,8 +78,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         root, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
     )
     make_cert(root, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    make_cert(
+        root, "beta", "ca", "subjectAltName=URI:spiffe://fleet/tenant/beta\nextendedKeyUsage=clientAuth\n"
+    )
+    make_cert(root, "stranger", "ca", "extendedKeyUsage=clientAuth\n")  # signed, but mapped to no tenant
     make_cert(root, "intruder", "intruder-ca", "extendedKeyUsage=clientAuth\n")
+    # CN=client is acme's trusted service (may read routes); beta is known by its SAN.
+    (root / "tenant-certs").write_text("CN=client acme routes\nspiffe://fleet/tenant/beta beta\n")
     return PKI(root)
+
+
+ACME_TOKEN = "acme-token-0123456789"
+BETA_TOKEN = "beta-token-0123456789"
 
 
 @dataclass
@@ -83,6 +97,8 @@ class SecureFleet:
     thread: FleetThread
     mtls_router: RouterServer
     plain_upstream_router: RouterServer
+    token_router: RouterServer
+    tokens: Path
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +122,40 @@ def fleet(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure
         )
         fleet._tasks.append(asyncio.get_running_loop().create_task(agent.run()))
         model = scale_model(workdir / "models", "m", 2.0)
-        await registry.register_model(fleet.store, model)
-        await registry.write_shard_map(fleet.store, {model.key: ["box"]}, expected_generation=0)
+        private = replace(scale_model(workdir / "models", "p", 3.0), tenants=("acme",))
+        for m in (model, private):
+            await registry.register_model(fleet.store, m)
+        await registry.write_shard_map(
+            fleet.store, {model.key: ["box"], private.key: ["box"]}, expected_generation=0
+        )
         secure = RouterServer(
             fleet.store, port=0,
             server_credentials=server_credentials(pki["server.pem"], pki["server.key"], pki["ca.pem"]),
             upstream_credentials=channel_credentials(pki["ca.pem"]),
+            identity=Authenticator(certificates=IdentityFile(pki["tenant-certs"], "certificate map")),
         )  # fmt: skip
         plain = RouterServer(fleet.store, port=0)
-        await secure.start()
-        await plain.start()
+        tokens.write_text(f"{token_key(ACME_TOKEN)} acme  # the acme team\n")
+        by_token = RouterServer(
+            fleet.store, port=0,
+            server_credentials=server_credentials(pki["server.pem"], pki["server.key"]),
+            upstream_credentials=channel_credentials(pki["ca.pem"]),
+            identity=Authenticator(tokens=IdentityFile(tokens, "token file", check_s=0.05)),
+        )  # fmt: skip
+        for router in (secure, plain, by_token):
+            await router.start()
         fleet.router = secure
-        await fleet.wait_ready([model], timeout_s=30)
-        box.update(container=container, adapter=adapter, secure=secure, plain=plain)
+        await fleet.wait_ready([model, private], timeout_s=30)
+        box.update(container=container, adapter=adapter, secure=secure, plain=plain, tokens=by_token)
 
+    tokens = workdir / "tenant-tokens"
     try:
         thread.call(setup())
-        yield SecureFleet(thread, box["secure"], box["plain"])  # type: ignore[arg-type]
+        yield SecureFleet(thread, box["secure"], box["plain"], box["tokens"], tokens)  # type: ignore[arg-type]
     finally:
 
         async def teardown() -> None:
+            await box["tokens"].stop()  # type: ignore[attr-defined]
             await box["plain"].stop()  # type: ignore[attr-defined]
             await box["container"].stop()  # type: ignore[attr-defined]
             await box["adapter"].close()  # type: ignore[attr-defined]
@@ -135,11 +165,19 @@ def fleet(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure
         thread.stop()
 
 
-def infer(address: str, **tls: object) -> np.ndarray:
+def infer(address: str, model: str = "m", headers: dict[str, str] | None = None, **tls: object) -> np.ndarray:
     tensor = grpcclient.InferInput("INPUT", [2], "FP32")
     tensor.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
     with grpcclient.InferenceServerClient(address, **tls) as client:  # type: ignore[arg-type]
-        return client.infer("m", [tensor], client_timeout=10).as_numpy("OUTPUT")
+        return client.infer(model, [tensor], headers=headers, client_timeout=10).as_numpy("OUTPUT")
+
+
+def refusal(
+    address: str, model: str = "m", headers: dict[str, str] | None = None, **tls: object
+) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        infer(address, model, headers, **tls)
+    return str(caught.value.status()), str(caught.value.message())
 
 
 def client_tls(pki: PKI, name: str | None) -> dict[str, object]:
@@ -190,3 +228,85 @@ def test_the_zero_hop_client_follows_routes_and_calls_the_container_over_tls(
         out = client.infer("m", [tensor], client_timeout=10).as_numpy("OUTPUT")
     np.testing.assert_allclose(out, [2.0, 4.0])
     assert client.direct_calls == 1 and client.router_calls == 0  # straight to the TLS-only container
+
+
+def test_a_client_certificate_gives_its_tenant_and_only_its_tenant(fleet: SecureFleet, pki: PKI) -> None:
+    address = fleet.mtls_router.address
+    np.testing.assert_allclose(
+        infer(address, "p", **client_tls(pki, "client")), [3.0, 6.0]
+    )  # CN=client: acme
+    np.testing.assert_allclose(infer(address, "m", **client_tls(pki, "beta")), [2.0, 4.0])  # by its SAN
+    # For beta, acme's private model is exactly a model that was never registered.
+    assert refusal(address, "p", **client_tls(pki, "beta")) == (
+        "StatusCode.NOT_FOUND",
+        refusal(address, "never", **client_tls(pki, "beta"))[1].replace("never", "p"),
+    )
+
+
+def test_a_certificate_mapped_to_no_tenant_is_unauthenticated(fleet: SecureFleet, pki: PKI) -> None:
+    code, message = refusal(fleet.mtls_router.address, **client_tls(pki, "stranger"))
+    assert code == "StatusCode.UNAUTHENTICATED" and "CN=stranger maps to no tenant" in message
+
+
+def test_a_tenant_header_that_disagrees_with_the_certificate_is_denied(fleet: SecureFleet, pki: PKI) -> None:
+    tls = client_tls(pki, "beta")
+    code, message = refusal(fleet.mtls_router.address, "p", {"x-tenant-id": "acme"}, **tls)
+    assert code == "StatusCode.PERMISSION_DENIED" and "x-tenant-id 'acme'" in message
+    np.testing.assert_allclose(
+        infer(fleet.mtls_router.address, "m", {"x-tenant-id": "beta"}, **tls), [2.0, 4.0]
+    )
+
+
+def token_tls(pki: PKI) -> dict[str, object]:
+    return {"ssl": True, "root_certificates": str(pki["ca.pem"])}
+
+
+def test_a_bearer_token_gives_its_tenant(fleet: SecureFleet, pki: PKI) -> None:
+    address = fleet.token_router.address
+    auth = {"authorization": f"Bearer {ACME_TOKEN}"}
+    np.testing.assert_allclose(infer(address, "p", auth, **token_tls(pki)), [3.0, 6.0])
+    denied = refusal(address, "p", {**auth, "x-tenant-id": "beta"}, **token_tls(pki))
+    assert denied[0] == "StatusCode.PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer not-a-token"}, {"authorization": "Basic abc"}, {"x-tenant-id": "acme"}],
+    ids=["none", "unknown-token", "not-bearer", "header-only"],
+)
+def test_callers_without_a_valid_token_are_unauthenticated(
+    fleet: SecureFleet, pki: PKI, headers: dict[str, str]
+) -> None:
+    assert (
+        refusal(fleet.token_router.address, "m", headers, **token_tls(pki))[0] == "StatusCode.UNAUTHENTICATED"
+    )
+
+
+def test_the_token_file_is_reloaded_when_it_changes(fleet: SecureFleet, pki: PKI) -> None:
+    address = fleet.token_router.address
+    beta = {"authorization": f"Bearer {BETA_TOKEN}"}
+    assert refusal(address, "m", beta, **token_tls(pki))[0] == "StatusCode.UNAUTHENTICATED"
+    original = fleet.tokens.read_text()
+    staged = fleet.tokens.with_suffix(".new")
+    staged.write_text(original + f"{token_key(BETA_TOKEN)} beta\n")
+    os.replace(staged, fleet.tokens)  # as a Kubernetes Secret volume changes: a new file
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                np.testing.assert_allclose(infer(address, "m", beta, **token_tls(pki)), [2.0, 4.0])
+                break
+            except InferenceServerException:
+                assert time.monotonic() < deadline, "the new token was not accepted within 10 s"
+                time.sleep(0.05)
+        # A change that does not parse keeps the identities the router has.
+        fleet.tokens.write_text("this is not a token line at all\n")
+        source = fleet.token_router.router.identity.tokens
+        assert source is not None
+        deadline = time.monotonic() + 10
+        while source._signature != source._stat():  # the router has looked at the bad file
+            assert time.monotonic() < deadline, "the router did not look at the changed file"
+            time.sleep(0.02)
+        np.testing.assert_allclose(infer(address, "m", beta, **token_tls(pki)), [2.0, 4.0])
+    finally:
+        fleet.tokens.write_text(original)

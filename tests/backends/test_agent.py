@@ -31,7 +31,7 @@ CID = "box"
 
 @pytest.fixture
 def container(tmp_path: Path) -> Iterator[CustomContainerProcess]:
-    process = CustomContainerProcess(tmp_path / "container", 1 << 30)
+    process = CustomContainerProcess(tmp_path / "container", 1 << 30, model_store=tmp_path)
     process.start()
     try:
         yield process
