@@ -27,10 +27,23 @@ SLICE_EVENTS = 256
 
 
 class StoreFollower:
-    def __init__(self, store: Store, *, name: str, retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        name: str,
+        retry_s: float = 1.0,
+        probe_s: float = 5.0,
+        probe_timeout_s: float = 3.0,
+    ) -> None:
         self.store = store
         self.name = name
         self.retry_s = retry_s
+        # A store that hangs (a paused etcd) sends no error, only silence: a small read every `probe_s`
+        # that must answer within `probe_timeout_s` tells silence from a quiet fleet.
+        self.probe_s = probe_s
+        self.probe_timeout_s = probe_timeout_s
+        self._watching = False
         self.fleet = Fleet()
         self.loaded = asyncio.Event()  # set once the first snapshot is in
         self.healthy = False  # current with the store (snapshot loaded, watch running)
@@ -39,6 +52,7 @@ class StoreFollower:
         self._changed = asyncio.Condition()
         self.version = 0  # bumped after every published change
         self._task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     def listen(self, listener: Listener) -> None:
         """`listener(fleet, changes)` runs on the loop after every applied slice (and after a snapshot)."""
@@ -51,15 +65,18 @@ class StoreFollower:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"store-follower-{self.name}")
+            self._probe_task = asyncio.create_task(self._probe(), name=f"store-probe-{self.name}")
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Cancels the follower; bounded, because a store client may not finish cancelling a watch."""
-        if self._task is not None:
-            self._task.cancel()
-            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
-            if not done:
+        tasks = {t for t in (self._task, self._probe_task) if t is not None}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            done, _ = await asyncio.wait(tasks, timeout=timeout_s)
+            if tasks - done:
                 log.warning("%s: store watch did not stop within %.0f s; leaving it", self.name, timeout_s)
-            self._task = None
+        self._task = self._probe_task = None
 
     async def wait_changed(self, timeout_s: float | None, seen: int | None = None) -> bool:
         """Waits for a change after `seen` (a `version` read earlier; default: now); False on timeout.
@@ -88,6 +105,7 @@ class StoreFollower:
                 self._set_healthy(True)
                 self.loaded.set()
                 await self._publish(Changes(everything=True))
+                self._watching = True
                 async for events in self.store.watch_prefix(registry.ROOT, fleet.revision + 1):
                     await self._apply(events)
                 log.info("%s: store watch ended; reloading", self.name)
@@ -101,6 +119,7 @@ class StoreFollower:
                 raise
             except Exception:  # a bug must not stop the follower for good: log it, reload, go on
                 log.exception("%s: store follower failed; reloading", self.name)
+            self._watching = False
             self._set_healthy(False)
             await asyncio.sleep(self.retry_s)
 
@@ -124,6 +143,25 @@ class StoreFollower:
         self.version += 1
         async with self._changed:
             self._changed.notify_all()
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_s)
+            if not self._watching:
+                continue
+            try:
+                async with asyncio.timeout(self.probe_timeout_s):
+                    await self.store.get(registry.GENERATION)
+            except (StoreError, TimeoutError) as exc:
+                if self.healthy:
+                    log.warning(
+                        "%s: store does not answer (%s); keeping the last view", self.name, exc or "timeout"
+                    )
+                self._set_healthy(False)
+            else:
+                if self._watching and not self.healthy:
+                    log.info("%s: store answers again", self.name)
+                    self._set_healthy(True)
 
     def _set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy

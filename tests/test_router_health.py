@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +75,23 @@ def test_with_the_store_down_the_router_keeps_serving_and_reports_degraded(
     np.testing.assert_allclose(infer(fleet.address), [4.0, 8.0])  # the last map still routes
     etcd.start()
     wait_for(lambda: health(fleet.address, "modelyard.store") == SERVING)
+    np.testing.assert_allclose(infer(fleet.address), [4.0, 8.0])
+
+
+def test_a_hung_store_turns_store_health_not_serving_and_calls_keep_answering(
+    fleet: FleetThread, etcd: EtcdServer
+) -> None:
+    """etcd paused (SIGSTOP) sends no error, only silence: the router's probe must notice it anyway."""
+    assert etcd.process is not None
+    assert health(fleet.address, "modelyard.store") == SERVING
+    os.kill(etcd.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: health(fleet.address, "modelyard.store") == NOT_SERVING, timeout_s=30)
+        assert health(fleet.address, "") == SERVING  # degraded, not dead
+        np.testing.assert_allclose(infer(fleet.address), [4.0, 8.0])  # the last map still routes
+    finally:
+        os.kill(etcd.process.pid, signal.SIGCONT)
+    wait_for(lambda: health(fleet.address, "modelyard.store") == SERVING, timeout_s=30)
     np.testing.assert_allclose(infer(fleet.address), [4.0, 8.0])
 
 
