@@ -10,8 +10,9 @@ model directory; required) and `version` (string, default "1"). `RepositoryModel
 `version` parameter (default: every version) and succeeds when nothing is loaded, so it is idempotent.
 
 Closed to strangers: with a fleet secret, every call but the gRPC health check must carry the header
-`modelyard-fleet-secret` (as Triton's restricted protocols check it), and with a model store, artifacts
-load only from inside it. Model math runs in a thread pool, so a slow model never stalls the event loop.
+`triton-grpc-protocol-modelyard-fleet-secret` (as Triton's restricted protocols check it), and with a
+model store, artifacts load only from inside it. Model math runs in a thread pool, so a slow model never
+stalls the event loop.
 """
 
 from __future__ import annotations
@@ -721,7 +722,7 @@ class FleetSecretCheck(grpc.aio.ServerInterceptor):
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s kind that answers UNAUTHENTICATED without reading the request."""
-    message = "this container serves only its fleet: the modelyard-fleet-secret header is missing or wrong"
+    message = f"this container serves only its fleet: the {FLEET_SECRET_HEADER} header is missing or wrong"
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

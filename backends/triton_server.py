@@ -14,10 +14,14 @@ from pathlib import Path
 
 from backends.process import port_is_free, stop_process_group
 
-# The header carrying the fleet secret: Triton's --grpc-restricted-protocol checks it, our container too.
-FLEET_SECRET_HEADER = "modelyard-fleet-secret"
+# The header carrying the fleet secret. Triton's `--grpc-restricted-protocol=...:KEY=VALUE` checks the
+# header `triton-grpc-protocol-KEY` (measured on 2.51: its refusal names it); our container and the
+# router check the same header, so one header serves every container.
+FLEET_SECRET_KEY = "modelyard-fleet-secret"
+FLEET_SECRET_HEADER = f"triton-grpc-protocol-{FLEET_SECRET_KEY}"
 # Every gRPC protocol Triton 2.51 can restrict (`tritonserver --help`): a caller without the secret gets
-# nothing, not even liveness (Triton's own readiness check below sends the header).
+# nothing (UNAVAILABLE), not even liveness or grpc.health.v1 (our readiness check below sends the header;
+# on Kubernetes, whose gRPC probes send no header, deploy/ leaves `health` open).
 RESTRICTED_PROTOCOLS = (
     "health",
     "metadata",
@@ -139,7 +143,7 @@ class TritonServer:
             # On the command line (Triton reads it nowhere else): visible to this machine's users in ps.
             command.append(
                 f"--grpc-restricted-protocol={','.join(RESTRICTED_PROTOCOLS)}:"
-                f"{FLEET_SECRET_HEADER}={self.fleet_secret}"
+                f"{FLEET_SECRET_KEY}={self.fleet_secret}"
             )
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(

@@ -13,7 +13,8 @@ Both files have one identity per line, `#` starts a comment:
 KEY is `sha256:<hex digest of the token>` in a token file and a SAN or `CN=<name>` in a certificate map;
 TENANT `-` is a caller of no tenant (public models only); the one permission is `routes` (may read container
 addresses: WhereIs, WatchRoutes — the zero-hop client). A caller that presents the fleet secret
-(`modelyard-fleet-secret`) may read routes too: it can call the containers directly anyway.
+(header `triton-grpc-protocol-modelyard-fleet-secret`) may read routes too: it can call the containers
+directly anyway.
 
 A tenant header that disagrees with an authenticated identity is refused (PERMISSION_DENIED), so a client
 cannot act for another tenant by adding a header.

@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.client import Client
 from modelyard.local import LocalFleet
 from modelyard.v1 import router_pb2, router_pb2_grpc
@@ -140,7 +141,7 @@ def test_where_is_lists_the_versions_the_tenant_may_call_and_their_copies(fleet:
 def test_where_is_gives_container_addresses_only_to_route_readers(fleet: FleetThread) -> None:
     plain = where_is(fleet.address, "m", (("x-tenant-id", "acme"),))
     assert {c.address for loc in plain.locations for c in loc.copies} == {""}
-    secret = (("x-tenant-id", "acme"), ("modelyard-fleet-secret", fleet.fleet.fleet_secret))
+    secret = (("x-tenant-id", "acme"), (FLEET_SECRET_HEADER, fleet.fleet.fleet_secret))
     reader = where_is(fleet.address, "m", secret)
     addresses = {c.address for loc in reader.locations for c in loc.copies}
     assert addresses and all(a.startswith("127.0.0.1:") for a in addresses)
@@ -157,7 +158,7 @@ def watch_snapshot(address: str, metadata: tuple[tuple[str, str], ...]) -> route
 
 
 def test_watch_routes_sends_a_tenant_only_what_it_may_call(fleet: FleetThread) -> None:
-    secret = ("modelyard-fleet-secret", fleet.fleet.fleet_secret)
+    secret = (FLEET_SECRET_HEADER, fleet.fleet.fleet_secret)
     beta = watch_snapshot(fleet.address, (("x-tenant-id", "beta"), secret))
     m = next(entry for entry in beta.models if entry.model_name == "m")
     assert [v.version for v in m.versions] == ["1", "2"]
