@@ -165,6 +165,11 @@ def up(
     from placement.store import StoreError
     from router.server import RouterStartError
 
+    if not is_loopback(host):
+        fail(
+            f"modelyard up trusts x-tenant-id as sent, so it serves on loopback only (not {host}); "
+            "use modelyard serve with --tenant-tokens or --tenant-certs"
+        )
     fleet = LocalFleet(
         workdir=workdir,
         store_url=store_url or str(workdir / "store"),

@@ -328,3 +328,40 @@ def test_an_oversize_message_is_resource_exhausted_and_memory_stays_bounded(
     print(f"router RSS {before / 1024**2:.1f} MiB, grew by {grown / 1024**2:.1f} MiB over 320 MiB refused")
     assert grown < 32 * 1024**2, f"router RSS grew by {grown / 1024**2:.1f} MiB"
     assert RPCS["ModelInfer"](address, CUSTOM["public"], ()).code == grpc.StatusCode.OK  # still serving
+
+
+def modelyard(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard", *args], capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def test_serve_on_a_non_loopback_address_refuses_to_start_without_an_identity_mode(tmp_path: Path) -> None:
+    refused = modelyard("serve", "--store", str(tmp_path / "store"), "--host", "0.0.0.0", "--port", "0")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: refusing to serve on 0.0.0.0")
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--tenant-certs", "certs"], "--tenant-certs needs --tls-client-ca"),
+        (["--tenant-tokens", "missing-file"], "cannot read token file missing-file"),
+        (["--tenant-tokens", "bad-tokens"], "token file line 1: a token key is sha256:<64 hex digits>"),
+    ],
+)
+def test_serve_says_what_is_wrong_with_its_identity_settings(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    (tmp_path / "bad-tokens").write_text("plain-token acme\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "modelyard", "serve", "--store", str(tmp_path / "store"), *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_up_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    refused = modelyard("up", "--workdir", str(tmp_path), "--host", "0.0.0.0")
+    assert refused.returncode == 2 and "serves on loopback only" in refused.stderr
