@@ -10,18 +10,16 @@ import grpc.aio
 
 from modelyard.v1 import router_pb2
 from placement.model import ModelVersion
-from router.core import Router, public_response, public_stream_response
-from router.errors import BadRequest, ContainerStreamError, ModelNotFound
+from router.core import Router
+from router.errors import BadRequest, ModelNotFound
 from router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from router.identity import Identity
 from router.kserve import SERVICE as KSERVE_SERVICE
-from router.stream import relay
+from router.stream import infer_stream, relay
 from router.table import RoutingTable
-from router.wire import length_delimited_fields, with_bool_parameter
 
 SERVICE = "modelyard.v1.Router"
 _MODEL_INFER = f"/{KSERVE_SERVICE}/ModelInfer"
-FINAL_FLAG_REQUEST = "triton_enable_empty_final_response"
 
 
 def api_handler(router: Router) -> grpc.GenericRpcHandler:
@@ -66,31 +64,13 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
 
     async def InferStream(request: bytes, context: grpc.aio.ServicerContext) -> None:
         router.identify(context)  # a caller without valid credentials: the stream ends at once
-        # Ask the container for an explicit final response, so the end of the stream is known.
-        request = with_bool_parameter(request, FINAL_FLAG_REQUEST, True)
-
-        async def one() -> AsyncIterator[bytes]:
-            yield request
-
-        async def unwrap(envelope: bytes, model: ModelVersion) -> None:
-            fields = dict(length_delimited_fields(envelope))
-            if fields.get(1):
-                raise ContainerStreamError(fields[1].decode(errors="replace"))
-            await context.write(public_response(model, _MODEL_INFER, fields.get(2, b"")))
-
-        # One request: an error ends the stream with its status, like a unary call's.
-        await relay(
-            router, one(), context, unwrap, in_stream_errors=False, timeout_s=router.upstream_timeout(context)
-        )
+        # One request on a pooled upstream stream: an error ends the stream with its status.
+        await infer_stream(router, request, context)
 
     async def InferSession(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         router.identify(context)  # a caller without valid credentials: the stream ends at once
-
         # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
-        async def write(response: bytes, model: ModelVersion) -> None:
-            await context.write(public_stream_response(model, response))
-
-        await relay(router, requests, context, write)
+        await relay(router, requests, context)
 
     async def WatchRoutes(request: bytes, context: grpc.aio.ServicerContext) -> None:
         identity = router.identify(context)

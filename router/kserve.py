@@ -14,8 +14,7 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from placement.model import ModelVersion
-from router.core import Router, public_stream_response
+from router.core import Router
 from router.errors import BadRequest, NotReady, RoutingError
 from router.handlers import bidi_bytes_handler, bytes_handler
 from router.identity import PermissionDenied, Unauthenticated
@@ -93,11 +92,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
 
     async def ModelStreamInfer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         router.identify(context)  # a caller without valid credentials: the stream ends at once
-
-        async def write(response: bytes, model: ModelVersion) -> None:
-            await context.write(public_stream_response(model, response))
-
-        await relay(router, requests, context, write)
+        await relay(router, requests, context)
 
     telemetry = router.telemetry
     methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}

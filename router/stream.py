@@ -1,16 +1,25 @@
-"""Relaying streams: KServe `ModelStreamInfer` (bidi) and modelyard.v1 `InferSession` / `InferStream`.
+"""Streams over pooled, long-lived upstream streams: `InferStream`, `InferSession`, KServe `ModelStreamInfer`.
 
-Each request in a stream is routed on its own (model, version, tenant). Requests for one model version on
-one container share one upstream stream, and nothing else does: Triton writes responses of decoupled and
+The router keeps `ModelStreamInfer` streams open to containers and reuses them for every client stream:
+a request costs one message on a stream that is already open, not a new RPC. Upstream streams are pooled
+per (container, model version), so one never carries two models: Triton writes responses of decoupled and
 plain models through two paths that break its one-write-at-a-time rule and aborts (SIGABRT) when one
-stream carries both, so an upstream stream never mixes models. Responses keep their order per request and
-per model (Triton's order on one stream); request ids pass through. Bytes pass through undecoded.
+stream carries both. Many client streams share an upstream stream; the router gives each request a unique
+id on the way up and puts the caller's id back on its responses (appended fields: tensors are never
+decoded or copied apart from that one append). The router always asks for an explicit final response, so
+it knows when each request ends; callers who did not ask for the empty one do not get it.
 
-Flow control: each upstream stream takes requests from a bounded queue, so a slow container makes the
-router stop reading the client's requests (gRPC then holds the client back); responses are written with
-`context.write`, which waits for the client. Cancellation runs both ways: a client that goes away cancels
-every upstream stream, and an upstream stream that fails ends the client's stream with its status (never
-retried, since responses may already have been delivered).
+Flow control: a client stream has at most MAX_STREAM_REQUESTS requests in flight (then the router stops
+reading its requests and gRPC holds the client back). The reader of a shared upstream stream never waits
+for one caller — that would hold up every other caller on the stream — so each client stream's responses
+wait in its own sink, up to SINK_LIMIT_BYTES; a caller that lets more pile up (it stopped reading) gets
+RESOURCE_EXHAUSTED and its requests are abandoned. A Triton stream takes up to REQUESTS_PER_UPSTREAM
+requests at once; other containers serve a stream's requests one after another, so theirs take one.
+
+Cancellation: a client stream that goes away (or a request past its deadline) abandons its requests; the
+upstream stream that carries them takes no new requests and is cancelled — stopping the container's work —
+as soon as no other caller's request is left on it, never before. An upstream stream that fails fails the
+requests it carries with its status (never retried once sent: responses may have been delivered).
 
 A request that cannot be routed gets an in-stream error response on the bidi fronts, as Triton answers a
 bad request in a stream, and the stream goes on; `InferStream` (one request) ends with the error's status.
@@ -19,155 +28,465 @@ bad request in a stream, and the stream goes on; `InferStream` (one request) end
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import itertools
+import logging
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.telemetry import CURRENT_CALL
 from placement.model import Container, ModelVersion
-from router.core import Router
-from router.errors import NoReadyCopy, RoutingError, TooManyUpstreams, UpstreamFailed
-from router.wire import stream_error
+from router.errors import ContainerStreamError, NoReadyCopy, RoutingError, UpstreamFailed
+from router.forward import ContainerChannels
+from router.wire import (
+    StreamResponse,
+    WireError,
+    nested,
+    read_header,
+    response_fields,
+    stream_error,
+    wants_empty_final_response,
+    with_stream_request_id,
+)
+
+if TYPE_CHECKING:
+    from router.core import Router
+
+log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
-UPSTREAM_QUEUE_DEPTH = 32  # requests waiting for one upstream stream before the client is held back
-MAX_UPSTREAMS = 64  # upstream streams (container x model version) one client stream may open
+REQUESTS_PER_UPSTREAM = 64  # requests in flight on one Triton stream before the pool opens another
+SINK_LIMIT_BYTES = 8 * 2**20  # responses one client stream may leave unread before it is failed
+MAX_STREAM_REQUESTS = 64  # requests one client stream may have in flight
+IDLE_CLOSE_S = 60.0  # an upstream stream with nothing in flight for this long is closed
 
 
-@dataclass
-class _Upstream:
-    container: Container
-    model: ModelVersion
-    requests: asyncio.Queue[bytes | None]
-    task: asyncio.Task[None]
+class _Request:
+    """One request in flight on an upstream stream."""
+
+    __slots__ = ("caller_id", "done", "name", "sink", "swallow_final", "timer", "upstream", "upstream_id")
+
+    def __init__(
+        self, upstream_id: str, caller_id: str, name: str | None, swallow_final: bool, sink: Sink
+    ) -> None:
+        self.upstream_id = upstream_id
+        self.caller_id = caller_id
+        self.name = name  # the public name to show (Triton answers with its internal one), or None
+        self.swallow_final = swallow_final  # the caller did not ask for the empty final response
+        self.sink: Sink | None = sink  # None once the caller gave up on it
+        self.upstream: Upstream | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False  # its final response (or an error) came, or its upstream stream ended
 
 
-# Called with each response of a model's upstream stream, in order.
-Send = Callable[[bytes, ModelVersion], Awaitable[None]]
+# One response for a client stream: (upstream bytes, what they say, the request), an in-stream error
+# answer ready to write (bytes), or None when the client's request pump has finished.
+Item = tuple[bytes, StreamResponse, _Request] | bytes | None
+
+
+class Sink:
+    """Where one client stream's responses land, in arrival order, and its requests in flight."""
+
+    def __init__(self) -> None:
+        self.items: deque[Item] = deque()
+        self.requests: set[_Request] = set()
+        self.error: BaseException | None = None
+        self.buffered_bytes = 0
+        self._wake: asyncio.Future[None] | None = None  # the consumer, waiting for items
+
+    def push(self, item: Item, size_bytes: int = 0) -> None:
+        self.items.append(item)
+        self.buffered_bytes += size_bytes
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    @property
+    def overflowing(self) -> bool:
+        """The caller left more than SINK_LIMIT_BYTES unread (one response of any size always fits)."""
+        return self.buffered_bytes > SINK_LIMIT_BYTES and len(self.items) > 1
+
+    async def take(self) -> list[Item]:
+        """Every item waiting (at least one); raises the sink's error once the items before it are taken."""
+        while not self.items:
+            if self.error is not None:
+                raise self.error
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+        items = list(self.items)
+        self.items.clear()
+        self.buffered_bytes = 0
+        return items
+
+    def close(self, error: BaseException) -> None:
+        """The consumer is gone: nothing more is kept for it."""
+        self.error = self.error or error
+        self.items.clear()
+        self.buffered_bytes = 0
+
+
+class Upstream:
+    """One long-lived `ModelStreamInfer` call to one container for one model version, shared by callers."""
+
+    def __init__(self, pool: StreamPool, container: Container, model: ModelVersion) -> None:
+        self.pool = pool
+        self.container = container
+        self.model = model
+        self.capacity = REQUESTS_PER_UPSTREAM if model.backend == "triton" else 1
+        self.requests: dict[str, _Request] = {}
+        self.live = 0  # requests whose caller still waits
+        self.retiring = False  # takes no new requests; cancelled once no caller waits on it
+        self.write_lock = asyncio.Lock()
+        self.call: grpc.aio.StreamStreamCall = pool.channels.stream(container.address, STREAM_METHOD)(
+            metadata=pool.metadata()
+        )
+        self._idle: asyncio.TimerHandle | None = None
+        self.reader = asyncio.create_task(self._read(), name=f"upstream-{container.id}-{model.key}")
+
+    @property
+    def open_for_more(self) -> bool:
+        return not self.retiring and self.live < self.capacity
+
+    def add(self, request: _Request) -> None:
+        request.upstream = self
+        request.done = False
+        self.requests[request.upstream_id] = request
+        self.live += 1
+        outstanding = self.pool.channels.outstanding
+        outstanding[self.container.id] = outstanding.get(self.container.id, 0) + 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _finish(self, request: _Request) -> None:
+        """The request is over (its final response, an error, or its stream's end)."""
+        if self.requests.pop(request.upstream_id, None) is None:
+            return
+        request.done = True
+        self.pool.channels.outstanding[self.container.id] -= 1
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.sink is not None:
+            request.sink.requests.discard(request)
+            self.live -= 1
+        self._settle()
+
+    def abandon(self, request: _Request) -> None:
+        """The caller no longer waits for `request` (it went away, or its deadline passed)."""
+        if request.sink is None or request.done:
+            return
+        request.sink.requests.discard(request)
+        request.sink = None
+        self.live -= 1
+        if request.timer is not None:
+            request.timer.cancel()
+        if not request.done:
+            # The container still works on it: take no more requests here, and stop the stream (and that
+            # work) once no other caller's request is on it.
+            self.retiring = True
+            self.pool.forget(self)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.live:
+            return
+        if self.retiring:
+            self.call.cancel()  # only abandoned requests are left: stop the container's work
+        elif not self.requests and self._idle is None:
+            self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._idle = None
+        if not self.requests:
+            self.retiring = True
+            self.pool.forget(self)
+            self.call.cancel()
+
+    def expire(self, request: _Request) -> None:
+        sink = request.sink
+        if sink is not None:
+            sink.fail(UpstreamFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self.abandon(request)
+
+    async def _read(self) -> None:
+        error = UpstreamFailed(grpc.StatusCode.UNAVAILABLE, f"container {self.container.id}: stream ended")
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    break
+                self._dispatch(response)
+        except grpc.aio.AioRpcError as exc:
+            error = UpstreamFailed(exc.code(), f"container {self.container.id}: {exc.details()}")
+        except asyncio.CancelledError:
+            error = UpstreamFailed(grpc.StatusCode.CANCELLED, "the router closed the upstream stream")
+        except Exception as exc:  # a malformed response: the stream cannot be trusted any more
+            log.warning("container %s: bad stream response (%s); closing the stream", self.container.id, exc)
+            error = UpstreamFailed(grpc.StatusCode.INTERNAL, f"container {self.container.id}: {exc}")
+        finally:
+            self.retiring = True
+            self.pool.forget(self)
+            if not self.call.done():
+                self.call.cancel()
+            for request in list(self.requests.values()):
+                if request.sink is not None:
+                    request.sink.fail(error)
+                self._finish(request)
+
+    def _dispatch(self, response: bytes) -> None:
+        info = StreamResponse(response)
+        request = self.requests.get(info.request_id) if info.request_id is not None else None
+        if request is None and info.error is not None and info.request_id is None and self.requests:
+            # An error without an id (our own container's): its requests run one at a time, in order.
+            request = next(iter(self.requests.values()))
+        if request is None:
+            return  # a response to a request whose caller gave up (and whose id was forgotten)
+        sink = request.sink
+        if info.error is not None or info.final:
+            self._finish(request)
+        if sink is None or (
+            request.swallow_final and info.final and not info.has_outputs and info.error is None
+        ):
+            if sink is not None:
+                sink.push((b"", info, request))  # the request is over; nothing to show the caller
+            return
+        sink.push((response, info, request), len(response))
+        if sink.overflowing:  # never wait for one caller: every caller on this stream would wait
+            sink.fail(
+                UpstreamFailed(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {SINK_LIMIT_BYTES} bytes of responses left unread: read faster",
+                )
+            )
+            for waiting in list(sink.requests):
+                if waiting.upstream is not None:
+                    waiting.upstream.abandon(waiting)
+
+
+class StreamPool:
+    """The router's upstream streams, per (container, model version)."""
+
+    def __init__(self, channels: ContainerChannels, fleet_secret: str | None = None) -> None:
+        self.channels = channels
+        self.fleet_secret = fleet_secret
+        self.upstreams: dict[tuple[str, str], list[Upstream]] = {}
+        self._ids = itertools.count(1)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The router's own headers: a shared stream carries no caller's headers (tenant, trace)."""
+        return ((FLEET_SECRET_HEADER, self.fleet_secret),) if self.fleet_secret else ()
+
+    def _acquire(self, container: Container, model: ModelVersion) -> Upstream:
+        streams = self.upstreams.setdefault((container.id, model.key), [])
+        best: Upstream | None = None
+        for upstream in streams:
+            if upstream.open_for_more and (best is None or upstream.live < best.live):
+                best = upstream
+        if best is None:
+            best = Upstream(self, container, model)
+            streams.append(best)
+        return best
+
+    def forget(self, upstream: Upstream) -> None:
+        streams = self.upstreams.get((upstream.container.id, upstream.model.key))
+        if streams is not None and upstream in streams:
+            streams.remove(upstream)
+            if not streams:
+                del self.upstreams[(upstream.container.id, upstream.model.key)]
+
+    async def submit(
+        self,
+        container: Container,
+        model: ModelVersion,
+        routed: bytes,
+        caller_id: str,
+        *,
+        sink: Sink,
+        swallow_final: bool,
+        timeout_s: float | None,
+    ) -> _Request:
+        """Sends a routed request on a pooled stream; its responses will land in `sink`."""
+        name = model.name if model.backend == "triton" else None
+        request = _Request(str(next(self._ids)), caller_id, name, swallow_final, sink)
+        data = with_stream_request_id(routed, request.upstream_id)
+        for attempt in (1, 2):
+            upstream = self._acquire(container, model)
+            upstream.add(request)
+            sink.requests.add(request)
+            try:
+                async with upstream.write_lock:
+                    await upstream.call.write(data)
+            except Exception as exc:  # the stream ended before the request went out: it never ran
+                upstream._finish(request)
+                self.forget(upstream)
+                upstream.retiring = True
+                if attempt == 2:
+                    raise UpstreamFailed(
+                        grpc.StatusCode.UNAVAILABLE, f"container {container.id}: {exc or 'stream closed'}"
+                    ) from exc
+                continue
+            if timeout_s is not None and request.sink is not None:
+                request.timer = asyncio.get_running_loop().call_later(timeout_s, upstream.expire, request)
+            return request
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        upstreams = [u for streams in self.upstreams.values() for u in streams]
+        self.upstreams.clear()
+        for upstream in upstreams:
+            upstream.call.cancel()
+        await asyncio.gather(*(u.reader for u in upstreams), return_exceptions=True)
+
+
+_POOLS: weakref.WeakKeyDictionary[Router, StreamPool] = weakref.WeakKeyDictionary()
+
+
+def pool_of(router: Router) -> StreamPool:
+    """The router's stream pool (one per router, made on first use)."""
+    pool = _POOLS.get(router)
+    if pool is None:
+        pool = _POOLS[router] = StreamPool(router.channels, getattr(router, "fleet_secret", None))
+    return pool
+
+
+async def _choose(router: Router, model: ModelVersion, context: grpc.aio.ServicerContext) -> Container:
+    copies = router.table.ready_copies(model.key)
+    if not copies:
+        copies = await router.lazy.ready_copies(model, context.time_remaining())
+    container = router.channels.pick(copies)
+    if container is None:
+        raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+    call = CURRENT_CALL.get()
+    if call is not None:
+        call.container = container.id
+    return container
+
+
+def _caller_id(request: bytes) -> str:
+    """The request id the caller chose (route() has read this header already, so it parses)."""
+    return read_header(request)[2]
+
+
+async def _write(context: grpc.aio.ServicerContext, data: bytes) -> None:
+    """`context.write`; a client that went away ends the handler as a cancellation, not as an error."""
+    try:
+        await context.write(data)
+    except Exception as exc:
+        if context.cancelled():
+            raise asyncio.CancelledError from exc
+        raise
+
+
+async def infer_stream(router: Router, request: bytes, context: grpc.aio.ServicerContext) -> None:
+    """`InferStream`: one request, its responses as `InferResponse`s up to the final one (forwarded even
+    when empty: it says the stream is complete). Errors end the stream with their status."""
+    model, routed = router.route(request, context)
+    container = await _choose(router, model, context)
+    sink = Sink()
+    caller_id = _caller_id(request)
+    pending = await pool_of(router).submit(
+        container,
+        model,
+        routed,
+        caller_id,
+        sink=sink,
+        swallow_final=False,
+        timeout_s=router.upstream_timeout(context),
+    )
+    suffix = response_fields(pending.name, caller_id)
+    try:
+        while True:
+            for item in await sink.take():
+                assert isinstance(item, tuple)
+                response, info, _ = item
+                if info.error is not None:
+                    raise ContainerStreamError(info.error)
+                if info.inner is None:
+                    raise UpstreamFailed(grpc.StatusCode.INTERNAL, "container sent an empty stream response")
+                start, stop = info.inner
+                await _write(context, b"".join((memoryview(response)[start:stop], suffix)))  # one copy
+                if info.final:
+                    return
+    finally:
+        if pending.upstream is not None:
+            pending.upstream.abandon(pending)
+        sink.close(asyncio.CancelledError())
 
 
 async def relay(
     router: Router,
     requests: AsyncIterator[bytes],
     context: grpc.aio.ServicerContext,
-    send: Send,
     *,
     in_stream_errors: bool = True,
-    timeout_s: float | None = None,
 ) -> None:
-    """Routes every request and hands every response to `send` as it arrives; raises UpstreamFailed.
+    """A bidi stream (`ModelStreamInfer`, `InferSession`): every request routed on its own, every response
+    written as `ModelStreamInferResponse` bytes with the caller's request id; raises UpstreamFailed.
 
-    With `in_stream_errors`, a request that cannot be routed is answered in the stream (`context.write`)
-    and the stream goes on; without, the RoutingError ends the stream with its status. `timeout_s` bounds
-    every upstream stream (None: the caller's deadline, if any).
+    The stream ends when the client has half-closed and every request it sent is over.
     """
-    upstreams: dict[tuple[str, str], _Upstream] = {}
-    if timeout_s is None:
-        timeout_s = context.time_remaining()  # the caller's deadline travels to the container
-    metadata = router.upstream_metadata(context)
-    outstanding = router.channels.outstanding
-    call = CURRENT_CALL.get()
-    write_lock = asyncio.Lock()
-    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    pending = 1  # the request pump, plus one per upstream
-
-    def done(error: BaseException | None = None) -> None:
-        nonlocal pending
-        pending -= 1
-        if finished.done():
-            return
-        if error is not None:
-            finished.set_exception(error)
-        elif pending == 0:
-            finished.set_result(None)
-
-    async def feed(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
-        while (item := await queue.get()) is not None:
-            yield item
-
-    async def drain(container: Container, model: ModelVersion, queue: asyncio.Queue[bytes | None]) -> None:
-        outstanding[container.id] = outstanding.get(container.id, 0) + 1
-        error: BaseException | None = None
-        upstream_call: grpc.aio.StreamStreamCall | None = None
-        try:
-            upstream_call = router.channels.stream(container.address, STREAM_METHOD)(
-                feed(queue), timeout=timeout_s, metadata=metadata
-            )
-            async for response in upstream_call:
-                async with write_lock:  # one write at a time on the client's stream
-                    await send(response, model)
-        except grpc.aio.AioRpcError as exc:
-            error = UpstreamFailed(exc.code(), f"container {container.id}: {exc.details()}")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # `send` refused a response (InferStream: the container's error)
-            error = exc
-        finally:
-            if upstream_call is not None and not upstream_call.done():
-                upstream_call.cancel()  # the client went away or another upstream failed
-            outstanding[container.id] -= 1
-            done(error)
-
-    def choose(model: ModelVersion) -> Container:
-        copies = router.table.ready_copies(model.key)
-        # Prefer the copy this stream already sends the model to: its requests stay in order.
-        container = next((c for c in copies if (c.id, model.key) in upstreams), None)
-        container = container or router.channels.pick(copies)
-        if container is None:
-            raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
-        if (container.id, model.key) not in upstreams and len(upstreams) >= MAX_UPSTREAMS:
-            raise TooManyUpstreams(
-                f"this stream already calls {MAX_UPSTREAMS} model versions; open another stream"
-            )
-        return container
+    pool = pool_of(router)
+    sink = Sink()
+    timeout_s = context.time_remaining()  # the session's deadline, if the caller set one
+    slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)
 
     async def pump() -> None:
-        nonlocal pending
-        error: BaseException | None = None
-        closing = True
         try:
             async for raw in requests:
+                await slots.acquire()  # at most MAX_STREAM_REQUESTS in flight: backpressure on the client
                 try:
-                    model, raw = router.route(raw, context)
-                    if not router.table.ready_copies(model.key):
-                        await router.lazy.ready_copies(model, context.time_remaining())
-                    container = choose(model)
-                    if call is not None:
-                        call.container = container.id
-                except RoutingError as exc:
+                    model, routed = router.route(raw, context)
+                    container = await _choose(router, model, context)
+                    caller_id = _caller_id(raw)
+                    swallow = not wants_empty_final_response(raw)
+                except (RoutingError, WireError) as exc:
+                    slots.release()
                     if not in_stream_errors:
                         raise
-                    async with write_lock:
-                        await context.write(stream_error(str(exc)))
+                    sink.push(stream_error(str(exc)))
                     continue
-                upstream = upstreams.get((container.id, model.key))
-                if upstream is None:
-                    queue: asyncio.Queue[bytes | None] = asyncio.Queue(UPSTREAM_QUEUE_DEPTH)
-                    pending += 1
-                    task = asyncio.create_task(drain(container, model, queue))
-                    upstream = upstreams[(container.id, model.key)] = _Upstream(container, model, queue, task)
-                await upstream.requests.put(raw)  # waits while the container is behind: backpressure
+                await pool.submit(
+                    container, model, routed, caller_id, sink=sink, swallow_final=swallow, timeout_s=timeout_s
+                )
+            sink.push(None)
         except asyncio.CancelledError:
-            closing = False
             raise
         except Exception as exc:
-            error = exc
-        finally:
-            if closing:
-                for upstream in upstreams.values():
-                    if not upstream.task.done():
-                        await upstream.requests.put(None)  # half-close: the container finishes its work
-            done(error)
+            sink.fail(exc)
 
     pump_task = asyncio.create_task(pump())
+    half_closed = False
     try:
-        await finished
+        while True:
+            for item in await sink.take():
+                if item is None:
+                    half_closed = True
+                elif isinstance(item, bytes):
+                    await _write(context, item)
+                else:
+                    response, info, request = item
+                    if info.error is not None or info.final:
+                        slots.release()
+                    if response:
+                        name = None if info.error is not None else request.name
+                        inner = response_fields(name, request.caller_id)
+                        await _write(context, response + nested(2, inner))  # one copy
+            if half_closed and not sink.requests and not sink.items:
+                return
     finally:
         pump_task.cancel()
-        for upstream in upstreams.values():
-            upstream.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(pump_task, *(u.task for u in upstreams.values()), return_exceptions=True)
+        for request in list(sink.requests):
+            if request.upstream is not None:
+                request.upstream.abandon(request)
+        sink.close(asyncio.CancelledError())
+        await asyncio.gather(pump_task, return_exceptions=True)

@@ -162,3 +162,148 @@ def stream_error(message: str) -> bytes:
     """A `ModelStreamInferResponse` carrying only `error_message` (field 1)."""
     raw = message.encode()
     return b"\x0a" + _encode_varint(len(raw)) + raw
+
+
+# -- streams: one upstream stream carries many callers' requests, told apart by request id --------------
+
+_FINAL_RESPONSE = b"triton_final_response"
+_EMPTY_FINAL_REQUEST = b"triton_enable_empty_final_response"
+
+
+def _bool_parameter(data: bytes, start: int, stop: int, key: bytes) -> bool | None:
+    """The bool value of map entry `key` in the `parameters` entry at data[start:stop], or None."""
+    found_key = False
+    value: bool | None = None
+    pos = start
+    while pos < stop:
+        tag, pos = _varint(data, pos)
+        if tag & 7 != 2:
+            raise WireError("malformed parameter entry")
+        length, pos = _varint(data, pos)
+        end = pos + length
+        if end > stop:
+            raise WireError("parameter entry runs past its message")
+        if tag >> 3 == 1:
+            found_key = data[pos:end] == key
+        elif tag >> 3 == 2:  # InferParameter: bool_param is field 1 (varint)
+            value = None
+            inner = pos
+            while inner < end:
+                inner_tag, inner = _varint(data, inner)
+                if inner_tag == 0x08:
+                    flag, inner = _varint(data, inner)
+                    value = bool(flag)
+                else:
+                    inner = _skip(data, inner, inner_tag, end)
+        pos = end
+    return value if found_key else None
+
+
+def _skip(data: bytes, pos: int, tag: int, end: int) -> int:
+    """The position after the value of a field with `tag` starting at `pos`."""
+    wire_type = tag & 7
+    if wire_type == 2:
+        length, pos = _varint(data, pos)
+        pos += length
+    elif wire_type == 0:
+        _, pos = _varint(data, pos)
+    elif wire_type == 1:
+        pos += 8
+    elif wire_type == 5:
+        pos += 4
+    else:
+        raise WireError(f"unsupported wire type {wire_type}")
+    if pos > end:
+        raise WireError("truncated message")
+    return pos
+
+
+def wants_empty_final_response(request: bytes) -> bool:
+    """Whether a request sets `parameters["triton_enable_empty_final_response"]` true (a later entry wins)."""
+    wanted = False
+    pos = 0
+    end = len(request)
+    while pos < end:
+        tag, pos = _varint(request, pos)
+        if tag == 0x22:  # field 4, parameters (a map entry); every other field is skipped unread
+            length, pos = _varint(request, pos)
+            value = _bool_parameter(request, pos, pos + length, _EMPTY_FINAL_REQUEST)
+            if value is not None:
+                wanted = value
+            pos += length
+        else:
+            pos = _skip(request, pos, tag, end)
+    return wanted
+
+
+def with_stream_request_id(request: bytes, request_id: str) -> bytes:
+    """The request with its `id` set and an explicit final response asked for (so its end is known)."""
+    raw_key = _EMPTY_FINAL_REQUEST
+    entry = b"\x0a" + _encode_varint(len(raw_key)) + raw_key + b"\x12\x02\x08\x01"
+    return request + (_string_field(3, request_id) + b"\x22" + _encode_varint(len(entry)) + entry)
+
+
+class StreamResponse:
+    """What the router needs from a `ModelStreamInferResponse`, read without decoding tensors.
+
+    `inner` is the (start, stop) of `infer_response` in the bytes (None when absent); `final` is its
+    `triton_final_response` parameter; `has_outputs` whether it carries outputs.
+    """
+
+    __slots__ = ("error", "final", "has_outputs", "inner", "request_id")
+
+    def __init__(self, data: bytes) -> None:
+        self.error: str | None = None
+        self.request_id: str | None = None
+        self.inner: tuple[int, int] | None = None
+        self.final = False
+        self.has_outputs = False
+        pos = 0
+        end = len(data)
+        while pos < end:
+            tag, pos = _varint(data, pos)
+            if tag == 0x0A:  # error_message
+                length, pos = _varint(data, pos)
+                self.error = data[pos : pos + length].decode(errors="replace")
+                pos += length
+            elif tag == 0x12:  # infer_response
+                length, pos = _varint(data, pos)
+                self.inner = (pos, pos + length)
+                self._read_inner(data, pos, pos + length)
+                pos += length
+            else:
+                pos = _skip(data, pos, tag, end)
+        if pos > end:
+            raise WireError("truncated message")
+
+    def _read_inner(self, data: bytes, pos: int, end: int) -> None:
+        while pos < end:
+            tag, pos = _varint(data, pos)
+            field = tag >> 3
+            if tag & 7 != 2:
+                pos = _skip(data, pos, tag, end)
+                continue
+            length, pos = _varint(data, pos)
+            stop = pos + length
+            if stop > end:
+                raise WireError(f"field {field} runs past the end of infer_response")
+            if field == 3:
+                self.request_id = data[pos:stop].decode(errors="replace")
+            elif field == 4:
+                value = _bool_parameter(data, pos, stop, _FINAL_RESPONSE)
+                if value is not None:
+                    self.final = value
+            elif field == 5 or field == 6:
+                self.has_outputs = True
+            pos = stop
+
+
+def response_fields(name: str | None, request_id: str) -> bytes:
+    """`model_name` (when given) and `id` as fields 1 and 3 of a ModelInferResponse: appended to one, they
+    override what the container wrote."""
+    return (_string_field(1, name) if name is not None else b"") + _string_field(3, request_id)
+
+
+def nested(field: int, inner: bytes) -> bytes:
+    """A length-delimited field `field` holding `inner` (appended to a message, it merges into the field)."""
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(inner)) + inner

@@ -229,7 +229,9 @@ def short_deadline_router(fleet: FleetThread) -> Iterator[str]:
     """A second router on the fleet's store whose default upstream deadline is 0.3 s."""
 
     async def start() -> RouterServer:
-        server = RouterServer(fleet.fleet.store, port=0, default_deadline_s=0.3)
+        server = RouterServer(
+            fleet.fleet.store, port=0, default_deadline_s=0.3, fleet_secret=fleet.fleet.fleet_secret
+        )
         await server.start()
         await server.router.follower.first_load.wait()
         return server
