@@ -13,6 +13,7 @@ import contextlib
 
 from grpc_health.v1 import health, health_pb2
 
+from placement.registry import Changes, Fleet
 from router.follow import TableFollower
 
 STORE_SERVICE = "modelyard.store"
@@ -21,14 +22,27 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class RouterHealth:
-    def __init__(
-        self, follower: TableFollower, services: tuple[str, ...], *, interval_s: float = 0.2
-    ) -> None:
+    """Sets the health statuses when the follower's state changes: it waits for the follower's events (a
+    published change, a health flip), never polls, so an idle router spends no CPU here."""
+
+    def __init__(self, follower: TableFollower, services: tuple[str, ...]) -> None:
         self.servicer = health.aio.HealthServicer()
         self.follower = follower
         self.services = ("", *services)
-        self.interval_s = interval_s
+        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        follower.listen(self._on_publish)  # the first load, and every reload after the store came back
+        # The follower flips `healthy` without publishing (a watch that fails, a probe unanswered): be told.
+        set_healthy = follower._set_healthy
+
+        def set_healthy_and_tell(healthy: bool) -> None:
+            set_healthy(healthy)
+            self._changed.set()
+
+        follower._set_healthy = set_healthy_and_tell  # type: ignore[method-assign]
+
+    def _on_publish(self, fleet: Fleet, changes: Changes) -> None:
+        self._changed.set()
 
     async def start(self) -> None:
         for service in (*self.services, STORE_SERVICE):
@@ -36,6 +50,7 @@ class RouterHealth:
         self._task = asyncio.create_task(self._track())
 
     async def stop(self) -> None:
+        self.follower.unlisten(self._on_publish)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -45,6 +60,7 @@ class RouterHealth:
     async def _track(self) -> None:
         last: tuple[bool, bool] | None = None
         while True:
+            self._changed.clear()
             state = (self.follower.first_load.is_set(), not self.follower.degraded)
             if state != last:
                 loaded, store_ok = state
@@ -52,4 +68,4 @@ class RouterHealth:
                     await self.servicer.set(service, SERVING if loaded else NOT_SERVING)
                 await self.servicer.set(STORE_SERVICE, SERVING if loaded and store_ok else NOT_SERVING)
                 last = state
-            await asyncio.sleep(self.interval_s)
+            await self._changed.wait()
