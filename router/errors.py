@@ -67,7 +67,10 @@ _STREAM_ERROR_CODES = (
     ),
     (re.compile(r"timeout expired|deadline", re.IGNORECASE), grpc.StatusCode.DEADLINE_EXCEEDED),
     (
-        re.compile(r"expected|mismatch|data-?type|shape|invalid|malformed|must|given twice", re.IGNORECASE),
+        re.compile(
+            r"expected|mismatch|data-?type|shape|invalid|malformed|must|given twice|missing input",
+            re.IGNORECASE,
+        ),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
 )
