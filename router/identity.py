@@ -61,6 +61,10 @@ class IdentityConfigError(ValueError):
     """A token file or certificate map that cannot be read or parsed (a user error: one line)."""
 
 
+class ChangedWhileRead(OSError):
+    """The file changed while it was read (someone is writing it)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """An authenticated caller: its tenant (None: public models only) and whether it may read routes."""
@@ -119,7 +123,14 @@ class IdentityFile:
         self.what = what
         self.check_s = check_s
         self._signature: tuple[int, int, int] | None = None
-        self.identities = self._read()
+        for _ in range(3):
+            try:
+                self.identities = self._read()
+                break
+            except ChangedWhileRead:
+                continue
+        else:
+            raise IdentityConfigError(f"{what} {self.path} keeps changing while it is read")
         self.reloads = 0
 
     def _stat(self) -> tuple[int, int, int]:
@@ -130,6 +141,10 @@ class IdentityFile:
         try:
             signature = self._stat()
             text = self.path.read_text()
+            if self._stat() != signature:  # written to while we read: the next check reads it whole
+                raise ChangedWhileRead(str(self.path))
+        except ChangedWhileRead:
+            raise
         except OSError as exc:
             raise IdentityConfigError(f"cannot read {self.what} {self.path}: {exc.strerror or exc}") from exc
         identities = parse_identities(text, self.what)
@@ -147,6 +162,8 @@ class IdentityFile:
                     self.identities = await asyncio.to_thread(self._read)
                     self.reloads += 1
                     log.warning("%s %s reloaded: %d identities", self.what, self.path, len(self.identities))
+            except ChangedWhileRead:
+                continue  # read again at the next check
             except (OSError, IdentityConfigError) as exc:
                 log.error("%s %s not reloaded, keeping the previous one: %s", self.what, self.path, exc)
                 with contextlib.suppress(OSError):

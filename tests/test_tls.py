@@ -300,7 +300,8 @@ def test_the_token_file_is_reloaded_when_it_changes(fleet: SecureFleet, pki: PKI
                 assert time.monotonic() < deadline, "the new token was not accepted within 10 s"
                 time.sleep(0.05)
         # A change that does not parse keeps the identities the router has.
-        fleet.tokens.write_text("this is not a token line at all\n")
+        staged.write_text("this is not a token line at all\n")
+        os.replace(staged, fleet.tokens)
         source = fleet.token_router.router.identity.tokens
         assert source is not None
         deadline = time.monotonic() + 10
