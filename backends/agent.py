@@ -33,6 +33,8 @@ from placement.store import Lease, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+LOAD_SLICE = 64  # loads started per reconcile pass
+
 
 # Events under these prefixes can change what this container should hold.
 class ContainerAdapter(Protocol):
@@ -97,6 +99,8 @@ class Agent:
         self._beat = asyncio.Event()  # the heartbeat should look now rather than at its next period
         self._fleet = Fleet()
         self._fleet_loaded = asyncio.Event()
+        self._reports: dict[str, CopyState] = {}  # copy states waiting for the next store write
+        self._flusher: asyncio.Task[None] | None = None
         self._lease: Lease | None = None
         self._registered = asyncio.Event()
         # True while the agent does not know what the container holds (start, container down/restarted).
@@ -198,6 +202,8 @@ class Agent:
                 relevant = True
         if not relevant:
             relevant = any(key in mine or key in self.loaded for key in changes.assigned)
+        if not relevant:  # a call waits for a model assigned here and not loaded yet: load it next
+            relevant = any(key in mine and key not in self.loaded for key in changes.wanted)
         if cid in changes.containers and cid not in fleet.containers and self._lease is not None:
             self._registration_gone = True
             self._beat.set()
@@ -379,8 +385,17 @@ class Agent:
             for key, m in self.loaded.items()
             if key not in desired and self._due(self._unload_backoff.get(key), now)
         ]
+        # Models a call waits for (wanted) first; a bounded slice per pass, so one wanted later does not
+        # queue behind thousands of loads of a bulk import.
+        wanted = self._fleet.wanted
+        to_load.sort(key=lambda m: m.key not in wanted)
+        more = len(to_load) > LOAD_SLICE
+        await asyncio.gather(*(self._load(m) for m in to_load[:LOAD_SLICE]))
+        if more:
+            self._wake.set()
+            self.converged.clear()
+            return None
         # Loads first: a copy moving here must be up before anything else leaves (make-before-break).
-        await asyncio.gather(*(self._load(m) for m in to_load))
         await asyncio.gather(*(self._unload(m) for m in to_unload))
         pending = [b.next_try for b in (*self._load_backoff.values(), *self._unload_backoff.values())]
         if not pending and all(self.loaded.get(k) == m for k, m in desired.items()):
@@ -476,7 +491,28 @@ class Agent:
             return True  # cannot tell: assume it is, and try the unload again
 
     async def _report(self, key: str, state: CopyState) -> None:
-        try:
-            await registry.put_copy_state(self.store, self.container.id, key, state)
-        except Exception as exc:
-            log.warning("container %s: cannot report %s as %s: %s", self.container.id, key, state.phase, exc)
+        """Records a copy's state; reports made together go to the store in one write.
+
+        Thousands of loads report twice each: one store write per report would make the store, not the
+        container, the bottleneck of a bulk load (and wake every follower once per report).
+        """
+        self._reports[key] = state
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_reports())
+        await asyncio.shield(self._flusher)
+
+    async def _flush_reports(self) -> None:
+        await asyncio.sleep(0)  # let the reports of loads finishing together join this write
+        while self._reports:
+            batch, self._reports = self._reports, {}
+            puts = {registry.state_key(self.container.id, k): s.to_json() for k, s in batch.items()}
+            try:
+                await self.store.apply(puts)
+            except Exception as exc:
+                log.warning(
+                    "container %s: cannot report %d copy states (e.g. %s): %s",
+                    self.container.id,
+                    len(batch),
+                    next(iter(batch)),
+                    exc,
+                )

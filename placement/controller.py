@@ -71,6 +71,10 @@ class PlacementController:
         touched = self._touched
         touched |= changes.registrations if self.eager else changes.registrations - fleet.models.keys()
         touched |= {key for key in changes.wanted if fleet.wanted.get(key) == ""}
+        # A wanted model that is ready (or gone) has its answer: the next pass removes the request.
+        for key in changes.models:
+            if fleet.wanted.get(key) == "" and (key not in fleet.models or _settled(fleet, key)):
+                touched.add(key)
         for cid in changes.containers:
             if cid in fleet.containers:
                 self._full.set()  # a container joined (or re-registered): it may adopt copies
@@ -174,8 +178,10 @@ class PlacementController:
                 await self.writer.update(changes)
                 self.placements += 1
             # Answer routers waiting for a model: done (key deleted) or why not (the reason as value).
-            asked = [k for k in keys if k in fleet.wanted]
-            done = [registry.WANTED + k for k in asked if k not in unplaced]
+            fleet = self.follower.fleet
+            asked = [k for k in keys if fleet.wanted.get(k) == ""]
+            # A request stays until its model is ready or failed: agents load wanted models first.
+            done = [registry.WANTED + k for k in asked if k not in fleet.models or _settled(fleet, k)]
             reasons = {registry.WANTED + k: unplaced[k].encode() for k in asked if k in unplaced}
             for start in range(0, len(done), MAX_TXN_OPS):
                 await self.store.apply({}, done[start : start + MAX_TXN_OPS])
@@ -230,6 +236,13 @@ class PlacementController:
                 sample,
             )
         return True
+
+
+def _settled(fleet: Fleet, key: str) -> bool:
+    """A model that has a ready copy, or whose every live copy failed to load."""
+    live = [cid for cid in fleet.assignments.get(key, ()) if cid in fleet.containers]
+    phases = [s.phase for cid in live if (s := fleet.states.get((cid, key))) is not None]
+    return "ready" in phases or (bool(live) and len(phases) == len(live) and set(phases) == {"failed"})
 
 
 def incremental_changes(

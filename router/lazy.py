@@ -62,21 +62,21 @@ class LazyLoader:
                 states = [fleet.states.get((cid, key)) for cid in live]
                 if all(s is not None and s.phase == "failed" for s in states):
                     raise NoReadyCopy(self._failures(model, live))
-            else:
-                if not fleet.leader:
-                    raise NoController(
-                        f"model '{model.name}' version '{model.version}' has no copy, and no placement "
-                        "controller is running to place it (start one: `modelyard controller`)"
-                    )
-                reason = fleet.wanted.get(key)
-                if reason and asked_at and fleet.revision >= asked_at:
-                    raise NoReadyCopy(
-                        f"model '{model.name}' version '{model.version}' cannot be placed: {reason}"
-                    )
-                if not asked_at:
-                    # Pending ("") means another call asked already; a reason is an earlier answer that
-                    # may no longer hold (memory was freed since): ask again.
-                    asked_at = fleet.revision if reason == "" else await self._ask(key)
+            elif not fleet.leader:
+                raise NoController(
+                    f"model '{model.name}' version '{model.version}' has no copy, and no placement "
+                    "controller is running to place it (start one: `modelyard controller`)"
+                )
+            reason = fleet.wanted.get(key)
+            if not live and reason and asked_at and fleet.revision >= asked_at:
+                raise NoReadyCopy(
+                    f"model '{model.name}' version '{model.version}' cannot be placed: {reason}"
+                )
+            if not asked_at:
+                # Wanted: the controller places it if it has no copy, and its agent loads it before the
+                # rest of a backlog. Pending ("") means another call asked already; a reason is an earlier
+                # answer that may no longer hold (memory was freed since): ask again.
+                asked_at = fleet.revision if reason == "" else await self._ask(key)
             left = deadline - time.monotonic()
             if left <= 0:
                 if has_deadline:

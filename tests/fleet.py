@@ -73,6 +73,12 @@ def start_custom_fleet(
         if controller:
             fleet.start_controller(eager=eager)
         await fleet.start_router()
+        if controller:  # calls made right after setup must find a leading controller in the router's view
+            assert fleet.router is not None
+            table = fleet.router.router.table
+            async with asyncio.timeout(60):
+                while not table.fleet.leader:
+                    await table.wait_changed(registry.LEADER, 1.0)
         if models:
             await fleet.wait_ready(models, timeout_s=60)
 

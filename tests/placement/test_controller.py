@@ -14,7 +14,7 @@ import pytest
 from placement import registry
 from placement.controller import PlacementController, incremental_changes
 from placement.follow import StoreFollower
-from placement.model import Container, ModelVersion
+from placement.model import Container, CopyState, ModelVersion
 from placement.registry import Fleet
 from placement.store import Store, open_store
 
@@ -96,8 +96,13 @@ def test_a_wanted_model_is_placed_by_a_lazy_controller_and_the_request_answered(
             assert small.key not in watch.fleet.assignments  # lazy: nothing placed before it is wanted
             await registry.want_model(store, small.key)
             await registry.want_model(store, huge.key)
-            await until(watch, lambda f: small.key in f.assignments and small.key not in f.wanted)
+            await until(watch, lambda f: small.key in f.assignments)
             await until(watch, lambda f: bool(f.wanted.get(huge.key)))
+            # The request stays while the copy loads (agents load wanted models first), and goes once ready.
+            assert watch.fleet.wanted.get(small.key) == ""
+            (cid,) = watch.fleet.assignments[small.key]
+            await registry.put_copy_state(store, cid, small.key, CopyState("ready"))  # as its agent would
+            await until(watch, lambda f: small.key not in f.wanted)
             assert f"has {64 * GiB} bytes free" in watch.fleet.wanted[huge.key]
             assert huge.key not in watch.fleet.assignments
         finally:
