@@ -158,7 +158,8 @@ def served_router(tmp_path: Path) -> Iterator[tuple[str, str, FleetThread]]:
         thread.start(setup)
         process = subprocess.Popen(
             [sys.executable, "-m", "modelyard", "serve", "--store", thread.fleet.store_url,
-             "--port", str(port), "--metrics-port", str(metrics_port)],
+             "--port", str(port), "--metrics-port", str(metrics_port),
+             "--fleet-secret-file", str(thread.fleet.fleet_secret_file)],
             start_new_session=True,
         )  # fmt: skip
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", thread
@@ -199,7 +200,7 @@ def test_metrics_endpoint_reports_requests_latency_and_the_fleet(served_router) 
     metrics = scrape(url)
     requests = {(s["model"], s["code"]): v for s, v in metrics[names.REQUESTS] if s["method"] == "ModelInfer"}
     assert requests[("m", "OK")] == 5
-    assert requests[("nope", "NOT_FOUND")] == 1
+    assert requests[("other", "NOT_FOUND")] == 1  # names nobody registered share one label value
     count = next(v for s, v in metrics[names.REQUEST_DURATION + "_count"] if s["model"] == "m")
     assert count == 5
     buckets = [v for s, v in metrics[names.REQUEST_DURATION + "_bucket"] if s["model"] == "m"]
@@ -224,7 +225,7 @@ def test_our_container_serves_its_memory_on_metrics(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "modelyard", "container", "--port", str(port), "--memory-bytes", "1000000",
-         "--metrics-port", str(metrics_port)],
+         "--metrics-port", str(metrics_port), "--model-store", str(tmp_path)],
         start_new_session=True,
     )  # fmt: skip
     try:
