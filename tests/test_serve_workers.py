@@ -57,7 +57,8 @@ def ready(client: grpcclient.InferenceServerClient) -> bool:
 def test_two_workers_share_the_port_and_stop_on_sigterm(fleet: FleetThread) -> None:
     port = free_port()
     command = [sys.executable, "-m", "modelyard", "serve", "--workers", "2", "--port", str(port)]
-    process = subprocess.Popen([*command, "--store", fleet.fleet.store_url], start_new_session=True)
+    secret = ["--fleet-secret-file", str(fleet.fleet.fleet_secret_file)]  # the workers call the containers
+    process = subprocess.Popen([*command, "--store", fleet.fleet.store_url, *secret], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while len(worker_pids(process.pid)) < 2:
