@@ -12,7 +12,8 @@ paid once) serves a whole benchmark run. Clients and channels are made once per 
         -> {"first_s": [...], "total_s": [...]}: one request for `responses` responses per run; kserve and
            session streams stay open across runs (as a client keeps one), InferStream is one RPC per run.
 
-Run by benchmarks/test_router_hop.py; `python benchmarks/loadgen.py` alone waits for commands.
+Every command also carries "secret", the fleet secret containers require. Run by
+benchmarks/test_router_hop.py; `python benchmarks/loadgen.py` alone waits for commands.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as kserve
 
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.client import Client
 
 OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
@@ -41,17 +43,34 @@ Infer = Callable[[str, list[grpcclient.InferInput]], grpcclient.InferResult]
 _clients: dict[tuple[str, str], Any] = {}
 
 
-def _client(address: str, kind: str) -> Any:
+class _Direct:
+    """tritonclient with the fleet secret on every call (containers take no call without it)."""
+
+    def __init__(self, address: str, secret: str) -> None:
+        self.client = grpcclient.InferenceServerClient(address)
+        self.headers = {FLEET_SECRET_HEADER: secret}
+
+    def infer(self, model: str, inputs: list[grpcclient.InferInput]) -> grpcclient.InferResult:
+        return self.client.infer(model, inputs, headers=self.headers)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _new_client(address: str, kind: str, secret: str) -> Any:
+    if kind == "zero-hop":
+        client = Client(address, fleet_secret=secret)
+        if not client.wait_synced(30):
+            raise RuntimeError(f"zero-hop client: no routing table from {address}")
+        return client
+    return _Direct(address, secret)
+
+
+def _client(address: str, kind: str, secret: str) -> Any:
     """One client per (target, kind), reused by every command (connections stay warm)."""
     client = _clients.get((address, kind))
     if client is None:
-        if kind == "zero-hop":
-            client = Client(address)
-            if not client.wait_synced(30):
-                raise RuntimeError(f"zero-hop client: no routing table from {address}")
-        else:
-            client = grpcclient.InferenceServerClient(address)
-        _clients[(address, kind)] = client
+        client = _clients[(address, kind)] = _new_client(address, kind, secret)
     return client
 
 
@@ -66,7 +85,7 @@ def unary(command: dict[str, Any]) -> dict[str, Any]:
     tensor, x = tensor_of(command["size_bytes"])
     model, calls, concurrency = command["model"], command["calls"], command["concurrency"]
     if concurrency == 1:
-        infer: Infer = _client(command["address"], command["client"]).infer
+        infer: Infer = _client(command["address"], command["client"], command["secret"]).infer
         out = infer(model, [tensor]).as_numpy("OUTPUT")  # warm, and right
         if out is None or not np.array_equal(out, x):
             raise RuntimeError(f"{command['address']} answered wrong")
@@ -78,14 +97,10 @@ def unary(command: dict[str, Any]) -> dict[str, Any]:
         return {"latencies_s": latencies}
     # Concurrency C: C clients of their own (own connections), each calling in a loop on its own thread.
     clients = [
-        Client(command["address"]) if command["client"] == "zero-hop" else
-        grpcclient.InferenceServerClient(command["address"])
-        for _ in range(concurrency)
-    ]  # fmt: skip
+        _new_client(command["address"], command["client"], command["secret"]) for _ in range(concurrency)
+    ]
     try:
         for client in clients:
-            if isinstance(client, Client) and not client.wait_synced(30):
-                raise RuntimeError("zero-hop client: no routing table")
             client.infer(model, [tensor])
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -109,9 +124,10 @@ def _stream_request(model: str, responses: int, *, final_flag: bool) -> bytes:
 class _OpenStream:
     """A bidi stream kept open across runs: requests go in through a queue, responses come out in order."""
 
-    def __init__(self, channel: grpc.Channel, method: str) -> None:
+    def __init__(self, channel: grpc.Channel, method: str, secret: str) -> None:
         self.requests: queue.Queue[bytes | None] = queue.Queue()
-        self.call = channel.stream_stream(method)(iter(self.requests.get, None))
+        metadata = ((FLEET_SECRET_HEADER, secret),)
+        self.call = channel.stream_stream(method)(iter(self.requests.get, None), metadata=metadata)
         self.responses: Iterator[bytes] = iter(self.call)
 
     def close(self) -> None:
@@ -139,7 +155,8 @@ def stream(command: dict[str, Any]) -> dict[str, Any]:
         count = 0
         first = 0.0
         if api == "infer_stream":
-            for _ in _channel(address).unary_stream(_INFER_STREAM)(request, timeout=60):
+            metadata = ((FLEET_SECRET_HEADER, command["secret"]),)
+            for _ in _channel(address).unary_stream(_INFER_STREAM)(request, timeout=60, metadata=metadata):
                 count += 1
                 if count == 1:
                     first = time.perf_counter()
@@ -147,7 +164,8 @@ def stream(command: dict[str, Any]) -> dict[str, Any]:
             method = _KSERVE_STREAM if api == "kserve" else _INFER_SESSION
             open_stream = _streams.get((address, method))
             if open_stream is None:
-                open_stream = _streams[(address, method)] = _OpenStream(_channel(address), method)
+                open_stream = _OpenStream(_channel(address), method, command["secret"])
+                _streams[(address, method)] = open_stream
             open_stream.requests.put(request)
             for _ in range(responses + 1):  # the data responses and the empty final one
                 next(open_stream.responses)

@@ -5,7 +5,10 @@ method built once and cached (never per call). Unary calls go through as they ca
 (`ModelStreamInfer`) is relayed message by message on one upstream stream per client stream. No routing
 table, tenancy, retries, renaming or telemetry: the router cannot be cheaper than this and do its job.
 
-Run: python benchmarks/minimal_proxy.py LISTEN UPSTREAM
+Containers take only calls carrying the fleet secret: with SECRET, every upstream call carries it (one
+constant header, as the router sends its own).
+
+Run: python benchmarks/minimal_proxy.py LISTEN UPSTREAM [SECRET]
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_leng
 
 
 class PassThrough(grpc.GenericRpcHandler):
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, secret: str | None) -> None:
         self.channel = channel
+        self.metadata = (("triton-grpc-protocol-modelyard-fleet-secret", secret),) if secret else None
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -33,29 +37,30 @@ class PassThrough(grpc.GenericRpcHandler):
         return handler
 
     def _handler(self, method: str) -> grpc.RpcMethodHandler:
+        metadata = self.metadata
         if method.endswith("StreamInfer"):
             stream = self.channel.stream_stream(method)
 
             async def bidi(
                 requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
             ) -> AsyncIterator[bytes]:
-                async for response in stream(requests):
+                async for response in stream(requests, metadata=metadata):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(bidi)
         unary = self.channel.unary_unary(method)
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            response: bytes = await unary(request)
+            response: bytes = await unary(request, metadata=metadata)
             return response
 
         return grpc.unary_unary_rpc_method_handler(call)
 
 
-async def main(listen: str, upstream: str) -> None:
+async def main(listen: str, upstream: str, secret: str | None) -> None:
     channel = grpc.aio.insecure_channel(upstream, options=OPTIONS)
     server = grpc.aio.server(options=OPTIONS)
-    server.add_generic_rpc_handlers((PassThrough(channel),))
+    server.add_generic_rpc_handlers((PassThrough(channel, secret),))
     server.add_insecure_port(listen)
     await server.start()
     print("proxy ready", flush=True)
@@ -63,4 +68,4 @@ async def main(listen: str, upstream: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))

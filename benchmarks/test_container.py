@@ -44,6 +44,7 @@ def test_container_load_latency(
     container: ContainerProcess,
     tmp_path: Path,
     record: Record,
+    quick: bool,
     n_in: int,
     n_out: int,
 ) -> None:
@@ -51,26 +52,29 @@ def test_container_load_latency(
     repo = Repository(container.address)
     names = (f"m{i}" for i in count())
     samples = []
-    for _ in range(LOADS):  # every load is a new model name: a real read, never the already-loaded no-op
+    loads = 5 if quick else LOADS
+    for _ in range(loads):  # every load is a new model name: a real read, never the already-loaded no-op
         started = time.perf_counter()
         repo.load(next(names), path)
         samples.append(time.perf_counter() - started)
-    benchmark.pedantic(repo.load, setup=lambda: ((next(names), path), {}), rounds=50, iterations=1)
+    rounds = 2 if quick else 50
+    benchmark.pedantic(repo.load, setup=lambda: ((next(names), path), {}), rounds=rounds, iterations=1)
     repo.close()
     weight_bytes = (n_in * n_out + n_out) * 4
     p50, p95 = percentile_ms(samples, 0.5), percentile_ms(samples, 0.95)
     benchmark.extra_info.update(
         weight_bytes=weight_bytes, load_p50_ms=round(p50, 3), load_p95_ms=round(p95, 3)
     )
-    line = f"load of a {weight_bytes} B model over gRPC: p50 {p50:.2f} ms, p95 {p95:.2f} ms ({LOADS} loads)"
+    line = f"load of a {weight_bytes} B model over gRPC: p50 {p50:.2f} ms, p95 {p95:.2f} ms ({loads} loads)"
     record(line)
     print("\n" + line)
 
 
 def test_container_memory_with_1000_models(
-    benchmark: BenchmarkFixture, container: ContainerProcess, tmp_path: Path, record: Record
+    benchmark: BenchmarkFixture, container: ContainerProcess, tmp_path: Path, record: Record, quick: bool
 ) -> None:
-    models = [linear_model(tmp_path / f"m{i:04d}", 16, 8, seed=i) for i in range(MODELS)]
+    n_models = 20 if quick else MODELS
+    models = [linear_model(tmp_path / f"m{i:04d}", 16, 8, seed=i) for i in range(n_models)]
     declared_bytes = sum(W.nbytes + b.nbytes for _, W, b in models)
     repo = Repository(container.address)
     rss_start = container.rss_bytes()
@@ -84,28 +88,30 @@ def test_container_memory_with_1000_models(
     inputs = [tensor("INPUT", x)]
     rng = np.random.default_rng(1)
     with grpcclient.InferenceServerClient(container.address) as client:
-        for i in range(MODELS):  # every model answers once (and any lazily touched memory is counted)
+        for i in range(n_models):  # every model answers once (and any lazily touched memory is counted)
             client.infer(f"m{i:04d}", inputs)
         rss_served = container.rss_bytes()
         result = benchmark.pedantic(
-            lambda: client.infer(f"m{rng.integers(MODELS):04d}", inputs), rounds=300, iterations=1
+            lambda: client.infer(f"m{rng.integers(n_models):04d}", inputs),
+            rounds=3 if quick else 300,
+            iterations=1,
         )
     assert result.as_numpy("OUTPUT").shape == (1, 8)
     beyond_bytes = rss_served - rss_start - declared_bytes
     benchmark.extra_info.update(
-        models=MODELS,
+        models=n_models,
         declared_bytes=declared_bytes,
         rss_start_bytes=rss_start,
         rss_growth_loaded_bytes=rss_loaded - rss_start,
         rss_growth_served_bytes=rss_served - rss_start,
-        beyond_weights_per_model_bytes=round(beyond_bytes / MODELS),
+        beyond_weights_per_model_bytes=round(beyond_bytes / n_models),
         load_all_s=round(load_all_s, 2),
-        load_mean_ms=round(load_all_s / MODELS * 1e3, 3),
+        load_mean_ms=round(load_all_s / n_models * 1e3, 3),
     )
     line = (
-        f"{MODELS} models ({declared_bytes / 1024:.0f} KiB of weights): RSS {rss_start / MiB:.1f} MiB -> "
+        f"{n_models} models ({declared_bytes / 1024:.0f} KiB of weights): RSS {rss_start / MiB:.1f} MiB -> "
         f"{rss_loaded / MiB:.1f} MiB loaded -> {rss_served / MiB:.1f} MiB after one call each; "
-        f"{beyond_bytes / MODELS / 1024:.1f} KiB per model beyond weights; all loaded in {load_all_s:.1f} s"
+        f"{beyond_bytes / n_models / 1024:.1f} KiB per model beyond weights; all loaded in {load_all_s:.1f} s"
     )
     record(line)
     print("\n" + line)

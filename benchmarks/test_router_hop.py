@@ -31,7 +31,7 @@ import grpc
 import pytest
 
 from backends.triton import triton_model_name
-from backends.triton_server import free_port
+from backends.triton_server import FLEET_SECRET_HEADER, free_port
 from modelyard.local import LocalFleet
 from placement import registry
 from tests.conftest import EtcdServer, require_triton, stop_process
@@ -72,6 +72,7 @@ class Hop:
     fleet: FleetThread
     targets: dict[str, Target]
     versions: dict[str, str]  # example model name -> its version
+    secret: str  # the fleet secret: containers take only calls that carry it
     gen: LoadGen
     workdir: Path
 
@@ -142,7 +143,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _wait_listening(address: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+def _wait_listening(
+    address: str, process: subprocess.Popen[bytes], secret: str, timeout_s: float = 60
+) -> None:
     """Until the server at `address` answers a call (any status but UNAVAILABLE)."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
@@ -150,7 +153,7 @@ def _wait_listening(address: str, process: subprocess.Popen[bytes], timeout_s: f
         while True:
             assert process.poll() is None, f"{process.args!r} exited with {process.returncode}"
             try:
-                live(b"", timeout=2)
+                live(b"", timeout=2, metadata=((FLEET_SECRET_HEADER, secret),))
                 return
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
@@ -160,14 +163,17 @@ def _wait_listening(address: str, process: subprocess.Popen[bytes], timeout_s: f
                 time.sleep(0.1)
 
 
-def _serve(store_url: str, workers: int, processes: list[subprocess.Popen[bytes]]) -> Target:
+def _serve(
+    store_url: str, workers: int, processes: list[subprocess.Popen[bytes]], secret_file: Path
+) -> Target:
     """`modelyard serve` (the console script users run) on a free port."""
     address = f"127.0.0.1:{free_port()}"
     command = [str(Path(sys.executable).with_name("modelyard")), "serve", "--store", store_url]
     command += ["--port", address.rsplit(":", 1)[1], "--workers", str(workers)]
+    command += ["--fleet-secret-file", str(secret_file)]
     process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.DEVNULL)
     processes.append(process)
-    _wait_listening(address, process)
+    _wait_listening(address, process, secret_file.read_text().strip())
     return Target(address, public=True, pids=[process.pid])
 
 
@@ -194,19 +200,21 @@ def hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hop]:
         thread.start(setup)
         triton = thread.fleet.tritons[0].address
         store = str(workdir / "store")
+        secret_file = thread.fleet.write_fleet_secret()
+        secret = thread.fleet.fleet_secret
         targets = {"direct": Target(triton, public=False)}
         proxy = f"127.0.0.1:{free_port()}"
         processes.append(
             subprocess.Popen(
-                [sys.executable, str(HERE / "minimal_proxy.py"), proxy, triton],
+                [sys.executable, str(HERE / "minimal_proxy.py"), proxy, triton, secret],
                 start_new_session=True,
                 stdout=subprocess.DEVNULL,
             )
         )
-        _wait_listening(proxy, processes[-1])
+        _wait_listening(proxy, processes[-1], secret)
         targets["proxy"] = Target(proxy, public=False, pids=[processes[-1].pid])
-        targets["router"] = _serve(store, 1, processes)
-        targets["router-w2"] = _serve(store, 2, processes)
+        targets["router"] = _serve(store, 1, processes, secret_file)
+        targets["router-w2"] = _serve(store, 2, processes, secret_file)
         targets["zero-hop"] = Target(targets["router"].address, public=True, client="zero-hop")
         if shutil.which("nginx"):
             port = free_port()
@@ -215,10 +223,10 @@ def hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hop]:
             processes.append(
                 subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)], start_new_session=True)
             )
-            _wait_listening(f"127.0.0.1:{port}", processes[-1])
+            _wait_listening(f"127.0.0.1:{port}", processes[-1], secret)
             targets["nginx"] = Target(f"127.0.0.1:{port}", public=False, pids=[processes[-1].pid])
         gen = LoadGen()
-        yield Hop(thread, targets, versions, gen, workdir)
+        yield Hop(thread, targets, versions, secret, gen, workdir)
     finally:
         if gen is not None:
             gen.stop()
@@ -259,6 +267,7 @@ def test_unary_latency_c1(hop: Hop, size: str, quick: bool, verdict: Verdict) ->
             target = hop.targets[name]
             before = cpu_s(target.pids)
             answer = hop.gen.run(
+                secret=hop.secret,
                 op="unary",
                 address=target.address,
                 model=hop.model(target, "identity"),
@@ -310,6 +319,7 @@ def test_unary_throughput_c8(hop: Hop, quick: bool, verdict: Verdict) -> None:
         for name in rotated(names, repetition):
             target = hop.targets[name]
             answer = hop.gen.run(
+                secret=hop.secret,
                 op="unary",
                 address=target.address,
                 model=hop.model(target, "identity"),
@@ -357,6 +367,7 @@ def test_streams_of_64_responses(hop: Hop, quick: bool, verdict: Verdict) -> Non
         for name in rotated(names, repetition):
             target = hop.targets[paths[name][0]]
             answer = hop.gen.run(
+                secret=hop.secret,
                 op="stream",
                 address=target.address,
                 model=hop.model(target, "stream"),
@@ -408,7 +419,7 @@ def test_router_idle_cpu(hop: Hop, quick: bool, verdict: Verdict, tmp_path: Path
     processes: list[subprocess.Popen[bytes]] = []
     try:
         etcd.start()
-        router = _serve(etcd.url, 1, processes)
+        router = _serve(etcd.url, 1, processes, hop.fleet.fleet.write_fleet_secret())
         time.sleep(1.0)  # let start-up work (imports, first snapshot) finish before the window opens
         idle = _idle_cpu_ms_per_s(router.pids, window_s)
     finally:

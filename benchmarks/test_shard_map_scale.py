@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
 
 from placement import registry
 from placement.store import open_store
@@ -23,13 +24,16 @@ def assignments(count: int) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("kind", ["embedded", "etcd"])
-def test_write_and_load_a_100k_model_map(benchmark, kind: str, tmp_path: Path, request) -> None:  # type: ignore[no-untyped-def]
+def test_write_and_load_a_100k_model_map(
+    benchmark: BenchmarkFixture, kind: str, tmp_path: Path, request: pytest.FixtureRequest, quick: bool
+) -> None:
     if kind == "etcd":
         server: EtcdServer = request.getfixturevalue("etcd_server")
         url = server.url
     else:
         url = str(tmp_path / "store")
-    wanted = assignments(MODELS)
+    models = 1000 if quick else MODELS
+    wanted = assignments(models)
     figures: dict[str, float] = {}
 
     async def round_trip() -> None:
@@ -41,8 +45,8 @@ def test_write_and_load_a_100k_model_map(benchmark, kind: str, tmp_path: Path, r
             start = time.perf_counter()
             fleet = await registry.load_fleet(store)
             figures["load_s"] = time.perf_counter() - start
-        assert len(fleet.assignments) == MODELS
+        assert len(fleet.assignments) == models
 
     benchmark.pedantic(lambda: asyncio.run(round_trip()), rounds=1, iterations=1)
     benchmark.extra_info.update({k: round(v, 2) for k, v in figures.items()})
-    print(f"\n{kind}: 100k-model map write {figures['write_s']:.2f} s, load {figures['load_s']:.2f} s")
+    print(f"\n{kind}: {models}-model map write {figures['write_s']:.2f} s, load {figures['load_s']:.2f} s")
