@@ -78,7 +78,9 @@ class Agent:
         retry_max_s: float = 60.0,
         drain_s: float = 1.0,
         telemetry: Telemetry | None = None,
+        follower: StoreFollower | None = None,
     ) -> None:
+        """`follower`: a store follower shared with other components of this process (else its own)."""
         self.store = store
         self.container = container
         self.adapter = adapter
@@ -99,6 +101,7 @@ class Agent:
         self._beat = asyncio.Event()  # the heartbeat should look now rather than at its next period
         self._fleet = Fleet()
         self._fleet_loaded = asyncio.Event()
+        self._shared_follower = follower
         self._reports: dict[str, CopyState] = {}  # copy states waiting for the next store write
         self._flusher: asyncio.Task[None] | None = None
         self._lease: Lease | None = None
@@ -177,13 +180,15 @@ class Agent:
 
     async def _follow(self) -> None:
         """Keeps `_fleet` current through the one store follower (placement/follow.py), until cancelled."""
-        follower = StoreFollower(self.store, name=f"agent {self.container.id}")
+        follower = self._shared_follower or StoreFollower(self.store, name=f"agent {self.container.id}")
         follower.listen(self._on_change)
-        follower.start()
+        follower.start()  # idempotent: a shared follower may be running already
         try:
             await asyncio.Event().wait()
         finally:
-            await follower.stop()
+            follower.unlisten(self._on_change)
+            if follower is not self._shared_follower:
+                await follower.stop()
 
     def _on_change(self, fleet: Fleet, changes: Changes) -> None:
         cid = self.container.id

@@ -26,6 +26,7 @@ from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
 from placement import registry
 from placement.controller import PlacementController
+from placement.follow import StoreFollower
 from placement.model import Container, ModelVersion
 from placement.store import Store, open_store
 from router.server import RouterServer
@@ -59,6 +60,7 @@ class LocalFleet:
     fleet_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     model_store: Path | None = None  # our containers load only from inside it (default: WORKDIR)
     _store: Store | None = None
+    _follower: StoreFollower | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self, ready_timeout_s: float = 120.0) -> list[ModelVersion]:
@@ -78,6 +80,11 @@ class LocalFleet:
         return [*self.tritons, *self.customs]
 
     @property
+    def follower(self) -> StoreFollower:
+        assert self._follower is not None, "start_store_and_models() first"
+        return self._follower
+
+    @property
     def store(self) -> Store:
         assert self._store is not None, "start_store_and_models() first"
         return self._store
@@ -86,6 +93,9 @@ class LocalFleet:
         """Opens the store and registers the example models (Triton ones, and custom ones if any)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._store = store = open_store(self.store_url)
+        # One follower of the store for the router, the controller and every agent of this process.
+        self._follower = StoreFollower(store, name="local fleet")
+        self._follower.start()
         if not examples:
             return []
         models = [
@@ -152,7 +162,9 @@ class LocalFleet:
             for i, c in enumerate(self.customs)
         ]
         for container, adapter in adapters:
-            agent = Agent(self.store, container, adapter, lease_ttl_s=self.lease_ttl_s)
+            agent = Agent(
+                self.store, container, adapter, lease_ttl_s=self.lease_ttl_s, follower=self.follower
+            )
             self.agents.append(agent)
             # An agent whose loop crashes (a bug) runs again, keeping its lease and its loaded models.
             task = restart_on_failure(f"agent {container.id}", agent.run)
@@ -225,14 +237,16 @@ class LocalFleet:
     def start_controller(self, *, eager: bool = True) -> PlacementController:
         """Places the models, re-places copies of containers that die and places models registered later
         (`models upload`; with `eager` False only when a call wants them). Restarted if its loop crashes."""
-        self.controller = controller = PlacementController(self.store, eager=eager)
+        self.controller = controller = PlacementController(self.store, eager=eager, follower=self.follower)
         task = restart_on_failure("placement controller", controller.run)
         self._tasks.append(asyncio.create_task(task, name="placement-controller"))
         return controller
 
     async def start_router(self) -> None:
         # Tenants from the x-tenant-id header as sent: loopback development (run_up says so).
-        self.router = RouterServer(self.store, self.host, self.port, fleet_secret=self.fleet_secret)
+        self.router = RouterServer(
+            self.store, self.host, self.port, fleet_secret=self.fleet_secret, follower=self.follower
+        )
         await self.router.start()
 
     async def wait_ready(self, models: list[ModelVersion], timeout_s: float) -> None:
@@ -265,6 +279,8 @@ class LocalFleet:
         for agent in self.agents:
             await agent.adapter.close()
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in self.processes))
+        if self._follower is not None:
+            await self._follower.stop()
         if self._store is not None:
             await self._store.close()
 

@@ -43,7 +43,9 @@ class PlacementController:
         lease_ttl_s: float = 10.0,
         full_every_s: float = 300.0,
         eager: bool = True,
+        follower: StoreFollower | None = None,
     ) -> None:
+        """`follower`: a store follower shared with other components of this process (else its own)."""
         self.store = store
         self.debounce_s = debounce_s
         self.ready_timeout_s = ready_timeout_s
@@ -55,7 +57,8 @@ class PlacementController:
         self.rounds = 0  # full rebalances that applied moves, for tests and metrics
         self.placements = 0  # incremental passes that wrote the map
         self.leading = asyncio.Event()
-        self.follower = StoreFollower(store, name="placement controller")
+        self._owns_follower = follower is None
+        self.follower = follower or StoreFollower(store, name="placement controller")
         self.writer = MapWriter(store, self.follower, self.holder)
         self._touched: set[str] = set()  # model keys an incremental pass should look at
         self._incremental = asyncio.Event()
@@ -104,7 +107,8 @@ class PlacementController:
                         async with asyncio.timeout(5.0):
                             await lease.revoke()
         finally:
-            await self.follower.stop()
+            if self._owns_follower:
+                await self.follower.stop()
 
     async def _campaign(self) -> Lease:
         """Becomes the leader: a key under this controller's lease, written only if no one holds it."""

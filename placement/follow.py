@@ -55,8 +55,14 @@ class StoreFollower:
         self._probe_task: asyncio.Task[None] | None = None
 
     def listen(self, listener: Listener) -> None:
-        """`listener(fleet, changes)` runs on the loop after every applied slice (and after a snapshot)."""
+        """`listener(fleet, changes)` runs on the loop after every applied slice (and after a snapshot).
+
+        Several components of one process (router, controller, agents under `modelyard up`) can share one
+        follower: one watch, one parse of every event. A listener added late gets the current view at once.
+        """
         self._listeners.append(listener)
+        if self.loaded.is_set():
+            listener(self.fleet, Changes(everything=True))
 
     def unlisten(self, listener: Listener) -> None:
         if listener in self._listeners:
@@ -77,6 +83,19 @@ class StoreFollower:
             if tasks - done:
                 log.warning("%s: store watch did not stop within %.0f s; leaving it", self.name, timeout_s)
         self._task = self._probe_task = None
+
+    @property
+    def first_load(self) -> asyncio.Event:
+        return self.loaded
+
+    @property
+    def degraded(self) -> bool:
+        """Serving a view the store may have moved past (it was loaded; the watch is down or hung)."""
+        return self.loaded.is_set() and not self.healthy
+
+    @property
+    def degraded_since(self) -> float | None:
+        return self.unhealthy_since if self.degraded else None
 
     async def wait_changed(self, timeout_s: float | None, seen: int | None = None) -> bool:
         """Waits for a change after `seen` (a `version` read earlier; default: now); False on timeout.

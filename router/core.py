@@ -11,6 +11,7 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from backends.triton import triton_model_name
 from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
+from placement.follow import StoreFollower
 from placement.model import Container, ModelVersion
 from placement.store import Store
 from router.errors import BadRequest, NoReadyCopy, NotReady
@@ -73,7 +74,9 @@ class Router:
         default_deadline_s: float = DEFAULT_DEADLINE_S,
         identity: Authenticator | None = None,
         fleet_secret: str | None = None,
+        follower: StoreFollower | None = None,
     ) -> None:
+        """`follower`: a store follower shared with other components of this process (else its own)."""
         self.store = store
         # Without a configured identity the x-tenant-id header is trusted (tests, loopback `up`).
         self.identity = identity or Authenticator.trusting_header(fleet_secret)
@@ -81,18 +84,24 @@ class Router:
         self.default_deadline_s = default_deadline_s
         self.telemetry = telemetry
         self.table = RoutingTable()
-        self.follower = TableFollower(store, self.table)
+        self._owns_follower = follower is None
+        self.follower: StoreFollower = follower or TableFollower(store, self.table)
+        if follower is not None:
+            follower.listen(self.table.on_change)
         self.channels = ContainerChannels(upstream_credentials)
         self.lazy = LazyLoader(store, self.table, telemetry)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
 
     async def start(self) -> None:
-        self.follower.start()
+        self.follower.start()  # idempotent: a shared follower may be running already
         self.identity.start()
 
     async def stop(self) -> None:
         await self.identity.stop()
-        await self.follower.stop()
+        if self._owns_follower:
+            await self.follower.stop()
+        else:
+            self.follower.unlisten(self.table.on_change)
         await self.channels.close()
 
     @property

@@ -6,28 +6,15 @@ comes back (or the watch's history was compacted) the table is reloaded from a f
 
 from __future__ import annotations
 
-import asyncio
-
 from placement.follow import StoreFollower
 from placement.store import Store
 from router.table import RoutingTable
 
 
 class TableFollower(StoreFollower):
+    """A follower of the router's own, feeding its routing table."""
+
     def __init__(self, store: Store, table: RoutingTable, *, retry_s: float = 1.0) -> None:
         super().__init__(store, name="routing table", retry_s=retry_s)
         self.table = table
         self.listen(table.on_change)
-
-    @property
-    def first_load(self) -> asyncio.Event:
-        return self.loaded
-
-    @property
-    def degraded(self) -> bool:
-        """Serving a table the store may have moved past (it was loaded, the watch is down)."""
-        return self.loaded.is_set() and not self.healthy
-
-    @property
-    def degraded_since(self) -> float | None:
-        return self.unhealthy_since if self.degraded else None

@@ -13,8 +13,8 @@ import contextlib
 
 from grpc_health.v1 import health, health_pb2
 
+from placement.follow import StoreFollower
 from placement.registry import Changes, Fleet
-from router.follow import TableFollower
 
 STORE_SERVICE = "modelyard.store"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -25,7 +25,7 @@ class RouterHealth:
     """Sets the health statuses when the follower's state changes: it waits for the follower's events (a
     published change, a health flip), never polls, so an idle router spends no CPU here."""
 
-    def __init__(self, follower: TableFollower, services: tuple[str, ...]) -> None:
+    def __init__(self, follower: StoreFollower, services: tuple[str, ...]) -> None:
         self.servicer = health.aio.HealthServicer()
         self.follower = follower
         self.services = ("", *services)

@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelyard.telemetry import Telemetry
+from placement.follow import StoreFollower
 from placement.store import Store
 from router.api import SERVICE as ROUTER_SERVICE
 from router.api import api_handler
@@ -50,6 +51,7 @@ class RouterServer:
         identity: Authenticator | None = None,
         fleet_secret: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        follower: StoreFollower | None = None,
     ) -> None:
         """`identity`: how callers are identified (None: the x-tenant-id header is trusted as sent);
         `fleet_secret`: sent to containers on every call, and makes a caller presenting it a route reader."""
@@ -63,6 +65,7 @@ class RouterServer:
             default_deadline_s=default_deadline_s,
             identity=identity,
             fleet_secret=fleet_secret,
+            follower=follower,
         )
         self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host

@@ -12,6 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from placement import registry
 from placement.rebalance import RebalancePlan, _moves, apply_rebalance, lost_copies
@@ -103,9 +104,10 @@ def test_moving_a_model_between_tritons_drops_no_call(fleet: FleetThread) -> Non
     assert loop.calls > 20
     assert loop.failures == []
     with grpcclient.InferenceServerClient(fleet.fleet.tritons[0].address) as t0:
-        assert not t0.is_model_ready("scale@1")  # Triton names each version `name@version`
+        secret = {FLEET_SECRET_HEADER: fleet.fleet.fleet_secret}  # Triton answers only the fleet
+        assert not t0.is_model_ready("scale@1", headers=secret)  # Triton names each version `name@version`
     with grpcclient.InferenceServerClient(fleet.fleet.tritons[1].address) as t1:
-        assert t1.is_model_ready("scale@1")
+        assert t1.is_model_ready("scale@1", headers=secret)
 
 
 def test_a_call_for_a_model_whose_container_died_waits_for_its_new_copy_and_answers(
