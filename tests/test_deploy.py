@@ -427,9 +427,9 @@ def test_etcd_runs_three_members_behind_a_headless_service_that_publishes_unread
     assert len(initial) == etcd["spec"]["replicas"]
 
 
-def test_one_controller_runs_and_a_rebalance_runs_every_hour() -> None:
+def test_two_controllers_run_for_failover_and_a_rebalance_runs_every_hour() -> None:
     controller = by_kind("Deployment")["controller"]
-    assert controller["spec"]["replicas"] == 1
+    assert controller["spec"]["replicas"] == 2  # one leads via its lease (tests/placement/test_controller.py)
     assert container(controller, "controller")["args"] == ["controller"]
     cron = by_kind("CronJob")["rebalance"]
     minute, *rest = cron["spec"]["schedule"].split()
