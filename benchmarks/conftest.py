@@ -98,7 +98,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         return
     started = config.stash.get(_STARTED, datetime.datetime.now())
     table = _markdown(started)
-    out = Path(results)
+    out = Path(results).resolve()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{started:%Y-%m-%d-%H%M}.md"
     path.write_text(table)
