@@ -24,7 +24,7 @@ from placement.follow import StoreFollower
 from placement.mapwriter import MapWriter
 from placement.model import ModelVersion
 from placement.planner import Capacity, Demand, plan
-from placement.rebalance import apply_rebalance, plan_rebalance
+from placement.rebalance import apply_rebalance, plan_rebalance, snapshot
 from placement.registry import Changes, Fleet
 from placement.store import Lease, Store, StoreError
 from placement.store.base import MAX_TXN_OPS
@@ -217,7 +217,11 @@ class PlacementController:
         """One full rebalance if the fleet needs one; True when it applied moves."""
         async with self.writer.locked():
             started = time.monotonic()
-            proposal = plan_rebalance(self.follower.fleet, placed_only=not self.eager)
+            # Off the event loop: at 100k models a plan takes seconds, and under `modelyard up` this loop also
+            # serves the router and the agents.
+            proposal = await asyncio.to_thread(
+                plan_rebalance, snapshot(self.follower.fleet), placed_only=not self.eager
+            )
             log.debug("placement controller: planned in %.3f s", time.monotonic() - started)
             if not proposal.moves:
                 return False
@@ -277,12 +281,11 @@ def incremental_changes(
         return changes, unplaced
     # Free bytes per live container, not counting the copies of the models being placed (the planner
     # keeps those copies where they are and takes their bytes again).
-    used: dict[str, int] = {}
-    for cid in fleet.containers:
-        held = fleet.by_container.get(cid, ())
-        used[cid] = sum(
-            fleet.budget_bytes(m) for k in held if k not in short and (m := fleet.models.get(k)) is not None
-        )
+    used = {cid: fleet.used.get(cid, 0) for cid in fleet.containers}  # an index, kept per event
+    for key in short:
+        for cid in fleet.assignments.get(key, ()):
+            if cid in used:
+                used[cid] -= fleet.cost.get(key, 0)
     for backend in sorted({m.backend for m in short.values()}):
         group = [m for m in short.values() if m.backend == backend]
         capacities = [

@@ -84,7 +84,15 @@ class MapWriter:
 
     async def _acquire(self) -> None:
         lease = await self.store.grant_lease(self.lock_ttl_s)
-        if not await self.store.apply({LOCK: self.holder.encode()}, if_equal=(LOCK, None), lease=lease):
+        try:
+            taken = await self.store.apply({LOCK: self.holder.encode()}, if_equal=(LOCK, None), lease=lease)
+        except BaseException:
+            # Cancelled (or failed) while the lock may have been written: revoking the lease removes it,
+            # rather than leaving it to block every writer until the lease runs out.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(lease.revoke())
+            raise
+        if not taken:
             with contextlib.suppress(StoreError):
                 await lease.revoke()
             current = await self.store.get(LOCK)
@@ -105,7 +113,8 @@ class MapWriter:
             self._keepalive.cancel()
             await asyncio.gather(self._keepalive, return_exceptions=True)
             self._keepalive = None
-        if self._lease is not None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            # Shielded: a stop that cancels us here must not leave the lock to expire on its own.
             with contextlib.suppress(StoreError):
-                await self._lease.revoke()
-            self._lease = None
+                await asyncio.shield(lease.revoke())

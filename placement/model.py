@@ -32,38 +32,65 @@ def _pairs(value: Any, second: type) -> tuple[tuple[Any, Any], ...]:
     return tuple((p[0], p[1]) for p in value)
 
 
+_KINDS = {
+    "str": "str",
+    "Kind": "str",
+    "ContainerKind": "str",
+    "Backend": "str",
+    "CopyPhase": "str",
+    "int": "int",
+    "tuple[str, ...]": "strs",
+    "tuple[tuple[str, str], ...]": "str_pairs",
+    "tuple[tuple[str, int], ...]": "int_pairs",
+}
+_FIELD_KINDS: dict[type, dict[str, str]] = {}
+
+
+def _field_kinds(cls: type) -> dict[str, str]:
+    """Field name -> the check it needs, worked out once per class."""
+    kinds = _FIELD_KINDS.get(cls)
+    if kinds is None:
+        kinds = {}
+        for f in fields(cls):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if kind not in _KINDS:
+                raise TypeError(f"{cls.__name__}.{f.name}: no check for type {kind}")
+            kinds[f.name] = _KINDS[kind]
+        _FIELD_KINDS[cls] = kinds
+    return kinds
+
+
 def _typed(cls: type[T], raw: bytes | str, choices: dict[str, tuple[str, ...]] | None = None) -> T:
     """Builds `cls` from untrusted JSON: unknown fields dropped, every known field type-checked.
 
     Store values are written by other processes (or by hand): a wrong type must fail here, with a clear
     ValueError, rather than deep inside a planner or a router later.
     """
-    data = json.loads(raw)
+    data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    kinds = _field_kinds(cls)
     values: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
+    for name, value in data.items():
+        kind = kinds.get(name)
+        if kind is None:
             continue
-        value = data[f.name]
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if kind == "str" or kind in ("Kind", "ContainerKind", "Backend", "CopyPhase"):
-            if not isinstance(value, str):
-                raise ValueError(f"{f.name}: expected a string, got {value!r}")
+        if kind == "str":
+            if value.__class__ is not str:
+                raise ValueError(f"{name}: expected a string, got {value!r}")
         elif kind == "int":
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{f.name}: expected a non-negative integer, got {value!r}")
-        elif kind == "tuple[str, ...]":
-            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-                raise ValueError(f"{f.name}: expected a list of strings, got {value!r}")
+            if value.__class__ is not int or value < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        elif kind == "strs":
+            if value.__class__ is not list:
+                raise ValueError(f"{name}: expected a list of strings, got {value!r}")
+            for x in value:
+                if x.__class__ is not str:
+                    raise ValueError(f"{name}: expected a list of strings, got {value!r}")
             value = tuple(value)
-        elif kind == "tuple[tuple[str, str], ...]":
-            value = _pairs(value, str)
-        elif kind == "tuple[tuple[str, int], ...]":
-            value = _pairs(value, int)
         else:
-            raise TypeError(f"{cls.__name__}.{f.name}: no check for type {kind}")
-        values[f.name] = value
+            value = _pairs(value, str if kind == "str_pairs" else int)
+        values[name] = value
     for name, allowed in (choices or {}).items():
         if name in values and values[name] not in allowed:
             raise ValueError(f"{name}: {values[name]!r} is not one of {', '.join(allowed)}")

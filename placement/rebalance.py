@@ -148,6 +148,19 @@ def plan_fleet(
     return Plan(assignments, unplaced)
 
 
+def snapshot(fleet: Fleet) -> Fleet:
+    """A copy of what planning reads, to plan in a thread while the followed fleet keeps changing."""
+    copy = Fleet(
+        models=dict(fleet.models),
+        containers=dict(fleet.containers),
+        assignments=dict(fleet.assignments),
+        generation=fleet.generation,
+        revision=fleet.revision,
+    )
+    copy.measured = {key: dict(by_container) for key, by_container in fleet.measured.items()}
+    return copy
+
+
 def plan_rebalance(fleet: Fleet, *, placed_only: bool = False) -> RebalancePlan:
     """The map the registered models and live containers should have, sticky to the current one.
 

@@ -66,16 +66,19 @@ class Assignment:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Assignment:
-        data = json.loads(raw)
-        if isinstance(data, list):  # written before generations were staged: committed from the start
+        data = json.loads(raw.decode())
+        if data.__class__ is list:  # written before generations were staged: committed from the start
             data = {"ids": data, "gen": 0, "prev": []}
-        if not isinstance(data, dict):
+        if data.__class__ is not dict:
             raise ValueError("expected a JSON object")
         ids, gen, prev = data.get("ids"), data.get("gen", 0), data.get("prev", [])
         for name, value in (("ids", ids), ("prev", prev)):
-            if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+            if value.__class__ is not list:
                 raise ValueError(f"{name}: expected a list of container ids, got {value!r}")
-        if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
+            for x in value:
+                if x.__class__ is not str or not x:
+                    raise ValueError(f"{name}: expected a list of container ids, got {value!r}")
+        if gen.__class__ is not int or gen < 0:
             raise ValueError(f"gen: expected a non-negative integer, got {gen!r}")
         return cls(tuple(ids), gen, tuple(prev))  # type: ignore[arg-type]
 
@@ -142,6 +145,8 @@ class Fleet:
     by_name: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)  # name -> version -> model
     by_container: dict[str, set[str]] = field(default_factory=dict)  # container id -> model keys
     measured: dict[str, dict[str, int]] = field(default_factory=dict)  # model key -> container -> bytes
+    used: dict[str, int] = field(default_factory=dict)  # container id -> budget of the copies assigned to it
+    cost: dict[str, int] = field(default_factory=dict)  # model key -> the per-copy budget counted in `used`
     raw_assignments: dict[str, Assignment] = field(default_factory=dict)
     _pending: dict[int, set[str]] = field(default_factory=dict)  # generation -> keys staged for it
     skipped: int = 0  # store values that did not parse
@@ -149,8 +154,9 @@ class Fleet:
     @classmethod
     def from_items(cls, items: Iterable[KeyValue], revision: int) -> Fleet:
         fleet = cls(revision=revision)
+        ignored = Changes()  # a snapshot: every reader starts over from it anyway
         for item in items:
-            fleet.apply(Event("put", item.key, item.value, item.mod_revision))
+            fleet.apply(Event("put", item.key, item.value, item.mod_revision), ignored)
         fleet.revision = revision
         return fleet
 
@@ -200,9 +206,11 @@ class Fleet:
 
     # -- events --------------------------------------------------------------------------------------
 
-    def apply(self, event: Event) -> Changes:
-        """Applies one store event. A value that does not parse is skipped with one log line naming it."""
-        changes = Changes()
+    def apply(self, event: Event, changes: Changes | None = None) -> Changes:
+        """Applies one store event, adding what it changed to `changes` (or a new Changes) and returning
+        it. A value that does not parse is skipped with one log line naming it."""
+        if changes is None:
+            changes = Changes()
         self.revision = max(self.revision, event.revision)
         try:
             self._apply(event, changes)
@@ -229,6 +237,7 @@ class Fleet:
                     versions.pop(version, None)
                     if not versions:
                         del self.by_name[name]
+            self._recost(mkey)
             changes.models.add(mkey)
             changes.registrations.add(mkey)
         elif key.startswith(CONTAINERS):
@@ -273,6 +282,7 @@ class Fleet:
             else:
                 self.states.pop((cid, mkey), None)
                 self._forget_measure(mkey, cid)
+            self._recost(mkey)
             changes.models.add(mkey)
         elif key.startswith(ROUTES):
             name = key[len(ROUTES) :]
@@ -322,20 +332,43 @@ class Fleet:
         old = self.assignments.get(mkey, ())
         if old == ids:
             return
+        cost = self.cost.get(mkey, 0)
         for cid in old:
             held = self.by_container.get(cid)
             if held is not None:
                 held.discard(mkey)
                 if not held:
                     del self.by_container[cid]
+            if cost:
+                self.used[cid] -= cost
+                if not self.used[cid]:
+                    del self.used[cid]
         for cid in ids:
             self.by_container.setdefault(cid, set()).add(mkey)
+            if cost:
+                self.used[cid] = self.used.get(cid, 0) + cost
         if ids:
             self.assignments[mkey] = ids
         else:
             self.assignments.pop(mkey, None)
         changes.models.add(mkey)
         changes.assigned.add(mkey)
+
+    def _recost(self, mkey: str) -> None:
+        """Keeps `used` right when a model's per-copy budget changes (registered, removed, measured)."""
+        model = self.models.get(mkey)
+        new = self.budget_bytes(model) if model is not None else 0
+        old = self.cost.get(mkey, 0)
+        if new == old:
+            return
+        for cid in self.assignments.get(mkey, ()):
+            self.used[cid] = self.used.get(cid, 0) + new - old
+            if not self.used[cid]:
+                del self.used[cid]
+        if new:
+            self.cost[mkey] = new
+        else:
+            del self.cost[mkey]
 
     def _forget_measure(self, mkey: str, cid: str) -> None:
         measured = self.measured.get(mkey)
