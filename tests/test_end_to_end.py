@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from backends.triton import triton_model_name
+from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc
 from placement import registry
@@ -65,7 +66,14 @@ def client(fleet: FleetThread) -> Iterator[grpcclient.InferenceServerClient]:
 
 
 def triton_client(fleet: FleetThread, index: int) -> grpcclient.InferenceServerClient:
+    """A direct client to a Triton of the fleet; its calls need `operator(fleet)` as headers."""
     return grpcclient.InferenceServerClient(fleet.fleet.tritons[index].address)
+
+
+def operator(fleet: FleetThread) -> dict[str, str]:
+    """The headers of a trusted operator: Tritons answer only calls carrying the fleet secret, and the
+    router gives container addresses only to route readers (the fleet secret makes one)."""
+    return {FLEET_SECRET_HEADER: fleet.fleet.fleet_secret}
 
 
 def fp32_input(name: str, values: np.ndarray) -> grpcclient.InferInput:
@@ -76,7 +84,9 @@ def fp32_input(name: str, values: np.ndarray) -> grpcclient.InferInput:
 
 def inference_count(fleet: FleetThread, index: int, model: str) -> int:
     with triton_client(fleet, index) as direct:
-        stats = direct.get_inference_statistics(triton_model_name(model, "1")).model_stats
+        stats = direct.get_inference_statistics(
+            triton_model_name(model, "1"), headers=operator(fleet)
+        ).model_stats
     return sum(s.inference_count for s in stats)
 
 
@@ -95,11 +105,12 @@ def settled_counts(
 def test_models_on_two_different_tritons_both_answer_through_the_router(
     fleet: FleetThread, client: grpcclient.InferenceServerClient
 ) -> None:
+    secret = operator(fleet)
     with triton_client(fleet, 0) as t0, triton_client(fleet, 1) as t1:
         # Triton holds each version under its internal name.
         scale, identity = triton_model_name("scale", "1"), triton_model_name("identity", "1")
-        assert t0.is_model_ready(scale) and not t1.is_model_ready(scale)
-        assert t1.is_model_ready(identity) and not t0.is_model_ready(identity)
+        assert t0.is_model_ready(scale, headers=secret) and not t1.is_model_ready(scale, headers=secret)
+        assert t1.is_model_ready(identity, headers=secret) and not t0.is_model_ready(identity, headers=secret)
     scale_before = inference_count(fleet, 0, "scale")
     identity_before = inference_count(fleet, 1, "identity")
 
@@ -209,7 +220,9 @@ def test_modelyard_v1_infer_and_where_is(fleet: FleetThread) -> None:
     with grpc.insecure_channel(fleet.address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         response = stub.Infer(request, timeout=10)
-        located = stub.WhereIs(router_pb2.WhereIsRequest(model_name="add_sub"), timeout=5)
+        add_sub = router_pb2.WhereIsRequest(model_name="add_sub")
+        located = stub.WhereIs(add_sub, timeout=5, metadata=tuple(operator(fleet).items()))
+        anonymous = stub.WhereIs(add_sub, timeout=5)
         with pytest.raises(grpc.RpcError) as caught:
             stub.WhereIs(router_pb2.WhereIsRequest(model_name="nope"), timeout=5)
     assert response.model_name == "scale" and response.model_version == "1"
@@ -221,6 +234,11 @@ def test_modelyard_v1_infer_and_where_is(fleet: FleetThread) -> None:
     ]
     addresses = {t.address for t in fleet.fleet.tritons}
     assert {c.address for c in located.locations[0].copies} == addresses
+    # A caller who is no route reader learns where copies stand, not how to reach their containers.
+    assert [(c.container_id, c.state, c.address) for c in anonymous.locations[0].copies] == [
+        ("triton-0", "ready", ""),
+        ("triton-1", "ready", ""),
+    ]
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -312,17 +330,21 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
     unary = stub.Infer(request("scale", [1.0, 2.5]), timeout=10)
     streamed = list(stub.InferStream(request("stream", [7.0, 8.0, 9.0]), timeout=10))
     session = list(stub.InferSession(iter([request("scale", [4.0]), request("identity", [5.0])]), timeout=10))
-    updates = stub.WatchRoutes(r.WatchRoutesRequest(model_names=["scale"]), timeout=10)
-    first = next(updates)
-    updates.cancel()
+    routes = {}
+    # As anyone, then as a route reader (the fleet secret header, its name and value given as arguments).
+    for caller, metadata in (("anonymous", ()), ("reader", ((sys.argv[2], sys.argv[3]),))):
+        updates = stub.WatchRoutes(r.WatchRoutesRequest(model_names=["scale"]), timeout=10, metadata=metadata)
+        first = next(updates)
+        updates.cancel()
+        ready = [[c.container_id, c.address] for m in first.models for v in m.versions for c in v.ready]
+        routes[caller] = [first.snapshot, [m.model_name for m in first.models], ready]
 print(json.dumps({
     "unary": [unary.model_name, floats(unary)],
     "stream": [[floats(x), x.parameters["triton_final_response"].bool_param] for x in streamed],
     "session": sorted(
         [x.infer_response.model_name, floats(x.infer_response), x.error_message] for x in session
     ),
-    "routes": [first.snapshot, [m.model_name for m in first.models],
-               [c.container_id for m in first.models for v in m.versions for c in v.ready]],
+    "routes": routes,
 }))
 """
 
@@ -352,11 +374,12 @@ def test_stubs_generated_from_protos_alone_call_all_three_inference_shapes(
     )
     site = next(p for p in sys.path if p.endswith("site-packages"))
     # -S: no site hooks, so the installed modelyard package is not importable; only the generated stubs are.
-    bootstrap = f"import sys; sys.path[:0] = [{str(generated)!r}, {site!r}]; exec(open(sys.argv[2]).read())"
+    bootstrap = f"import sys; sys.path[:0] = [{str(generated)!r}, {site!r}]; exec(open(sys.argv[-1]).read())"
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     result = subprocess.run(
-        [sys.executable, "-S", "-c", bootstrap, fleet.address, str(script)],
+        [sys.executable, "-S", "-c", bootstrap, fleet.address, FLEET_SECRET_HEADER, fleet.fleet.fleet_secret,
+         str(script)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -364,7 +387,10 @@ def test_stubs_generated_from_protos_alone_call_all_three_inference_shapes(
     assert got["unary"] == ["scale", [2.0, 5.0]]
     assert got["stream"] == [[[7.0], False], [[8.0], False], [[9.0], False], [[], True]]
     assert got["session"] == [["identity", [5.0], ""], ["scale", [8.0], ""]]
-    assert got["routes"] == [True, ["scale"], ["triton-0"]]
+    assert got["routes"] == {
+        "anonymous": [True, ["scale"], []],  # which models it may call, but no container to call them on
+        "reader": [True, ["scale"], [["triton-0", fleet.fleet.tritons[0].address]]],
+    }
 
 
 def test_async_infer_through_the_router(client: grpcclient.InferenceServerClient) -> None:

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.utils import InferenceServerException
 
 from backends.examples import EXAMPLES_DIR, install_example, install_model_dir
 from backends.triton import TritonAdapter, triton_model_name
-from backends.triton_server import TritonServer
+from backends.triton_server import FLEET_SECRET_HEADER, TritonServer
 from modelyard.client import Client
 from modelyard.local import LocalFleet
 from modelyard.v1 import inference_pb2, router_pb2_grpc
@@ -185,10 +184,17 @@ def test_streams_show_the_public_name_and_the_pinned_version(fleet: FleetThread)
 def test_zero_hop_client_calls_triton_under_the_internal_name(fleet: FleetThread) -> None:
     tensor = grpcclient.InferInput("INPUT", [3], "FP32")
     tensor.set_data_from_numpy(X)
-    with Client(fleet.address, tenant="acme") as client:
+    # A trusted service holds the fleet secret: it reads routes and calls the container itself.
+    with Client(fleet.address, tenant="acme", fleet_secret=fleet.fleet.fleet_secret) as client:
         assert client.wait_synced()
         result = client.infer("scale", [tensor])
         assert client.direct_calls == 1 and client.router_calls == 0
+    assert answer(result) == ("scale", "1", 2.0)
+    # Without it the client learns no container address: the same answer, through the router.
+    with Client(fleet.address, tenant="acme") as client:
+        assert client.wait_synced()
+        result = client.infer("scale", [tensor])
+        assert client.direct_calls == 0 and client.router_calls == 1
     assert answer(result) == ("scale", "1", 2.0)
 
 
@@ -203,12 +209,12 @@ def test_unloading_and_reloading_v2_never_changes_v1(fleet: FleetThread) -> None
     triton = fleet.fleet.tritons[0].address
     v2 = triton_model_name("scale", "2")
 
+    secret = {FLEET_SECRET_HEADER: fleet.fleet.fleet_secret}  # Triton answers only the fleet
+
     def v2_loaded() -> bool:
+        # Any error is raised, not read as "not loaded": a refused call must not pass for an unload.
         with grpcclient.InferenceServerClient(triton) as direct:
-            try:
-                return bool(direct.is_model_ready(v2))
-            except InferenceServerException:
-                return False
+            return bool(direct.is_model_ready(v2, headers=secret))
 
     async def assign(v2_on: list[str]) -> None:
         generation = await registry.read_generation(fleet.fleet.store)
