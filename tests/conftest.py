@@ -59,10 +59,14 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> N
 
 
 class EtcdServer:
-    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
-        """`tls`: (certificate, key) to serve clients over TLS only."""
+    def __init__(
+        self, workdir: Path, *, tls: tuple[Path, Path] | None = None, client_ca: Path | None = None
+    ) -> None:
+        """`tls`: (certificate, key) to serve clients over TLS only; `client_ca`: with `tls`, accept only
+        clients holding a certificate signed by this CA."""
         self.workdir = workdir
         self.tls = tls
+        self.client_ca = client_ca
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,6 +82,8 @@ class EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
         client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         tls = [f"--cert-file={self.tls[0]}", f"--key-file={self.tls[1]}"] if self.tls else []
+        if self.client_ca is not None:
+            tls += ["--client-cert-auth", f"--trusted-ca-file={self.client_ca}"]
         log = self.workdir / "etcd.log"
         self.process = subprocess.Popen(
             [

@@ -3,6 +3,11 @@ holding a generated fleet secret): two tenants x every router RPC x {own private
 missing}; containers refuse callers without the secret; oversize messages are refused by a router process
 whose memory stays bounded.
 
+Every fleet test runs twice, in full: on the embedded store, then on an etcd that serves TLS only and
+accepts only clients with a certificate from its CA (the router, controller and agents, and `modelyard
+serve` in its own process, reach it through MODELYARD_ETCD_CA/CERT/KEY). A fleet starts in seconds and the
+matrix answers in about ten, so the second run costs little and no subset is needed.
+
 "A model private to another tenant does not exist": its answer is compared literally with the answer for
 a model that was never registered, the two names swapped.
 """
@@ -27,9 +32,10 @@ from backends.triton_server import FLEET_SECRET_HEADER, free_port
 from modelyard.local import LocalFleet
 from modelyard.v1 import router_pb2
 from placement import registry
-from tests.conftest import require_triton
+from tests.conftest import EtcdServer, require_triton
 from tests.fleet import FleetThread
 from tests.test_lazy_load import scale_model
+from tests.test_tls import make_ca, make_cert
 
 TENANTS = ("acme", "beta")
 CUSTOM = {"public": "pub", "acme": "acme_m", "beta": "beta_m"}  # our container
@@ -39,11 +45,36 @@ KSERVE = "/inference.GRPCInferenceService/"
 ROUTER = "/modelyard.v1.Router/"
 
 
+@pytest.fixture(scope="module", params=["embedded", "etcd-tls"])
+def fleet_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fleet's store URL: the embedded store, then a TLS-only etcd requiring client certificates (its
+    CA, certificate and key in the environment while the module's fleet runs)."""
+    workdir = tmp_path_factory.mktemp(request.param)
+    if request.param == "embedded":
+        yield str(workdir / "store")
+        return
+    make_ca(workdir, "ca")
+    make_cert(workdir, "etcd", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    make_cert(workdir, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    server = EtcdServer(
+        workdir / "etcd", tls=(workdir / "etcd.pem", workdir / "etcd.key"), client_ca=workdir / "ca.pem"
+    )
+    server.workdir.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        try:
+            server.start()
+            for name, file in (("CA", "ca.pem"), ("CERT", "client.pem"), ("KEY", "client.key")):
+                env.setenv(f"MODELYARD_ETCD_{name}", str(workdir / file))
+            yield server.url
+        finally:
+            server.stop()
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+def fleet(fleet_store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
     require_triton()
     workdir = tmp_path_factory.mktemp("trust")
-    thread = FleetThread(workdir, str(workdir / "store"), containers=1)
+    thread = FleetThread(workdir, fleet_store, containers=1)
     thread.fleet.custom_containers = 1
 
     async def setup(fleet: LocalFleet) -> None:
