@@ -96,9 +96,7 @@ def test_two_concurrent_rebalances_exactly_one_applies_and_unready_moves_keep_ol
         assert any(m.target == "b" for m in plan.moves), "a new empty container should adopt copies"
 
         # No agent runs for "b", so its copies never become ready: the first rebalance waits for them.
-        first = asyncio.create_task(
-            apply_rebalance(store, plan, holder="first", ready_timeout_s=2)
-        )
+        first = asyncio.create_task(apply_rebalance(store, plan, holder="first", ready_timeout_s=2))
         while await store.get("/modelyard/lock/rebalance") is None:  # the first holds the lock
             assert not first.done(), first
             await asyncio.sleep(0.01)
