@@ -68,7 +68,10 @@ class LazyLoader:
                     "controller is running to place it (start one: `modelyard controller`)"
                 )
             reason = fleet.wanted.get(key)
-            if not live and reason and asked_at and fleet.revision >= asked_at:
+            # A copy on a container that is down (restarting, or its lease lapsed) may come back: wait for
+            # it or for its replacement within the deadline. With none, the controller's reason is final.
+            lost = bool(fleet.assignments.get(key))
+            if not live and not lost and reason and asked_at and fleet.revision >= asked_at:
                 raise NoReadyCopy(
                     f"model '{model.name}' version '{model.version}' cannot be placed: {reason}"
                 )
