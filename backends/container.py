@@ -29,7 +29,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
 
 import grpc
 import grpc.aio
@@ -40,6 +39,7 @@ from tritonclient.grpc import model_config_pb2 as config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from backends.modelstore import file_path
 from backends.numpy_model import (
     DTYPES,
     ModelFormatError,
@@ -51,6 +51,7 @@ from backends.numpy_model import (
 from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard import metric_names as names
 from modelyard.telemetry import Telemetry
+from placement.model import version_order
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -115,16 +116,11 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal container error: {type(exc).__name__}: {exc}"
 
 
-def version_order(version: str) -> tuple[int, int, str]:
-    """Numeric versions sort by value and above non-numeric ones; the highest is the default."""
-    return (1, int(version), version) if version.isdigit() else (0, 0, version)
-
-
 def artifact_dir(artifact_uri: str) -> Path:
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme != "file" or not parsed.path:
+    path = file_path(artifact_uri) if artifact_uri.startswith("file:") else None
+    if path is None:
         raise BadRequest(f"artifact_uri must be a file:// directory, got {artifact_uri!r}")
-    return Path(unquote(parsed.path))
+    return path
 
 
 def check_in_store(path: Path, model_store: Path) -> None:

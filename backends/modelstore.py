@@ -256,6 +256,15 @@ class ModelStore(abc.ABC):
         """A local directory with the artifact's files (a download cache for remote stores)."""
 
 
+def file_path(uri: str) -> Path | None:
+    """The local path a `file://` URI (or a bare path) names; None for any other scheme. The one parser of
+    artifact and model-store locations (model store, Triton adapter, our container)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)) if parsed.path else None
+    return Path(uri) if not parsed.scheme and uri else None
+
+
 def _fsync_path(path: Path, *, directory: bool) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -303,14 +312,14 @@ class LocalModelStore(ModelStore):
         shutil.rmtree(self.root / sha256, ignore_errors=True)
 
     def local_path(self, uri: str) -> Path:
-        parsed = urlparse(uri)
-        if parsed.scheme not in ("", "file"):
+        path = file_path(uri)
+        if path is None:
             raise ArchiveError(f"unsupported artifact URI {uri!r}")
-        return Path(unquote(parsed.path))
+        return path
 
 
 def open_model_store(uri: str) -> ModelStore:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return LocalModelStore(Path(unquote(parsed.path) if parsed.scheme else uri))
+    path = file_path(uri)
+    if path is not None:
+        return LocalModelStore(path)
     raise ArchiveError(f"unsupported model store {uri!r}: only local directories so far")

@@ -14,13 +14,13 @@ import asyncio
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import tritonclient.grpc.aio as triton_aio
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from backends.modelstore import file_path
 from backends.triton_server import FLEET_SECRET_HEADER
 from placement.model import ModelVersion, model_key
 
@@ -37,10 +37,10 @@ class LoadError(Exception):
 
 
 def artifact_path(model: ModelVersion) -> Path:
-    parsed = urlparse(model.artifact_uri)
-    if parsed.scheme not in ("", "file"):
+    path = file_path(model.artifact_uri)
+    if path is None:
         raise LoadError(f"{model.key}: unsupported artifact URI {model.artifact_uri!r} (only file://)")
-    return Path(unquote(parsed.path))
+    return path
 
 
 def version_config(model: ModelVersion, text: str) -> str:

@@ -33,9 +33,8 @@ from backends.triton import TRITON_SERVER_NAME, triton_model_name
 from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.v1 import router_pb2, router_pb2_grpc
 from placement.model import RouteRule
+from router.identity import TENANT_HEADER
 from router.versions import choose_version
-
-TENANT_HEADER = "x-tenant-id"
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
 Kind = Literal["gpu", "cpu", "any"]
@@ -105,6 +105,13 @@ def model_key(name: str, version: str) -> str:
     return f"{name}@{version}"
 
 
+def version_order(version: str) -> tuple[int, int, str]:
+    """Numeric versions sort by value and above non-numeric ones; the highest is the default version.
+
+    The one ordering of versions, for the router's choice and our container's alike."""
+    return (1, int(version), version) if version.isascii() and version.isdigit() else (0, 0, version)
+
+
 def split_model_key(key: str) -> tuple[str, str]:
     name, _, version = key.rpartition("@")
     if not name:
@@ -180,14 +187,6 @@ class CopyState:
     @classmethod
     def from_json(cls, raw: bytes | str) -> CopyState:
         return _typed(cls, raw, {"phase": COPY_PHASES})
-
-
-@dataclass(frozen=True)
-class ShardMap:
-    """Which containers should hold each model version (`name@version` -> container ids)."""
-
-    generation: int = 0
-    assignments: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The placement planner: which containers hold copies of which models. Pure: no I/O, no clock.
 
-Consistent hashing with bounded loads, by memory (see DESIGN.md, "Placement"):
+Consistent hashing with bounded loads, by memory (docs/control-path.md says who runs it, and when):
 
 1. Sticky: every still-valid copy of the previous map stays where it is.
 2. Everything missing is placed in a fixed order (kind-pinned models before `any`, more replicas first,

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Collection
 
-from placement.model import RouteRule
-
-
-def version_order(version: str) -> tuple[int, int | str]:
-    """Numeric versions compare as numbers and above non-numeric ones."""
-    return (1, int(version)) if re.fullmatch(r"\d+", version) else (0, version)
+from placement.model import RouteRule, version_order
 
 
 def split_point(model: str, request_id: str) -> float:
