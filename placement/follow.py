@@ -49,6 +49,7 @@ class StoreFollower:
         self.healthy = False  # current with the store (snapshot loaded, watch running)
         self.unhealthy_since: float | None = time.monotonic()
         self._listeners: list[Listener] = []
+        self._health_callbacks: list[Callable[[bool], None]] = []
         self._changed = asyncio.Condition()
         self.version = 0  # bumped after every published change
         self._task: asyncio.Task[None] | None = None
@@ -63,6 +64,10 @@ class StoreFollower:
         self._listeners.append(listener)
         if self.loaded.is_set():
             listener(self.fleet, Changes(everything=True))
+
+    def on_health(self, callback: Callable[[bool], None]) -> None:
+        """`callback(healthy)` runs whenever the follower becomes current with the store or stops being so."""
+        self._health_callbacks.append(callback)
 
     def unlisten(self, listener: Listener) -> None:
         if listener in self._listeners:
@@ -183,5 +188,12 @@ class StoreFollower:
                     self._set_healthy(True)
 
     def _set_healthy(self, healthy: bool) -> None:
+        changed = healthy != self.healthy
         self.healthy = healthy
         self.unhealthy_since = None if healthy else (self.unhealthy_since or time.monotonic())
+        if changed:
+            for callback in list(self._health_callbacks):
+                try:
+                    callback(healthy)
+                except Exception:
+                    log.exception("%s: a health callback failed", self.name)

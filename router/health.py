@@ -33,13 +33,7 @@ class RouterHealth:
         self._task: asyncio.Task[None] | None = None
         follower.listen(self._on_publish)  # the first load, and every reload after the store came back
         # The follower flips `healthy` without publishing (a watch that fails, a probe unanswered): be told.
-        set_healthy = follower._set_healthy
-
-        def set_healthy_and_tell(healthy: bool) -> None:
-            set_healthy(healthy)
-            self._changed.set()
-
-        follower._set_healthy = set_healthy_and_tell  # type: ignore[method-assign]
+        follower.on_health(lambda _healthy: self._changed.set())
 
     def _on_publish(self, fleet: Fleet, changes: Changes) -> None:
         self._changed.set()
