@@ -208,21 +208,21 @@ async def import_models(
             except (RegistrationError, ArchiveError) as exc:
                 fail(number, str(exc))
                 continue
-            key = registry.MODELS + model.key
+            key = model.key
             if key in wanted or key in registered:
                 repeats.append((number, model))
             else:
                 wanted[key] = (number, model)
-        present = await store.put_absent({key: model.to_json() for key, (_, model) in wanted.items()})
+        present = await registry.create_models(store, [model for _, model in wanted.values()])
         for key, (number, model) in wanted.items():
             if key in present:
-                registered[key] = parse_registered(KeyValue(key, present[key], 0))
+                registered[key] = parse_registered(KeyValue(registry.MODELS + key, present[key], 0))
                 settle(number, model, registered[key], created=False)
             else:
                 registered[key] = model
                 settle(number, model, None, created=True)
         for number, model in repeats:
-            settle(number, model, registered[registry.MODELS + model.key], created=False)
+            settle(number, model, registered[model.key], created=False)
     report.failed.sort()
     report.seconds = time.perf_counter() - started
     return report

@@ -92,11 +92,10 @@ def conflict(existing: ModelVersion | None, wanted: ModelVersion) -> AlreadyRegi
 
 async def register(store: Store, model: ModelVersion) -> Registration:
     """Creates `model`'s registry key if absent (compare-and-swap); an identical registration is a no-op."""
-    key = registry.MODELS + model.key
     for _ in range(3):
-        if await store.apply({key: model.to_json()}, if_equal=(key, None)):
+        if await registry.create_model(store, model):
             return Registration(model, created=True)
-        current = await store.get(key)
+        current = await registry.read_model(store, model.key)
         if current is None:
             continue  # removed between our write and our read: try to create it again
         existing = parse_registered(current)
@@ -136,7 +135,7 @@ async def upload(
         )
         # Refuse early, before storing anything, when the version is visibly taken; the conditional
         # write in `register` is what decides a race.
-        current = await store.get(registry.MODELS + wanted.key)
+        current = await registry.read_model(store, wanted.key)
         if current is not None:
             existing = parse_registered(current)
             if existing is not None and same_registration(existing, wanted):
@@ -153,11 +152,11 @@ async def remove(store: Store, name: str, version: str) -> ModelVersion:
     agents unload them, so nothing here writes under /modelyard/map/.
     """
     key = model_key(name, version)
-    existing = await store.get(registry.MODELS + key)
+    existing = await registry.read_model(store, key)
     if existing is None:
         raise RegistrationError(f"{key} is not registered")
-    if not await store.apply({}, [existing.key], if_equal=(existing.key, existing.value)):
-        if await store.get(existing.key) is None:
+    if not await registry.delete_model_if(store, existing):
+        if await registry.read_model(store, key) is None:
             raise RegistrationError(f"{key} is not registered (it was removed concurrently)")
         raise RegistrationError(f"{key} changed while it was being removed; nothing was removed")
     return parse_registered(existing) or ModelVersion(name=name, version=version)

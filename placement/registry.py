@@ -387,6 +387,30 @@ async def register_model(store: Store, model: ModelVersion) -> None:
     await store.put(MODELS + model.key, model.to_json())
 
 
+async def read_model(store: Store, key: str) -> KeyValue | None:
+    """The registry entry of model `key` (name@version) as stored, or None."""
+    return await store.get(MODELS + key)
+
+
+async def create_model(store: Store, model: ModelVersion) -> bool:
+    """Registers `model` only if its version is not registered yet (compare-and-swap); False if it is."""
+    return await store.apply({MODELS + model.key: model.to_json()}, if_equal=(MODELS + model.key, None))
+
+
+async def create_models(store: Store, models: Sequence[ModelVersion]) -> dict[str, bytes]:
+    """Registers every model not registered yet, in batches; returns the stored value of those that were
+    (by model key), which this call left alone."""
+    present = await store.put_absent({MODELS + m.key: m.to_json() for m in models})
+    return {key[len(MODELS) :]: value for key, value in present.items()}
+
+
+async def delete_model_if(store: Store, entry: KeyValue) -> bool:
+    """Unregisters the model of `entry` (read with `read_model`) if its entry is still exactly that."""
+    if not entry.key.startswith(MODELS):
+        raise ValueError(f"not a registry entry: {entry.key}")
+    return await store.apply({}, [entry.key], if_equal=(entry.key, entry.value))
+
+
 async def put_route_rule(store: Store, rule: RouteRule) -> None:
     await store.put(ROUTES + rule.model, rule.to_json())
 
