@@ -5,6 +5,9 @@ Servicers stay thin: they hand bytes and the call context here and get bytes bac
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
@@ -14,7 +17,7 @@ from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
 from placement.follow import StoreFollower
 from placement.model import Container, ModelVersion
 from placement.store import Store
-from router.errors import BadRequest, NoReadyCopy, NotReady
+from router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
 from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
 from router.identity import CREDENTIAL_HEADERS, FLEET_SECRET_HEADER, TENANT_HEADER, Authenticator, Identity
@@ -145,7 +148,13 @@ class Router:
     async def forward_unary(
         self, method: str, request: bytes, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
     ) -> bytes:
-        """Sends `request` to a ready copy; with `lazy_load`, a model with none is loaded first."""
+        """Sends `request` to a ready copy; with `lazy_load`, a model with none is loaded first.
+
+        A copy that answers UNAVAILABLE never ran the request (connection refused or closed, model not
+        loaded there), so it is sent again: to another ready copy, or, when the failed one was the only
+        one, to the copy that replaces it, waited for within the call's deadline as a cold call waits.
+        Any other code is final: the request may have run.
+        """
         model, request = self.route(request, context)
         copies = self.table.ready_copies(model.key)
         if not copies and lazy_load:
@@ -153,18 +162,68 @@ class Router:
         container = self.channels.pick(copies)
         if container is None:
             raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
-        try:
-            return public_response(model, method, await self._call(container, method, request, context))
-        except grpc.aio.AioRpcError as exc:
-            # UNAVAILABLE on a unary call: the container never accepted it, so a second copy is safe.
-            retry_on = self.channels.pick(copies, exclude=container.id)
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or retry_on is None:
-                raise
-            self.retries += 1
-            call = CURRENT_CALL.get()
-            if call is not None:
-                call.retries += 1
-            return public_response(model, method, await self._call(retry_on, method, request, context))
+        deadline = time.monotonic() + self.upstream_timeout(context)
+        refused: set[str] = set()  # containers that answered this call UNAVAILABLE
+        while True:
+            try:
+                return public_response(model, method, await self._call(container, method, request, context))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                refused.add(container.id)
+                others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
+                retry_on = self.channels.pick(others)
+                if retry_on is None:
+                    if not lazy_load:
+                        raise
+                    retry_on = await self._replacement(model, container, refused, deadline)
+                container = retry_on
+                self.retries += 1
+                call = CURRENT_CALL.get()
+                if call is not None:
+                    call.retries += 1
+
+    async def _replacement(
+        self, model: ModelVersion, failed: Container, refused: set[str], deadline: float
+    ) -> Container:
+        """A ready copy to resend a call to after `failed` refused it and no other listed copy is left.
+
+        Containers in `refused` stay excluded while listed (their agents have not noticed yet); one that
+        leaves the table and is listed again came back. While only refused copies are listed, waits for
+        the table to change or, when the call never reached `failed`, for its channel to connect again (a
+        restarted container); with none listed, waits as a cold call does (the controller re-places the
+        copy). Every wait is on an event, bounded by the call's deadline.
+        """
+        key = model.key
+        channel = self.channels.channel(failed.address)
+        # READY: the container itself answered UNAVAILABLE; only a change in the table can help then.
+        unreachable = channel.get_state() != grpc.ChannelConnectivity.READY
+        while True:
+            copies = self.table.ready_copies(key)
+            refused &= {c.id for c in copies}
+            chosen = self.channels.pick([c for c in copies if c.id not in refused])
+            if chosen is not None:
+                return chosen
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"model '{model.name}' version '{model.version}': its copy on {failed.id} is unavailable "
+                    "and no other copy was ready within the call's deadline"
+                )
+            if not copies:
+                await self.lazy.ready_copies(model, left)  # raises NoReadyCopy etc. with the reason
+                continue
+            waits = [asyncio.ensure_future(self.table.wait_changed(key, left))]
+            if unreachable and failed.id in refused:
+                waits.append(asyncio.ensure_future(channel.channel_ready()))
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if len(waits) == 2 and waits[1] in done:
+                refused.discard(failed.id)  # connected again: worth one more try
+                unreachable = False
 
     def identify(self, context: grpc.aio.ServicerContext) -> Identity:
         """The caller's authenticated identity (router/identity.py); raises Unauthenticated or

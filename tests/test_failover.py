@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.conftest import stop_process
 from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_lazy_load import scale_model
 
@@ -42,4 +48,70 @@ def test_calls_retry_once_on_another_copy_when_a_container_dies(fleet: FleetThre
     assert time.monotonic() - started < 10
     assert len(router.router.table.ready_copies("m@1")) == 2
     # ... so some were sent to it, failed with UNAVAILABLE before running, and went to the other copy.
+    assert router.router.retries > 0
+
+
+@contextlib.contextmanager
+def steady_calls(address: str, model: str, factor: float, workdir: Path) -> Iterator[dict[str, Any]]:
+    """Calls `model` every ~20 ms from its own process (tests/unary_load.py) while the block runs; the
+    yielded dict gets the client's figures when the block ends."""
+    stop_file = workdir / "stop-load"
+    command = [sys.executable, "-m", "tests.unary_load", address, model, str(factor), str(stop_file)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    figures: dict[str, Any] = {}
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        yield figures
+        stop_file.touch()
+        out, _ = process.communicate(timeout=30)
+        figures.update(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        if process.poll() is None:
+            stop_process(process)  # type: ignore[arg-type]
+
+
+def inference_count(client: grpcclient.InferenceServerClient, model: str) -> int:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    return sum(int(s.get("inference_count", 0)) for s in stats)
+
+
+@pytest.fixture
+def single_copy_fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    thread = start_custom_fleet(
+        tmp_path / "fleet", [scale_model(tmp_path / "models", "one", 4.0)], containers=2
+    )
+    yield thread
+    thread.stop()
+
+
+def test_calls_to_a_single_copy_model_wait_for_its_replacement_when_its_container_dies(
+    single_copy_fleet: FleetThread, tmp_path: Path
+) -> None:
+    fleet = single_copy_fleet
+    router = fleet.fleet.router
+    assert router is not None
+    (copy,) = router.router.table.ready_copies("one@1")
+    victim = next(c for c in fleet.fleet.customs if c.address == copy.address)
+    assert victim.process is not None
+    with steady_calls(fleet.address, "one", 4.0, tmp_path) as figures:
+        killed_at = time.monotonic()
+        victim.process.kill()
+        victim.process.wait()
+        # The controller re-places the copy on the other container once the dead one's agent withdraws it.
+        deadline = time.monotonic() + 30
+        while not any(c.id != copy.id for c in router.router.table.ready_copies("one@1")):
+            assert time.monotonic() < deadline, "the copy was never re-placed"
+            time.sleep(0.05)
+        replaced_s = time.monotonic() - killed_at
+        # Keep calling until the new copy has answered 25 (its statistics, asked through the router).
+        with grpcclient.InferenceServerClient(fleet.address) as client:
+            while inference_count(client, "one") < 25:
+                assert time.monotonic() < deadline, "the new copy answered too few calls"
+                time.sleep(0.05)
+    print(f"re-placed after {replaced_s:.1f} s; client figures: {figures}")
+    assert figures["calls"] > 0
+    assert figures["failed"] == {}, figures["failures"][:5]
+    assert figures["wrong"] == 0
+    # Some calls were refused by the dead container and waited for the new copy (else nothing was tested).
     assert router.router.retries > 0
