@@ -21,9 +21,8 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
 
-from backends.triton import LoadError
+from backends.adapter import ContainerAdapter, LoadError
 from modelyard.telemetry import Telemetry
 from placement import registry
 from placement.follow import StoreFollower
@@ -37,20 +36,6 @@ LOAD_SLICE = 64  # loads started per reconcile pass
 
 
 # Events under these prefixes can change what this container should hold.
-class ContainerAdapter(Protocol):
-    """What the agent needs of a container: TritonAdapter (triton.py) or CustomAdapter (custom.py)."""
-
-    async def live(self) -> bool: ...
-    async def load(self, model: ModelVersion) -> None: ...
-    async def unload(self, model: ModelVersion) -> None: ...
-    async def footprint(self, model: ModelVersion) -> int: ...
-    async def ready_versions(self) -> set[str]:
-        """Keys (`name@version`) of the model versions the container reports ready."""
-        ...
-
-    async def close(self) -> None: ...
-
-
 @dataclass
 class _Backoff:
     model: ModelVersion  # what failed: a different registration is worth a new try at once

@@ -11,7 +11,7 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from backends.triton import LoadError
+from backends.adapter import LoadError
 from backends.triton_server import FLEET_SECRET_HEADER
 from placement.model import ModelVersion, model_key
 

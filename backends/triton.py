@@ -20,6 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from backends.adapter import LoadError
 from backends.modelstore import file_path
 from backends.triton_server import FLEET_SECRET_HEADER
 from placement.model import ModelVersion, model_key
@@ -30,10 +31,6 @@ TRITON_SERVER_NAME = "triton"  # what Triton answers in ServerMetadata.name
 def triton_model_name(name: str, version: str) -> str:
     """The name Triton knows one version of a model by (its own model directory)."""
     return model_key(name, version)
-
-
-class LoadError(Exception):
-    """A model version could not be loaded; the message says why (Triton's own words where it gave some)."""
 
 
 def artifact_path(model: ModelVersion) -> Path:

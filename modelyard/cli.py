@@ -243,6 +243,13 @@ def up(
     is_flag=True,
     help="Take x-tenant-id as sent: only behind a gateway that sets it (the default on loopback).",
 )
+@click.option(
+    "--drain-s",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM: seconds calls and streams in flight get to finish (new ones are refused) before exit.",
+)
 @_fleet_secret_option
 @_max_message_option
 def serve(
@@ -262,6 +269,7 @@ def serve(
     tenant_tokens: str | None,
     tenant_certs: str | None,
     insecure_trust_tenant_header: bool,
+    drain_s: float,
     fleet_secret_file: str | None,
     max_message_bytes: int,
 ) -> None:
@@ -326,7 +334,11 @@ def serve(
         if port == 0:
             fail("--workers needs a fixed --port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
-        sys.exit(run_workers(url, host, port, workers, metrics_port, default_deadline_s=default_deadline_s))
+        sys.exit(
+            run_workers(
+                url, host, port, workers, metrics_port, default_deadline_s=default_deadline_s, drain_s=drain_s
+            )
+        )
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -351,7 +363,7 @@ def serve(
             click.echo(f"router listening on {server.address} (pid {os.getpid()})")
             await stop.wait()
         finally:
-            await server.stop(grace_s=5.0)  # calls in flight finish; new ones are refused
+            await server.stop(grace_s=drain_s)  # calls in flight finish; new ones are refused
             await store.close()
 
     try:
@@ -374,6 +386,13 @@ def serve(
 )
 @_tls_server_options
 @_metrics_port_option
+@click.option(
+    "--drain-s",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM: seconds calls and streams in flight get to finish (new ones are refused) before exit.",
+)
 @_fleet_secret_option
 @_max_message_option
 @click.option(
@@ -393,6 +412,7 @@ def container(
     tls_key: str | None,
     tls_client_ca: str | None,
     metrics_port: int | None,
+    drain_s: float,
     fleet_secret_file: str | None,
     max_message_bytes: int,
     model_store: Path,
@@ -420,6 +440,7 @@ def container(
                 fleet_secret=read_fleet_secret(fleet_secret_file),
                 model_store=model_store.resolve(),
                 max_message_bytes=max_message_bytes,
+                drain_s=drain_s,
             )
         )
     except OSError as exc:
@@ -461,7 +482,8 @@ def agent(
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
 
-    from backends.agent import Agent, ContainerAdapter
+    from backends.adapter import ContainerAdapter
+    from backends.agent import Agent
     from backends.custom import CustomAdapter
     from backends.triton import TritonAdapter
     from modelyard.telemetry import Telemetry

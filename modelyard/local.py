@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from backends.agent import Agent, ContainerAdapter
+from backends.adapter import ContainerAdapter
+from backends.agent import Agent
 from backends.container_process import CustomContainerProcess
 from backends.custom import CustomAdapter
 from backends.examples import CUSTOM_EXAMPLE_NAMES, EXAMPLE_NAMES, install_custom_example, install_example
