@@ -23,6 +23,7 @@ import functools
 import hmac
 import logging
 import math
+import signal
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -829,8 +830,10 @@ async def run_container(
     fleet_secret: str | None = None,
     model_store: Path | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    drain_s: float = 10.0,
 ) -> None:
-    """Serves a container until cancelled; prints `container listening on HOST:PORT` once it accepts calls."""
+    """Serves a container until cancelled or SIGTERM/SIGINT; prints `container listening on HOST:PORT` once
+    it accepts calls. On a signal it refuses new calls and gives those in flight `drain_s` to finish."""
     container = CustomContainer(
         memory_bytes,
         telemetry=telemetry,
@@ -850,8 +853,12 @@ async def run_container(
             names.CONTAINER_MEMORY_CAPACITY, lambda: [(float(container.memory_bytes), label)], "Memory budget"
         )
         telemetry.serve_metrics()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
     print(f"container listening on {container.address}", flush=True)
     try:
-        await container.wait()
+        await stopping.wait()  # not container.wait(): cancelling that cancels the server's own shutdown
     finally:
-        await container.stop()
+        await container.stop(drain_s)
