@@ -1,4 +1,5 @@
-"""`modelyard serve --workers N`: N router processes share one port; SIGTERM stops them all."""
+"""`modelyard serve --workers N`: N router processes share one port; a dead one is restarted while the
+others serve; SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from backends.triton_server import free_port
 from tests.conftest import stop_process
 from tests.fleet import FleetThread, start_custom_fleet
+from tests.test_failover import steady_calls
 from tests.test_lazy_load import scale_model
 from tests.test_up import alive
 
@@ -90,3 +92,54 @@ def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
         [*command, "--store", str(tmp_path / "s")], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2 and "needs a fixed --port" in result.stderr
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on `port` (each worker has its own, SO_REUSEPORT), from /proc/net/tcp and tcp6 (gRPC
+    listens on 127.0.0.1 through an IPv6 socket, as ::ffff:127.0.0.1)."""
+    rows = [
+        row.split() for f in ("tcp", "tcp6") for row in Path(f"/proc/net/{f}").read_text().splitlines()[1:]
+    ]
+    return sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A")
+
+
+def test_a_killed_worker_is_restarted_while_the_others_serve(fleet: FleetThread, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "modelyard", "serve", "--workers", "2", "--port", str(port)]
+    command += ["--store", fleet.fleet.store_url, "--fleet-secret-file", str(fleet.fleet.fleet_secret_file)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(worker_pids(process.pid)) < 2 or listeners(port) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        recoveries_s = []
+        # The client keeps one connection, on one worker: kill both original workers in turn, so one kill
+        # surely hits it (its calls then go over a new connection to a live worker).
+        with steady_calls(f"127.0.0.1:{port}", "m", 5.0, tmp_path) as figures:
+            for victim in worker_pids(process.pid):
+                killed_at = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                while not (
+                    len(pids := worker_pids(process.pid)) == 2 and victim not in pids and listeners(port) == 2
+                ):
+                    assert process.poll() is None, "the parent exited"
+                    assert time.monotonic() < killed_at + 30, "the worker was not restarted"
+                    time.sleep(0.05)
+                recoveries_s.append(time.monotonic() - killed_at)
+        print(f"2 workers again after {recoveries_s} s; client: {figures}")
+        assert figures["wrong"] == 0
+        # A worker killed mid-call takes that call with it (UNAVAILABLE: its connection reset); the kernel
+        # hands new connections only to listening sockets, so at most the call in flight per kill fails.
+        assert set(figures["failed"]) <= {"UNAVAILABLE"}, figures["failures"]
+        assert sum(figures["failed"].values()) <= 2, figures["failures"]
+        assert figures["calls"] > sum(figures["failed"].values())
+        restarts = [line for line in log.read_text().splitlines() if "killed by SIGKILL" in line]
+        assert len(restarts) == 2, log.read_text()
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            stop_process(process)  # type: ignore[arg-type]
