@@ -211,7 +211,9 @@ def test_a_plaintext_client_is_refused_by_the_tls_front(fleet: SecureFleet) -> N
 def test_a_router_calling_the_tls_container_in_plaintext_fails(fleet: SecureFleet) -> None:
     with pytest.raises(InferenceServerException) as caught:
         infer(fleet.plain_upstream_router.address)
-    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    # The container refuses the plaintext connection (UNAVAILABLE: the request never ran), so the router
+    # waits within the call's deadline for a copy it can reach (router/core.py forward_unary); there is none.
+    assert caught.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 
 def test_the_zero_hop_client_follows_routes_and_calls_the_container_over_tls(
