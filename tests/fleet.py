@@ -8,9 +8,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from backends.agent import Agent
+from backends.container_process import CustomContainerProcess
+from backends.custom import CustomAdapter
+from backends.process import restart_on_failure
 from modelyard.local import LocalFleet
 from placement import registry
-from placement.model import ModelVersion
+from placement.model import Container, ModelVersion
 
 T = TypeVar("T")
 
@@ -88,3 +92,33 @@ def start_custom_fleet(
         thread.stop()
         raise
     return thread
+
+
+async def add_custom_container(fleet: LocalFleet) -> Agent:
+    """Starts one more of our containers (a real process) with its agent in a running fleet, supervised as
+    `supervise_containers` does (call it on the fleet's loop)."""
+    i = len(fleet.customs)
+    process = CustomContainerProcess(
+        fleet.workdir / "containers" / f"custom-{i}",
+        fleet.custom_memory_bytes,
+        fleet_secret_file=fleet.fleet_secret_file,
+        model_store=(fleet.model_store or fleet.workdir).resolve(),
+    )
+    fleet.customs.append(process)  # stopped with the fleet even if what follows fails
+    await asyncio.to_thread(process.start)
+    container = Container(
+        f"custom-{i}", process.address, kind="cpu", memory_bytes=process.memory_bytes, backend="custom"
+    )
+    agent = Agent(
+        fleet.store,
+        container,
+        CustomAdapter(process.address, fleet_secret=fleet.fleet_secret),
+        lease_ttl_s=fleet.lease_ttl_s,
+        follower=fleet.follower,
+    )
+    fleet.agents.append(agent)
+    task = restart_on_failure(f"agent {container.id}", agent.run)
+    fleet._tasks.append(asyncio.create_task(task, name=f"agent-{container.id}"))
+    supervise = fleet._supervise(process, agent)
+    fleet._tasks.append(asyncio.create_task(supervise, name=f"supervise-{container.id}"))
+    return agent
