@@ -115,3 +115,46 @@ def test_calls_to_a_single_copy_model_wait_for_its_replacement_when_its_containe
     assert figures["wrong"] == 0
     # Some calls were refused by the dead container and waited for the new copy (else nothing was tested).
     assert router.router.retries > 0
+
+
+@pytest.fixture
+def lone_container_fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    """One of our containers, restarted when it dies (as `modelyard up` does): nowhere else to re-place."""
+    thread = start_custom_fleet(
+        tmp_path / "fleet", [scale_model(tmp_path / "models", "one", 4.0)], containers=1
+    )
+
+    async def supervise() -> None:
+        thread.fleet.supervise_containers()  # its tasks run on the fleet's loop
+
+    thread.call(supervise())
+    yield thread
+    thread.stop()
+
+
+def test_calls_wait_for_their_container_to_be_restarted_when_it_is_the_only_one(
+    lone_container_fleet: FleetThread, tmp_path: Path
+) -> None:
+    fleet = lone_container_fleet
+    router = fleet.fleet.router
+    assert router is not None
+    victim = fleet.fleet.customs[0]
+    assert victim.process is not None
+    pid = victim.process.pid
+    with steady_calls(fleet.address, "one", 4.0, tmp_path) as figures:
+        killed_at = time.monotonic()
+        victim.process.kill()
+        deadline = time.monotonic() + 30
+        while victim.process.pid == pid or not router.router.table.ready_copies("one@1"):
+            assert time.monotonic() < deadline, "the container was not restarted with its copy"
+            time.sleep(0.05)
+        back_s = time.monotonic() - killed_at
+        with grpcclient.InferenceServerClient(fleet.address) as client:
+            while inference_count(client, "one") < 25:  # the restarted container's own count
+                assert time.monotonic() < deadline, "the restarted copy answered too few calls"
+                time.sleep(0.05)
+    print(f"copy ready again after {back_s:.1f} s; client figures: {figures}")
+    assert fleet.fleet.restarts["custom-0"] == 1
+    assert figures["failed"] == {}, figures["failures"][:5]
+    assert figures["wrong"] == 0
+    assert router.router.retries > 0
