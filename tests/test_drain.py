@@ -166,3 +166,45 @@ def test_sigterm_to_our_container_lets_a_call_in_flight_finish_then_exits_0(
     exited_s = time.monotonic() - ended
     assert exited_s < 5, "the container sat out its drain period with nothing in flight"
     print(f"call ended {ended - signalled:.2f} s after SIGTERM; container exited 0 within {exited_s:.2f} s")
+
+
+def test_sigterm_to_the_router_lets_a_stream_in_flight_finish(
+    slow_fleet: tuple[FleetThread, np.ndarray, np.ndarray],
+) -> None:
+    from modelyard.v1 import inference_pb2, router_pb2_grpc
+
+    fleet, W, b = slow_fleet
+    container = fleet.fleet.customs[0].process
+    assert container is not None
+    router, address = serve(fleet, "--drain-s", "20")
+    x = np.random.default_rng(7).standard_normal((ROWS, N)).astype(np.float32)
+    request = inference_pb2.InferRequest(model_name="slow", id="drained")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+
+    def stream() -> tuple[float, list[bytes]]:
+        with grpc.insecure_channel(address, options=BIG) as channel:
+            responses = list(router_pb2_grpc.RouterStub(channel).InferStream(request, timeout=60))
+            return time.monotonic(), [r.raw_output_contents[0] for r in responses if r.raw_output_contents]
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            before = cpu_s(container.pid)
+            call = pool.submit(stream)
+            deadline = time.monotonic() + 30
+            while cpu_s(container.pid) - before < 0.3:  # the math has begun
+                assert not call.done(), call.exception() or "the stream ended before it was seen running"
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            signalled = time.monotonic()
+            router.send_signal(signal.SIGTERM)
+            ended, outputs = call.result(60)
+        assert ended > signalled
+        (out,) = outputs
+        got = np.frombuffer(out, np.float32).reshape(ROWS, N)[:4]
+        np.testing.assert_allclose(got, x[:4] @ W + b, rtol=1e-3, atol=1e-3)
+        assert router.wait(10) == 0
+        print(f"stream ended {ended - signalled:.2f} s after SIGTERM; router exited 0")
+    finally:
+        if router.poll() is None:
+            stop_process(router)  # type: ignore[arg-type]
