@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from backends.process import backoff_s, describe_exit
 log = logging.getLogger(__name__)
 
 STABLE_S = 60.0  # a worker that ran this long before dying starts its backoff over
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_MARGIN_S = 5.0  # past the workers' drain period, before they are killed
 
 
@@ -74,13 +76,21 @@ async def _supervise_all(commands: list[list[str]], drain_s: float | None) -> in
     return 0
 
 
+def _stop_with_parent() -> None:
+    """In the worker before it runs: SIGTERM (a drain) when the parent dies, even by SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 async def _supervise(
     slot: int, command: list[str], running: dict[int, asyncio.subprocess.Process], stopping: asyncio.Event
 ) -> None:
     """Keeps worker `slot` running until `stopping`; returns once its last process has exited."""
     failures = 0
     while not stopping.is_set():
-        process = await asyncio.create_subprocess_exec(*command, start_new_session=True)
+        process = await asyncio.create_subprocess_exec(
+            *command, start_new_session=True, preexec_fn=_stop_with_parent
+        )
         running[slot] = process
         if stopping.is_set():  # the signal came while it started: it missed the parent's SIGTERM
             process.send_signal(signal.SIGTERM)

@@ -143,3 +143,28 @@ def test_a_killed_worker_is_restarted_while_the_others_serve(fleet: FleetThread,
     finally:
         if process.poll() is None:
             stop_process(process)  # type: ignore[arg-type]
+
+
+def test_workers_stop_when_their_parent_is_killed(fleet: FleetThread) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "modelyard", "serve", "--workers", "2", "--port", str(port)]
+    command += ["--store", fleet.fleet.store_url, "--fleet-secret-file", str(fleet.fleet.fleet_secret_file)]
+    process = subprocess.Popen(command, start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(pids := worker_pids(process.pid)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "workers outlived their parent"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            stop_process(process)  # type: ignore[arg-type]
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
