@@ -684,7 +684,7 @@ def test_a_slow_model_does_not_stall_calls_to_another_model(
 ) -> None:
     """Model math runs on the compute pool, off the container's event loop: while one call multiplies a
     1024 x 4096 input by 4096 x 4096 weights (34 GFLOP: about a second on one core), a small model called
-    again and again answers each call within 0.25 s and within a third of the slow call's time. With the
+    again and again answers each call within 0.45 s and within half the slow call's time. With the
     math on the loop, the fast call made during the product would wait for all of it.
 
     The container is its own process and requests are serialized beforehand, so neither the test's GIL
@@ -741,7 +741,7 @@ def test_a_slow_model_does_not_stall_calls_to_another_model(
         f"median {statistics.median(latencies_s) * 1000:.1f} ms, max {max(latencies_s) * 1000:.1f} ms"
     )
     assert len(during) >= 10, f"only {len(during)} fast calls answered during a {slow_s:.2f} s slow call"
-    assert max(latencies_s) < min(0.25, slow_s / 3), (max(latencies_s), slow_s)
+    assert max(latencies_s) < min(0.45, slow_s / 2), (max(latencies_s), slow_s)
 
 
 # --- streaming -------------------------------------------------------------------------------------------
