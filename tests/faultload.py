@@ -141,6 +141,20 @@ class Loader:
             self.process.kill()
             raise AssertionError(f"the caller never had an answer from every model: {line}")
 
+    def calls(self) -> int:
+        """Calls made so far (as of the last tenth of a second)."""
+        path = Path(str(self.stop_file) + ".calls")
+        return int(path.read_text()) if path.exists() else 0
+
+    def wait_for_more_calls(self, count: int, ceiling_s: float = 30.0) -> None:
+        """Waits until `count` more calls have been made: the load went on past the fault's recovery."""
+        target = self.calls() + count
+        started = time.monotonic()
+        while self.calls() < target:
+            assert self.process.poll() is None, "the caller process exited"
+            assert time.monotonic() - started < ceiling_s, f"fewer than {count} calls in {ceiling_s:.0f} s"
+            time.sleep(0.1)
+
     def stop(self) -> dict[str, Any]:
         if self.figures is None:
             self.stop_file.touch()
@@ -177,7 +191,13 @@ def main(argv: list[str]) -> None:
     while load.answered != set(models) and time.monotonic() < ready_by:
         time.sleep(0.05)
     print("ready" if load.answered == set(models) else "not ready", flush=True)
+    progress = Path(stop_file + ".calls")
     while not Path(stop_file).exists():
+        # Calls made so far, for callers that wait for more calls after a fault (written whole, then renamed).
+        with load.lock:
+            made = sum(load.calls.values())
+        progress.with_suffix(".tmp").write_text(str(made))
+        progress.with_suffix(".tmp").replace(progress)
         time.sleep(0.1)  # a file, not a signal: the caller reads the figures after its own assertions
     stop.set()
     for thread in threads:
