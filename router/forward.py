@@ -21,6 +21,10 @@ _MAX_MESSAGE_BYTES = 2**31 - 1
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    # A container that restarts (same address) is reachable again within a second: gRPC's default
+    # reconnect backoff grows to 120 s, which a call waiting for the copy (failover) would sit out.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
 
