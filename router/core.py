@@ -150,9 +150,9 @@ class Router:
     ) -> bytes:
         """Sends `request` to a ready copy; with `lazy_load`, a model with none is loaded first.
 
-        A copy that answers UNAVAILABLE never ran the request (connection refused or closed, model not
-        loaded there), so it is sent again: to another ready copy, or, when the failed one was the only
-        one, to the copy that replaces it, waited for within the call's deadline as a cold call waits.
+        A copy that answers UNAVAILABLE or NOT_FOUND never ran the request (connection refused or closed,
+        model not loaded there), so it is sent again: to another ready copy, or, when the failed one was the
+        only one, to the copy that replaces it, waited for within the call's deadline as a cold call waits.
         Any other code is final: the request may have run.
         """
         model, request = self.route(request, context)
@@ -168,7 +168,10 @@ class Router:
             try:
                 return public_response(model, method, await self._call(container, method, request, context))
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
+                # (restarted at its address, or unloaded it for a move) before the store said so. The
+                # request did not run there either, so it is resent like an UNAVAILABLE one.
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                     raise
                 refused.add(container.id)
                 others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]

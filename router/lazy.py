@@ -62,7 +62,9 @@ class LazyLoader:
                 states = [fleet.states.get((cid, key)) for cid in live]
                 if all(s is not None and s.phase == "failed" for s in states):
                     raise NoReadyCopy(self._failures(model, live))
-            elif not fleet.leader:
+            elif not fleet.leader and not fleet.assignments.get(key):
+                # A copy on a container that is down may come back without a controller (its agent
+                # reloads it); with none assigned, nothing would ever place the model.
                 raise NoController(
                     f"model '{model.name}' version '{model.version}' has no copy, and no placement "
                     "controller is running to place it (start one: `modelyard controller`)"

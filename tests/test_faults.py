@@ -162,19 +162,10 @@ def report(scenario: str, figures: dict[str, Any], recovered_s: float) -> None:
 # (where not "") the kind of call. A scenario
 # whose only failures are these is reported as xfail with its numbers; any other failure fails it.
 KNOWN_DEFECTS = {
-    ("NOT_FOUND", "is not loaded", ""): (
-        "a copy the router still lists as ready answers NOT_FOUND (a container restarted at its address "
-        "before its agent reports the copy loading; a copy unloaded by a move before the router saw the new "
-        "map) and the router takes it as final, even with another copy (router/core.py:171)"
-    ),
     ("UNAVAILABLE", "container custom-", "stream"): (
         "a stream whose container dies before its first response fails instead of going to another copy "
         "or waiting for the replacement: the request is retried on the same container only "
         "(router/stream.py:322-336; the container is picked once, :366)"
-    ),
-    ("FAILED_PRECONDITION", "no placement controller is running", ""): (
-        "a store hang as long as the leases expires them all; a call in the gap before agents re-register "
-        "finds no live copy and no leader and fails at once instead of waiting (router/lazy.py:65)"
     ),
 }
 
