@@ -217,11 +217,17 @@ def test_infer_session_to_a_container_that_is_down_ends_unavailable(fleet: Fleet
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_unary_infer_to_a_container_that_is_down_is_unavailable(fleet: FleetThread) -> None:
+def test_unary_infer_to_a_container_that_stays_down_waits_for_a_copy_until_its_deadline(
+    fleet: FleetThread,
+) -> None:
+    """UNAVAILABLE from the only copy means the request never ran: the router waits within the call's
+    deadline for a copy it can reach (router/core.py forward_unary). None comes, so the deadline ends it."""
+    started = time.monotonic()
     with grpc.insecure_channel(fleet.address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            router_pb2_grpc.RouterStub(channel).Infer(request("identity", [1.0]), timeout=30)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            router_pb2_grpc.RouterStub(channel).Infer(request("identity", [1.0]), timeout=3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 2.5 < time.monotonic() - started < 10  # waited for the copy, and not past the deadline
 
 
 @pytest.fixture
