@@ -103,6 +103,17 @@ def _fleet_secret_option(command: F) -> F:
     )(command)
 
 
+def _drain_option(command: F) -> F:
+    """--drain-s, declared once for the router and our container."""
+    return click.option(
+        "--drain-s",
+        type=click.FloatRange(min=0),
+        default=10.0,
+        show_default=True,
+        help="On SIGTERM: seconds calls and streams in flight get to finish (new ones refused) before exit.",
+    )(command)
+
+
 def _max_message_option(command: F) -> F:
     return click.option(
         "--max-message-bytes",
@@ -243,13 +254,7 @@ def up(
     is_flag=True,
     help="Take x-tenant-id as sent: only behind a gateway that sets it (the default on loopback).",
 )
-@click.option(
-    "--drain-s",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM: seconds calls and streams in flight get to finish (new ones are refused) before exit.",
-)
+@_drain_option
 @_fleet_secret_option
 @_max_message_option
 def serve(
@@ -386,13 +391,7 @@ def serve(
 )
 @_tls_server_options
 @_metrics_port_option
-@click.option(
-    "--drain-s",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="On SIGTERM: seconds calls and streams in flight get to finish (new ones are refused) before exit.",
-)
+@_drain_option
 @_fleet_secret_option
 @_max_message_option
 @click.option(
