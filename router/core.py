@@ -179,14 +179,14 @@ class Router:
                 if retry_on is None:
                     if not lazy_load:
                         raise
-                    retry_on = await self._replacement(model, container, refused, deadline)
+                    retry_on = await self.wait_for_replacement(model, container, refused, deadline)
                 container = retry_on
                 self.retries += 1
                 call = CURRENT_CALL.get()
                 if call is not None:
                     call.retries += 1
 
-    async def _replacement(
+    async def wait_for_replacement(
         self, model: ModelVersion, failed: Container, refused: set[str], deadline: float
     ) -> Container:
         """A ready copy to resend a call to after `failed` refused it and no other listed copy is left.

@@ -18,8 +18,12 @@ requests at once; other containers serve a stream's requests one after another, 
 
 Cancellation: a client stream that goes away (or a request past its deadline) abandons its requests; the
 upstream stream that carries them takes no new requests and is cancelled — stopping the container's work —
-as soon as no other caller's request is left on it, never before. An upstream stream that fails fails the
-requests it carries with its status (never retried once sent: responses may have been delivered).
+as soon as no other caller's request is left on it, never before. An upstream stream that fails
+(UNAVAILABLE: the container died or closed it) moves each request it carries that has had no response yet
+to another ready copy, or waits for the copy that replaces it within the request's deadline, as a unary
+call does; so does a request the container answers "model not found/not ready" before any response (a
+stale copy). A request that has had a response is never resent (the caller saw part of its answer): it
+fails with the stream's status.
 
 A request that cannot be routed gets an in-stream error response on the bidi fronts, as Triton answers a
 bad request in a stream, and the stream goes on; `InferStream` (one request) ends with the error's status.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
@@ -41,7 +46,13 @@ import grpc.aio
 from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.telemetry import CURRENT_CALL
 from placement.model import Container, ModelVersion
-from router.errors import ContainerStreamError, NoReadyCopy, RoutingError, UpstreamFailed
+from router.errors import (
+    ContainerStreamError,
+    NoReadyCopy,
+    RoutingError,
+    UpstreamFailed,
+    stream_error_code,
+)
 from router.forward import ContainerChannels
 from router.wire import (
     StreamResponse,
@@ -66,22 +77,56 @@ MAX_STREAM_REQUESTS = 64  # requests one client stream may have in flight
 IDLE_CLOSE_S = 60.0  # an upstream stream with nothing in flight for this long is closed
 
 
-class _Request:
-    """One request in flight on an upstream stream."""
+# Codes after which a request that has had no response is sent to another copy: it did not run (or its
+# container died before answering, and no part of an answer reached the caller).
+_FAIL_OVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
 
-    __slots__ = ("caller_id", "done", "name", "sink", "swallow_final", "timer", "upstream", "upstream_id")
+
+class _Request:
+    """One request in flight on an upstream stream (or between two, while it fails over)."""
+
+    __slots__ = (
+        "caller_id",
+        "data",
+        "deadline",
+        "done",
+        "failover",
+        "model",
+        "name",
+        "refused",
+        "responded",
+        "sink",
+        "swallow_final",
+        "timer",
+        "upstream",
+        "upstream_id",
+    )
 
     def __init__(
-        self, upstream_id: str, caller_id: str, name: str | None, swallow_final: bool, sink: Sink
+        self,
+        upstream_id: str,
+        caller_id: str,
+        name: str | None,
+        swallow_final: bool,
+        sink: Sink,
+        model: ModelVersion,
+        data: bytes,
+        deadline: float,
     ) -> None:
         self.upstream_id = upstream_id
         self.caller_id = caller_id
         self.name = name  # the public name to show (Triton answers with its internal one), or None
         self.swallow_final = swallow_final  # the caller did not ask for the empty final response
         self.sink: Sink | None = sink  # None once the caller gave up on it
+        self.model = model
+        self.data = data  # the bytes sent up (kept to resend them to another copy)
+        self.deadline = deadline  # time.monotonic() by which it must be over
         self.upstream: Upstream | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.done = False  # its final response (or an error) came, or its upstream stream ended
+        self.responded = False  # the caller has been given a response: never resent after that
+        self.refused: set[str] = set()  # containers that failed it before any response
+        self.failover: asyncio.Task[None] | None = None  # moving it to another copy
 
 
 # One response for a client stream: (upstream bytes, what they say, the request), an in-stream error
@@ -181,6 +226,17 @@ class Upstream:
             self.live -= 1
         self._settle()
 
+    def _detach(self, request: _Request) -> bool:
+        """Takes a request no response has reached off this stream, to send it to another copy; the
+        caller keeps waiting for it (it stays in its sink's requests)."""
+        if self.requests.pop(request.upstream_id, None) is None:
+            return False
+        self.pool.channels.outstanding[self.container.id] -= 1
+        self.live -= 1
+        request.upstream = None
+        self._settle()
+        return True
+
     def abandon(self, request: _Request) -> None:
         """The caller no longer waits for `request` (it went away, or its deadline passed)."""
         if request.sink is None or request.done:
@@ -212,12 +268,6 @@ class Upstream:
             self.pool.forget(self)
             self.call.cancel()
 
-    def expire(self, request: _Request) -> None:
-        sink = request.sink
-        if sink is not None:
-            sink.fail(UpstreamFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
-            self.abandon(request)
-
     async def _read(self) -> None:
         error = UpstreamFailed(grpc.StatusCode.UNAVAILABLE, f"container {self.container.id}: stream ended")
         try:
@@ -239,6 +289,10 @@ class Upstream:
             if not self.call.done():
                 self.call.cancel()
             for request in list(self.requests.values()):
+                if request.sink is not None and error.code in _FAIL_OVER_CODES and not request.responded:
+                    if self._detach(request):
+                        self.pool.fail_over(request, self.container, error)
+                    continue
                 if request.sink is not None:
                     request.sink.fail(error)
                 self._finish(request)
@@ -252,6 +306,19 @@ class Upstream:
         if request is None:
             return  # a response to a request whose caller gave up (and whose id was forgotten)
         sink = request.sink
+        if (
+            sink is not None
+            and info.error is not None
+            and not request.responded
+            and stream_error_code(info.error) in _FAIL_OVER_CODES
+        ):
+            # The copy is stale (the container dropped the model before the store said so) or not ready:
+            # the request did not run there, so it goes to another copy, as a unary call's NOT_FOUND does.
+            if self._detach(request):
+                self.pool.fail_over(
+                    request, self.container, UpstreamFailed(stream_error_code(info.error), info.error)
+                )
+            return
         if info.error is not None or info.final:
             self._finish(request)
         if sink is None or (
@@ -260,6 +327,7 @@ class Upstream:
             if sink is not None:
                 sink.push((b"", info, request))  # the request is over; nothing to show the caller
             return
+        request.responded = True
         sink.push((response, info, request), len(response))
         if sink.overflowing:  # never wait for one caller: every caller on this stream would wait
             sink.fail(
@@ -269,18 +337,23 @@ class Upstream:
                 )
             )
             for waiting in list(sink.requests):
-                if waiting.upstream is not None:
-                    waiting.upstream.abandon(waiting)
+                self.pool.abandon(waiting)
 
 
 class StreamPool:
     """The router's upstream streams, per (container, model version)."""
 
-    def __init__(self, channels: ContainerChannels, fleet_secret: str | None = None) -> None:
+    def __init__(
+        self, channels: ContainerChannels, fleet_secret: str | None = None, router: Router | None = None
+    ) -> None:
         self.channels = channels
         self.fleet_secret = fleet_secret
         self.upstreams: dict[tuple[str, str], list[Upstream]] = {}
         self._ids = itertools.count(1)
+        # The router (for the copies to fail over to); weak: the router owns the pool.
+        self._router = weakref.ref(router) if router is not None else None
+        self._failovers: set[asyncio.Task[None]] = set()
+        self.failed_over = 0  # requests sent to another copy after theirs failed before any response
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The router's own headers: a shared stream carries no caller's headers (tenant, trace)."""
@@ -315,19 +388,39 @@ class StreamPool:
         swallow_final: bool,
         timeout_s: float | None,
     ) -> _Request:
-        """Sends a routed request on a pooled stream; its responses will land in `sink`."""
+        """Sends a routed request on a pooled stream; its responses will land in `sink`.
+
+        `timeout_s` (None: the router's default deadline) bounds the request, failovers included."""
         name = model.name if model.backend == "triton" else None
-        request = _Request(str(next(self._ids)), caller_id, name, swallow_final, sink)
-        data = with_stream_request_id(routed, request.upstream_id)
+        upstream_id = str(next(self._ids))
+        data = with_stream_request_id(routed, upstream_id)
+        router = self._router() if self._router is not None else None
+        budget = timeout_s if timeout_s is not None else (router.default_deadline_s if router else 60.0)
+        deadline = time.monotonic() + budget
+        request = _Request(upstream_id, caller_id, name, swallow_final, sink, model, data, deadline)
+        sink.requests.add(request)
+        if timeout_s is not None:
+            request.timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, request)
+        try:
+            await self._send(request, container)
+        except UpstreamFailed as exc:
+            if exc.code not in _FAIL_OVER_CODES:
+                self.abandon(request)
+                raise
+            self.fail_over(request, container, exc)
+        return request
+
+    async def _send(self, request: _Request, container: Container) -> None:
+        """Writes the request on a pooled stream to `container` (a second stream if the first has just
+        ended); raises UpstreamFailed(UNAVAILABLE) when neither takes it (it did not run)."""
         for attempt in (1, 2):
-            upstream = self._acquire(container, model)
+            upstream = self._acquire(container, request.model)
             upstream.add(request)
-            sink.requests.add(request)
             try:
                 async with upstream.write_lock:
-                    await upstream.call.write(data)
+                    await upstream.call.write(request.data)
             except Exception as exc:  # the stream ended before the request went out: it never ran
-                upstream._finish(request)
+                upstream._detach(request)
                 self.forget(upstream)
                 upstream.retiring = True
                 if attempt == 2:
@@ -335,12 +428,85 @@ class StreamPool:
                         grpc.StatusCode.UNAVAILABLE, f"container {container.id}: {exc or 'stream closed'}"
                     ) from exc
                 continue
-            if timeout_s is not None and request.sink is not None:
-                request.timer = asyncio.get_running_loop().call_later(timeout_s, upstream.expire, request)
-            return request
+            return
         raise AssertionError("unreachable")
 
+    def fail_over(self, request: _Request, failed: Container, error: UpstreamFailed) -> None:
+        """Sends `request` (which had no response) to another copy, in the background."""
+        task = asyncio.get_running_loop().create_task(self._fail_over(request, failed, error))
+        request.failover = task
+        self._failovers.add(task)
+        task.add_done_callback(self._failovers.discard)
+
+    async def _fail_over(self, request: _Request, failed: Container, error: UpstreamFailed) -> None:
+        router = self._router() if self._router is not None else None
+        try:
+            if router is None:
+                raise error
+            while request.sink is not None:
+                request.refused.add(failed.id)
+                others = [
+                    c for c in router.table.ready_copies(request.model.key) if c.id not in request.refused
+                ]
+                container = router.channels.pick(others)
+                if container is None:
+                    container = await router.wait_for_replacement(
+                        request.model, failed, request.refused, request.deadline
+                    )
+                if request.sink is None:
+                    return  # the caller gave up while the copy was found
+                log.info(
+                    "stream request for %s: container %s failed it before any response (%s); resent to %s",
+                    request.model.key,
+                    failed.id,
+                    error.details,
+                    container.id,
+                )
+                self.failed_over += 1
+                router.retries += 1
+                try:
+                    await self._send(request, container)
+                    return
+                except UpstreamFailed as exc:
+                    failed, error = container, exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            sink = request.sink
+            if sink is not None:
+                sink.requests.discard(request)
+                request.sink = None
+                if request.timer is not None:
+                    request.timer.cancel()
+                sink.fail(exc if isinstance(exc, RoutingError) else error)
+        finally:
+            request.failover = None
+
+    def _expire(self, request: _Request) -> None:
+        """The request's deadline passed."""
+        sink = request.sink
+        if sink is not None:
+            sink.fail(UpstreamFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self.abandon(request)
+
+    def abandon(self, request: _Request) -> None:
+        """The caller no longer waits for `request`, wherever it is (on a stream or failing over)."""
+        if request.upstream is not None:
+            request.upstream.abandon(request)
+            return
+        sink = request.sink
+        if sink is None:
+            return
+        sink.requests.discard(request)
+        request.sink = None
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.failover is not None:
+            request.failover.cancel()
+
     async def close(self) -> None:
+        for task in list(self._failovers):
+            task.cancel()
         upstreams = [u for streams in self.upstreams.values() for u in streams]
         self.upstreams.clear()
         for upstream in upstreams:
@@ -355,7 +521,7 @@ def pool_of(router: Router) -> StreamPool:
     """The router's stream pool (one per router, made on first use)."""
     pool = _POOLS.get(router)
     if pool is None:
-        pool = _POOLS[router] = StreamPool(router.channels, getattr(router, "fleet_secret", None))
+        pool = _POOLS[router] = StreamPool(router.channels, getattr(router, "fleet_secret", None), router)
     return pool
 
 
@@ -418,8 +584,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
                 if info.final:
                     return
     finally:
-        if pending.upstream is not None:
-            pending.upstream.abandon(pending)
+        pool_of(router).abandon(pending)
         sink.close(asyncio.CancelledError())
 
 
@@ -486,7 +651,6 @@ async def relay(
     finally:
         pump_task.cancel()
         for request in list(sink.requests):
-            if request.upstream is not None:
-                request.upstream.abandon(request)
+            pool.abandon(request)
         sink.close(asyncio.CancelledError())
         await asyncio.gather(pump_task, return_exceptions=True)

@@ -28,6 +28,7 @@ from placement import registry
 from placement.model import Container, CopyState
 from placement.store import open_store
 from router.server import RouterServer
+from router.stream import pool_of
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 
@@ -51,9 +52,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
         # A real fault: a container the map believes ready, whose address refuses connections.
         ghost = Container("ghost", f"127.0.0.1:{free_port()}", kind="cpu", memory_bytes=2**30)
         await registry.register_container(fleet.store, ghost)
-        plan = {m.key: ["triton-0"] for m in models} | {ghostly.key: ["ghost"]}
+        # scale@1 has a second copy on the ghost: calls that pick it must go to triton-0's copy instead.
+        plan = {m.key: ["triton-0"] for m in models} | {
+            ghostly.key: ["ghost"],
+            "scale@1": ["triton-0", "ghost"],
+        }
         await registry.write_shard_map(fleet.store, plan, expected_generation=0)
         await registry.put_copy_state(fleet.store, "ghost", ghostly.key, CopyState("ready"))
+        await registry.put_copy_state(fleet.store, "ghost", "scale@1", CopyState("ready"))
         await fleet.start_router()
         await fleet.wait_ready(models, timeout_s=120)
 
@@ -202,19 +208,51 @@ def test_infer_stream_with_a_wrong_input_triton_rejects_is_invalid_argument(flee
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "NOT_AN_INPUT" in details
 
 
-def test_infer_stream_to_a_container_that_is_down_is_unavailable(fleet: FleetThread) -> None:
-    code, details = infer_stream_status(fleet.address, request("identity", [1.0]))
-    assert code == grpc.StatusCode.UNAVAILABLE and "ghost" in details
-
-
-def test_infer_session_to_a_container_that_is_down_ends_unavailable(fleet: FleetThread) -> None:
+def test_infer_stream_to_a_container_that_stays_down_waits_for_a_copy_until_its_deadline(
+    fleet: FleetThread,
+) -> None:
+    """The only copy's container refuses the stream before any response: the request did not run, so the
+    router waits for a copy it can reach within the deadline (router/stream.py fail_over), as a unary call
+    does. None comes: the deadline ends it, not an UNAVAILABLE at once."""
+    started = time.monotonic()
     with grpc.insecure_channel(fleet.address) as channel:
-        call = router_pb2_grpc.RouterStub(channel).InferSession(
-            iter([request("identity", [1.0])]), timeout=30
-        )
+        call = router_pb2_grpc.RouterStub(channel).InferStream(request("identity", [1.0]), timeout=3)
         with pytest.raises(grpc.RpcError) as caught:
             list(call)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 2.5 < time.monotonic() - started < 10
+
+
+def test_infer_session_to_a_container_that_stays_down_waits_until_its_deadline(fleet: FleetThread) -> None:
+    started = time.monotonic()
+    with grpc.insecure_channel(fleet.address) as channel:
+        call = router_pb2_grpc.RouterStub(channel).InferSession(iter([request("identity", [1.0])]), timeout=3)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 2.5 < time.monotonic() - started < 10
+
+
+def test_streams_whose_copy_refuses_them_fail_over_to_the_other_copy(fleet: FleetThread) -> None:
+    """scale@1 is listed ready on triton-0 and on `ghost` (nothing listens there). The copy choice is
+    random between the two, so of 30 stream calls some go to the ghost first; every one must still answer
+    right, through the other copy, and the router must count those it moved."""
+    router = fleet.fleet.router
+    assert router is not None
+    pool = pool_of(router.router)
+    moved_before = pool.failed_over
+    with grpc.insecure_channel(fleet.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for i in range(30):
+            responses = list(stub.InferStream(request("scale", [float(i)]), timeout=30))
+            assert [floats(r) for r in responses if r.outputs] == [[2.0 * i]]
+        session = list(
+            stub.InferSession(iter([request("scale", [float(i)], f"r{i}") for i in range(30)]), timeout=30)
+        )
+    assert [a.error_message for a in session] == [""] * len(session)
+    answers = {a.infer_response.id: floats(a.infer_response) for a in session if a.infer_response.outputs}
+    assert answers == {f"r{i}": [2.0 * i] for i in range(30)}
+    assert pool.failed_over > moved_before
 
 
 def test_unary_infer_to_a_container_that_stays_down_waits_for_a_copy_until_its_deadline(
