@@ -268,7 +268,7 @@ def incremental_changes(
         assigned = fleet.assignments.get(key, ())
         model = fleet.models.get(key)
         if model is None:
-            if assigned:
+            if assigned and registry.MODELS + key not in fleet.unparsable:  # unreadable is not removed
                 changes[key] = ()
             continue
         live = tuple(cid for cid in assigned if cid in fleet.containers)

@@ -158,6 +158,7 @@ def snapshot(fleet: Fleet) -> Fleet:
         revision=fleet.revision,
     )
     copy.measured = {key: dict(by_container) for key, by_container in fleet.measured.items()}
+    copy.unparsable = set(fleet.unparsable)
     return copy
 
 
@@ -179,6 +180,10 @@ def plan_rebalance(fleet: Fleet, *, placed_only: bool = False) -> RebalancePlan:
         rebalance=True,
     )
     after = dict(result.assignments)
+    # A model whose registration does not parse is still registered: its copies stay where they are.
+    for key, ids in before.items():
+        if key not in fleet.models and registry.MODELS + key in fleet.unparsable:
+            after[key] = ids
     # A lost copy that could not be re-placed stays assigned: if its container comes back, so does the copy.
     for key, ids in before.items():
         model = fleet.models.get(key)

@@ -150,6 +150,9 @@ class Fleet:
     raw_assignments: dict[str, Assignment] = field(default_factory=dict)
     _pending: dict[int, set[str]] = field(default_factory=dict)  # generation -> keys staged for it
     skipped: int = 0  # store values that did not parse
+    # Store keys whose current value does not parse. A model key here is registered, just unreadable (a
+    # bad write, or a newer writer's format): its copies stay assigned instead of being dropped.
+    unparsable: set[str] = field(default_factory=set)
 
     @classmethod
     def from_items(cls, items: Iterable[KeyValue], revision: int) -> Fleet:
@@ -214,8 +217,11 @@ class Fleet:
         self.revision = max(self.revision, event.revision)
         try:
             self._apply(event, changes)
+            self.unparsable.discard(event.key)
         except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
             self.skipped += 1
+            if event.kind == "put":
+                self.unparsable.add(event.key)
             log.warning("store key %s: skipped, its value does not parse (%s)", event.key, exc)
         return changes
 

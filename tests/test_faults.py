@@ -359,3 +359,60 @@ def test_the_controller_cancelled_and_restarted_still_places(faults: Faults) -> 
     report("controller cancelled and restarted (+ a model registered)", figures, recovered_s)
     assert holders(faults.fleet, late.key)
     assert_no_failures(figures)
+
+
+def test_garbage_in_store_keys_under_load_fails_no_call(faults: Faults) -> None:
+    """Bad values written into single keys — a null container, a wrongly typed model, a registered model's
+    value broken, a route with a bad weight, a garbage copy state — are skipped by every reader: no call
+    fails, a model registered after them is still placed, the CLI still answers, and restoring the broken
+    model's value heals it."""
+    converged_within(faults.fleet, time.monotonic())
+    local = faults.fleet.fleet
+    late = scale_model(faults.folder / "models", "after_garbage", 9.0)
+    single_key = registry.MODELS + f"{SINGLE}@1"
+    [holder] = holders(faults.fleet, f"{SINGLE}@1")
+    garbage = {
+        registry.CONTAINERS + "junk": b"null",
+        registry.MODELS + "junk@1": b'{"name": "junk", "version": "1", "replicas": "two"}',
+        single_key: b"{not json",
+        registry.ROUTES + REPLICATED: b'{"model": "rep", "weights": [["1", "heavy"]]}',
+        registry.state_key(holder, "junk@1"): b"[]",
+    }
+
+    async def corrupt() -> bytes:
+        good = await local.store.get(single_key)
+        assert good is not None
+        for key, value in garbage.items():
+            await local.store.put(key, value)
+        await registry.register_model(local.store, late)
+        return good.value
+
+    async def restore(value: bytes) -> None:
+        await local.store.put(single_key, value)
+        for key in garbage:
+            if key != single_key:
+                await local.store.delete(key)
+
+    with Loader(faults.fleet.address, faults.folder, FACTORS) as load:
+        started = time.monotonic()
+        good = faults.fleet.call(corrupt())
+        placed_s = converged_within(faults.fleet, started)  # `late` placed and ready among the garbage
+        listed = subprocess.run(
+            [sys.executable, "-m", "modelyard", "models", "list", "--store", faults.etcd.url],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        load.wait_for_more_calls(CALLS_AFTER)
+        faults.fleet.call(restore(good))
+        recovered_s = converged_within(faults.fleet, started)
+        load.wait_for_more_calls(CALLS_AFTER)
+    figures = load.stop()
+    report(
+        f"garbage in {len(garbage)} store keys (placed a new model {placed_s:.1f} s after)",
+        figures,
+        recovered_s,
+    )
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert late.name in listed.stdout and REPLICATED in listed.stdout
+    assert holders(faults.fleet, late.key) and holders(faults.fleet, f"{SINGLE}@1") == [holder]
+    assert figures["calls"][SINGLE] > 0
+    assert_no_failures(figures)

@@ -131,6 +131,34 @@ def test_copies_of_a_dead_container_are_re_placed_incrementally() -> None:
     assert changes == {} and "m@1" in unplaced
 
 
+def test_a_model_whose_registration_turns_unreadable_keeps_its_copies() -> None:
+    """A bad write over a registered model's key (or a newer writer's format) must not read as "removed":
+    a controller that starts from a snapshot then would drop the copies and fail every call to it."""
+    from placement.rebalance import plan_rebalance
+    from placement.store import Event
+
+    kept = ModelVersion("kept", "1", memory_bytes=GiB)
+    other = ModelVersion("other", "1", memory_bytes=GiB)
+    fleet = Fleet.of(
+        models=[kept, other],
+        containers=[Container("a", "x:a", memory_bytes=8 * GiB)],
+        assignments={kept.key: ("a",), other.key: ("a",)},
+    )
+    # A snapshot taken now (as a fresh reader sees the store): kept@1 holds garbage, other@1 is deleted.
+    fresh = Fleet.of(
+        containers=[Container("a", "x:a", memory_bytes=8 * GiB)], assignments=dict(fleet.assignments)
+    )
+    fresh.apply(Event("put", registry.MODELS + kept.key, b'{"name": "kept", "version": 1}', 99))
+    assert kept.key not in fresh.models and registry.MODELS + kept.key in fresh.unparsable
+    changes, _ = incremental_changes(fresh, [kept.key, other.key])
+    assert changes == {other.key: ()}  # the removed one loses its copy; the unreadable one keeps it
+    proposal = plan_rebalance(fresh)
+    assert proposal.after.get(kept.key) == ("a",) and not proposal.after.get(other.key)
+    # A good value again: no longer unparsable.
+    fresh.apply(Event("put", registry.MODELS + kept.key, kept.to_json(), 100))
+    assert kept.key in fresh.models and not fresh.unparsable
+
+
 def test_of_two_controllers_one_leads_and_the_other_takes_over_when_it_goes(store_url: str) -> None:
     async def scenario(store: Store) -> None:
         _, first_task = await controller_task(store, lease_ttl_s=2.0)
