@@ -194,7 +194,9 @@ def list_command(store_url: str | None, as_json: bool) -> None:
         ready = sum(
             1
             for cid in fleet.assignments.get(m.key, ())
-            if (s := fleet.states.get((cid, m.key))) and s.phase == "ready"
+            if cid in fleet.containers  # a dead container's (lease gone) copies serve nothing
+            and (s := fleet.states.get((cid, m.key)))
+            and s.phase == "ready"
         )
         table.add_row(
             m.key,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from placement import registry
 from placement.model import Container, CopyState, ModelVersion
@@ -126,3 +127,24 @@ def test_unreachable_store_is_one_line_and_exit_2() -> None:
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(
         "error: etcd at 127.0.0.1:1 is unreachable"
     )
+
+
+def test_models_list_counts_no_ready_copy_on_a_container_that_is_gone(tmp_path: Path) -> None:
+    """m@1 is assigned to `a` (registered) and `gone` (its lease expired: no container key), both reported
+    ready by their agents: only `a`'s copy serves calls, so `models list` says 1 ready, not 2."""
+    url = str(tmp_path / "store")
+
+    async def main() -> None:
+        async with open_store(url) as store:
+            await registry.register_model(store, ModelVersion("m", "1", memory_bytes=GiB, replicas=2))
+            await registry.register_container(store, Container("a", "x:1", memory_bytes=64 * GiB))
+            await registry.write_shard_map(store, {"m@1": ["a", "gone"]}, expected_generation=0)
+            for cid in ("a", "gone"):
+                await registry.put_copy_state(store, cid, "m@1", CopyState("ready"))
+
+    asyncio.run(main())
+    result = modelyard("models", "list", "--store", url)
+    assert result.returncode == 0, result.stderr
+    [row] = [line for line in result.stdout.splitlines() if "m@1" in line]
+    cells = [c.strip() for c in re.split(r"[│|┃]", row) if c.strip()]
+    assert cells[4:6] == ["2", "1"], cells  # replicas 2, ready 1
