@@ -62,6 +62,7 @@ from backends.numpy_model import (
 )
 from backends.triton_server import FLEET_SECRET_HEADER
 from modelyard import metric_names as names
+from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ SERVER_NAME = "modelyard-container"
 SERVER_VERSION = "0.1.0"
 DEFAULT_VERSION = "1"
 FINAL_RESPONSE = "triton_final_response"  # the response parameter Triton sets on a decoupled model's last
-# Over this, gRPC refuses the message with RESOURCE_EXHAUSTED naming the limit, before buffering it.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
 _OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes (kubelet) call these without the secret
 
 
@@ -356,10 +355,7 @@ class CustomContainer:
         return self.models.load_count
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        options = (
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-        )
+        options = message_size_options(self.max_message_bytes)
         interceptors = [FleetSecretCheck(self.fleet_secret)] if self.fleet_secret else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(

@@ -13,19 +13,12 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 
+from modelyard.grpc_options import container_channel_options
 from placement.model import Container
 
 # Headers gRPC manages itself; everything else the caller sent (tenant, trace context, ...) travels on.
 _HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding"})
-_MAX_MESSAGE_BYTES = 2**31 - 1
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    # A container that restarts (same address) is reachable again within a second: gRPC's default
-    # reconnect backoff grows to 120 s, which a call waiting for the copy (failover) would sit out.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
+CHANNEL_OPTIONS = container_channel_options()
 
 
 class ContainerChannels:

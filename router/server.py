@@ -7,6 +7,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from modelyard.telemetry import Telemetry
 from placement.follow import StoreFollower
 from placement.store import Store
@@ -18,17 +19,6 @@ from router.identity import Authenticator
 from router.kserve import SERVICE as KSERVE_SERVICE
 from router.kserve import kserve_handler
 from router.metrics import register_fleet_gauges
-
-# One message (request or response) at most this big: gRPC refuses a larger one with RESOURCE_EXHAUSTED
-# naming the limit before buffering it, so one caller cannot exhaust the router's memory.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
-
-
-def server_options(max_message_bytes: int) -> tuple[tuple[str, int], ...]:
-    return (
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    )
 
 
 class RouterStartError(RuntimeError):
@@ -77,7 +67,7 @@ class RouterServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=server_options(self.max_message_bytes))
+        server = grpc.aio.server(options=message_size_options(self.max_message_bytes))
         server.add_generic_rpc_handlers((kserve_handler(self.router), api_handler(self.router)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
