@@ -156,12 +156,7 @@ class Router:
         Any other code is final: the request may have run.
         """
         model, request = self.route(request, context)
-        copies = self.table.ready_copies(model.key)
-        if not copies and lazy_load:
-            copies = await self.lazy.ready_copies(model, context.time_remaining())
-        container = self.channels.pick(copies)
-        if container is None:
-            raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+        container = await self.choose_copy(model, context, lazy_load=lazy_load)
         deadline = time.monotonic() + self.upstream_timeout(context)
         refused: set[str] = set()  # containers that answered this call UNAVAILABLE
         while True:
@@ -185,6 +180,23 @@ class Router:
                 call = CURRENT_CALL.get()
                 if call is not None:
                     call.retries += 1
+
+    async def choose_copy(
+        self, model: ModelVersion, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
+    ) -> Container:
+        """The ready copy a call goes to (the one choice, for unary calls and streams alike): of the
+        model's ready copies, the less busy of two; with `lazy_load`, a model with none is loaded first,
+        within the call's deadline."""
+        copies = self.table.ready_copies(model.key)
+        if not copies and lazy_load:
+            copies = await self.lazy.ready_copies(model, context.time_remaining())
+        container = self.channels.pick(copies)
+        if container is None:
+            raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+        call = CURRENT_CALL.get()
+        if call is not None:
+            call.container = container.id
+        return container
 
     async def wait_for_replacement(
         self, model: ModelVersion, failed: Container, refused: set[str], deadline: float

@@ -44,11 +44,9 @@ import grpc
 import grpc.aio
 
 from backends.triton_server import FLEET_SECRET_HEADER
-from modelyard.telemetry import CURRENT_CALL
 from placement.model import Container, ModelVersion
 from router.errors import (
     ContainerStreamError,
-    NoReadyCopy,
     RoutingError,
     UpstreamFailed,
     stream_error_code,
@@ -525,19 +523,6 @@ def pool_of(router: Router) -> StreamPool:
     return pool
 
 
-async def _choose(router: Router, model: ModelVersion, context: grpc.aio.ServicerContext) -> Container:
-    copies = router.table.ready_copies(model.key)
-    if not copies:
-        copies = await router.lazy.ready_copies(model, context.time_remaining())
-    container = router.channels.pick(copies)
-    if container is None:
-        raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
-    call = CURRENT_CALL.get()
-    if call is not None:
-        call.container = container.id
-    return container
-
-
 def _caller_id(request: bytes) -> str:
     """The request id the caller chose (route() has read this header already, so it parses)."""
     return read_header(request)[2]
@@ -557,7 +542,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
     """`InferStream`: one request, its responses as `InferResponse`s up to the final one (forwarded even
     when empty: it says the stream is complete). Errors end the stream with their status."""
     model, routed = router.route(request, context)
-    container = await _choose(router, model, context)
+    container = await router.choose_copy(model, context)
     sink = Sink()
     caller_id = _caller_id(request)
     pending = await pool_of(router).submit(
@@ -611,7 +596,7 @@ async def relay(
                 await slots.acquire()  # at most MAX_STREAM_REQUESTS in flight: backpressure on the client
                 try:
                     model, routed = router.route(raw, context)
-                    container = await _choose(router, model, context)
+                    container = await router.choose_copy(model, context)
                     caller_id = _caller_id(raw)
                     swallow = not wants_empty_final_response(raw)
                 except (RoutingError, WireError) as exc:
