@@ -43,6 +43,7 @@ class LazyGroup(click.Group):
     lazy_groups={
         "placement": "placement.cli:placement",
         "models": "backends.cli:models",
+        "pipelines": "backends.pipelines_cli:pipelines",
         "routes": "router.cli:routes",
     },
 )

@@ -12,6 +12,7 @@ transaction beyond etcd's limits, and watchers receive small incremental events:
     /modelyard/routes/{name}                    RouteRule (JSON): default version, tenant pins, split
     /modelyard/wanted/{name}@{version}          a router got a call for it and found no copy to load
     /modelyard/controller/leader                the leading placement controller, under its lease
+    /modelyard/pipelines/{name}@{version}       Pipeline (JSON, placement/pipeline.py): steps over models
 
 A map change can be larger than one etcd transaction, yet readers must see it whole or not at all. Each
 assignment value carries the generation that wrote it and the ids it had before (`prev`); a reader uses
@@ -29,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from placement.model import Container, CopyState, ModelVersion, RouteRule, split_model_key
+from placement.pipeline import Pipeline
 from placement.store.base import MAX_TXN_OPS, Event, KeyValue, Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ STATE = ROOT + "state/"
 ROUTES = ROOT + "routes/"
 WANTED = ROOT + "wanted/"
 LEADER = ROOT + "controller/leader"
+PIPELINES = ROOT + "pipelines/"
 WANT = b"1"  # a wanted key's value while the controller has not answered
 
 
@@ -103,12 +106,19 @@ class Changes:
     routes: set[str] = field(default_factory=set)  # model names
     containers: set[str] = field(default_factory=set)
     wanted: set[str] = field(default_factory=set)
+    pipelines: set[str] = field(default_factory=set)  # name@version
     leader: bool = False
     everything: bool = False  # a fresh snapshot: anything may have changed
 
     def __bool__(self) -> bool:
         return bool(
-            self.models or self.routes or self.containers or self.wanted or self.leader or self.everything
+            self.models
+            or self.routes
+            or self.containers
+            or self.wanted
+            or self.pipelines
+            or self.leader
+            or self.everything
         )
 
     def update(self, other: Changes) -> None:
@@ -118,6 +128,7 @@ class Changes:
         self.routes |= other.routes
         self.containers |= other.containers
         self.wanted |= other.wanted
+        self.pipelines |= other.pipelines
         self.leader |= other.leader
         self.everything |= other.everything
 
@@ -137,6 +148,8 @@ class Fleet:
     states: dict[tuple[str, str], CopyState] = field(default_factory=dict)  # (container id, model key)
     routes: dict[str, RouteRule] = field(default_factory=dict)  # by model name
     wanted: dict[str, str] = field(default_factory=dict)  # model key -> "" (asked) or why not placed
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)  # by name@version
+    pipelines_by_name: dict[str, dict[str, Pipeline]] = field(default_factory=dict)  # name -> version -> it
     leader: str = ""
     generation: int = 0
     staging: str = ""  # token of a writer staging generation + 1, if any
@@ -308,6 +321,23 @@ class Fleet:
             else:
                 self.wanted.pop(mkey, None)
             changes.wanted.add(mkey)
+        elif key.startswith(PIPELINES):
+            pkey = key[len(PIPELINES) :]
+            name, version = split_model_key(pkey)
+            if put:
+                pipeline = Pipeline.from_json(event.value)
+                if pipeline.key != pkey:
+                    raise ValueError(f"registered as {pipeline.key}")
+                self.pipelines[pkey] = pipeline
+                self.pipelines_by_name.setdefault(name, {})[version] = pipeline
+            else:
+                self.pipelines.pop(pkey, None)
+                pipeline_versions = self.pipelines_by_name.get(name)
+                if pipeline_versions is not None:
+                    pipeline_versions.pop(version, None)
+                    if not pipeline_versions:
+                        del self.pipelines_by_name[name]
+            changes.pipelines.add(pkey)
         elif key == LEADER:
             self.leader = event.value.decode() if put else ""
             changes.leader = True
