@@ -13,6 +13,7 @@ STREAMS_OPEN = "modelyard_router_streams_open"  # gauge
 RETRIES = "modelyard_router_retries_total"  # labels: model
 LAZY_LOADS = "modelyard_router_lazy_loads_total"  # labels: model, outcome (ready|failed|timeout)
 LAZY_LOAD_DURATION = "modelyard_router_lazy_load_duration_seconds"  # histogram
+PIPELINE_STEP_DURATION = "modelyard_router_pipeline_step_duration_seconds"  # histogram: pipeline, step
 SHARD_MAP_GENERATION = "modelyard_shard_map_generation"  # gauge
 WATCH_LAG = "modelyard_watch_lag_seconds"  # gauge: age of the newest store event applied
 STORE_REACHABLE = "modelyard_store_reachable"  # gauge: 1 or 0
@@ -33,6 +34,7 @@ ALL = (
     RETRIES,
     LAZY_LOADS,
     LAZY_LOAD_DURATION,
+    PIPELINE_STEP_DURATION,
     SHARD_MAP_GENERATION,
     WATCH_LAG,
     STORE_REACHABLE,

@@ -132,6 +132,9 @@ class Telemetry:
         self.lazy_load_duration = meter.create_histogram(
             _base(names.LAZY_LOAD_DURATION, "_seconds"), unit="s", description="Lazy load wait"
         )
+        self.pipeline_step_duration = meter.create_histogram(
+            _base(names.PIPELINE_STEP_DURATION, "_seconds"), unit="s", description="Pipeline step duration"
+        )
         self.agent_loads = meter.create_counter(_base(names.AGENT_LOADS, "_total"), description="Agent loads")
         self.agent_load_duration = meter.create_histogram(
             _base(names.AGENT_LOAD_DURATION, "_seconds"), unit="s", description="Agent load time"

@@ -15,6 +15,7 @@ from router.errors import BadRequest, ModelNotFound
 from router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from router.identity import Identity
 from router.kserve import SERVICE as KSERVE_SERVICE
+from router.pipeline import pipeline_name, runner_of
 from router.stream import infer_stream, relay
 from router.table import RoutingTable
 
@@ -26,6 +27,8 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
     # Handlers carry their RPC's name: it labels spans and metrics (`method`).
     async def Infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # InferRequest/InferResponse are wire-compatible with KServe's: the bytes go to Triton as they are.
+        if pipeline_name(router, request) is not None:
+            return await runner_of(router).infer(request, context)
         return await router.forward_unary(_MODEL_INFER, request, context)
 
     async def WhereIs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -65,6 +68,9 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
     async def InferStream(request: bytes, context: grpc.aio.ServicerContext) -> None:
         router.identify(context)  # a caller without valid credentials: the stream ends at once
         # One request on a pooled upstream stream: an error ends the stream with its status.
+        if pipeline_name(router, request) is not None:
+            await runner_of(router).infer_stream(request, context)
+            return
         await infer_stream(router, request, context)
 
     async def InferSession(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:

@@ -18,6 +18,7 @@ from router.core import Router
 from router.errors import BadRequest, NotReady, RoutingError
 from router.handlers import bidi_bytes_handler, bytes_handler
 from router.identity import PermissionDenied, Unauthenticated
+from router.pipeline import pipeline_name, runner_of
 from router.stream import relay
 
 SERVICE = "inference.GRPCInferenceService"
@@ -30,6 +31,8 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         path = f"/{SERVICE}/{method}"
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if pipeline_name(router, request) is not None:
+                return await runner_of(router).unary(method, request, context)
             return await router.forward_unary(path, request, context)
 
         call.__name__ = method
@@ -47,6 +50,8 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
 
     async def ModelReady(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # Like Triton: an unknown or unloaded model is "not ready", not an error; asking loads nothing.
+        if pipeline_name(router, request) is not None:
+            return await runner_of(router).unary("ModelReady", request, context)
         try:
             path = f"/{SERVICE}/ModelReady"
             return await router.forward_unary(path, request, context, lazy_load=False)
