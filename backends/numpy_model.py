@@ -7,7 +7,9 @@
 ```
 
 Ops: `linear` (OUTPUT = INPUT @ W + b), `scale` (OUTPUT = INPUT * factor), `identity` (each output is the
-input at the same position; no weights) and `stream` (decoupled: one response per element of a 1-d INPUT).
+input at the same position; no weights), `stream` (decoupled: one response per element of a 1-d INPUT) and
+`lookup` (a feature lookup: weights `keys` [n] and `table` [n, d]; a 1-d integer INPUT of keys gives their
+rows, [k, d]; an unknown key is refused).
 Everything is checked when the directory is loaded, so a loaded model only checks request tensors per call.
 """
 
@@ -116,6 +118,8 @@ class NumpyModel:
             return {self.outputs[0].name: x[0] @ self.arrays["W"] + self.arrays["b"]}
         if self.op == "scale":
             return {self.outputs[0].name: x[0] * self.arrays["factor"].reshape(())}
+        if self.op == "lookup":
+            return {self.outputs[0].name: self._lookup(x[0])}
         # identity, and stream as one response: each output is the input at the same position.
         return {spec.name: array for spec, array in zip(self.outputs, x, strict=True)}
 
@@ -128,6 +132,19 @@ class NumpyModel:
         name = self.outputs[0].name
         for i in range(x.shape[0]):
             yield {name: x[i : i + 1]}
+
+    def _lookup(self, wanted: np.ndarray) -> np.ndarray:
+        """The table's rows for `wanted` keys (`keys` sorted at load: a binary search per key)."""
+        keys, table = self.arrays["keys"], self.arrays["table"]
+        at = np.searchsorted(keys, wanted)
+        found = at < keys.shape[0]
+        found[found] = keys[at[found]] == wanted[found]
+        if not found.all():
+            unknown = wanted[~found]
+            shown = ", ".join(str(k) for k in unknown[:5]) + (", ..." if unknown.size > 5 else "")
+            raise TensorError(f"unknown key(s) {shown}: not in the lookup table ({keys.shape[0]} keys)")
+        rows: np.ndarray = table[at]
+        return rows
 
     def _checked(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         arrays = []
@@ -365,6 +382,32 @@ def _validate_stream(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, 
     return {}
 
 
+def _validate_lookup(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], w: Arrays) -> Arrays:
+    _check_arity("lookup", inputs, outputs)
+    _check_weight_names("lookup", w, ("keys", "table"))
+    x, y = inputs[0], outputs[0]
+    if not x.datatype.startswith(("INT", "UINT")) or len(x.shape) != 1:
+        raise ModelFormatError(
+            f"lookup: input {x.name} must be a 1-d integer tensor of keys, got {x.datatype} {list(x.shape)}"
+        )
+    if y.datatype not in _FLOAT_TYPES and not y.datatype.startswith(("INT", "UINT")):
+        raise ModelFormatError(f"lookup: output {y.name} must be a number type, got {y.datatype}")
+    keys, table = _weight(w, "keys", x.datatype, "lookup"), _weight(w, "table", y.datatype, "lookup")
+    if keys.ndim != 1 or table.ndim != 2 or table.shape[0] != keys.shape[0]:
+        raise ModelFormatError(
+            f"lookup: keys must be [n] and table [n, d], got {list(keys.shape)} and {list(table.shape)}"
+        )
+    if np.unique(keys).size != keys.size:
+        raise ModelFormatError("lookup: keys must be unique")
+    if len(y.shape) != 2 or y.shape[0] not in (-1, x.shape[0]) or y.shape[1] not in (-1, table.shape[1]):
+        raise ModelFormatError(
+            f"lookup: output {y.name} shape {list(y.shape)} must be [{x.shape[0]}, {table.shape[1]}] "
+            "(rows of the table, one per key)"
+        )
+    order = np.argsort(keys, kind="stable")
+    return {"keys": np.ascontiguousarray(keys[order]), "table": np.ascontiguousarray(table[order])}
+
+
 @dataclass(frozen=True)
 class _Op:
     weights: tuple[str, ...]
@@ -376,5 +419,6 @@ _OPS: dict[str, _Op] = {
     "scale": _Op(("factor",), _validate_scale),
     "identity": _Op((), _validate_identity),
     "stream": _Op((), _validate_stream),
+    "lookup": _Op(("keys", "table"), _validate_lookup),
 }
 OPS: tuple[str, ...] = tuple(_OPS)
