@@ -7,6 +7,9 @@ paid once) serves a whole benchmark run. Clients and channels are made once per 
      "client": "triton" | "zero-hop"}
         -> {"latencies_s": [...]} (C = 1) or {"calls_per_s": x} (C > 1); "zero-hop" is
            modelyard.client.Client following the router at A.
+    {"op": "chain", "address": A, "models": [M1, M2, ...], "size_bytes": N, "calls": K}
+        -> {"latencies_s": [...]}: each call is the models called one after another, each on the previous
+           one's OUTPUT (models taking INPUT and giving OUTPUT; the last must give back the input).
     {"op": "stream", "address": A, "model": M, "api": "kserve" | "infer_stream" | "session",
      "responses": 64, "runs": K}
         -> {"first_s": [...], "total_s": [...]}: one request for `responses` responses per run; kserve and
@@ -112,6 +115,29 @@ def unary(command: dict[str, Any]) -> dict[str, Any]:
     return {"calls_per_s": concurrency * calls / elapsed}
 
 
+def chain(command: dict[str, Any]) -> dict[str, Any]:
+    """The client calling a pipeline's models itself, one after another (benchmarks/test_pipelines.py)."""
+    _, x = tensor_of(command["size_bytes"])
+    client = _client(command["address"], "triton", command["secret"])
+
+    def call() -> np.ndarray:
+        value = x
+        for model in command["models"]:
+            tensor = grpcclient.InferInput("INPUT", [value.size], "FP32")
+            tensor.set_data_from_numpy(value)
+            value = client.infer(model, [tensor]).as_numpy("OUTPUT")
+        return value
+
+    if not np.array_equal(call(), x):  # warm, and right
+        raise RuntimeError(f"{command['address']} answered wrong")
+    latencies = []
+    for _ in range(command["calls"]):
+        start = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - start)
+    return {"latencies_s": latencies}
+
+
 def _stream_request(model: str, responses: int, *, final_flag: bool) -> bytes:
     request = kserve.ModelInferRequest(model_name=model, id="bench")
     request.inputs.add(name="INPUT", datatype="FP32", shape=[responses])
@@ -182,7 +208,7 @@ def stream(command: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    operations = {"unary": unary, "stream": stream}
+    operations = {"unary": unary, "chain": chain, "stream": stream}
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
