@@ -47,6 +47,7 @@ def set_command(
     async def write(store: Store) -> None:
         fleet = await registry.load_fleet(store)
         known = {m.version for m in fleet.models.values() if m.name == model}
+        known |= set(fleet.pipelines_by_name.get(model, {}))  # a pipeline's versions are chosen alike
         if not known:
             fail(f"model '{model}' is not registered")
         named = {default_version} - {""} | {v for _, v in rule.tenant_versions} | {v for v, _ in weights}

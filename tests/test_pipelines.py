@@ -205,7 +205,7 @@ def infer(address: str, model: str, name: str, value: np.ndarray, tenant: str | 
 
 def refused(
     address: str, model: str, name: str, value: np.ndarray, tenant: str | None = None
-) -> grpc.RpcError:
+) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as caught:
         infer(address, model, name, value, tenant)
     return caught.value
@@ -379,3 +379,27 @@ def test_bad_inputs_to_a_pipeline_are_invalid_argument_naming_the_tensor(fleet: 
     wrong_name = refused(fleet.address, "fan", "Z", np.array([1, 2], dtype=np.float32))
     assert wrong_name.status() == "StatusCode.INVALID_ARGUMENT"
     assert "pipeline 'fan' has no input 'Z'" in wrong_name.message()
+
+
+def test_route_rules_and_explicit_versions_choose_the_pipeline_version(fleet: Pipelines) -> None:
+    first = FAN.replace("name: fan ", "name: pinned ")
+    second = first.replace('version: "1"', 'version: "2"').replace("INPUT1: B", "INPUT1: A")  # 3x + 3x
+    fleet.register("pinned", first)
+    path = fleet.workdir / "pinned-2.yaml"
+    path.write_text(second)
+    assert fleet.cli("pipelines", "register", str(path)).returncode == 0
+    table = fleet.thread.fleet.router.router.table  # type: ignore[union-attr]
+    wait_for(lambda: "2" in table.fleet.pipelines_by_name["pinned"], "pinned@2 in the router's table")
+    x = np.array([1, 2], dtype=np.float32)
+    np.testing.assert_array_equal(infer(fleet.address, "pinned", "X", x), x * 6)  # the highest version
+    done = fleet.cli("routes", "set", "pinned", "--pin", "acme=1")
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: "pinned" in table.fleet.routes, "the route rule in the router's table")
+    np.testing.assert_array_equal(infer(fleet.address, "pinned", "X", x, tenant="acme"), x * 5)
+    np.testing.assert_array_equal(infer(fleet.address, "pinned", "X", x, tenant="bob"), x * 6)
+    tensor = grpcclient.InferInput("X", [2], "FP32")
+    tensor.set_data_from_numpy(x)
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        answer = client.infer("pinned", [tensor], model_version="1")
+    assert answer.get_response().model_version == "1"
+    np.testing.assert_array_equal(answer.as_numpy("Y"), x * 5)
