@@ -81,6 +81,15 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
                 if query.ready and not ready:
                     continue
                 answer.models.add(name=name, version=version, state="READY" if ready else "UNAVAILABLE")
+        runner = runner_of(router)
+        for name, pipelines in sorted(table.fleet.pipelines_by_name.items()):
+            for version, pipeline in sorted(pipelines.items()):
+                if not pipeline.visible_to(tenant) or name in table.fleet.by_name:
+                    continue
+                ready = runner.is_ready(pipeline, tenant)
+                if query.ready and not ready:
+                    continue
+                answer.models.add(name=name, version=version, state="READY" if ready else "UNAVAILABLE")
         return answer.SerializeToString()
 
     handlers = {

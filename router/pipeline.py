@@ -221,19 +221,20 @@ class PipelineRunner:
             pipeline = self.resolve(query.name, query.version, "", context)
         except ModelNotFound:
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
-        table = self.router.table
         tenant = self.router.identify(context).tenant
-        ready = True
+        return kserve.ModelReadyResponse(ready=self.is_ready(pipeline, tenant)).SerializeToString()
+
+    def is_ready(self, pipeline: Pipeline, tenant: str | None) -> bool:
+        """Every step's model, as `tenant`'s rules choose it, has a ready copy."""
+        table = self.router.table
         for step in pipeline.steps:
             try:
                 model = table.resolve(step.model_name, step.model_version, tenant)
             except ModelNotFound:
-                ready = False
-                break
+                return False
             if not table.ready_copies(model.key):
-                ready = False
-                break
-        return kserve.ModelReadyResponse(ready=ready).SerializeToString()
+                return False
+        return True
 
     # -- running ---------------------------------------------------------------------------------------
 

@@ -250,6 +250,8 @@ def test_a_pipeline_answers_metadata_ready_and_our_infer_like_a_model(fleet: Pip
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("X", "FP32", [-1])]
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("Y", "FP32", [-1])]
         assert kserve.ModelReady(service_pb2.ModelReadyRequest(name="fan"), timeout=10).ready
+        index = kserve.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=10)
+        assert ("fan", "1", "READY") in {(m.name, m.version, m.state) for m in index.models}
         x = np.array([2, -1], dtype=np.float32)
         request = inference_pb2.InferRequest(model_name="fan", id="r-7")
         request.inputs.add(name="X", datatype="FP32", shape=[2])
@@ -342,6 +344,18 @@ def test_tenants_apply_to_the_pipeline_and_to_each_step_s_model(fleet: Pipelines
     never = refused(fleet.address, "never_registered", "X", x, tenant="bob")
     assert hidden.status() == never.status() == "StatusCode.NOT_FOUND"
     assert hidden.message().replace("fan_acme", "X") == never.message().replace("never_registered", "X")
+    with grpc.insecure_channel(fleet.address) as channel:
+        kserve = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        listed = {
+            tenant: {
+                m.name
+                for m in kserve.RepositoryIndex(
+                    service_pb2.RepositoryIndexRequest(), metadata=(("x-tenant-id", tenant),), timeout=10
+                ).models
+            }
+            for tenant in ("acme", "bob")
+        }
+    assert "fan_acme" in listed["acme"] and "fan_acme" not in listed["bob"]
 
     # A public pipeline over a model private to acme: acme gets its answer, bob a NOT_FOUND naming the step.
     fleet.register(
