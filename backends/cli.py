@@ -33,7 +33,7 @@ DEFAULT_MODEL_STORE = ".modelyard/artifacts"
 _model_store_option = click.option(
     "--model-store",
     default=None,
-    help=f"Artifact directory; default ${MODEL_STORE_ENV} or {DEFAULT_MODEL_STORE}.",
+    help=f"Artifact directory or s3://BUCKET/PREFIX; default ${MODEL_STORE_ENV} or {DEFAULT_MODEL_STORE}.",
 )
 _max_archive_bytes_option = click.option(
     "--max-archive-bytes",
@@ -47,7 +47,9 @@ _max_archive_bytes_option = click.option(
 
 def _open_artifacts(model_store: str | None) -> ModelStore:
     try:
-        return open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+        artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+        artifacts.check()  # a missing bucket or credentials: one line before any archive is read
+        return artifacts
     except ArchiveError as exc:
         fail(str(exc))
 

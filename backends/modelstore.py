@@ -255,6 +255,11 @@ class ModelStore(abc.ABC):
     def local_path(self, uri: str) -> Path:
         """A local directory with the artifact's files (a download cache for remote stores)."""
 
+    def check(self) -> None:
+        """Raises ArchiveError (one line) when the store cannot be used (a remote store's bucket or
+        credentials); a local directory is created on first use."""
+        return None
+
 
 def file_path(uri: str) -> Path | None:
     """The local path a `file://` URI (or a bare path) names; None for any other scheme. The one parser of
@@ -322,4 +327,8 @@ def open_model_store(uri: str) -> ModelStore:
     path = file_path(uri)
     if path is not None:
         return LocalModelStore(path)
-    raise ArchiveError(f"unsupported model store {uri!r}: only local directories so far")
+    if uri.startswith("s3://"):
+        from backends.s3store import S3ModelStore  # boto3 costs ~0.3 s to import: only for S3 stores
+
+        return S3ModelStore(uri)
+    raise ArchiveError(f"unsupported model store {uri!r}: a local directory, file:// or s3://BUCKET/PREFIX")

@@ -12,6 +12,7 @@ unreferenced artifact is harmless.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ async def upload(
             if existing is not None and same_registration(existing, wanted):
                 return Registration(existing, created=False)
             raise conflict(existing, wanted)
-        uri = model_store.put(artifact)
+        uri = await asyncio.to_thread(model_store.put, artifact)  # S3: blocking uploads, off the loop
         return await register(store, dataclasses.replace(wanted, artifact_uri=uri))
 
 

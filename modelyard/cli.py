@@ -95,6 +95,16 @@ def _tls_server_options(command: F) -> F:
     return command
 
 
+_artifact_cache_option = click.option(
+    "--artifact-cache",
+    envvar="MODELYARD_ARTIFACT_CACHE",
+    type=click.Path(path_type=Path),
+    default=Path(".modelyard/artifact-cache"),
+    show_default=True,
+    help="Folder of verified local copies of S3 artifacts (shared by a container and its agent).",
+)
+
+
 def _fleet_secret_option(command: F) -> F:
     return click.option(
         "--fleet-secret-file",
@@ -165,13 +175,27 @@ def _metrics_port_option(command: F) -> F:
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Router listen address.")
 @click.option("--port", default=8001, show_default=True, type=int, help="Router port (0: any free port).")
+@click.option(
+    "--model-store",
+    envvar="MODELYARD_MODEL_STORE",
+    default=None,
+    help="Artifact directory or s3://BUCKET/PREFIX (AWS_ENDPOINT_URL, credentials and region from the "
+    "environment); default: WORKDIR/artifacts.",
+)
 def up(
-    workdir: Path, store_url: str | None, containers: int, custom_containers: int, host: str, port: int
+    workdir: Path,
+    store_url: str | None,
+    containers: int,
+    custom_containers: int,
+    host: str,
+    port: int,
+    model_store: str | None,
 ) -> None:
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
 
     from backends.container_process import ContainerStartError
+    from backends.modelstore import ArchiveError, open_model_store
     from backends.triton_server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
     from placement.store import StoreError
@@ -189,11 +213,16 @@ def up(
         custom_containers=custom_containers,
         host=host,
         port=port,
+        artifact_store=model_store,
     )
+    if model_store and not model_store.startswith("s3://"):
+        fleet.model_store = Path(model_store)  # our containers load uploads from there too
     startup_errors = (TritonNotInstalled, TritonStartError, ContainerStartError, RouterStartError)
     try:
+        if model_store:
+            open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
         asyncio.run(run_up(fleet))
-    except (*startup_errors, StoreError, TimeoutError) as exc:
+    except (*startup_errors, StoreError, TimeoutError, ArchiveError) as exc:
         fail(str(exc))
 
 
@@ -398,11 +427,12 @@ def serve(
 @click.option(
     "--model-store",
     envvar="MODELYARD_MODEL_STORE",
-    type=click.Path(path_type=Path),
-    default=Path(".modelyard/artifacts"),
+    default=".modelyard/artifacts",
     show_default=True,
-    help="Load models only from inside this directory (the model store's file:// root).",
+    help="Load models only from inside this directory (the model store's file:// root); with "
+    "s3://BUCKET/PREFIX, only from the agent's --artifact-cache.",
 )
+@_artifact_cache_option
 def container(
     host: str,
     port: int,
@@ -415,7 +445,8 @@ def container(
     drain_s: float,
     fleet_secret_file: str | None,
     max_message_bytes: int,
-    model_store: Path,
+    model_store: str,
+    artifact_cache: Path,
 ) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
     import asyncio
@@ -425,6 +456,8 @@ def container(
     from modelyard.tls import TLSConfigError
 
     telemetry = Telemetry("modelyard-container", traces=traces, metrics_port=metrics_port)
+    # S3 artifacts reach it as the agent's verified copies in the shared cache folder.
+    load_from = artifact_cache if model_store.startswith("s3://") else Path(model_store)
     try:
         credentials = _server_tls(tls_cert, tls_key, tls_client_ca)
     except TLSConfigError as exc:
@@ -438,7 +471,7 @@ def container(
                 telemetry,
                 credentials,
                 fleet_secret=read_fleet_secret(fleet_secret_file),
-                model_store=model_store.resolve(),
+                model_store=load_from.resolve(),
                 max_message_bytes=max_message_bytes,
                 drain_s=drain_s,
             )
@@ -467,6 +500,21 @@ def container(
 )
 @_metrics_port_option
 @_fleet_secret_option
+@click.option(
+    "--model-store",
+    envvar="MODELYARD_MODEL_STORE",
+    default=None,
+    help="With s3://BUCKET/PREFIX: fetch artifacts from there only (AWS configuration from the "
+    "environment) into --artifact-cache.",
+)
+@_artifact_cache_option
+@click.option(
+    "--artifact-cache-bytes",
+    type=click.IntRange(1),
+    default=10 * 1024**3,
+    show_default=True,
+    help="Bound of the artifact cache; least recently used artifacts leave first.",
+)
 def agent(
     store_url: str | None,
     container_id: str,
@@ -478,6 +526,9 @@ def agent(
     advertise: str | None,
     metrics_port: int | None,
     fleet_secret_file: str | None,
+    model_store: str | None,
+    artifact_cache: Path,
+    artifact_cache_bytes: int,
 ) -> None:
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
@@ -485,6 +536,7 @@ def agent(
     from backends.adapter import ContainerAdapter
     from backends.agent import Agent
     from backends.custom import CustomAdapter
+    from backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
     from backends.triton import TritonAdapter
     from modelyard.telemetry import Telemetry
     from placement.model import Container
@@ -492,6 +544,7 @@ def agent(
 
     if backend == "triton" and repository is None:
         fail("--repository is required for a Triton container")
+    cache_dir = artifact_cache.resolve()
     secret = read_fleet_secret(fleet_secret_file)
 
     async def run() -> None:
@@ -508,6 +561,13 @@ def agent(
             if backend == "custom"
             else TritonAdapter(address, repository or Path(), fleet_secret=secret)
         )
+        # Artifacts in S3 are fetched into a bounded, verified local cache before the container loads them.
+        cache = ArtifactCache(
+            cache_dir,
+            max_bytes=artifact_cache_bytes,
+            model_store=model_store if model_store and is_s3_uri(model_store) else None,
+        )
+        adapter = FetchingAdapter(adapter, cache)
         try:
             telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
             telemetry.serve_metrics()

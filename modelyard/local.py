@@ -13,9 +13,9 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from backends.adapter import ContainerAdapter
 from backends.agent import Agent
@@ -31,6 +31,9 @@ from placement.follow import StoreFollower
 from placement.model import Container, ModelVersion
 from placement.store import Store, open_store
 from router.server import RouterServer
+
+if TYPE_CHECKING:
+    from backends.s3store import ArtifactCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +63,12 @@ class LocalFleet:
     # also written to WORKDIR/fleet-secret (mode 0600) for trusted zero-hop clients.
     fleet_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     model_store: Path | None = None  # our containers load only from inside it (default: WORKDIR)
+    # Where the example models' artifacts go: None for WORKDIR/artifacts, or s3://BUCKET/PREFIX (the agents
+    # then fetch them into WORKDIR/artifact-cache, which our containers may load from).
+    artifact_store: str | None = None
+    artifact_cache_bytes: int = 10 * 1024**3
     _store: Store | None = None
+    _artifact_cache: ArtifactCache | None = None
     _follower: StoreFollower | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -99,17 +107,51 @@ class LocalFleet:
         self._follower.start()
         if not examples:
             return []
+        artifacts = self.artifacts_dir
         models = [
-            install_example(name, self.workdir / "artifacts", replicas=EXAMPLE_REPLICAS.get(name, 1))
-            for name in EXAMPLE_NAMES
+            install_example(name, artifacts, replicas=EXAMPLE_REPLICAS.get(name, 1)) for name in EXAMPLE_NAMES
         ]
         if self.custom_containers:
-            models += [
-                install_custom_example(name, self.workdir / "artifacts") for name in CUSTOM_EXAMPLE_NAMES
-            ]
+            models += [install_custom_example(name, artifacts) for name in CUSTOM_EXAMPLE_NAMES]
+        if self.artifact_store is not None:
+            models = [await self.store_artifact(model) for model in models]
         for model in models:
             await registry.register_model(store, model)
         return models
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where example artifacts are put locally (then, with an S3 store, uploaded from)."""
+        from backends.modelstore import file_path
+
+        local = file_path(self.artifact_store) if self.artifact_store else None
+        return local or self.workdir / "artifacts"
+
+    async def store_artifact(self, model: ModelVersion) -> ModelVersion:
+        """The model with its artifact put in the fleet's artifact store (S3), for the agents to fetch."""
+        from backends.modelstore import file_path, open_model_store
+        from backends.s3store import S3ModelStore
+
+        artifacts = open_model_store(self.artifact_store or str(self.artifacts_dir))
+        source = file_path(model.artifact_uri)
+        if not isinstance(artifacts, S3ModelStore) or source is None:
+            return model
+        uri = await asyncio.to_thread(artifacts.put_files, source, model.sha256)
+        return replace(model, artifact_uri=uri)
+
+    def fetching(self, adapter: ContainerAdapter) -> ContainerAdapter:
+        """With an S3 artifact store, the adapter gets artifacts through the fleet's one local cache."""
+        if self.artifact_store is None or not self.artifact_store.startswith("s3://"):
+            return adapter
+        from backends.s3store import ArtifactCache, FetchingAdapter
+
+        if self._artifact_cache is None:
+            self._artifact_cache = ArtifactCache(
+                self.workdir / "artifact-cache",
+                max_bytes=self.artifact_cache_bytes,
+                model_store=self.artifact_store,
+            )
+        return FetchingAdapter(adapter, self._artifact_cache)
 
     @property
     def fleet_secret_file(self) -> Path:
@@ -164,7 +206,11 @@ class LocalFleet:
         ]
         for container, adapter in adapters:
             agent = Agent(
-                self.store, container, adapter, lease_ttl_s=self.lease_ttl_s, follower=self.follower
+                self.store,
+                container,
+                self.fetching(adapter),
+                lease_ttl_s=self.lease_ttl_s,
+                follower=self.follower,
             )
             self.agents.append(agent)
             # An agent whose loop crashes (a bug) runs again, keeping its lease and its loaded models.
@@ -221,8 +267,12 @@ class LocalFleet:
 
     def _adapter_for(self, process: TritonServer | CustomContainerProcess) -> ContainerAdapter:
         if isinstance(process, TritonServer):
-            return TritonAdapter(process.address, process.repository, fleet_secret=self.fleet_secret)
-        return CustomAdapter(process.address, fleet_secret=self.fleet_secret)
+            adapter: ContainerAdapter = TritonAdapter(
+                process.address, process.repository, fleet_secret=self.fleet_secret
+            )
+        else:
+            adapter = CustomAdapter(process.address, fleet_secret=self.fleet_secret)
+        return self.fetching(adapter)
 
     async def wait_registered(self, timeout_s: float) -> None:
         """Waits until every agent has registered its container (so the first plan uses them all)."""
