@@ -120,6 +120,49 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) 
         time.sleep(0.02)
 
 
+SLEEPY_S = 1.0
+SLEEPY_CONFIG = """name: "sleepy"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 2 } ]
+"""
+SLEEPY_MODEL = f"""import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep({SLEEPY_S})  # a slow step, for the deadline test
+        return [
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor("OUTPUT", pb_utils.get_input_tensor_by_name(r, "INPUT").as_numpy())]
+            )
+            for r in requests
+        ]
+"""
+SLOW = """
+name: slow
+version: "1"
+inputs:  [{name: X, datatype: FP32, shape: [-1]}]
+outputs: [{name: Y, datatype: FP32, shape: [-1]}]
+steps:
+  - {name: first,  model: sleepy, inputs: {INPUT: X}, outputs: {OUTPUT: A}}
+  - {name: second, model: sleepy, inputs: {INPUT: A}, outputs: {OUTPUT: Y}}
+"""
+
+
+def _sleepy(workdir: Path) -> Path:
+    """A Triton python model that takes SLEEPY_S per call."""
+    source = workdir / "sleepy"
+    (source / "version").mkdir(parents=True)
+    (source / "config.pbtxt").write_text(SLEEPY_CONFIG)
+    (source / "version" / "model.py").write_text(SLEEPY_MODEL)
+    return source
+
+
 def _add_sub_any_length(workdir: Path) -> Path:
     """The add_sub example with dims -1 (the example takes exactly 4 values)."""
     source = workdir / "add_sub_any"
@@ -150,6 +193,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipelines]:
             install_example("scale", artifacts),
             install_example("stream", artifacts),
             install_model_dir(_add_sub_any_length(workdir), artifacts, name="add_sub"),
+            install_model_dir(_sleepy(workdir), artifacts, name="sleepy"),
         ]
         for model in triton:
             await registry.register_model(store, model)
@@ -417,3 +461,36 @@ def test_route_rules_and_explicit_versions_choose_the_pipeline_version(fleet: Pi
         answer = client.infer("pinned", [tensor], model_version="1")
     assert answer.get_response().model_version == "1"
     np.testing.assert_array_equal(answer.as_numpy("Y"), x * 5)
+
+
+def test_a_deadline_covers_the_whole_pipeline_not_each_step(fleet: Pipelines) -> None:
+    """Two steps of SLEEPY_S each under a deadline of 1.5 x SLEEPY_S: each step alone would fit, the
+    pipeline cannot. The caller's deadline is the router's default here (the caller set none): the router
+    itself must stop the pipeline (a caller's own deadline would end the call in gRPC anyway)."""
+    fleet.register("slow", SLOW)
+    deadline_s = 1.5 * SLEEPY_S
+    local = fleet.thread.fleet
+    router = RouterServer(
+        local.store,
+        port=0,
+        default_deadline_s=deadline_s,
+        fleet_secret=local.fleet_secret,
+        follower=local.follower,
+    )
+    fleet.thread.call(router.start())
+    try:
+        table = router.router.table
+        wait_for(lambda: "slow" in table.fleet.pipelines_by_name, "the pipeline in the second router's table")
+        x = np.array([1, 2], dtype=np.float32)
+        request = inference_pb2.InferRequest(model_name="slow")
+        request.inputs.add(name="X", datatype="FP32", shape=[2])
+        request.raw_input_contents.append(x.tobytes())
+        started = time.monotonic()
+        with grpc.insecure_channel(router.address) as channel, pytest.raises(grpc.RpcError) as caught:
+            router_pb2_grpc.RouterStub(channel).Infer(request)  # no deadline of its own
+        elapsed = time.monotonic() - started
+    finally:
+        fleet.thread.call(router.stop())
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+    assert "pipeline 'slow'" in (caught.value.details() or "")
+    assert elapsed >= deadline_s
