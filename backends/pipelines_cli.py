@@ -7,18 +7,23 @@ store); 3 NAME@VERSION already exists with another spec.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from backends.cli import DEFAULT_MODEL_STORE, MODEL_STORE_ENV
-from backends.modelstore import ArchiveError, ModelStore, open_model_store
-from backends.pipelines import load_pipelines, register, remove
-from backends.registration import AlreadyRegistered, RegistrationError
 from modelyard.console import STORE_HELP, fail, run_on_store
-from placement.pipeline import Pipeline, PipelineError, parse_yaml
-from placement.store import Store
+
+if TYPE_CHECKING:
+    from backends.modelstore import ModelStore
+    from placement.pipeline import Pipeline
+    from placement.store import Store
+
+# Like every group, `modelyard pipelines --help` imports only click: each command imports what it runs.
+MODEL_STORE_HELP = (
+    "Artifact directory (to read the steps' signatures); default $MODELYARD_MODEL_STORE or "
+    ".modelyard/artifacts."
+)
 
 
 @click.group()
@@ -29,12 +34,7 @@ def pipelines() -> None:
 @pipelines.command("register")
 @click.argument("spec", type=click.Path(path_type=Path))
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-@click.option(
-    "--model-store",
-    default=None,
-    help=f"Artifact directory (to read the steps' signatures); default ${MODEL_STORE_ENV} or "
-    f"{DEFAULT_MODEL_STORE}.",
-)
+@click.option("--model-store", default=None, help=MODEL_STORE_HELP)
 def register_command(spec: Path, store_url: str | None, model_store: str | None) -> None:
     """Check SPEC (YAML) and register it as NAME@VERSION.
 
@@ -42,6 +42,13 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
     be registered with a signature that fits (names, datatypes, shapes). An invalid spec is refused with
     one line and nothing is registered.
     """
+    import os
+
+    from backends.cli import DEFAULT_MODEL_STORE, MODEL_STORE_ENV
+    from backends.modelstore import ArchiveError, open_model_store
+    from backends.registration import AlreadyRegistered
+    from placement.pipeline import PipelineError, parse_yaml
+
     try:
         text = spec.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -68,6 +75,9 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
 async def _register(
     store: Store, spec: Path, pipeline: Pipeline, artifacts: ModelStore
 ) -> tuple[Pipeline, bool]:
+    from backends.pipelines import register
+    from placement.pipeline import PipelineError
+
     try:
         return await register(store, pipeline, artifacts)
     except PipelineError as exc:
@@ -79,6 +89,8 @@ async def _register(
 @click.option("--json", "as_json", is_flag=True)
 def list_command(store_url: str | None, as_json: bool) -> None:
     """Registered pipelines."""
+    from backends.pipelines import load_pipelines
+
     found = run_on_store(store_url, load_pipelines)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in found], indent=2))
@@ -94,6 +106,8 @@ def list_command(store_url: str | None, as_json: bool) -> None:
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def show_command(name: str, store_url: str | None) -> None:
     """NAME (every version) or NAME@VERSION: tensors and steps."""
+    from backends.pipelines import load_pipelines
+
     base, _, version = name.partition("@")
     found = [
         p for p in run_on_store(store_url, load_pipelines) if p.name == base and version in ("", p.version)
@@ -115,6 +129,9 @@ def show_command(name: str, store_url: str | None) -> None:
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def remove_command(key: str, store_url: str | None) -> None:
     """Unregister pipeline NAME@VERSION (the models of its steps stay)."""
+    from backends.pipelines import remove
+    from backends.registration import RegistrationError
+
     if "@" not in key:
         fail(f"not a pipeline key (expected NAME@VERSION): {key!r}")
     run_on_store(store_url, lambda store: remove(store, key), (RegistrationError,))
