@@ -448,7 +448,22 @@ class PipelineRunner:
         context: grpc.aio.ServicerContext,
     ) -> None:
         """The decoupled last step on a pooled upstream stream (router/stream.py); each response renamed."""
-        CURRENT_CALL.set(CallInfo("InferStream"))  # the step's record; the pipeline's call keeps its own
+        # The step's own call record while it runs here, on the handler's task; the pipeline's comes back
+        # before an error reaches the handler (which records its status there).
+        token = CURRENT_CALL.set(CallInfo("InferStream"))
+        try:
+            await self._relay_last(pipeline, message, step, tensors, context)
+        finally:
+            CURRENT_CALL.reset(token)
+
+    async def _relay_last(
+        self,
+        pipeline: Pipeline,
+        message: Any,
+        step: Step,
+        tensors: dict[str, Tensor],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         router = self.router
         with self._observed(pipeline, step):
             request = self._step_request(step, message.id, tensors).SerializeToString()
