@@ -1,6 +1,7 @@
 """What an agent needs of a container, whatever its kind: the adapter protocol and its error.
 
-TritonAdapter (triton.py) and CustomAdapter (custom.py) implement it; the agent (agent.py) uses it.
+TritonAdapter (triton.py), CustomAdapter (custom.py) and SageMakerAdapter (sagemaker.py) implement it;
+the agent (agent.py) uses it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from placement.model import ModelVersion
 class LoadError(Exception):
     """A model version could not be loaded; the message says why (the container's own words where it
     gave some)."""
+
+
+class ContainerFull(LoadError):
+    """The container refused a load for lack of memory (SageMaker's 507): placement treats it as full."""
 
 
 class ContainerAdapter(Protocol):

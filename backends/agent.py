@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from backends.adapter import ContainerAdapter, LoadError
+from backends.adapter import ContainerAdapter, ContainerFull, LoadError
 from modelyard.telemetry import Telemetry
 from placement import registry
 from placement.follow import StoreFollower
@@ -423,7 +423,8 @@ class Agent:
                 log.warning(
                     "container %s: load of %s failed (%s); retry in %.0f s", cid, model.key, reason, delay
                 )
-                await self._report(model.key, CopyState("failed", message=reason))
+                full = isinstance(exc, ContainerFull)
+                await self._report(model.key, CopyState("failed", message=reason, container_full=full))
                 return
             self._observe_load("ready", started)
             self._load_backoff.pop(model.key, None)

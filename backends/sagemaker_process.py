@@ -14,8 +14,8 @@ but with our own process as its parent: the supervisor's kill or restart then re
 its process group, its Python workers. Temp files (the workers' Unix sockets), logs and metrics go under
 the workdir, never the current directory.
 
-The JVM's start is slow: measured on this machine (2 shared cores, C1 compiler only, warm page cache) 0.5-0.9 s from exec to
-a first `/ping` answered, plus ~0.2 s per model load (its Python worker starting).
+The JVM's start is slow: measured on this machine (2 shared cores, C1 compiler only, warm page cache)
+0.5-0.9 s from exec to a first `/ping` answered, plus ~0.2 s per model load (its Python worker starting).
 """
 
 from __future__ import annotations

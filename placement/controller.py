@@ -74,6 +74,8 @@ class PlacementController:
         touched = self._touched
         touched |= changes.registrations if self.eager else changes.registrations - fleet.models.keys()
         touched |= {key for key in changes.wanted if fleet.wanted.get(key) == ""}
+        # A copy its container refused for lack of memory (507) moves to a container with room.
+        touched |= {key for key in changes.models if key in fleet.full_copies}
         # A wanted model that is ready (or gone) has its answer: the next pass removes the request.
         for key in changes.models:
             if fleet.wanted.get(key) == "" and (key not in fleet.models or _settled(fleet, key)):
@@ -260,7 +262,9 @@ def incremental_changes(
 
     A removed model loses its assignment; a model short of live copies gets the missing ones on live
     containers of its backend (its live copies stay); copies on dead containers are dropped once the model
-    has its replicas elsewhere, and kept (the container may come back) while it has not. Pure.
+    has its replicas elsewhere, and kept (the container may come back) while it has not. A copy whose
+    container refused it for lack of memory is dropped and placed again elsewhere, and that container
+    counts as full (no free bytes) for this placement. Pure.
     """
     changes: dict[str, tuple[str, ...]] = {}
     short: dict[str, ModelVersion] = {}
@@ -271,7 +275,8 @@ def incremental_changes(
             if assigned and registry.MODELS + key not in fleet.unparsable:  # unreadable is not removed
                 changes[key] = ()
             continue
-        live = tuple(cid for cid in assigned if cid in fleet.containers)
+        refused = fleet.full_copies.get(key, set())
+        live = tuple(cid for cid in assigned if cid in fleet.containers and cid not in refused)
         if len(live) < model.replicas:
             short[model.key] = model
         elif live != assigned:
@@ -282,19 +287,28 @@ def incremental_changes(
     # Free bytes per live container, not counting the copies of the models being placed (the planner
     # keeps those copies where they are and takes their bytes again).
     used = {cid: fleet.used.get(cid, 0) for cid in fleet.containers}  # an index, kept per event
+    # A full container keeps room for the copies it holds of these models, and none for anything new.
+    full = dict.fromkeys(fleet.full_containers(), 0)
     for key in short:
         for cid in fleet.assignments.get(key, ()):
             if cid in used:
                 used[cid] -= fleet.cost.get(key, 0)
+                if cid in full and cid not in fleet.full_copies.get(key, ()):
+                    full[cid] += fleet.cost.get(key, 0)
     for backend in sorted({m.backend for m in short.values()}):
         group = [m for m in short.values() if m.backend == backend]
         capacities = [
-            Capacity(c.id, max(0, c.memory_bytes - used[c.id]), c.kind)
+            Capacity(c.id, full[c.id] if c.id in full else max(0, c.memory_bytes - used[c.id]), c.kind)
             for c in fleet.containers.values()
             if c.backend == backend
         ]
         previous = {
-            m.key: [cid for cid in fleet.assignments.get(m.key, ()) if cid in fleet.containers] for m in group
+            m.key: [
+                cid
+                for cid in fleet.assignments.get(m.key, ())
+                if cid in fleet.containers and cid not in fleet.full_copies.get(m.key, ())
+            ]
+            for m in group
         }
         result = plan(
             [Demand(m.key, fleet.budget_bytes(m), m.replicas, m.kind) for m in group],

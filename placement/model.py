@@ -8,12 +8,15 @@ from typing import Any, Literal, TypeVar
 
 Kind = Literal["gpu", "cpu", "any"]
 ContainerKind = Literal["gpu", "cpu"]
-Backend = Literal["triton", "custom"]
+Backend = Literal["triton", "custom", "sagemaker", "mlserver"]
 CopyPhase = Literal["loading", "ready", "failed", "unloading", "lost"]
 
 MODEL_KINDS: tuple[str, ...] = ("gpu", "cpu", "any")
 CONTAINER_KINDS: tuple[str, ...] = ("gpu", "cpu")
-BACKENDS: tuple[str, ...] = ("triton", "custom")
+BACKENDS: tuple[str, ...] = ("triton", "custom", "sagemaker", "mlserver")
+# Containers that know each version as a model of its own named `name@version` (backends/triton.py,
+# backends/mlserver.py): the router sends that name and shows the public one in answers.
+PER_VERSION_NAME_BACKENDS: tuple[str, ...] = ("triton", "mlserver")
 COPY_PHASES: tuple[str, ...] = ("loading", "ready", "failed", "unloading", "lost")
 
 T = TypeVar("T")
@@ -39,6 +42,7 @@ _KINDS = {
     "Backend": "str",
     "CopyPhase": "str",
     "int": "int",
+    "bool": "bool",
     "tuple[str, ...]": "strs",
     "tuple[tuple[str, str], ...]": "str_pairs",
     "tuple[tuple[str, int], ...]": "int_pairs",
@@ -81,6 +85,9 @@ def _typed(cls: type[T], raw: bytes | str, choices: dict[str, tuple[str, ...]] |
         elif kind == "int":
             if value.__class__ is not int or value < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        elif kind == "bool":
+            if value.__class__ is not bool:
+                raise ValueError(f"{name}: expected true or false, got {value!r}")
         elif kind == "strs":
             if value.__class__ is not list:
                 raise ValueError(f"{name}: expected a list of strings, got {value!r}")
@@ -180,6 +187,9 @@ class CopyState:
     phase: CopyPhase
     message: str = ""
     measured_bytes: int = 0
+    # A failed load the container refused for lack of memory (SageMaker's 507): placement moves the copy
+    # and counts the container as full while this state stands.
+    container_full: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

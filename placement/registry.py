@@ -161,6 +161,8 @@ class Fleet:
     used: dict[str, int] = field(default_factory=dict)  # container id -> budget of the copies assigned to it
     cost: dict[str, int] = field(default_factory=dict)  # model key -> the per-copy budget counted in `used`
     raw_assignments: dict[str, Assignment] = field(default_factory=dict)
+    # model key -> containers that refused to load it for lack of memory (CopyState.container_full)
+    full_copies: dict[str, set[str]] = field(default_factory=dict)
     _pending: dict[int, set[str]] = field(default_factory=dict)  # generation -> keys staged for it
     skipped: int = 0  # store values that did not parse
     # Store keys whose current value does not parse. A model key here is registered, just unreadable (a
@@ -209,6 +211,10 @@ class Fleet:
         """What a copy costs: max(declared, measured), since declared sizes lie."""
         measured = self.measured.get(model.key)
         return max(model.memory_bytes, *measured.values()) if measured else model.memory_bytes
+
+    def full_containers(self) -> set[str]:
+        """Containers that refused a load for lack of memory while that failed copy's state stands."""
+        return set().union(*self.full_copies.values()) if self.full_copies else set()
 
     def ready_on(self, key: str) -> list[str]:
         """Live containers holding a ready copy of `key`."""
@@ -298,9 +304,17 @@ class Fleet:
                     self.measured.setdefault(mkey, {})[cid] = state.measured_bytes
                 else:
                     self._forget_measure(mkey, cid)
+                full = state.container_full and state.phase == "failed"
             else:
                 self.states.pop((cid, mkey), None)
                 self._forget_measure(mkey, cid)
+                full = False
+            if full:
+                self.full_copies.setdefault(mkey, set()).add(cid)
+            elif mkey in self.full_copies:
+                self.full_copies[mkey].discard(cid)
+                if not self.full_copies[mkey]:
+                    del self.full_copies[mkey]
             self._recost(mkey)
             changes.models.add(mkey)
         elif key.startswith(ROUTES):
