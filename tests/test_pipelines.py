@@ -358,8 +358,9 @@ def test_a_streaming_last_step_streams_through_infer_stream(fleet: Pipelines) ->
             ("datatype: FP32, shape: [-1]}]\noutputs", "datatype: INT32, shape: [-1]}]\noutputs"),
             ["step 'thrice'", "tensor 'X' is INT32", "takes FP32"],
         ),
+        (("name: broken ", "name: scale "), ["a model named 'scale' is registered"]),
     ],
-    ids=["missing-producer", "cycle", "unknown-model", "signature-mismatch"],
+    ids=["missing-producer", "cycle", "unknown-model", "signature-mismatch", "a-model-s-name"],
 )
 def test_an_invalid_spec_is_refused_with_one_line_and_nothing_is_registered(
     fleet: Pipelines, change: tuple[str, str], words: list[str]
