@@ -22,6 +22,7 @@ from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
 from router.identity import CREDENTIAL_HEADERS, FLEET_SECRET_HEADER, TENANT_HEADER, Authenticator, Identity
 from router.lazy import LazyLoader
+from router.sagemaker_forward import SageMakerForwarder
 from router.table import RoutingTable
 from router.wire import (
     WireError,
@@ -92,6 +93,7 @@ class Router:
         if follower is not None:
             follower.listen(self.table.on_change)
         self.channels = ContainerChannels(upstream_credentials)
+        self.sagemaker = SageMakerForwarder()  # HTTP to SageMaker containers: one pooled client
         self.lazy = LazyLoader(store, self.table, telemetry)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
 
@@ -106,6 +108,7 @@ class Router:
         else:
             self.follower.unlisten(self.table.on_change)
         await self.channels.close()
+        await self.sagemaker.close()
 
     @property
     def ready(self) -> bool:
@@ -161,7 +164,9 @@ class Router:
         refused: set[str] = set()  # containers that answered this call UNAVAILABLE
         while True:
             try:
-                return public_response(model, method, await self._call(container, method, request, context))
+                return public_response(
+                    model, method, await self._call(container, method, request, context, model)
+                )
             except grpc.aio.AioRpcError as exc:
                 # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
                 # (restarted at its address, or unloaded it for a move) before the store said so. The
@@ -210,9 +215,10 @@ class Router:
         copy). Every wait is on an event, bounded by the call's deadline.
         """
         key = model.key
-        channel = self.channels.channel(failed.address)
+        # A SageMaker container speaks HTTP: no gRPC channel can say it is back, only the table can.
+        channel = self.channels.channel(failed.address) if failed.backend != "sagemaker" else None
         # READY: the container itself answered UNAVAILABLE; only a change in the table can help then.
-        unreachable = channel.get_state() != grpc.ChannelConnectivity.READY
+        unreachable = channel is not None and channel.get_state() != grpc.ChannelConnectivity.READY
         while True:
             copies = self.table.ready_copies(key)
             refused &= {c.id for c in copies}
@@ -229,7 +235,7 @@ class Router:
                 await self.lazy.ready_copies(model, left)  # raises NoReadyCopy etc. with the reason
                 continue
             waits = [asyncio.ensure_future(self.table.wait_changed(key, left))]
-            if unreachable and failed.id in refused:
+            if channel is not None and unreachable and failed.id in refused:
                 waits.append(asyncio.ensure_future(channel.channel_ready()))
             try:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -274,7 +280,12 @@ class Router:
         return metadata
 
     async def _call(
-        self, container: Container, method: str, request: bytes, context: grpc.aio.ServicerContext
+        self,
+        container: Container,
+        method: str,
+        request: bytes,
+        context: grpc.aio.ServicerContext,
+        model: ModelVersion | None = None,
     ) -> bytes:
         outstanding = self.channels.outstanding
         outstanding[container.id] = outstanding.get(container.id, 0) + 1
@@ -282,6 +293,10 @@ class Router:
         if call is not None:
             call.container = container.id
         try:
+            if container.backend == "sagemaker" and model is not None:  # HTTP, not gRPC
+                return await self.sagemaker.unary(
+                    model, container, method, request, self.upstream_timeout(context)
+                )
             response: bytes = await self.channels.unary(container.address, method)(
                 request, timeout=self.upstream_timeout(context), metadata=self.upstream_metadata(context)
             )

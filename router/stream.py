@@ -52,6 +52,7 @@ from router.errors import (
     stream_error_code,
 )
 from router.forward import ContainerChannels
+from router.sagemaker_forward import reject_stream
 from router.wire import (
     StreamResponse,
     WireError,
@@ -542,6 +543,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
     """`InferStream`: one request, its responses as `InferResponse`s up to the final one (forwarded even
     when empty: it says the stream is complete). Errors end the stream with their status."""
     model, routed = router.route(request, context)
+    reject_stream(model)
     container = await router.choose_copy(model, context)
     sink = Sink()
     caller_id = _caller_id(request)
@@ -596,6 +598,7 @@ async def relay(
                 await slots.acquire()  # at most MAX_STREAM_REQUESTS in flight: backpressure on the client
                 try:
                     model, routed = router.route(raw, context)
+                    reject_stream(model)
                     container = await router.choose_copy(model, context)
                     caller_id = _caller_id(raw)
                     swallow = not wants_empty_final_response(raw)
