@@ -120,7 +120,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
         thread.stop()
 
 
-SIZES = {"16B": 16, "64KiB": 64 << 10}
+SIZES = {"16B": 16, "64KiB": 64 << 10, "1MiB": 1 << 20}
 
 
 @pytest.mark.parametrize("size", list(SIZES))
