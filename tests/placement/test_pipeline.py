@@ -45,7 +45,11 @@ def test_steps_are_ordered_after_their_producers_and_pins_are_read() -> None:
     [
         ("INPUT1: B", "INPUT1: C", ["step 'sum'", "'C'", "no step or pipeline input produces"]),
         ("OUTPUT: B}", "OUTPUT: A}", ["step 'twice'", "'A'", "exactly one producer"]),
-        ("{INPUT: X}, outputs: {OUTPUT: A}", "{INPUT: Y}, outputs: {OUTPUT: A}", ["cycle", "thrice", "sum", "tensor '"]),
+        (
+            "{INPUT: X}, outputs: {OUTPUT: A}",
+            "{INPUT: Y}, outputs: {OUTPUT: A}",
+            ["cycle", "thrice", "sum", "tensor '"],
+        ),
         ("{OUTPUT0: Y}", "{OUTPUT0: Z}", ["pipeline output 'Y'", "no step produces"]),
     ],
 )
