@@ -68,6 +68,20 @@ def models() -> None:
 @click.option("--replicas", type=int, default=1, show_default=True)
 @click.option("--kind", type=click.Choice(["cpu", "gpu", "any"]), default="cpu", show_default=True)
 @click.option("--sha256", "expected_sha256", default=None, help="Refuse the archive unless it has this hash.")
+@click.option(
+    "--backend",
+    type=click.Choice(["triton", "custom", "mlserver", "sagemaker"]),
+    default=None,
+    help="Refuse the archive unless it is for this backend. sagemaker: ARCHIVE is SageMaker's model.tar.gz "
+    "(model files, code/inference.py).",
+)
+@click.option(
+    "--manifest",
+    "manifest_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Our manifest.json (signature) when the archive has none, e.g. a SageMaker model.tar.gz as it is.",
+)
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 @_model_store_option
 @_max_archive_bytes_option
@@ -80,6 +94,8 @@ def upload_command(
     replicas: int,
     kind: str,
     expected_sha256: str | None,
+    backend: str | None,
+    manifest_file: Path | None,
     store_url: str | None,
     model_store: str | None,
     max_archive_bytes: int,
@@ -104,6 +120,8 @@ def upload_command(
             kind=kind,
             expected_sha256=expected_sha256,
             max_archive_bytes=max_archive_bytes,
+            backend=backend,
+            manifest_file=manifest_file,
         ),
         errors=REFUSALS,
         exists=(AlreadyRegistered,),

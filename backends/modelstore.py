@@ -12,6 +12,8 @@ An archive (`.tar.gz`, `.tgz`, `.tar` or a directory) holds a model version's fi
   manifest's signature must match config.pbtxt's inputs and outputs.
 - custom: `weights.npz` for our own container (backends/numpy_model.py checks weights against the op and
   the signature).
+- sagemaker: SageMaker's model.tar.gz layout (the model's files, `code/inference.py`), with manifest.json
+  inside or given apart (`--manifest`); backends/sagemaker_archive.py checks it.
 
 Archives are checked completely before anything is written, then stored under their sha256 (the bytes of
 an archive file, or a hash of a directory's files): copied into a staging folder, every file and folder
@@ -38,7 +40,7 @@ from urllib.parse import unquote, urlparse
 from backends.examples import tree_sha256
 from placement.units import format_bytes
 
-BACKENDS = ("triton", "custom")
+BACKENDS = ("triton", "custom", "sagemaker")
 _TRITON_TYPES = {
     "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
     "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
@@ -219,22 +221,60 @@ def unpacked(archive: Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES) -> Itera
         except (tarfile.TarError, OSError) as exc:
             raise ArchiveError(f"{archive}: cannot unpack: {exc}") from exc
         entries = list(root.iterdir())
-        if len(entries) == 1 and entries[0].is_dir() and not (root / "manifest.json").exists():
-            root = entries[0]  # an archive of one top-level folder
+        lone = entries[0] if len(entries) == 1 and entries[0].is_dir() else None
+        # An archive of one top-level folder; a SageMaker archive's lone code/ folder is content.
+        if lone is not None and lone.name != "code" and not (root / "manifest.json").exists():
+            root = lone
         yield root, digest.hexdigest()
+
+
+def _add_manifest(root: Path, manifest_file: Path, backend: str | None) -> str:
+    """Puts a manifest given apart from the archive into it (with `backend` when it names none); returns
+    the artifact's new sha256 (a hash of its files, the manifest included)."""
+    if (root / "manifest.json").exists():
+        raise ArchiveError("the archive has its own manifest.json; leave out --manifest or that file")
+    try:
+        raw = json.loads(manifest_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"{manifest_file}: not a readable JSON manifest ({exc})") from exc
+    if isinstance(raw, dict) and backend is not None:
+        raw.setdefault("backend", backend)
+    (root / "manifest.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return tree_sha256(root)
 
 
 @contextmanager
 def checked(
-    archive: Path, expected_sha256: str | None = None, *, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    archive: Path,
+    expected_sha256: str | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    backend: str | None = None,
+    manifest_file: Path | None = None,
 ) -> Iterator[CheckedArchive]:
+    """`backend`: the archive must be of this backend; `manifest_file`: our manifest, given apart from an
+    archive that has none (a SageMaker model.tar.gz as it is)."""
     with unpacked(archive, max_bytes) as (root, sha):
         if expected_sha256 is not None and expected_sha256.lower() != sha:
             raise ArchiveError(f"sha256 mismatch: expected {expected_sha256}, archive is {sha}")
+        if manifest_file is not None:
+            sha = _add_manifest(root, manifest_file, backend)
+        elif backend == "sagemaker" and not (root / "manifest.json").exists():
+            raise ArchiveError(
+                "a sagemaker archive needs our manifest.json (its signature): put it in the archive or "
+                "pass --manifest FILE"
+            )
         manifest = read_manifest(root)
-        estimate = (
-            _check_triton(root, manifest) if manifest.backend == "triton" else _check_custom(root, manifest)
-        )
+        if backend is not None and manifest.backend != backend:
+            raise ArchiveError(f"manifest.json says backend {manifest.backend!r}, not {backend!r}")
+        if manifest.backend == "sagemaker":
+            from backends.sagemaker_archive import check_archive as check_sagemaker
+
+            estimate = check_sagemaker(root, manifest)
+        elif manifest.backend == "triton":
+            estimate = _check_triton(root, manifest)
+        else:
+            estimate = _check_custom(root, manifest)
         yield CheckedArchive(root, sha, manifest, manifest.memory_bytes or estimate)
 
 

@@ -119,15 +119,19 @@ async def upload(
     kind: str = "cpu",
     expected_sha256: str | None = None,
     max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    backend: str | None = None,
+    manifest_file: Path | None = None,
 ) -> Registration:
-    """Checks, stores and registers one model version."""
+    """Checks, stores and registers one model version (`backend`, `manifest_file`: see `checked`)."""
     check_settings(kind, replicas, memory_bytes)
-    with checked(archive, expected_sha256, max_bytes=max_archive_bytes) as artifact:
+    with checked(
+        archive, expected_sha256, max_bytes=max_archive_bytes, backend=backend, manifest_file=manifest_file
+    ) as artifact:
         check_name(name, version, artifact.manifest.backend)
         wanted = ModelVersion(
             name=name,
             version=version,
-            backend="custom" if artifact.manifest.backend == "custom" else "triton",
+            backend=artifact.manifest.backend,  # type: ignore[arg-type]  # one of BACKENDS (read_manifest)
             kind=kind,  # type: ignore[arg-type]
             memory_bytes=memory_bytes or artifact.memory_bytes,
             replicas=replicas,

@@ -6,10 +6,18 @@ One real MMS process is shared by the module's container tests; the fleet tests 
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backends.examples import EXAMPLES_DIR
 from backends.sagemaker import container_model_name, parse_container_name
 from placement.controller import incremental_changes
 from placement.model import Container, CopyState, ModelVersion
@@ -89,3 +97,117 @@ def _delete_state(cid: str, key: str):  # type: ignore[no-untyped-def]
     from placement.store.base import Event
 
     return Event("delete", state_key(cid, key), b"", 10_000)
+
+
+# -- upload ----------------------------------------------------------------------------------------------
+
+
+def _sagemaker_tarball(tmp_path: Path, *, inference: str | None = None, manifest: bool = False) -> Path:
+    """SageMaker's model.tar.gz layout from the example: factor.txt and code/inference.py at the top."""
+    source = tmp_path / "sm-src"
+    shutil.copytree(EXAMPLES_DIR / "sagemaker_scale", source, ignore=shutil.ignore_patterns("__pycache__"))
+    if not manifest:
+        (source / "manifest.json").unlink()
+    if inference is not None:
+        (source / "code" / "inference.py").write_text(inference)
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(source.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(source)), recursive=False)
+    return archive
+
+
+def _upload(tmp_path: Path, archive: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelyard",
+            "models",
+            "upload",
+            str(archive),
+            "--name",
+            "scaler",
+            "--version",
+            "1",
+            "--backend",
+            "sagemaker",
+            "--store",
+            str(tmp_path / "store"),
+            "--model-store",
+            str(tmp_path / "artifacts"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _manifest_file(tmp_path: Path, **changes: object) -> Path:
+    manifest = json.loads((EXAMPLES_DIR / "sagemaker_scale" / "manifest.json").read_text())
+    manifest.pop("backend")  # --backend names it
+    manifest.update(changes)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_upload_takes_a_sagemaker_model_tar_gz_with_a_manifest_given_apart(tmp_path: Path) -> None:
+    archive = _sagemaker_tarball(tmp_path)
+    result = _upload(tmp_path, archive, "--manifest", str(_manifest_file(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "registered scaler@1 (sagemaker" in result.stdout
+    stored = list((tmp_path / "artifacts").iterdir())
+    assert len(stored) == 1
+    assert (stored[0] / "code" / "inference.py").is_file() and (stored[0] / "factor.txt").is_file()
+    assert json.loads((stored[0] / "manifest.json").read_text())["backend"] == "sagemaker"
+
+
+def test_upload_takes_a_sagemaker_archive_holding_its_manifest(tmp_path: Path) -> None:
+    result = _upload(tmp_path, _sagemaker_tarball(tmp_path, manifest=True))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("inference", "manifest_changes", "refusal"),
+    [
+        (None, None, "needs our manifest.json"),
+        ("def predict_fn(data, model):\n    return data\n", {}, "defines no model_fn"),
+        ("def model_fn(model_dir)\n    return 1\n", {}, "code/inference.py line 1"),
+        (
+            None,
+            {"inputs": [{"name": "A", "datatype": "FP32", "shape": [1]}] * 2},
+            "exactly one of inputs",
+        ),
+        (
+            None,
+            {"outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [1]}]},
+            "cannot travel as .npy",
+        ),
+    ],
+)
+def test_upload_refuses_a_bad_sagemaker_archive_in_one_line(
+    tmp_path: Path, inference: str | None, manifest_changes: dict[str, object] | None, refusal: str
+) -> None:
+    archive = _sagemaker_tarball(tmp_path, inference=inference)
+    extra = (
+        () if manifest_changes is None else ("--manifest", str(_manifest_file(tmp_path, **manifest_changes)))
+    )
+    result = _upload(tmp_path, archive, *extra)
+    assert result.returncode != 0
+    assert refusal in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "artifacts").exists() or not list((tmp_path / "artifacts").iterdir())
+
+
+def test_upload_refuses_an_archive_without_code_inference_py(tmp_path: Path) -> None:
+    archive = _sagemaker_tarball(tmp_path)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if not m.name.startswith("code")]
+        stripped = tmp_path / "stripped.tar.gz"
+        with tarfile.open(stripped, "w:gz") as out:
+            for member in members:
+                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    result = _upload(tmp_path, stripped, "--manifest", str(_manifest_file(tmp_path)))
+    assert result.returncode != 0 and "needs code/inference.py" in result.stderr
