@@ -135,7 +135,7 @@ def model_for_line(text: str, folder: Path, archives: ArchiveCache) -> ModelVers
     return ModelVersion(
         name=name,
         version=version,
-        backend="custom" if stored.backend == "custom" else "triton",
+        backend=stored.backend,  # type: ignore[arg-type]  # one of BACKENDS (read_manifest)
         kind=kind,
         memory_bytes=memory_bytes or stored.memory_bytes,
         replicas=replicas,

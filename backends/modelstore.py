@@ -14,6 +14,8 @@ An archive (`.tar.gz`, `.tgz`, `.tar` or a directory) holds a model version's fi
   the signature).
 - sagemaker: SageMaker's model.tar.gz layout (the model's files, `code/inference.py`), with manifest.json
   inside or given apart (`--manifest`); backends/sagemaker_archive.py checks it.
+- mlserver: `model-settings.json` and the model file it names (scikit-learn, XGBoost), for MLServer
+  (backends/mlserver.py checks them).
 
 Archives are checked completely before anything is written, then stored under their sha256 (the bytes of
 an archive file, or a hash of a directory's files): copied into a staging folder, every file and folder
@@ -40,7 +42,7 @@ from urllib.parse import unquote, urlparse
 from backends.examples import tree_sha256
 from placement.units import format_bytes
 
-BACKENDS = ("triton", "custom", "sagemaker")
+BACKENDS = ("triton", "custom", "mlserver", "sagemaker")
 _TRITON_TYPES = {
     "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
     "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
@@ -271,6 +273,10 @@ def checked(
             from backends.sagemaker_archive import check_archive as check_sagemaker
 
             estimate = check_sagemaker(root, manifest)
+        elif manifest.backend == "mlserver":
+            from backends.mlserver import check_archive
+
+            estimate = check_archive(root, manifest)
         elif manifest.backend == "triton":
             estimate = _check_triton(root, manifest)
         else:

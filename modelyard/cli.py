@@ -182,6 +182,13 @@ def _metrics_port_option(command: F) -> F:
     help="Artifact directory or s3://BUCKET/PREFIX (AWS_ENDPOINT_URL, credentials and region from the "
     "environment); default: WORKDIR/artifacts.",
 )
+@click.option(
+    "--mlserver-containers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Number of MLServer containers (scikit-learn models; with one or more, the example `iris`).",
+)
 def up(
     workdir: Path,
     store_url: str | None,
@@ -190,11 +197,13 @@ def up(
     host: str,
     port: int,
     model_store: str | None,
+    mlserver_containers: int,
 ) -> None:
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
 
     from backends.container_process import ContainerStartError
+    from backends.mlserver_process import MLServerStartError
     from backends.modelstore import ArchiveError, open_model_store
     from backends.triton_server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
@@ -214,10 +223,17 @@ def up(
         host=host,
         port=port,
         artifact_store=model_store,
+        mlserver_containers=mlserver_containers,
     )
     if model_store and not model_store.startswith("s3://"):
         fleet.model_store = Path(model_store)  # our containers load uploads from there too
-    startup_errors = (TritonNotInstalled, TritonStartError, ContainerStartError, RouterStartError)
+    startup_errors = (
+        TritonNotInstalled,
+        TritonStartError,
+        ContainerStartError,
+        RouterStartError,
+        MLServerStartError,
+    )
     try:
         if model_store:
             open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
@@ -485,13 +501,15 @@ def container(
 @main.command()
 @click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
 @click.option("--id", "container_id", required=True, help="This container's id in the shard map.")
-@click.option("--backend", type=click.Choice(["triton", "custom"]), default="triton", show_default=True)
+@click.option(
+    "--backend", type=click.Choice(["triton", "custom", "mlserver"]), default="triton", show_default=True
+)
 @click.option("--address", "--triton", "address", required=True, help="The container's gRPC address.")
 @click.option(
     "--repository",
     type=click.Path(path_type=Path),
     default=None,
-    help="Triton only: the instance's --model-repository directory (shared with it).",
+    help="Triton and MLServer: the instance's model repository directory (shared with it).",
 )
 @click.option("--memory-bytes", type=click.IntRange(1), required=True, help="The container's memory budget.")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
@@ -536,14 +554,15 @@ def agent(
     from backends.adapter import ContainerAdapter
     from backends.agent import Agent
     from backends.custom import CustomAdapter
+    from backends.mlserver import MLServerAdapter
     from backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
     from backends.triton import TritonAdapter
     from modelyard.telemetry import Telemetry
     from placement.model import Container
     from placement.store import StoreError, default_store_url, open_store
 
-    if backend == "triton" and repository is None:
-        fail("--repository is required for a Triton container")
+    if backend in ("triton", "mlserver") and repository is None:
+        fail(f"--repository is required for a {backend} container (its model repository folder)")
     cache_dir = artifact_cache.resolve()
     secret = read_fleet_secret(fleet_secret_file)
 
@@ -554,13 +573,15 @@ def agent(
             address=advertise or address,
             kind="gpu" if kind == "gpu" else "cpu",
             memory_bytes=memory_bytes,
-            backend="custom" if backend == "custom" else "triton",
+            backend=backend,  # type: ignore[arg-type]  # one of the choices
         )
         adapter: ContainerAdapter = (
             CustomAdapter(address, fleet_secret=secret)
             if backend == "custom"
             else TritonAdapter(address, repository or Path(), fleet_secret=secret)
         )
+        if backend == "mlserver":  # MLServer's model-settings go into its repository folder (shared with it)
+            adapter = MLServerAdapter(address, repository or Path())
         # Artifacts in S3 are fetched into a bounded, verified local cache before the container loads them.
         cache = ArtifactCache(
             cache_dir,

@@ -22,6 +22,8 @@ from backends.agent import Agent
 from backends.container_process import CustomContainerProcess
 from backends.custom import CustomAdapter
 from backends.examples import CUSTOM_EXAMPLE_NAMES, EXAMPLE_NAMES, install_custom_example, install_example
+from backends.mlserver import MLSERVER_EXAMPLE_NAMES, MLServerAdapter, install_mlserver_example
+from backends.mlserver_process import MLServerProcess
 from backends.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
 from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
@@ -50,11 +52,14 @@ class LocalFleet:
     container_memory_bytes: int = 2 * 1024**3
     custom_containers: int = 0
     custom_memory_bytes: int = 1024**3
+    mlserver_containers: int = 0
+    mlserver_memory_bytes: int = 1024**3
     lease_ttl_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8001
     tritons: list[TritonServer] = field(default_factory=list)
     customs: list[CustomContainerProcess] = field(default_factory=list)
+    mlservers: list[MLServerProcess] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     router: RouterServer | None = None
     controller: PlacementController | None = None
@@ -85,8 +90,8 @@ class LocalFleet:
         return models
 
     @property
-    def processes(self) -> list[TritonServer | CustomContainerProcess]:
-        return [*self.tritons, *self.customs]
+    def processes(self) -> list[TritonServer | CustomContainerProcess | MLServerProcess]:
+        return [*self.tritons, *self.customs, *self.mlservers]
 
     @property
     def follower(self) -> StoreFollower:
@@ -113,6 +118,11 @@ class LocalFleet:
         ]
         if self.custom_containers:
             models += [install_custom_example(name, artifacts) for name in CUSTOM_EXAMPLE_NAMES]
+        if self.mlserver_containers:  # `iris`: a scikit-learn classifier trained now
+            models += [
+                await asyncio.to_thread(install_mlserver_example, name, artifacts)
+                for name in MLSERVER_EXAMPLE_NAMES
+            ]
         if self.artifact_store is not None:
             models = [await self.store_artifact(model) for model in models]
         for model in models:
@@ -187,6 +197,10 @@ class LocalFleet:
             )
             for i in range(self.custom_containers)
         ]
+        self.mlservers = [
+            MLServerProcess(containers_dir / f"mlserver-{i}", self.mlserver_memory_bytes)
+            for i in range(self.mlserver_containers)
+        ]
         await asyncio.gather(*(asyncio.to_thread(p.start) for p in self.processes))
         adapters: list[tuple[Container, ContainerAdapter]] = [
             (
@@ -203,6 +217,15 @@ class LocalFleet:
                 CustomAdapter(c.address, fleet_secret=self.fleet_secret),
             )
             for i, c in enumerate(self.customs)
+        ]
+        adapters += [
+            (
+                Container(
+                    f"mlserver-{i}", m.address, kind="cpu", memory_bytes=m.memory_bytes, backend="mlserver"
+                ),
+                self._adapter_for(m, fetching=False),
+            )
+            for i, m in enumerate(self.mlservers)
         ]
         for container, adapter in adapters:
             agent = Agent(
@@ -225,7 +248,9 @@ class LocalFleet:
             task = self._supervise(process, agent)
             self._tasks.append(asyncio.create_task(task, name=f"supervise-{agent.container.id}"))
 
-    async def _supervise(self, process: TritonServer | CustomContainerProcess, agent: Agent) -> None:
+    async def _supervise(
+        self, process: TritonServer | CustomContainerProcess | MLServerProcess, agent: Agent
+    ) -> None:
         cid = agent.container.id
         failures = 0
         while process.process is not None:
@@ -265,14 +290,18 @@ class LocalFleet:
                 self.restarts[cid],
             )
 
-    def _adapter_for(self, process: TritonServer | CustomContainerProcess) -> ContainerAdapter:
+    def _adapter_for(
+        self, process: TritonServer | CustomContainerProcess | MLServerProcess, *, fetching: bool = True
+    ) -> ContainerAdapter:
         if isinstance(process, TritonServer):
             adapter: ContainerAdapter = TritonAdapter(
                 process.address, process.repository, fleet_secret=self.fleet_secret
             )
+        elif isinstance(process, MLServerProcess):
+            adapter = MLServerAdapter(process.address, process.repository, pid=lambda: process.pid)
         else:
             adapter = CustomAdapter(process.address, fleet_secret=self.fleet_secret)
-        return self.fetching(adapter)
+        return self.fetching(adapter) if fetching else adapter
 
     async def wait_registered(self, timeout_s: float) -> None:
         """Waits until every agent has registered its container (so the first plan uses them all)."""
@@ -359,13 +388,26 @@ def example_call(address: str) -> str:
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
 
+def iris_call(address: str) -> str:
+    """A call of the MLServer example: two iris flowers, expected classes [0, 2]."""
+    code = (
+        "import numpy as np, tritonclient.grpc as g; "
+        f'c = g.InferenceServerClient("{address}"); '
+        'x = g.InferInput("INPUT", [2, 4], "FP32"); '
+        "x.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)); "
+        'print(c.infer("iris", [x]).as_numpy("predict").ravel())'
+    )
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
 async def run_up(fleet: LocalFleet) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"starting {fleet.containers} Triton and {fleet.custom_containers} custom containers, agents, "
+        f"starting {fleet.containers} Triton, {fleet.custom_containers} custom and "
+        f"{fleet.mlserver_containers} MLServer containers, agents, "
         f"the placement controller and the router (store: {fleet.store_url})"
     )
     try:
@@ -400,6 +442,8 @@ async def run_up(fleet: LocalFleet) -> None:
         print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
         print("try it:")
         print(f"  {example_call(fleet.router.address)}")
+        if fleet.mlserver_containers:
+            print(f"  {iris_call(fleet.router.address)}")
         print("press Ctrl-C to stop everything", flush=True)
         await stopped
         print("stopping...", flush=True)

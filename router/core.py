@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as kserve
 from backends.triton import triton_model_name
 from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
 from placement.follow import StoreFollower
-from placement.model import Container, ModelVersion
+from placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
 from placement.store import Store
 from router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
 from router.follow import TableFollower
@@ -40,10 +40,10 @@ _KSERVE = "/inference.GRPCInferenceService/"
 def public_response(model: ModelVersion, method: str, response: bytes) -> bytes:
     """A container's answer to a model-level call, showing the model's public name (not Triton's own).
 
-    Triton knows each version by its internal name (backends/triton.py) and answers with it; the version
-    needs no change (the internal model's one version folder is the public version).
+    Triton and MLServer know each version by its internal name (backends/triton.py, backends/mlserver.py)
+    and answer with it; the version needs no change (the internal model's one version is the public one).
     """
-    if model.backend != "triton":
+    if model.backend not in PER_VERSION_NAME_BACKENDS:
         return response
     if method == _KSERVE + "ModelInfer" or method == _KSERVE + "ModelMetadata":
         return with_name(response, model.name)  # ModelInferResponse.model_name / ModelMetadataResponse.name
@@ -60,7 +60,7 @@ def public_response(model: ModelVersion, method: str, response: bytes) -> bytes:
 def public_stream_response(model: ModelVersion, response: bytes) -> bytes:
     """A `ModelStreamInferResponse` showing the public model name. One that starts with field 2 carries an
     `infer_response` and no `error_message` (fields are written in number order); errors pass untouched."""
-    if model.backend != "triton" or response[:1] != b"\x12":
+    if model.backend not in PER_VERSION_NAME_BACKENDS or response[:1] != b"\x12":
         return response
     return with_nested_name(response, 2, model.name)
 
@@ -141,7 +141,7 @@ class Router:
             call.version = model.version
             call.model_label = name  # registered, and visible to the caller
             call.tenant_label = self.tenant_label(identity, model)
-        if model.backend == "triton":
+        if model.backend in PER_VERSION_NAME_BACKENDS:
             request = with_name_version(request, triton_model_name(model.name, model.version), model.version)
         # With several versions registered, the container must not pick its own default.
         elif not version and len(self.table.versions(name)) > 1:

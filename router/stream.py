@@ -44,7 +44,7 @@ import grpc
 import grpc.aio
 
 from backends.triton_server import FLEET_SECRET_HEADER
-from placement.model import Container, ModelVersion
+from placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
 from router.errors import (
     ContainerStreamError,
     RoutingError,
@@ -390,7 +390,7 @@ class StreamPool:
         """Sends a routed request on a pooled stream; its responses will land in `sink`.
 
         `timeout_s` (None: the router's default deadline) bounds the request, failovers included."""
-        name = model.name if model.backend == "triton" else None
+        name = model.name if model.backend in PER_VERSION_NAME_BACKENDS else None
         upstream_id = str(next(self._ids))
         data = with_stream_request_id(routed, upstream_id)
         router = self._router() if self._router is not None else None
