@@ -65,6 +65,8 @@ def rebalance(store_url: str) -> int:
     return result.returncode
 
 
+# The soak runs for minutes: pytest-timeout's default (300 s, pyproject.toml) would end it half way.
+@pytest.mark.timeout(float(os.environ.get("MODELYARD_SOAK_S", FULL_S)) + 600)
 def test_soak_under_kills_and_rebalances(
     soak_fleet: tuple[FleetThread, EtcdServer], tmp_path: Path, quick: bool, verdict: Verdict
 ) -> None:
