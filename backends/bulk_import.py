@@ -1,8 +1,8 @@
 """`modelyard models import`: many model versions from one JSONL file, in batched conditional writes.
 
 One JSON object per line: `name`, `version`, `archive` (a path, relative to the file's folder), optional
-`tenants` (list), `memory_bytes`, `replicas`, `kind`. Each line is registered whole or not at all, exactly
-like `models upload` (same checks, same compare-and-swap), but
+`tenants` (list), `memory_bytes`, `replicas`, `max_replicas`, `kind`. Each line is registered whole or not
+at all, exactly like `models upload` (same checks, same compare-and-swap), but
 
 - each archive is checked and stored once however many lines name it (cached by path, size and mtime;
   identical archives under other paths land once too, by sha256),
@@ -36,7 +36,7 @@ from placement.store import KeyValue, Store
 # Lines prepared before their keys are written: big enough for full store batches, small enough that
 # progress moves and memory stays flat for any file size.
 CHUNK_LINES = 2_000
-_FIELDS = {"name", "version", "archive", "tenants", "memory_bytes", "replicas", "kind"}
+_FIELDS = {"name", "version", "archive", "tenants", "memory_bytes", "replicas", "max_replicas", "kind"}
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,9 @@ def model_for_line(text: str, folder: Path, archives: ArchiveCache) -> ModelVers
         raise RegistrationError(f"tenants must be a list of non-empty strings, got {tenants!r}")
     memory_bytes = _field(entry, "memory_bytes", int)
     replicas = _field(entry, "replicas", int, 1)
+    max_replicas = _field(entry, "max_replicas", int, 0)
     kind = _field(entry, "kind", str, "cpu")
-    check_settings(kind, replicas, memory_bytes)
+    check_settings(kind, replicas, memory_bytes, max_replicas)
     stored = archives.stored(folder / archive)
     check_name(name, version, stored.backend)
     return ModelVersion(
@@ -139,6 +140,7 @@ def model_for_line(text: str, folder: Path, archives: ArchiveCache) -> ModelVers
         kind=kind,
         memory_bytes=memory_bytes or stored.memory_bytes,
         replicas=replicas,
+        max_replicas=max_replicas,
         artifact_uri=stored.uri,
         sha256=stored.sha256,
         tenants=tuple(sorted(set(tenants))),

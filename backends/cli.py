@@ -24,6 +24,8 @@ from backends.registration import AlreadyRegistered, RegistrationError, remove, 
 from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
 from placement import registry
 from placement.model import ModelVersion, split_model_key
+from placement.rates import ModelRate
+from placement.store import Store
 from placement.units import format_bytes
 
 REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
@@ -65,7 +67,19 @@ def models() -> None:
 @click.option("--version", required=True, help="Version (Triton models: a positive integer).")
 @click.option("--tenant", "tenants", multiple=True, help="Tenant allowed to call it (repeat); none: public.")
 @click.option("--memory-bytes", type=int, default=None, help="Declared footprint; default from the archive.")
-@click.option("--replicas", type=int, default=1, show_default=True)
+@click.option(
+    "--replicas",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Copies kept whatever the load; 0: load on demand.",
+)
+@click.option(
+    "--max-replicas",
+    type=int,
+    default=0,
+    help="Copies it may have under load; default: as many as --replicas.",
+)
 @click.option("--kind", type=click.Choice(["cpu", "gpu", "any"]), default="cpu", show_default=True)
 @click.option("--sha256", "expected_sha256", default=None, help="Refuse the archive unless it has this hash.")
 @click.option(
@@ -92,6 +106,7 @@ def upload_command(
     tenants: tuple[str, ...],
     memory_bytes: int | None,
     replicas: int,
+    max_replicas: int,
     kind: str,
     expected_sha256: str | None,
     backend: str | None,
@@ -117,6 +132,7 @@ def upload_command(
             tenants=tenants,
             memory_bytes=memory_bytes,
             replicas=replicas,
+            max_replicas=max_replicas,
             kind=kind,
             expected_sha256=expected_sha256,
             max_archive_bytes=max_archive_bytes,
@@ -236,7 +252,7 @@ def list_command(store_url: str | None, as_json: bool) -> None:
 def show_command(model: str, store_url: str | None) -> None:
     """MODEL as NAME (every version) or NAME@VERSION: registration, memory declared/measured, copies."""
     name, _, version = model.partition("@")
-    fleet = run_on_store(store_url, registry.load_fleet)
+    fleet, rates = run_on_store(store_url, _fleet_and_rates)
     found: list[ModelVersion] = sorted(
         (m for m in fleet.models.values() if m.name == name and (not version or m.version == version)),
         key=lambda m: m.version,
@@ -250,6 +266,12 @@ def show_command(model: str, store_url: str | None) -> None:
         click.echo(f"{m.key}")
         tenants = ", ".join(m.tenants) or "public"
         click.echo(f"  backend {m.backend}, kind {m.kind}, replicas {m.replicas}, tenants {tenants}")
+        rate = rates.get(m.key)
+        ready_copies = len(fleet.ready_on(m.key))
+        click.echo(
+            f"  copies: at most {m.most_copies}{' (load on demand)' if m.on_demand else ''}; "
+            f"{rate.rate if rate else 0.0:.1f} calls/s in all"
+        )
         click.echo(
             f"  memory declared {format_bytes(m.memory_bytes)}, measured "
             + (format_bytes(max(measured)) if measured else "not yet")
@@ -261,7 +283,33 @@ def show_command(model: str, store_url: str | None) -> None:
             alive = cid in fleet.containers
             phase = state.phase if state else "assigned"
             note = f" — {state.message}" if state and state.message else ""
-            click.echo(f"  copy on {cid}: {phase if alive else 'lost'}{note}")
+            per_copy = ""
+            if alive and phase == "ready" and ready_copies:
+                per_copy = f", {(rate.rate if rate else 0.0) / ready_copies:.1f} calls/s"
+            click.echo(f"  copy on {cid}: {phase if alive else 'lost'}{per_copy}{note}")
+
+
+@models.command("set")
+@click.argument("model")
+@click.option("--replicas", type=int, default=None, help="Copies kept whatever the load; 0: load on demand.")
+@click.option("--max-replicas", type=int, default=None, help="Copies it may have under load.")
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+def set_command(model: str, replicas: int | None, max_replicas: int | None, store_url: str | None) -> None:
+    """Change how many copies NAME@VERSION keeps and may have under load; the controller follows."""
+    from backends.registration import set_copies
+
+    try:
+        split_model_key(model)
+    except ValueError as exc:
+        fail(str(exc))
+    if replicas is None and max_replicas is None:
+        fail("nothing to set: give --replicas and/or --max-replicas")
+    updated = run_on_store(
+        store_url,
+        lambda store: set_copies(store, model, replicas=replicas, max_replicas=max_replicas),
+        REFUSALS,
+    )
+    click.echo(f"{updated.key}: replicas {updated.replicas}, max replicas {updated.most_copies}")
 
 
 @models.command("remove")
@@ -275,3 +323,12 @@ def remove_command(model: str, store_url: str | None) -> None:
         fail(str(exc))
     removed = run_on_store(store_url, lambda store: remove(store, name, version), REFUSALS)
     click.echo(f"removed {removed.key}")
+
+
+async def _fleet_and_rates(store: Store) -> tuple[registry.Fleet, dict[str, ModelRate]]:
+    """The fleet and the call rates routers report (placement/rates.py)."""
+    import time
+
+    from placement.rates import read_rates
+
+    return await registry.load_fleet(store), await read_rates(store, time.time())

@@ -49,13 +49,22 @@ def check_name(name: str, version: str, backend: str) -> None:
         raise RegistrationError(f"bad version {version!r}: letters, digits, '_', '.', '-'")
 
 
-def check_settings(kind: str, replicas: int, memory_bytes: int | None) -> None:
+def check_settings(kind: str, replicas: int, memory_bytes: int | None, max_replicas: int = 0) -> None:
     if kind not in MODEL_KINDS:
         raise RegistrationError(f"unknown kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
-    if replicas < 1:
-        raise RegistrationError(f"replicas must be >= 1, got {replicas}")
+    check_copies(replicas, max_replicas)
     if memory_bytes is not None and memory_bytes <= 0:
         raise RegistrationError(f"memory bytes must be positive, got {memory_bytes}")
+
+
+def check_copies(replicas: int, max_replicas: int) -> None:
+    """`replicas` 0 is load on demand; `max_replicas` 0 means as many as `replicas`."""
+    if replicas < 0:
+        raise RegistrationError(f"replicas must be >= 0 (0: load on demand), got {replicas}")
+    if max_replicas < 0:
+        raise RegistrationError(f"max replicas must be >= 0, got {max_replicas}")
+    if max_replicas and max_replicas < replicas:
+        raise RegistrationError(f"max replicas ({max_replicas}) must not be below replicas ({replicas})")
 
 
 def same_registration(a: ModelVersion, b: ModelVersion) -> bool:
@@ -82,7 +91,7 @@ def conflict(existing: ModelVersion | None, wanted: ModelVersion) -> AlreadyRegi
         )
     differences = ", ".join(
         f"{field} {getattr(existing, field)!r}"
-        for field in ("backend", "kind", "memory_bytes", "replicas", "tenants")
+        for field in ("backend", "kind", "memory_bytes", "replicas", "max_replicas", "tenants")
         if getattr(existing, field) != getattr(wanted, field)
     )
     return AlreadyRegistered(
@@ -119,11 +128,12 @@ async def upload(
     kind: str = "cpu",
     expected_sha256: str | None = None,
     max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    max_replicas: int = 0,
     backend: str | None = None,
     manifest_file: Path | None = None,
 ) -> Registration:
     """Checks, stores and registers one model version (`backend`, `manifest_file`: see `checked`)."""
-    check_settings(kind, replicas, memory_bytes)
+    check_settings(kind, replicas, memory_bytes, max_replicas)
     with checked(
         archive, expected_sha256, max_bytes=max_archive_bytes, backend=backend, manifest_file=manifest_file
     ) as artifact:
@@ -135,6 +145,7 @@ async def upload(
             kind=kind,  # type: ignore[arg-type]
             memory_bytes=memory_bytes or artifact.memory_bytes,
             replicas=replicas,
+            max_replicas=max_replicas,
             sha256=artifact.sha256,
             tenants=tuple(sorted(set(tenants))),
         )
@@ -165,3 +176,26 @@ async def remove(store: Store, name: str, version: str) -> ModelVersion:
             raise RegistrationError(f"{key} is not registered (it was removed concurrently)")
         raise RegistrationError(f"{key} changed while it was being removed; nothing was removed")
     return parse_registered(existing) or ModelVersion(name=name, version=version)
+
+
+async def set_copies(
+    store: Store, key: str, *, replicas: int | None, max_replicas: int | None
+) -> ModelVersion:
+    """Changes how many copies a registered version keeps (`replicas`) and may have under load
+    (`max_replicas`): a compare-and-swap on its registry key, so a concurrent change is never lost."""
+    for _ in range(5):
+        current = await registry.read_model(store, key)
+        if current is None:
+            raise RegistrationError(f"{key} is not registered")
+        model = parse_registered(current)
+        if model is None:
+            raise RegistrationError(f"{key}: its registration does not parse; upload it again")
+        new_replicas = model.replicas if replicas is None else replicas
+        new_max = model.max_replicas if max_replicas is None else max_replicas
+        if max_replicas is None and new_max and new_max < new_replicas:
+            new_max = new_replicas  # raising replicas alone lifts a lower ceiling with it
+        check_copies(new_replicas, new_max)
+        updated = dataclasses.replace(model, replicas=new_replicas, max_replicas=new_max)
+        if updated == model or await registry.replace_model(store, current, updated):
+            return updated
+    raise RegistrationError(f"{key} keeps changing concurrently; try again")

@@ -135,14 +135,25 @@ class ModelVersion:
     backend: Backend = "triton"
     kind: Kind = "cpu"
     memory_bytes: int = 0
-    replicas: int = 1
+    replicas: int = 1  # copies kept whatever the load; 0: load on demand (memory as a cache)
     artifact_uri: str = ""
     sha256: str = ""
     tenants: tuple[str, ...] = ()  # empty: public
+    max_replicas: int = 0  # copies under load (placement/autoscale.py); 0: as many as `replicas`
 
     @property
     def key(self) -> str:
         return model_key(self.name, self.version)
+
+    @property
+    def most_copies(self) -> int:
+        """The copies load may bring: `max_replicas`, never below `replicas` nor below one."""
+        return max(self.replicas, self.max_replicas, 1)
+
+    @property
+    def on_demand(self) -> bool:
+        """Loaded only while called (`replicas` 0): its copies may be evicted to make room."""
+        return self.replicas == 0
 
     def visible_to(self, tenant: str | None) -> bool:
         return not self.tenants or (tenant is not None and tenant in self.tenants)

@@ -454,6 +454,14 @@ async def create_models(store: Store, models: Sequence[ModelVersion]) -> dict[st
     return {key[len(MODELS) :]: value for key, value in present.items()}
 
 
+async def replace_model(store: Store, entry: KeyValue, model: ModelVersion) -> bool:
+    """Writes `model` over the registry entry `entry` (read with `read_model`) only if it is still exactly
+    that entry (compare-and-swap); False if it changed meanwhile."""
+    if entry.key != MODELS + model.key:
+        raise ValueError(f"{entry.key} is not the registry entry of {model.key}")
+    return await store.apply({entry.key: model.to_json()}, if_equal=(entry.key, entry.value))
+
+
 async def delete_model_if(store: Store, entry: KeyValue) -> bool:
     """Unregisters the model of `entry` (read with `read_model`) if its entry is still exactly that."""
     if not entry.key.startswith(MODELS):
