@@ -22,6 +22,7 @@ from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
 from router.identity import CREDENTIAL_HEADERS, FLEET_SECRET_HEADER, TENANT_HEADER, Authenticator, Identity
 from router.lazy import LazyLoader
+from router.rates import RateCounter
 from router.sagemaker_forward import SageMakerForwarder
 from router.table import RoutingTable
 from router.wire import (
@@ -95,13 +96,16 @@ class Router:
         self.channels = ContainerChannels(upstream_credentials)
         self.sagemaker = SageMakerForwarder()  # HTTP to SageMaker containers: one pooled client
         self.lazy = LazyLoader(store, self.table, telemetry)
+        self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
 
     async def start(self) -> None:
         self.follower.start()  # idempotent: a shared follower may be running already
         self.identity.start()
+        self.rates.start()
 
     async def stop(self) -> None:
+        await self.rates.stop()
         await self.identity.stop()
         if self._owns_follower:
             await self.follower.stop()
@@ -192,6 +196,7 @@ class Router:
         """The ready copy a call goes to (the one choice, for unary calls and streams alike): of the
         model's ready copies, the less busy of two; with `lazy_load`, a model with none is loaded first,
         within the call's deadline."""
+        self.rates.count(model.key)
         copies = self.table.ready_copies(model.key)
         if not copies and lazy_load:
             copies = await self.lazy.ready_copies(model, context.time_remaining())

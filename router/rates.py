@@ -1,0 +1,103 @@
+"""Call counts per model version, reported to the store for the placement controller (copies follow load).
+
+The call path pays one dict increment and one clock read (`count`); every `period_s` a task turns the
+counts into rates and writes them, with each recently called model's idle time, as one small key under
+this router's lease (`/modelyard/rates/{router id}`, format in placement/rates.py). Only models called
+recently appear, so an idle router writes nothing and a fleet of 100k models costs nothing per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+from placement.rates import RATES, RateReport
+from placement.store import Lease, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PERIOD_S = 5.0
+PERIOD_ENV = "MODELYARD_RATE_PERIOD_S"  # seconds between reports (tests and quick demos use less)
+KEEP_IDLE_S = 3600.0  # how long a model's last call stays in the reports (the controller's LRU)
+
+
+class RateCounter:
+    def __init__(self, store: Store, *, period_s: float | None = None, router_id: str = "") -> None:
+        self.store = store
+        self.period_s = period_s or float(os.environ.get(PERIOD_ENV) or DEFAULT_PERIOD_S)
+        self.router_id = router_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.key = RATES + self.router_id
+        self.reports = 0  # reports written, for tests
+        self._counts: dict[str, int] = {}
+        self._last_call: dict[str, float] = {}  # model key -> monotonic time of its last call
+        self._task: asyncio.Task[None] | None = None
+        self._lease: Lease | None = None
+
+    def count(self, key: str) -> None:
+        """One call for model version `key` (on the call path: keep it a dict write)."""
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        self._last_call[key] = time.monotonic()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._report_forever(), name="router-rates")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            with contextlib.suppress(StoreError, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await lease.revoke()
+
+    def report(self, elapsed_s: float) -> RateReport | None:
+        """The rates since the last report (counts reset), or None when nothing was called recently."""
+        counts, self._counts = self._counts, {}
+        now = time.monotonic()
+        for key in [k for k, t in self._last_call.items() if now - t > KEEP_IDLE_S]:
+            del self._last_call[key]
+        if not counts and not self._last_call:
+            return None
+        elapsed_s = max(elapsed_s, 1e-3)
+        return RateReport(
+            self.router_id,
+            time.time(),
+            self.period_s,
+            {key: round(n / elapsed_s, 3) for key, n in counts.items()},
+            {key: round(now - t, 3) for key, t in self._last_call.items()},
+        )
+
+    async def _report_forever(self) -> None:
+        last = time.monotonic()
+        said_rates = False  # the last write had rates: the next says they stopped, then quiet
+        while True:
+            await asyncio.sleep(self.period_s)
+            now = time.monotonic()
+            report = self.report(now - last)
+            last = now
+            try:
+                if report is not None and (report.rates or said_rates):
+                    await self._write(report)
+                    said_rates = bool(report.rates)
+                elif self._lease is not None:
+                    await self._lease.refresh()  # idle: the last report (and its last-call times) stays
+            except StoreError as exc:  # the store is down, or the lease lapsed: the next period tries again
+                log.info("router rates: cannot report (%s)", exc)
+                self._lease = None
+                said_rates = True
+
+    async def _write(self, report: RateReport) -> None:
+        if self._lease is None:
+            self._lease = await self.store.grant_lease(max(10.0, 3 * self.period_s))
+        else:
+            await self._lease.refresh()
+        await self.store.put(self.key, report.to_json(), lease=self._lease)
+        self.reports += 1
