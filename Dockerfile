@@ -30,9 +30,10 @@ COPY modelyard modelyard
 COPY router router
 COPY placement placement
 COPY backends backends
+# The default image also runs MLServer containers (deploy/k8s/mlserver-container.yaml): the mlserver extra.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/modelyard \
- && /opt/modelyard/bin/pip install /wheels/*.whl
+ && /opt/modelyard/bin/pip install "$(ls /wheels/*.whl)[mlserver]"
 
 # -- triton: NVIDIA's Triton image plus modelyard (for the agent sidecar) -------------------------------------
 # The build stage's venv cannot be copied here (it points at python:3.11-slim's interpreter), so this stage

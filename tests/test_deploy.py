@@ -225,28 +225,84 @@ def test_modelyard_pods_run_as_the_images_user_and_triton_as_its_own() -> None:
                 assert uid(spec, c) == 10001, where  # the Dockerfile's modelyard user
 
 
-def test_artifact_readers_mount_the_upload_directory_read_only_as_the_uploaders_user() -> None:
-    # Artifact directories are readable by their owner only, so readers share the uploader's uid.
-    store = configmap()["MODELYARD_MODEL_STORE"]
-    controller = by_kind("Deployment")["controller"]
-    uploader_uid = uid(pod_spec(controller), container(controller, "controller"))
-    writers: list[str] = []
-    readers: list[str] = []
-    for where, spec in pods():
-        claims = {
-            v["name"]
-            for v in spec.get("volumes", [])
-            if v.get("persistentVolumeClaim", {}).get("claimName") == "artifacts"
-        }
-        for c in spec["containers"]:
-            for mount in c.get("volumeMounts", []):
-                if mount["name"] in claims:
-                    assert mount["mountPath"] == store, f"{where}/{c['name']}"
-                    assert uid(spec, c) == uploader_uid, f"{where}/{c['name']}"
-                    (readers if mount.get("readOnly") else writers).append(f"{where}/{c['name']}")
-    assert writers == ["Deployment/controller/controller"]
-    assert sorted(readers) == ["StatefulSet/custom/container", "StatefulSet/triton/agent"]
-    assert by_kind("PersistentVolumeClaim")["artifacts"]["spec"]["accessModes"] == ["ReadWriteMany"]
+def test_artifacts_live_in_s3_with_credentials_from_irsa_or_an_optional_secret_and_no_shared_volume() -> None:
+    from backends.s3store import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(configmap()["MODELYARD_MODEL_STORE"])  # the code's own parser
+    assert bucket and prefix
+    assert "PersistentVolumeClaim" not in {o["kind"] for o in objects()}  # no RWX volume any more
+    account = by_kind("ServiceAccount")["modelyard-artifacts"]
+    assert re.fullmatch(
+        r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+",
+        account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+    )
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    s3_secret = next(g for g in kustomization["secretGenerator"] if g["name"] == "modelyard-s3")
+    assert sorted(f.split("=", 1)[0] for f in s3_secret["files"]) == [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ]
+    readers = set()
+    for obj in objects():
+        if obj["kind"] not in WORKLOADS:
+            continue
+        for c in pod_spec(obj)["containers"]:
+            args = c.get("args", [])
+            if c.get("command", ["modelyard"]) == ["modelyard"] and args[:1] in (["agent"], ["controller"]):
+                where = f"{obj['metadata']['name']}/{c['name']}"
+                readers.add(where)
+                assert pod_spec(obj)["serviceAccountName"] == "modelyard-artifacts", where
+                # The Secret is optional: with IRSA it does not exist and the pod still starts.
+                assert {"secretRef": {"name": "modelyard-s3", "optional": True}} in c["envFrom"], where
+    assert readers == {"triton/agent", "custom/agent", "mlserver/agent", "controller/controller"}
+
+
+@pytest.mark.parametrize(("workload", "server"), [("custom", "container"), ("mlserver", "mlserver")])
+def test_a_container_reads_its_agents_artifact_cache_at_the_same_path_read_only(
+    workload: str, server: str
+) -> None:
+    obj = by_kind("StatefulSet")[workload]
+    _, agent = parse(substituted(container(obj, "agent")))
+    cache = str(agent["artifact_cache"])
+    volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+    mounts = {
+        name: {m["mountPath"]: m for m in container(obj, name)["volumeMounts"]} for name in ("agent", server)
+    }
+    assert mounts["agent"][cache]["name"] == mounts[server][cache]["name"]
+    assert "emptyDir" in volumes[mounts["agent"][cache]["name"]]
+    assert mounts[server][cache].get("readOnly") is True and not mounts["agent"][cache].get("readOnly")
+    limit = memory_bytes(volumes[mounts["agent"][cache]["name"]]["emptyDir"]["sizeLimit"])
+    assert agent["artifact_cache_bytes"] < limit  # evicts before the kubelet would evict the pod
+    if workload == "custom":  # our container loads only from that cache when the store is s3://
+        _, values = parse(substituted(container(obj, server)))
+        assert str(values["artifact_cache"]) == cache
+
+
+def test_mlserver_runs_multi_model_from_the_agents_repository_with_no_models_at_startup() -> None:
+    obj = by_kind("StatefulSet")["mlserver"]
+    server, agent = container(obj, "mlserver"), container(obj, "agent")
+    assert server["command"] == ["mlserver"] and server["args"][0] == "start"
+    settings_dir = server["args"][1]
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    configmap_name = next(
+        v["configMap"]["name"] for v in pod_spec(obj)["volumes"] if v["name"] == mounts[settings_dir]
+    )
+    settings = json.loads(by_kind("ConfigMap")[configmap_name]["data"]["settings.json"])
+    assert settings["load_models_at_startup"] is False and settings["parallel_workers"] == 0
+    _, values = parse(substituted(agent))
+    assert values["backend"] == "mlserver"
+    assert str(values["repository"]) == settings["model_repository_root"]
+    assert mounts[settings["model_repository_root"]] in {m["name"] for m in agent["volumeMounts"]}
+    assert (
+        values["address"]
+        == f"127.0.0.1:{settings['grpc_port']}"
+        == f"127.0.0.1:{container_ports(server)['grpc']}"
+    )
+    for kind in PROBES:
+        assert resolve_port(server[kind]["httpGet"]["port"], server) == settings["http_port"]
+    policy = by_kind("NetworkPolicy")["containers-from-routers"]
+    router_ports = {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
+    assert settings["grpc_port"] in router_ports and settings["http_port"] not in router_ports
 
 
 def test_every_probe_points_at_a_port_its_container_declares() -> None:
@@ -350,13 +406,18 @@ def test_every_workload_that_runs_modelyard_has_a_command_line_checked() -> None
         "triton/agent",
         "custom/container",
         "custom/agent",
+        "mlserver/agent",
         "controller/controller",
         "rebalance/rebalance",
     }
 
 
 def test_agents_register_under_the_pod_name_and_advertise_the_pod_ip_and_their_containers_port() -> None:
-    for name, backend, serving in (("triton", "triton", "triton"), ("custom", "custom", "container")):
+    for name, backend, serving in (
+        ("triton", "triton", "triton"),
+        ("custom", "custom", "container"),
+        ("mlserver", "mlserver", "mlserver"),
+    ):
         workload = by_kind("StatefulSet")[name]
         agent = container(workload, "agent")
         server = container(workload, serving)
@@ -413,7 +474,10 @@ def test_every_modelyard_pod_reads_the_store_url_from_the_shared_config() -> Non
     assert store.endpoints == [(member, client_port) for member in members]
     for where, spec in pods():
         for c in spec["containers"]:
-            if c["image"].startswith("modelyard") and c.get("command") != ["tritonserver"]:
+            if c["image"].startswith("modelyard") and c.get("command") not in (
+                ["tritonserver"],
+                ["mlserver"],
+            ):
                 assert {"configMapRef": {"name": "modelyard"}} in c["envFrom"], f"{where}/{c['name']}"
 
 
