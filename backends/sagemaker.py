@@ -17,7 +17,8 @@ Artifacts. A registered `sagemaker` artifact is the unpacked SageMaker model arc
 and the model's files) plus our manifest.json, in the model store. The container loads a model from a
 directory under its model store (MMS resolves `url` against it), so the adapter links the artifact there
 under the container name and sends that name as `url`: the agent and the container share a filesystem,
-as SageMaker's own agent and container share /opt/ml/models.
+as SageMaker's own agent and container share /opt/ml/models. The folder holds links to the artifact's
+files, not our manifest.json: MMS reads a manifest.json in a model folder as its own (legacy) format.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -119,21 +121,27 @@ class SageMakerAdapter:
         return status == 200
 
     def _link(self, model: ModelVersion, name: str) -> None:
-        """The artifact under the container's model store, as `name` (a symlink; replaced if stale)."""
+        """The artifact under the container's model store as folder `name`: a link to each of its top-level
+        files but our manifest.json, which MMS would read as its own (legacy) manifest and refuse."""
         source = file_path(model.artifact_uri)
         if source is None:
             raise LoadError(f"{model.key}: unsupported artifact URI {model.artifact_uri!r} (only file://)")
         if not (source / "code" / "inference.py").is_file():
             raise LoadError(f"{model.key}: artifact {source} has no code/inference.py")
+        entries = sorted(p.name for p in source.iterdir() if p.name != "manifest.json")
+        folder = self.model_store / name
+        if folder.is_dir() and all(
+            os.path.islink(folder / e) and os.readlink(folder / e) == str(source / e) for e in entries
+        ):
+            return  # linked already (a retried load)
         self.model_store.mkdir(parents=True, exist_ok=True)
-        link = self.model_store / name
-        if link.is_symlink() and os.readlink(link) == str(source):
-            return
         staging = self.model_store / f".{name}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            staging.unlink()
-        staging.symlink_to(source, target_is_directory=True)
-        staging.replace(link)  # atomic: a concurrent reader sees the old link or the new one
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for entry in entries:
+            (staging / entry).symlink_to(source / entry)
+        shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree does not follow them
+        staging.rename(folder)
 
     async def load(self, model: ModelVersion) -> None:
         name = container_model_name(model.name, model.version)
@@ -163,8 +171,7 @@ class SageMakerAdapter:
             raise LoadError(f"{model.key}: unload failed: {type(exc).__name__}: {exc}") from exc
         if status not in (200, 202, 404):  # 404: not loaded there, which is what an unload wants
             raise LoadError(f"{model.key}: unload failed: HTTP {status}: {error_message(body)}")
-        with contextlib.suppress(FileNotFoundError):
-            (self.model_store / name).unlink()
+        await asyncio.to_thread(shutil.rmtree, self.model_store / name, True)
 
     async def describe(self, model: ModelVersion) -> dict[str, Any] | None:
         """`GET /models/{name}`: the container's description of the version, None if it has none."""

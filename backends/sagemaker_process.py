@@ -157,6 +157,7 @@ class SageMakerProcess:
             "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1",  # the C1 compiler only: a faster start, enough for an HTTP front
             "-XX:-UseContainerSupport",
+            "-XX:-UsePerfData",  # else the JVM writes /tmp/hsperfdata_USER, outside the workdir
             "-cp",
             f".:{home / 'mms' / 'frontend' / '*'}",
             "com.amazonaws.ml.mms.ModelServer",

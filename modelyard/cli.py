@@ -173,6 +173,14 @@ def _metrics_port_option(command: F) -> F:
     type=click.IntRange(0, 64),
     help="Number of our own containers (many small numpy models each).",
 )
+@click.option(
+    "--sagemaker-containers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Number of SageMaker multi-model containers (AWS's multi-model-server; needs Java); with one or "
+    "more, the example `sagemaker_scale`.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Router listen address.")
 @click.option("--port", default=8001, show_default=True, type=int, help="Router port (0: any free port).")
 @click.option(
@@ -194,6 +202,7 @@ def up(
     store_url: str | None,
     containers: int,
     custom_containers: int,
+    sagemaker_containers: int,
     host: str,
     port: int,
     model_store: str | None,
@@ -205,6 +214,7 @@ def up(
     from backends.container_process import ContainerStartError
     from backends.mlserver_process import MLServerStartError
     from backends.modelstore import ArchiveError, open_model_store
+    from backends.sagemaker_process import SageMakerNotInstalled, SageMakerStartError
     from backends.triton_server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
     from placement.store import StoreError
@@ -220,6 +230,7 @@ def up(
         store_url=store_url or str(workdir / "store"),
         containers=containers,
         custom_containers=custom_containers,
+        sagemaker_containers=sagemaker_containers,
         host=host,
         port=port,
         artifact_store=model_store,
@@ -233,6 +244,8 @@ def up(
         ContainerStartError,
         RouterStartError,
         MLServerStartError,
+        SageMakerNotInstalled,
+        SageMakerStartError,
     )
     try:
         if model_store:

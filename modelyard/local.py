@@ -25,6 +25,9 @@ from backends.examples import CUSTOM_EXAMPLE_NAMES, EXAMPLE_NAMES, install_custo
 from backends.mlserver import MLSERVER_EXAMPLE_NAMES, MLServerAdapter, install_mlserver_example
 from backends.mlserver_process import MLServerProcess
 from backends.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
+from backends.sagemaker import SageMakerAdapter
+from backends.sagemaker_archive import SAGEMAKER_EXAMPLE_NAMES, install_sagemaker_example
+from backends.sagemaker_process import SageMakerProcess
 from backends.triton import TritonAdapter
 from backends.triton_server import TritonServer
 from placement import registry
@@ -54,12 +57,15 @@ class LocalFleet:
     custom_memory_bytes: int = 1024**3
     mlserver_containers: int = 0
     mlserver_memory_bytes: int = 1024**3
+    sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (backends/sagemaker*)
+    sagemaker_memory_bytes: int = 1024**3
     lease_ttl_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8001
     tritons: list[TritonServer] = field(default_factory=list)
     customs: list[CustomContainerProcess] = field(default_factory=list)
     mlservers: list[MLServerProcess] = field(default_factory=list)
+    sagemakers: list[SageMakerProcess] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     router: RouterServer | None = None
     controller: PlacementController | None = None
@@ -90,8 +96,10 @@ class LocalFleet:
         return models
 
     @property
-    def processes(self) -> list[TritonServer | CustomContainerProcess | MLServerProcess]:
-        return [*self.tritons, *self.customs, *self.mlservers]
+    def processes(
+        self,
+    ) -> list[TritonServer | CustomContainerProcess | MLServerProcess | SageMakerProcess]:
+        return [*self.tritons, *self.customs, *self.mlservers, *self.sagemakers]
 
     @property
     def follower(self) -> StoreFollower:
@@ -123,6 +131,8 @@ class LocalFleet:
                 await asyncio.to_thread(install_mlserver_example, name, artifacts)
                 for name in MLSERVER_EXAMPLE_NAMES
             ]
+        if self.sagemaker_containers:  # `sagemaker_scale`: OUTPUT = INPUT x 2 on a SageMaker container
+            models += [install_sagemaker_example(name, artifacts) for name in SAGEMAKER_EXAMPLE_NAMES]
         if self.artifact_store is not None:
             models = [await self.store_artifact(model) for model in models]
         for model in models:
@@ -201,6 +211,11 @@ class LocalFleet:
             MLServerProcess(containers_dir / f"mlserver-{i}", self.mlserver_memory_bytes)
             for i in range(self.mlserver_containers)
         ]
+        # Each under its own workdir (config, temp files, logs, metrics, the models it loads).
+        self.sagemakers = [
+            SageMakerProcess(containers_dir / f"sagemaker-{i}", host=self.host)
+            for i in range(self.sagemaker_containers)
+        ]
         await asyncio.gather(*(asyncio.to_thread(p.start) for p in self.processes))
         adapters: list[tuple[Container, ContainerAdapter]] = [
             (
@@ -227,6 +242,19 @@ class LocalFleet:
             )
             for i, m in enumerate(self.mlservers)
         ]
+        adapters += [
+            (
+                Container(
+                    f"sagemaker-{i}",
+                    s.address,
+                    kind="cpu",
+                    memory_bytes=self.sagemaker_memory_bytes,
+                    backend="sagemaker",
+                ),
+                self._adapter_for(s),
+            )
+            for i, s in enumerate(self.sagemakers)
+        ]
         for container, adapter in adapters:
             agent = Agent(
                 self.store,
@@ -249,7 +277,9 @@ class LocalFleet:
             self._tasks.append(asyncio.create_task(task, name=f"supervise-{agent.container.id}"))
 
     async def _supervise(
-        self, process: TritonServer | CustomContainerProcess | MLServerProcess, agent: Agent
+        self,
+        process: TritonServer | CustomContainerProcess | MLServerProcess | SageMakerProcess,
+        agent: Agent,
     ) -> None:
         cid = agent.container.id
         failures = 0
@@ -291,8 +321,13 @@ class LocalFleet:
             )
 
     def _adapter_for(
-        self, process: TritonServer | CustomContainerProcess | MLServerProcess, *, fetching: bool = True
+        self,
+        process: TritonServer | CustomContainerProcess | MLServerProcess | SageMakerProcess,
+        *,
+        fetching: bool = True,
     ) -> ContainerAdapter:
+        if isinstance(process, SageMakerProcess):  # artifacts are linked into its model store
+            return self.fetching(SageMakerAdapter(process.address, process.model_store))
         if isinstance(process, TritonServer):
             adapter: ContainerAdapter = TritonAdapter(
                 process.address, process.repository, fleet_secret=self.fleet_secret
@@ -377,13 +412,13 @@ async def _finish_in_thread(fn: Callable[[], T]) -> T:
         raise
 
 
-def example_call(address: str) -> str:
+def example_call(address: str, model: str = "scale") -> str:
     code = (
         "import numpy as np, tritonclient.grpc as g; "
         f'c = g.InferenceServerClient("{address}"); '
         'x = g.InferInput("INPUT", [3], "FP32"); '
         "x.set_data_from_numpy(np.array([1, 2, 3], dtype=np.float32)); "
-        'print(c.infer("scale", [x]).as_numpy("OUTPUT"))'
+        f'print(c.infer("{model}", [x]).as_numpy("OUTPUT"))'
     )
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
@@ -423,11 +458,11 @@ async def run_up(fleet: LocalFleet) -> None:
         assert fleet.router is not None
         table = fleet.router.router.table
         print()
-        print(f"{'container':<10} {'address':<17} {'pid':>8}  models")
+        print(f"{'container':<12} {'address':<17} {'pid':>8}  models")
         for process, agent in zip(fleet.processes, fleet.agents, strict=True):
             pid = process.process.pid if process.process else 0
             print(
-                f"{agent.container.id:<10} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
+                f"{agent.container.id:<12} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
             )
         print()
         for model in models:
@@ -442,6 +477,9 @@ async def run_up(fleet: LocalFleet) -> None:
         print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
         print("try it:")
         print(f"  {example_call(fleet.router.address)}")
+        if fleet.sagemakers:
+            print(f"  {example_call(fleet.router.address, 'sagemaker_scale')}")
+            print(f"  curl http://{fleet.sagemakers[0].address}/ping   # and /models: the SageMaker contract")
         if fleet.mlserver_containers:
             print(f"  {iris_call(fleet.router.address)}")
         print("press Ctrl-C to stop everything", flush=True)
