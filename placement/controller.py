@@ -17,9 +17,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from placement import registry
+from placement.autoscale import Policy, copies_to_place
+from placement.autoscaler import Autoscaler
 from placement.follow import StoreFollower
 from placement.mapwriter import MapWriter
 from placement.model import ModelVersion
@@ -44,8 +46,12 @@ class PlacementController:
         full_every_s: float = 300.0,
         eager: bool = True,
         follower: StoreFollower | None = None,
+        copy_target_rps: float = 0.0,
+        scale_down_after_s: float = 300.0,
     ) -> None:
-        """`follower`: a store follower shared with other components of this process (else its own)."""
+        """`follower`: a store follower shared with other components of this process (else its own).
+        `copy_target_rps`: calls/s per copy above which a model gets another copy (0: copies do not follow
+        load); extra copies go after the rate stayed low for `scale_down_after_s` (placement/autoscale.py)."""
         self.store = store
         self.debounce_s = debounce_s
         self.ready_timeout_s = ready_timeout_s
@@ -63,6 +69,9 @@ class PlacementController:
         self._touched: set[str] = set()  # model keys an incremental pass should look at
         self._incremental = asyncio.Event()
         self._full = asyncio.Event()
+        self.autoscaler = Autoscaler(
+            self, Policy(copy_target_rps=copy_target_rps, scale_down_after_s=scale_down_after_s)
+        )
         self.follower.listen(self._on_change)
 
     # -- following -------------------------------------------------------------------------------------
@@ -76,6 +85,8 @@ class PlacementController:
         touched |= {key for key in changes.wanted if fleet.wanted.get(key) == ""}
         # A copy its container refused for lack of memory (507) moves to a container with room.
         touched |= {key for key in changes.models if key in fleet.full_copies}
+        # Room freed by drained copies (evictions, fewer copies): place the models waiting for it.
+        touched |= self.autoscaler.on_change(fleet, changes)
         # A wanted model that is ready (or gone) has its answer: the next pass removes the request.
         for key in changes.models:
             if fleet.wanted.get(key) == "" and (key not in fleet.models or _settled(fleet, key)):
@@ -138,6 +149,7 @@ class PlacementController:
             asyncio.create_task(self._keep_lease(lease), name="controller-lease"),
             asyncio.create_task(self._incremental_loop(), name="controller-incremental"),
             asyncio.create_task(self._full_loop(), name="controller-full"),
+            asyncio.create_task(self.autoscaler.run(), name="controller-autoscale"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -179,7 +191,9 @@ class PlacementController:
         keys = set(keys)
         async with self.writer.locked():
             fleet = self.follower.fleet
-            changes, unplaced = incremental_changes(fleet, keys)
+            changes, unplaced = incremental_changes(
+                fleet, keys, copies_to_place(fleet, keys), self.autoscaler.held_bytes()
+            )
             if changes:
                 await self.writer.update(changes)
                 self.placements += 1
@@ -188,7 +202,14 @@ class PlacementController:
             asked = [k for k in keys if fleet.wanted.get(k) == ""]
             # A request stays until its model is ready or failed: agents load wanted models first.
             done = [registry.WANTED + k for k in asked if k not in fleet.models or _settled(fleet, k)]
-            reasons = {registry.WANTED + k: unplaced[k].encode() for k in asked if k in unplaced}
+            # Unless evicting load-on-demand copies can make room: the autoscaler tries that now.
+            reasons = {
+                registry.WANTED + k: unplaced[k].encode()
+                for k in asked
+                if k in unplaced and not self.autoscaler.may_make_room(k)
+            }
+            if any(k in unplaced for k in asked):
+                self.autoscaler.wake({k: unplaced[k] for k in asked if k in unplaced})
             for start in range(0, len(done), MAX_TXN_OPS):
                 await self.store.apply({}, done[start : start + MAX_TXN_OPS])
             if reasons:
@@ -256,7 +277,10 @@ def _settled(fleet: Fleet, key: str) -> bool:
 
 
 def incremental_changes(
-    fleet: Fleet, keys: Iterable[str]
+    fleet: Fleet,
+    keys: Iterable[str],
+    copies: Mapping[str, int] | None = None,
+    held: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     """New assignments for `keys` only, placed into the room the rest of the map leaves.
 
@@ -264,7 +288,9 @@ def incremental_changes(
     containers of its backend (its live copies stay); copies on dead containers are dropped once the model
     has its replicas elsewhere, and kept (the container may come back) while it has not. A copy whose
     container refused it for lack of memory is dropped and placed again elsewhere, and that container
-    counts as full (no free bytes) for this placement. Pure.
+    counts as full (no free bytes) for this placement. `copies`: per model, the copies it needs when that
+    is not its `replicas` (placement/autoscale.py copies_to_place); `held`: bytes per container still held
+    by copies removed from the map and not unloaded yet. Pure.
     """
     changes: dict[str, tuple[str, ...]] = {}
     short: dict[str, ModelVersion] = {}
@@ -277,16 +303,17 @@ def incremental_changes(
             continue
         refused = fleet.full_copies.get(key, set())
         live = tuple(cid for cid in assigned if cid in fleet.containers and cid not in refused)
-        if len(live) < model.replicas:
+        if len(live) < (copies or {}).get(key, model.replicas):
             short[model.key] = model
         elif live != assigned:
             changes[key] = live
     unplaced: dict[str, str] = {}
     if not short:
         return changes, unplaced
+    need = {key: (copies or {}).get(key, model.replicas) for key, model in short.items()}
     # Free bytes per live container, not counting the copies of the models being placed (the planner
     # keeps those copies where they are and takes their bytes again).
-    used = {cid: fleet.used.get(cid, 0) for cid in fleet.containers}  # an index, kept per event
+    used = {cid: fleet.used.get(cid, 0) + (held or {}).get(cid, 0) for cid in fleet.containers}
     # A full container keeps room for the copies it holds of these models, and none for anything new.
     full = dict.fromkeys(fleet.full_containers(), 0)
     for key in short:
@@ -311,14 +338,14 @@ def incremental_changes(
             for m in group
         }
         result = plan(
-            [Demand(m.key, fleet.budget_bytes(m), m.replicas, m.kind) for m in group],
+            [Demand(m.key, fleet.budget_bytes(m), need[m.key], m.kind) for m in group],
             capacities,
             previous={k: v for k, v in previous.items() if v},
         )
         for m in group:
             placed = result.assignments.get(m.key, ())
             lost = [cid for cid in fleet.assignments.get(m.key, ()) if cid not in fleet.containers]
-            missing = m.replicas - len(placed)
+            missing = need[m.key] - len(placed)
             new = (*placed, *lost[: max(0, missing)])
             if new != fleet.assignments.get(m.key, ()):
                 changes[m.key] = new

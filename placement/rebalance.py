@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from placement import registry
+from placement.autoscale import kept_copies
 from placement.follow import StoreFollower
 from placement.mapwriter import LOCK, MapWriter, RebalanceInProgress
 from placement.model import Container, ModelVersion
@@ -129,16 +130,22 @@ def plan_fleet(
     *,
     budgets: Mapping[str, int] | None = None,
     rebalance: bool = False,
+    copies: Mapping[str, int] | None = None,
 ) -> Plan:
-    """Plans each backend separately: Triton models go to Triton containers, custom ones to ours."""
+    """Plans each backend separately: Triton models go to Triton containers, custom ones to ours.
+
+    `copies`: how many copies a model should have where that is not its `replicas` (placement/autoscale.py:
+    extra copies under load, a load-on-demand model while resident); a model with none is left out."""
     assignments: dict[str, tuple[str, ...]] = {}
     unplaced: dict[str, str] = {}
+    wanted = {m.key: (copies or {}).get(m.key, m.replicas) for m in models}
+    models = [m for m in models if wanted[m.key] > 0]
     for backend in sorted({m.backend for m in models} | {c.backend for c in containers}):
         group = [m for m in models if m.backend == backend]
         if not group:
             continue
         result = plan(
-            [Demand(m.key, (budgets or {}).get(m.key, m.memory_bytes), m.replicas, m.kind) for m in group],
+            [Demand(m.key, (budgets or {}).get(m.key, m.memory_bytes), wanted[m.key], m.kind) for m in group],
             [Capacity(c.id, c.memory_bytes, c.kind) for c in containers if c.backend == backend],
             previous={m.key: previous[m.key] for m in group if m.key in previous},
             rebalance=rebalance,
@@ -162,11 +169,16 @@ def snapshot(fleet: Fleet) -> Fleet:
     return copy
 
 
-def plan_rebalance(fleet: Fleet, *, placed_only: bool = False) -> RebalancePlan:
+def plan_rebalance(
+    fleet: Fleet, *, placed_only: bool = False, copies: Mapping[str, int] | None = None
+) -> RebalancePlan:
     """The map the registered models and live containers should have, sticky to the current one.
 
     With `placed_only` (a controller that places on demand), models without a copy stay without one.
+    `copies`: per model, the copies it should have when that is not its `replicas` (see `plan_fleet`).
     """
+    if copies is None:  # keep the extra copies load brought and resident load-on-demand copies
+        copies = kept_copies(fleet)
     models = sorted(
         (m for m in fleet.models.values() if not placed_only or m.key in fleet.assignments),
         key=lambda m: m.key,
@@ -178,6 +190,7 @@ def plan_rebalance(fleet: Fleet, *, placed_only: bool = False) -> RebalancePlan:
         before,
         budgets={m.key: fleet.budget_bytes(m) for m in models},
         rebalance=True,
+        copies=copies,
     )
     after = dict(result.assignments)
     # A model whose registration does not parse is still registered: its copies stay where they are.
@@ -191,7 +204,7 @@ def plan_rebalance(fleet: Fleet, *, placed_only: bool = False) -> RebalancePlan:
             continue
         placed = after.get(key, ())
         lost = [cid for cid in ids if cid not in fleet.containers and cid not in placed]
-        missing = model.replicas - len(placed)
+        missing = (copies or {}).get(key, model.replicas) - len(placed)
         if missing > 0 and lost:
             after[key] = (*placed, *lost[:missing])
     return RebalancePlan(

@@ -1,0 +1,234 @@
+"""The leading controller's side of copies-follow-load and memory-as-a-cache: reads the routers' rates,
+runs the policy (placement/autoscale.py) every period and applies its decisions through the controller's
+MapWriter (the staged map protocol), make-before-break:
+
+- an added copy only joins the map: routers use it once its agent reports it ready;
+- a removed or evicted copy leaves the map first (routers stop choosing it within a store event), then its
+  agent drains it (`drain_s`) and unloads it. Its bytes count as used until its copy state is gone, so
+  nothing is placed into memory that is still held; then the models waiting for that room are placed.
+
+Decisions are logged and kept (the last 50, with counts of evictions and copy changes) under
+`/modelyard/autoscale` for `modelyard placement show`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from placement import registry
+from placement.autoscale import Plan, Policy, Room, Timers, loads_of, plan_autoscale
+from placement.rates import ModelRate, read_rates
+from placement.registry import Changes, Fleet
+from placement.store import StoreError
+
+if TYPE_CHECKING:
+    from placement.controller import PlacementController
+
+log = logging.getLogger(__name__)
+
+STATUS = registry.ROOT + "autoscale"  # the leader's last decisions and counters (JSON)
+DRAIN_GIVE_UP_S = 120.0  # a removed copy whose state never goes (agent gone) stops holding room
+
+
+class Autoscaler:
+    def __init__(self, controller: PlacementController, policy: Policy, *, period_s: float | None = None):
+        self.controller = controller
+        self.policy = policy
+        # Often enough to act well within a scale-down period, rarely enough to cost nothing.
+        self.period_s = period_s or min(5.0, max(0.5, policy.scale_down_after_s / 6))
+        self.timers = Timers()
+        self.draining: dict[tuple[str, str], tuple[int, float]] = {}  # (container, model) -> bytes, since
+        self.first_seen: dict[str, float] = {}  # model key -> when its first copy was seen (monotonic)
+        self.blocked: dict[str, str] = {}  # wanted models no eviction can make room for -> why
+        self.evictions = 0
+        self.copy_changes = 0  # copies added or removed for load
+        self.decisions: deque[str] = deque(maxlen=50)
+        self._said: dict[str, str] = {}  # model -> its last "no room" line (logged once, not each pass)
+        self._reasons: dict[str, str] = {}  # model -> why the incremental placement found no room
+        self._wake = asyncio.Event()
+
+    # -- what the controller's incremental placement asks --------------------------------------------------
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes per container of copies removed from the map but not unloaded yet."""
+        held: dict[str, int] = {}
+        for (cid, _), (size, _) in self.draining.items():
+            held[cid] = held.get(cid, 0) + size
+        return held
+
+    def may_make_room(self, key: str) -> bool:
+        """False once a pass found that no eviction can ever make room for `key`."""
+        return key not in self.blocked
+
+    def wake(self, reasons: Mapping[str, str] | None = None) -> None:
+        """A pass now; `reasons`: why the incremental placement found no room (said to the caller when
+        no eviction can help either)."""
+        self._reasons.update(reasons or {})
+        self._wake.set()
+
+    def on_change(self, fleet: Fleet, changes: Changes) -> set[str]:
+        """Forgets drained copies; returns the wanted models to place again when room was freed."""
+        if not self.draining:
+            return set()
+        now = time.monotonic()
+        done = [
+            (cid, key)
+            for (cid, key), (_, since) in self.draining.items()
+            if (
+                (changes.everything or changes.containers or key in changes.models)
+                and (
+                    (cid, key) not in fleet.states
+                    or cid not in fleet.containers
+                    or cid in fleet.assignments.get(key, ())
+                )
+            )
+            or now - since > DRAIN_GIVE_UP_S
+        ]
+        for pair in done:
+            del self.draining[pair]
+        if not done:
+            return set()
+        self._wake.set()
+        return {key for key, why in fleet.wanted.items() if why == ""}
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.period_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.tick()
+            except StoreError as exc:  # the lock held by a manual rebalance, or the store down
+                log.info("autoscaler: %s; next pass in %.1f s", exc, self.period_s)
+
+    async def tick(self) -> Plan:
+        """One pass: rates, policy, map write, status."""
+        rates = await read_rates(self.controller.store, time.time())
+        writer = self.controller.writer
+        async with writer.locked():
+            fleet = writer.follower.fleet
+            now = time.monotonic()
+            plan = plan_autoscale(
+                loads_of(fleet, self._keys(fleet, rates), self._rates(rates, now)),
+                self._rooms(fleet),
+                self.policy,
+                self.timers,
+                now,
+            )
+            if plan.changes:
+                await writer.update(plan.changes)
+        said = self._record(fleet, plan, now)
+        await self._answer(plan, said)
+        return plan
+
+    def _keys(self, fleet: Fleet, rates: Iterable[str]) -> set[str]:
+        """Models that matter to a pass: called, wanted, holding extra copies or resident on demand."""
+        keys = {key for key in rates if key in fleet.models}
+        keys |= {key for key, why in fleet.wanted.items() if why == ""}
+        now = time.monotonic()
+        seen = self.first_seen
+        current: set[str] = set()
+        for key, ids in fleet.assignments.items():
+            model = fleet.models.get(key)
+            if model is None or not ids:
+                continue
+            if model.on_demand or len(ids) > model.replicas:
+                keys.add(key)
+            if model.on_demand:
+                current.add(key)
+                seen.setdefault(key, now)
+        for key in [k for k in seen if k not in current]:
+            del seen[key]
+        return keys
+
+    def _rates(self, rates: dict[str, ModelRate], now: float) -> dict[str, tuple[float, float]]:
+        """(calls/s, idle s); a copy placed moments ago counts as just used (its first call is on its way)."""
+        out: dict[str, tuple[float, float]] = {}
+        for key, rate in rates.items():
+            out[key] = (rate.rate, rate.idle_s)
+        for key, since in self.first_seen.items():
+            calls, idle = out.get(key, (0.0, float("inf")))
+            out[key] = (calls, min(idle, now - since))
+        return out
+
+    def _rooms(self, fleet: Fleet) -> list[Room]:
+        held = self.held_bytes()
+        full = fleet.full_containers()
+        return [
+            Room(
+                c.id,
+                c.backend,
+                c.kind,
+                0 if c.id in full else max(0, c.memory_bytes - fleet.used.get(c.id, 0) - held.get(c.id, 0)),
+                held.get(c.id, 0),
+            )
+            for c in fleet.containers.values()
+        ]
+
+    def _record(self, fleet: Fleet, plan: Plan, now: float) -> bool:
+        """Notes removed copies as draining and logs the decisions; True when any was new."""
+        said = False
+        for key, ids in plan.changes.items():
+            before = set(fleet.assignments.get(key, ()))
+            model = fleet.models.get(key)
+            size = fleet.budget_bytes(model) if model is not None else 0
+            for cid in before - set(ids):
+                self.draining[(cid, key)] = (size, now)
+        for decision in plan.decisions:
+            line = decision.line()
+            if decision.action == "no room":
+                if self._said.get(decision.model) == line:
+                    continue
+                self._said[decision.model] = line
+            elif decision.action == "evict":
+                self.evictions += 1
+            else:
+                self.copy_changes += 1
+            log.info("autoscaler: %s", line)
+            self.decisions.append(f"{time.strftime('%H:%M:%S')} {line}")
+            said = True
+        self.blocked = dict(plan.blocked)
+        return said
+
+    async def _answer(self, plan: Plan, said: bool) -> None:
+        """Fails the calls no eviction can serve (the reason into their wanted keys); publishes status."""
+        store = self.controller.store
+        fleet = self.controller.follower.fleet
+        reasons = {
+            registry.WANTED + key: self._reasons.pop(key, why).encode()
+            for key, why in plan.blocked.items()
+            if fleet.wanted.get(key) == ""
+        }
+        if reasons:
+            await store.apply(reasons)
+        self._reasons = {k: why for k, why in self._reasons.items() if fleet.wanted.get(k) == ""}
+        if said:
+            status = {
+                "evictions": self.evictions,
+                "copy_changes": self.copy_changes,
+                "copy_target_rps": self.policy.copy_target_rps,
+                "scale_down_after_s": self.policy.scale_down_after_s,
+                "decisions": list(self.decisions),
+            }
+            await store.put(STATUS, json.dumps(status).encode())
+
+
+def read_status(raw: bytes | None) -> dict[str, object]:
+    """The status `placement show` prints; {} when absent or unreadable."""
+    if not raw:
+        return {}
+    try:
+        status = json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return status if isinstance(status, dict) else {}
