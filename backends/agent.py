@@ -309,6 +309,7 @@ class Agent:
             # Not registered (any more): enough to unload it by name and version.
             self.loaded[key] = ModelVersion(name, version, backend=self.container.backend)
         self._holdings_unknown = False
+        await self._clear_full_marks()  # started, or the container restarted: its memory is free again
         self._wake.set()
 
     async def _report_states(self) -> None:
@@ -358,7 +359,10 @@ class Agent:
         now = time.monotonic()
         for key, backoff in list(self._load_backoff.items()):
             if key not in desired:
-                del self._load_backoff[key]  # no longer wanted here: its failed state goes too
+                del self._load_backoff[key]  # no longer wanted here: its failed state goes too,
+                state = self._fleet.states.get((self.container.id, key))
+                if state is not None and state.container_full:
+                    continue  # unless it says the container is full: placement reads it until memory frees
                 with contextlib.suppress(Exception):
                     await registry.delete_copy_state(self.store, self.container.id, key)
             elif backoff.model != desired[key]:
@@ -474,6 +478,18 @@ class Agent:
         self._measured.pop(key, None)
         with contextlib.suppress(Exception):
             await registry.delete_copy_state(self.store, cid, key)
+        await self._clear_full_marks()  # memory was freed: the container may take a model again
+
+    async def _clear_full_marks(self) -> None:
+        """Deletes this container's "full" marks (failed copies it refused for lack of memory, SageMaker's
+        507) that the map no longer assigns here: kept after the copy moved, they stop placement from
+        sending the container more until it frees memory (an unload) or restarts."""
+        cid = self.container.id
+        desired = self._fleet.by_container.get(cid, set())
+        marks = [k for k, cids in self._fleet.full_copies.items() if cid in cids and k not in desired]
+        for key in marks:
+            with contextlib.suppress(Exception):
+                await registry.delete_copy_state(self.store, cid, key)
 
     async def _still_held(self, key: str) -> bool:
         try:
