@@ -125,6 +125,24 @@ def _drain_option(command: F) -> F:
     )(command)
 
 
+def _autoscale_options(command: F) -> F:
+    """--copy-target-rps and --scale-down-after-s, declared once for the controller and `up`."""
+    command = click.option(
+        "--scale-down-after-s",
+        type=click.FloatRange(min=0),
+        default=300.0,
+        show_default=True,
+        help="Extra copies go after the rate stayed below half the target this long.",
+    )(command)
+    return click.option(
+        "--copy-target-rps",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="Calls/s per copy above which a model gets another copy, up to its max replicas (0: off).",
+    )(command)
+
+
 def _max_message_option(command: F) -> F:
     return click.option(
         "--max-message-bytes",
@@ -197,6 +215,7 @@ def _metrics_port_option(command: F) -> F:
     type=click.IntRange(0, 64),
     help="Number of MLServer containers (scikit-learn models; with one or more, the example `iris`).",
 )
+@_autoscale_options
 def up(
     workdir: Path,
     store_url: str | None,
@@ -207,6 +226,8 @@ def up(
     port: int,
     model_store: str | None,
     mlserver_containers: int,
+    copy_target_rps: float,
+    scale_down_after_s: float,
 ) -> None:
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
@@ -235,6 +256,8 @@ def up(
         port=port,
         artifact_store=model_store,
         mlserver_containers=mlserver_containers,
+        copy_target_rps=copy_target_rps,
+        scale_down_after_s=scale_down_after_s,
     )
     if model_store and not model_store.startswith("s3://"):
         fleet.model_store = Path(model_store)  # our containers load uploads from there too
@@ -628,7 +651,10 @@ def agent(
     type=float,
     help="Seconds a rebalance waits for new copies before keeping the old ones.",
 )
-def controller(store_url: str | None, ready_timeout_s: float) -> None:
+@_autoscale_options
+def controller(
+    store_url: str | None, ready_timeout_s: float, copy_target_rps: float, scale_down_after_s: float
+) -> None:
     """Run the placement controller: place new models, re-place lost copies, fill new containers."""
     import asyncio
 
@@ -637,7 +663,12 @@ def controller(store_url: str | None, ready_timeout_s: float) -> None:
 
     async def run() -> None:
         async with open_store(store_url or default_store_url()) as store:
-            await PlacementController(store, ready_timeout_s=ready_timeout_s).run()
+            await PlacementController(
+                store,
+                ready_timeout_s=ready_timeout_s,
+                copy_target_rps=copy_target_rps,
+                scale_down_after_s=scale_down_after_s,
+            ).run()
 
     try:
         asyncio.run(run())

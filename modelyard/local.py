@@ -60,6 +60,8 @@ class LocalFleet:
     sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (backends/sagemaker*)
     sagemaker_memory_bytes: int = 1024**3
     lease_ttl_s: float = 10.0
+    copy_target_rps: float = 0.0  # copies follow load above this many calls/s per copy (0: off)
+    scale_down_after_s: float = 300.0
     host: str = "127.0.0.1"
     port: int = 8001
     tritons: list[TritonServer] = field(default_factory=list)
@@ -352,7 +354,13 @@ class LocalFleet:
     def start_controller(self, *, eager: bool = True) -> PlacementController:
         """Places the models, re-places copies of containers that die and places models registered later
         (`models upload`; with `eager` False only when a call wants them). Restarted if its loop crashes."""
-        self.controller = controller = PlacementController(self.store, eager=eager, follower=self.follower)
+        self.controller = controller = PlacementController(
+            self.store,
+            eager=eager,
+            follower=self.follower,
+            copy_target_rps=self.copy_target_rps,
+            scale_down_after_s=self.scale_down_after_s,
+        )
         task = restart_on_failure("placement controller", controller.run)
         self._tasks.append(asyncio.create_task(task, name="placement-controller"))
         return controller
