@@ -148,10 +148,18 @@ def show(store_url: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from placement.autoscale import resident_and_evictable
+    from placement.autoscaler import STATUS, read_status
     from placement.rebalance import lost_copies, under_replicated, usage
     from placement.registry import ConcurrentPlanError, load_fleet
 
-    fleet: Fleet = run_on_store(store_url, load_fleet, (ConcurrentPlanError,))
+    async def read(store: Store) -> tuple[Fleet, dict[str, object]]:
+        fleet = await load_fleet(store)
+        status = await store.get(STATUS)
+        return fleet, read_status(status.value if status else None)
+
+    fleet, autoscale = run_on_store(store_url, read, (ConcurrentPlanError,))
+    resident, evictable = resident_and_evictable(fleet)
     rows = usage(fleet, fleet.assignments)
     short = under_replicated(fleet)
     lost = lost_copies(fleet)
@@ -177,6 +185,9 @@ def show(store_url: str | None, as_json: bool) -> None:
                     "unplaced": len(short),
                     "under_replicated": short,
                     "lost": [{"model": m, "container": c} for m, c in lost],
+                    "resident_copies": resident,
+                    "evictable_copies": evictable,
+                    "autoscale": autoscale,
                 },
                 indent=2,
                 sort_keys=True,
@@ -206,6 +217,20 @@ def show(store_url: str | None, as_json: bool) -> None:
         f"utilization mean {mean:.0%}, max {top:.0%}; unplaced or under-replicated: {len(short)}; "
         f"lost copies: {len(lost)}"
     )
+    click.echo(
+        f"copies resident (replicas >= 1): {resident}; evictable (load on demand): {evictable}; "
+        f"evictions: {autoscale.get('evictions', 0)}; copies added or removed for load: "
+        f"{autoscale.get('copy_changes', 0)}"
+    )
+    decisions = autoscale.get("decisions")
+    if isinstance(decisions, list) and decisions:
+        click.echo(
+            "recent copy decisions (copy target "
+            f"{autoscale.get('copy_target_rps', 0)} calls/s, scale down after "
+            f"{autoscale.get('scale_down_after_s', 0)} s):"
+        )
+        for line in decisions[-10:]:
+            click.echo(f"  {line}")
 
 
 @placement.command()
