@@ -197,6 +197,7 @@ class S3ModelStore(ModelStore):
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._client = client
         self._cache = cache
+        self._checked = False  # the bucket answered once: an import of thousands of archives asks once
 
     @property
     def client(self) -> Any:
@@ -218,10 +219,13 @@ class S3ModelStore(ModelStore):
 
     def check(self) -> None:
         """Raises one clear line when the bucket is missing, the credentials fail or S3 is unreachable."""
+        if self._checked:
+            return
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise describe(exc, f"model store s3://{self.bucket}", self.client) from exc
+        self._checked = True
 
     def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

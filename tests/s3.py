@@ -29,8 +29,10 @@ AWS_ENV = {
 
 
 class MotoServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        """`env`: moto's own settings, e.g. INITIAL_NO_AUTH_ACTION_COUNT=0 to check credentials."""
         self.workdir = workdir
+        self.extra_env = env or {}
         self.port = port or free_port("127.0.0.1")
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "moto.log"
@@ -53,6 +55,7 @@ class MotoServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.extra_env},
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -122,9 +125,13 @@ class PausingProxy:
     sends an object faster than a test can kill it). Bytes pass unchanged; the proxy never answers itself.
     """
 
-    def __init__(self, upstream_port: int, pause_after_bytes: int) -> None:
+    def __init__(self, upstream_port: int, pause_after_bytes: int, *, throttle_first: int = 0) -> None:
+        """`throttle_first`: answer that many requests with S3's own throttling answer (503 SlowDown)
+        instead of forwarding them, as S3 does above a prefix's request rate (moto never throttles)."""
         self.upstream_port = upstream_port
         self.pause_after_bytes = pause_after_bytes
+        self.throttle_first = throttle_first
+        self.throttled = 0
         self.paused = threading.Event()  # some answer is being held
         self._released = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -150,6 +157,10 @@ class PausingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.throttled < self.throttle_first:
+                self.throttled += 1
+                threading.Thread(target=self._slow_down, args=(client,), daemon=True).start()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
             except OSError:
@@ -158,6 +169,27 @@ class PausingProxy:
             upstream.settimeout(None)
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    @staticmethod
+    def _slow_down(client: socket.socket) -> None:
+        """Reads one request's headers (GET or HEAD: no body) and answers 503 SlowDown."""
+        body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            client.sendall(
+                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         sent = 0

@@ -4,12 +4,14 @@ loading from S3 into Triton and into our container."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,9 @@ import tritonclient.grpc as grpcclient
 from backends.modelstore import checked
 from backends.numpy_model import write_model_dir
 from backends.s3store import ArtifactCache, S3ModelStore, S3StoreError, pack, s3_client
+from modelyard.local import LocalFleet
+from placement import registry
+from placement.model import ModelVersion
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 from tests.s3 import MotoServer, PausingProxy, aws_environment
@@ -123,6 +128,7 @@ def test_import_stores_each_archive_once_in_s3(s3: MotoServer, tmp_path: Path) -
         ("missing bucket", "s3://nowhere: the bucket does not exist at http://127.0.0.1:"),
         ("no credentials", "s3://fleet: no AWS credentials (set AWS_ACCESS_KEY_ID"),
         ("endpoint down", "s3://fleet: cannot reach the S3 endpoint http://127.0.0.1:"),
+        ("refused credentials", "s3://fleet: access denied by http://127.0.0.1:"),
     ],
 )
 def test_an_unusable_s3_store_is_refused_with_one_line(
@@ -131,16 +137,25 @@ def test_an_unusable_s3_store_is_refused_with_one_line(
     archive = tgz(numpy_model(tmp_path / "double", 2.0), tmp_path / "double.tgz")
     env = {**os.environ, **s3.env()}
     model_store = STORE
+    started: list[MotoServer] = []
     if case == "missing bucket":
         model_store = "s3://nowhere/models"
     elif case == "no credentials":
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             env.pop(name, None)
         env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
-    else:
+    elif case == "endpoint down":
         closed = MotoServer(tmp_path / "closed")  # a free port nobody listens on
         env["AWS_ENDPOINT_URL"] = closed.endpoint
-    result = cli("models", "upload", str(archive), "--name", "double", "--version", "1",
+    else:  # a second moto that checks credentials (ours are not in its IAM): S3 answers 403
+        checking = MotoServer(tmp_path / "checking", env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+        checking.start()
+        started.append(checking)
+        env["AWS_ENDPOINT_URL"] = checking.endpoint
+    with contextlib.ExitStack() as stack:
+        for server in started:
+            stack.callback(server.stop)
+        result = cli("models", "upload", str(archive), "--name", "double", "--version", "1",
                  "--store", str(tmp_path / "store"), "--model-store", model_store, env=env)  # fmt: skip
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -264,3 +279,76 @@ def test_agents_load_from_s3_into_triton_and_into_our_container(s3: MotoServer, 
         assert {m.artifact_uri.rsplit("/", 1)[1][:-4] for m in models} <= cached
     finally:
         thread.stop()
+
+
+def test_an_agent_whose_s3_endpoint_is_down_fails_the_load_cleanly_and_loads_once_it_is_back(
+    s3: MotoServer, tmp_path: Path
+) -> None:
+    source = numpy_model(tmp_path / "double", 2.0)
+    with checked(source) as artifact:
+        uri = S3ModelStore(STORE).put(artifact)
+        model = ModelVersion(
+            "double", "1", backend="custom", memory_bytes=1024, artifact_uri=uri, sha256=artifact.sha256
+        )
+    thread = FleetThread(tmp_path / "fleet", str(tmp_path / "fleet" / "store"), containers=0)
+    thread.fleet.custom_containers = 1
+    thread.fleet.artifact_store = STORE
+
+    async def setup(fleet: LocalFleet) -> None:
+        await fleet.start_store_and_models(examples=False)
+        await fleet.start_containers()
+        await fleet.wait_registered(60)
+        fleet.start_controller()
+        await fleet.start_router()
+
+    try:
+        thread.start(setup)
+        table = thread.fleet.router.router.table  # type: ignore[union-attr]
+        s3.kill()
+        thread.call(registry.register_model(thread.fleet.store, model))
+        deadline = time.monotonic() + 60
+        while (state := table.fleet.states.get(("custom-0", model.key))) is None or state.phase != "failed":
+            assert time.monotonic() < deadline, f"the load did not fail: {state}"
+            time.sleep(0.05)
+        assert f"{model.key}: {uri}: cannot reach the S3 endpoint" in state.message
+        assert "\n" not in state.message
+        cache = tmp_path / "fleet" / "artifact-cache"
+        assert list(cache.iterdir()) == []  # nothing partial left behind
+
+        s3.start()  # back (empty: moto keeps objects in memory), and the artifact put back
+        s3.client().create_bucket(Bucket=BUCKET)
+        with checked(source) as artifact:
+            assert S3ModelStore(STORE).put(artifact) == uri
+        x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+        tensor = grpcclient.InferInput("INPUT", [3], "FP32")
+        tensor.set_data_from_numpy(x)
+        # The agent retries the failed load with backoff (1 s, 2 s, ...), now from the endpoint that is back.
+        deadline = time.monotonic() + 60
+        while (state := table.fleet.states.get(("custom-0", model.key))) is None or state.phase != "ready":
+            assert time.monotonic() < deadline, f"the load was not retried: {state}"
+            time.sleep(0.05)
+        with grpcclient.InferenceServerClient(thread.address) as client:
+            result = client.infer("double", [tensor], client_timeout=30)
+        np.testing.assert_allclose(result.as_numpy("OUTPUT"), x * 2)
+        assert [p.name for p in cache.iterdir()] == [uri.rsplit("/", 1)[1].removesuffix(".tar")]
+    finally:
+        thread.stop()
+        if s3.process is None:
+            s3.start()
+
+
+def test_a_throttled_download_is_retried_with_backoff_and_completes(s3: MotoServer, tmp_path: Path) -> None:
+    with checked(numpy_model(tmp_path / "double", 2.0)) as artifact:
+        uri = S3ModelStore(STORE).put(artifact)
+    # Two requests answered 503 SlowDown (what S3 says above a prefix's request rate), then S3 itself.
+    proxy = PausingProxy(s3.port, pause_after_bytes=1 << 40, throttle_first=2)
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+    try:
+        cache = ArtifactCache(tmp_path / "cache", model_store=STORE, client=s3_client())
+        path = cache.fetch(uri)
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        proxy.close()
+    assert proxy.throttled == 2
+    assert (path / "weights.npz").is_file() and cache.downloads == 1
