@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -21,18 +25,23 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from hypothesis import given
 from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
 
 from backends import sagemaker as sagemaker_module
 from backends.adapter import ContainerFull, LoadError
 from backends.examples import EXAMPLES_DIR
 from backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
 from backends.sagemaker_process import SageMakerNotInstalled, SageMakerProcess, java_binary, mms_home
+from modelyard.local import LocalFleet
+from placement import registry
 from placement.controller import incremental_changes
-from placement.model import Container, CopyState, ModelVersion
+from placement.model import Container, CopyState, ModelVersion, RouteRule
 from placement.registry import Fleet
 from tests.conftest import missing
+from tests.fleet import FleetThread
 
 T = TypeVar("T")
 
@@ -405,3 +414,254 @@ def test_unloading_a_model_the_container_lacks_is_fine(mms: SageMakerProcess, tm
     assert _http(f"{mms.url}/models/{container_model_name(model.name, model.version)}")[0] == 404
     _run(_with_adapter(mms, lambda a: a.unload(model)))
     assert _run(_with_adapter(mms, lambda a: a.describe(model))) is None
+
+
+# -- a fleet: Triton + our container + two SageMaker containers, lazy placement, the router --------------
+
+MIB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+    """One Triton, one of ours, two SageMaker containers (400 MiB each), agents, a placement controller
+    that places only what a call wants (lazy load), and the router. Containers are supervised."""
+    try:
+        java_binary()
+        mms_home()
+    except SageMakerNotInstalled as exc:
+        missing("multi-model-server / Java", str(exc))
+    workdir = tmp_path_factory.mktemp("smfleet") / "fleet"
+    thread = FleetThread(workdir, str(workdir / "store"), containers=1)
+    thread.fleet.custom_containers = 1
+    thread.fleet.sagemaker_containers = 2
+    thread.fleet.sagemaker_memory_bytes = 400 * MIB
+
+    async def setup(fleet: LocalFleet) -> None:
+        await fleet.start_store_and_models()
+        await fleet.start_containers()
+        fleet.supervise_containers()
+        await fleet.wait_registered(120)
+        fleet.start_controller(eager=False)
+        await fleet.start_router()
+        assert fleet.router is not None
+        table = fleet.router.router.table
+        async with asyncio.timeout(60):
+            while not table.fleet.leader:
+                await table.wait_changed(registry.LEADER, 1.0)
+
+    try:
+        thread.start(setup)
+    except BaseException:
+        thread.stop()
+        raise
+    yield thread
+    thread.stop()
+
+
+def _table(fleet: FleetThread) -> Fleet:
+    assert fleet.fleet.router is not None
+    return fleet.fleet.router.router.table.fleet
+
+
+def _infer(
+    fleet: FleetThread,
+    model: str,
+    values: np.ndarray,
+    *,
+    version: str = "",
+    tenant: str | None = None,
+    name: str = "INPUT",
+    timeout_s: float = 60,
+) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(fleet.address)
+    tensor = grpcclient.InferInput(name, list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values.astype(np.float32))
+    headers = {"x-tenant-id": tenant} if tenant else None
+    try:
+        result = client.infer(
+            model, [tensor], model_version=version, headers=headers, client_timeout=timeout_s
+        )
+        output = result.as_numpy("OUTPUT")
+        assert output is not None
+        return output
+    finally:
+        client.close()
+
+
+def _register(fleet: FleetThread, *models: ModelVersion) -> None:
+    async def put() -> None:
+        for model in models:
+            await registry.register_model(fleet.fleet.store, model)
+
+    fleet.call(put())
+    _wait_until(lambda: all(m.key in _table(fleet).models for m in models))  # the router saw them
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    """Polls a condition on the fleet's state (set by store events) with a generous deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_lazy_load_places_each_model_on_a_container_of_its_backend(fleet: FleetThread) -> None:
+    table = _table(fleet)
+    assert "sagemaker_scale@1" not in table.assignments  # placed only when a call wants it
+    x = np.array([1, 2, 3], dtype=np.float32)
+    assert _infer(fleet, "sagemaker_scale", x).tolist() == (x * 2).tolist()  # OUTPUT = INPUT x 2
+    assert _infer(fleet, "scale", x).tolist() == (x * 2).tolist()  # Triton's example, same rule
+    ones = np.ones((1, 4), dtype=np.float32)
+    weights = np.arange(8, dtype=np.float32).reshape(4, 2) / 10
+    expected = ones @ weights + np.array([1.0, -1.0], dtype=np.float32)
+    client = grpcclient.InferenceServerClient(fleet.address)
+    tensor = grpcclient.InferInput("INPUT", [1, 4], "FP32")
+    tensor.set_data_from_numpy(ones)
+    linear = client.infer("linear", [tensor]).as_numpy("OUTPUT")
+    client.close()
+    assert linear is not None and np.allclose(linear, expected)
+    backends = {c.id: c.backend for c in table.containers.values()}
+    assert {backends[c] for c in table.assignments["sagemaker_scale@1"]} == {"sagemaker"}
+    assert {backends[c] for c in table.assignments["scale@1"]} == {"triton"}
+    assert {backends[c] for c in table.assignments["linear@1"]} == {"custom"}
+
+
+def test_placement_by_memory_spreads_sagemaker_models_within_budgets(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    # 150 MiB each on 400 MiB containers (one also holds sagemaker_scale): at most two fit on one, so
+    # the four need both containers, and no container goes over its budget.
+    models = [_artifact(tmp_path, f"wide{i}", memory_bytes=150 * MIB) for i in range(4)]
+    _register(fleet, *models)
+    x = np.array([4.0], dtype=np.float32)
+    for model in models:
+        assert _infer(fleet, model.name, x).tolist() == [8.0]
+    table = _table(fleet)
+    holders = {cid for m in models for cid in table.assignments[m.key]}
+    assert holders == {"sagemaker-0", "sagemaker-1"}  # four models of 150 MiB need both containers
+    for cid in holders:
+        container = table.containers[cid]
+        used = sum(table.budget_bytes(table.models[k]) for k in table.copies_on(cid))
+        assert used <= container.memory_bytes, (cid, used)
+    _unregister(fleet, *models)  # room for the next tests
+
+
+def _unregister(fleet: FleetThread, *models: ModelVersion) -> None:
+    """Removes the models; their copies are unassigned and unloaded (the agents then report nothing)."""
+
+    async def delete() -> None:
+        for model in models:
+            await fleet.fleet.store.delete(registry.MODELS + model.key)
+
+    fleet.call(delete())
+    table = _table(fleet)
+    _wait_until(lambda: not any(m.key in table.assignments for m in models))
+    _wait_until(lambda: not any(k in table.states for m in models for k in _copies(table, m.key)))
+
+
+def _copies(table: Fleet, key: str) -> list[tuple[str, str]]:
+    return [(cid, key) for cid in table.containers]
+
+
+def test_versions_and_tenants_are_decided_before_the_hop(fleet: FleetThread, tmp_path: Path) -> None:
+    v2 = _artifact(tmp_path, "sagemaker_scale", "2", factor="3")
+    private = _artifact(tmp_path, "private_scale", factor="5", tenants=("acme",))
+    _register(fleet, v2, private)
+    fleet.call(
+        registry.put_route_rule(
+            fleet.fleet.store, RouteRule("sagemaker_scale", tenant_versions=(("beta", "1"),))
+        )
+    )
+    _wait_until(lambda: "sagemaker_scale" in _table(fleet).routes)
+    x = np.array([1.0, 2.0], dtype=np.float32)
+    assert _infer(fleet, "sagemaker_scale", x, version="1").tolist() == (x * 2).tolist()
+    assert _infer(fleet, "sagemaker_scale", x, version="2").tolist() == (x * 3).tolist()
+    assert _infer(fleet, "sagemaker_scale", x).tolist() == (x * 3).tolist()  # the highest by default
+    assert _infer(fleet, "sagemaker_scale", x, tenant="beta").tolist() == (x * 2).tolist()  # pinned
+    assert _infer(fleet, "private_scale", x, tenant="acme").tolist() == (x * 5).tolist()
+    with pytest.raises(InferenceServerException) as hidden:
+        _infer(fleet, "private_scale", x, tenant="other")
+    assert hidden.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_metadata_and_readiness_come_from_the_signature_and_the_container(fleet: FleetThread) -> None:
+    _infer(fleet, "sagemaker_scale", np.array([1.0], dtype=np.float32), version="1")
+    client = grpcclient.InferenceServerClient(fleet.address)
+    try:
+        metadata = client.get_model_metadata("sagemaker_scale", "1", as_json=True)
+        assert metadata["platform"] == "sagemaker"
+        assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [("INPUT", "FP32")]
+        assert [(t["name"], t["datatype"]) for t in metadata["outputs"]] == [("OUTPUT", "FP32")]
+        assert client.is_model_ready("sagemaker_scale", "1")
+        with pytest.raises(InferenceServerException) as config:
+            client.get_model_config("sagemaker_scale", "1")
+        assert config.value.status() == "StatusCode.UNIMPLEMENTED"
+    finally:
+        client.close()
+
+
+def test_handler_errors_and_bad_requests_get_clear_statuses(fleet: FleetThread, tmp_path: Path) -> None:
+    raiser = _artifact(tmp_path, "raiser", inference=_RAISER)
+    _register(fleet, raiser)
+    with pytest.raises(InferenceServerException) as refused:
+        _infer(fleet, "raiser", np.array([-1.0], dtype=np.float32))
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"  # the handler's 400
+    assert "inputs must be non-negative" in str(refused.value.message())
+    with pytest.raises(InferenceServerException) as crashed:
+        _infer(fleet, "raiser", np.array([1.0], dtype=np.float32))
+    assert crashed.value.status() == "StatusCode.INTERNAL"  # the handler's 500
+    assert "the model blew up" in str(crashed.value.message())
+    with pytest.raises(InferenceServerException) as wrong:
+        _infer(fleet, "sagemaker_scale", np.array([1.0], dtype=np.float32), name="X", version="1")
+    assert wrong.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "unexpected input 'X'" in str(wrong.value.message())
+
+
+def test_streams_to_a_sagemaker_model_answer_unimplemented(fleet: FleetThread) -> None:
+    answers: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(fleet.address)
+    tensor = grpcclient.InferInput("INPUT", [1], "FP32")
+    tensor.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    try:
+        client.start_stream(lambda result, error: answers.put(error or result))
+        client.async_stream_infer("sagemaker_scale", [tensor], model_version="1")
+        answer = answers.get(timeout=60)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert isinstance(answer, InferenceServerException)
+    assert "has no streaming" in str(answer.message())
+
+
+def test_a_killed_container_is_restarted_and_calls_go_on(fleet: FleetThread) -> None:
+    x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    assert _infer(fleet, "sagemaker_scale", x, version="1").tolist() == (x * 2).tolist()
+    holder = _table(fleet).assignments["sagemaker_scale@1"][0]
+    index = int(holder.rsplit("-", 1)[1])
+    process = fleet.fleet.sagemakers[index]
+    assert process.process is not None
+    old_pid = process.process.pid
+    restarts = fleet.fleet.restarts[holder]
+    os.kill(old_pid, signal.SIGKILL)
+    # The call waits within its deadline for the copy to come back (restarted container) or move.
+    assert _infer(fleet, "sagemaker_scale", x, version="1", timeout_s=90).tolist() == (x * 2).tolist()
+    _wait_until(lambda: fleet.fleet.restarts[holder] > restarts, timeout_s=90)
+    assert process.process is not None and process.process.pid != old_pid
+    _wait_until(lambda: process.ping(), timeout_s=90)
+
+
+def test_a_507_moves_the_copy_and_marks_both_containers_full(fleet: FleetThread, tmp_path: Path) -> None:
+    """Last in the module: both SageMaker containers stay marked full until they unload or restart."""
+    hog = _artifact(tmp_path, "hog", inference=_HOG, memory_bytes=10 * MIB)
+    _register(fleet, hog)
+    with pytest.raises(InferenceServerException) as failed:
+        _infer(fleet, "hog", np.array([1.0], dtype=np.float32), timeout_s=60)
+    assert failed.value.status() != "StatusCode.UNKNOWN"
+    assert "507" in str(failed.value.message()) or "memory" in str(failed.value.message())
+    table = _table(fleet)
+    # Each container refused it once; the model then has nowhere to go, and stays there (no ping-pong).
+    _wait_until(lambda: table.full_copies.get(hog.key) == {"sagemaker-0", "sagemaker-1"})
+    _wait_until(lambda: not table.assignments.get(hog.key))
+    assert fleet.fleet.agents and all(
+        a.load_calls < 10 for a in fleet.fleet.agents if a.container.backend == "sagemaker"
+    )
