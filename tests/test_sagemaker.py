@@ -40,6 +40,7 @@ from placement import registry
 from placement.controller import incremental_changes
 from placement.model import Container, CopyState, ModelVersion, RouteRule
 from placement.registry import Fleet
+from placement.store.base import Event
 from tests.conftest import missing
 from tests.fleet import FleetThread
 
@@ -114,11 +115,8 @@ def test_full_marks_go_when_the_failed_state_goes() -> None:
     assert fleet.full_containers() == set() and not fleet.full_copies
 
 
-def _delete_state(cid: str, key: str):  # type: ignore[no-untyped-def]
-    from placement.registry import state_key
-    from placement.store.base import Event
-
-    return Event("delete", state_key(cid, key), b"", 10_000)
+def _delete_state(cid: str, key: str) -> Event:
+    return Event("delete", registry.state_key(cid, key), b"", 10_000)
 
 
 # -- upload ----------------------------------------------------------------------------------------------
