@@ -162,16 +162,15 @@ class LocalFleet:
         return replace(model, artifact_uri=uri)
 
     def fetching(self, adapter: ContainerAdapter) -> ContainerAdapter:
-        """With an S3 artifact store, the adapter gets artifacts through the fleet's one local cache."""
-        if self.artifact_store is None or not self.artifact_store.startswith("s3://"):
-            return adapter
+        """The adapter, handed S3 artifacts as verified local copies from the fleet's one cache: those of
+        an S3 artifact store, and those of models uploaded to S3 later (`file://` ones pass as they are)."""
         from backends.s3store import ArtifactCache, FetchingAdapter
 
         if self._artifact_cache is None:
+            store = self.artifact_store or ""
+            s3 = store if store.startswith("s3://") else None  # fetch only from it, when it is one
             self._artifact_cache = ArtifactCache(
-                self.workdir / "artifact-cache",
-                max_bytes=self.artifact_cache_bytes,
-                model_store=self.artifact_store,
+                self.workdir / "artifact-cache", max_bytes=self.artifact_cache_bytes, model_store=s3
             )
         return FetchingAdapter(adapter, self._artifact_cache)
 

@@ -26,7 +26,7 @@ from modelyard.local import LocalFleet
 from placement import registry
 from placement.model import ModelVersion
 from tests.conftest import require_triton
-from tests.fleet import FleetThread
+from tests.fleet import FleetThread, start_custom_fleet
 from tests.s3 import MotoServer, PausingProxy, aws_environment
 
 BUCKET = "fleet"
@@ -352,3 +352,21 @@ def test_a_throttled_download_is_retried_with_backoff_and_completes(s3: MotoServ
         proxy.close()
     assert proxy.throttled == 2
     assert (path / "weights.npz").is_file() and cache.downloads == 1
+
+
+def test_a_fleet_with_a_local_store_serves_a_model_uploaded_to_s3(s3: MotoServer, tmp_path: Path) -> None:
+    thread = start_custom_fleet(tmp_path / "fleet", [])
+    try:
+        archive = tgz(numpy_model(tmp_path / "triple", 3.0), tmp_path / "triple.tgz")
+        upload = cli("models", "upload", str(archive), "--name", "triple", "--version", "1",
+                     "--store", thread.fleet.store_url, "--model-store", STORE)  # fmt: skip
+        assert upload.returncode == 0, upload.stderr
+        x = np.array([1.0, 2.0], dtype=np.float32)
+        tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+        tensor.set_data_from_numpy(x)
+        with grpcclient.InferenceServerClient(thread.address) as client:
+            # Placed by the controller and fetched by the agent; a call arriving first waits for the load.
+            result = client.infer("triple", [tensor], client_timeout=60)
+        np.testing.assert_allclose(result.as_numpy("OUTPUT"), x * 3)
+    finally:
+        thread.stop()
