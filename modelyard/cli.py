@@ -538,14 +538,18 @@ def container(
 @click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
 @click.option("--id", "container_id", required=True, help="This container's id in the shard map.")
 @click.option(
-    "--backend", type=click.Choice(["triton", "custom", "mlserver"]), default="triton", show_default=True
+    "--backend",
+    type=click.Choice(["triton", "custom", "mlserver", "sagemaker"]),
+    default="triton",
+    show_default=True,
 )
 @click.option("--address", "--triton", "address", required=True, help="The container's gRPC address.")
 @click.option(
     "--repository",
     type=click.Path(path_type=Path),
     default=None,
-    help="Triton and MLServer: the instance's model repository directory (shared with it).",
+    help="Triton and MLServer: the instance's model repository directory; SageMaker: its model store "
+    "(MMS --model-store). Shared with the container.",
 )
 @click.option("--memory-bytes", type=click.IntRange(1), required=True, help="The container's memory budget.")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
@@ -592,12 +596,13 @@ def agent(
     from backends.custom import CustomAdapter
     from backends.mlserver import MLServerAdapter
     from backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
+    from backends.sagemaker import SageMakerAdapter
     from backends.triton import TritonAdapter
     from modelyard.telemetry import Telemetry
     from placement.model import Container
     from placement.store import StoreError, default_store_url, open_store
 
-    if backend in ("triton", "mlserver") and repository is None:
+    if backend in ("triton", "mlserver", "sagemaker") and repository is None:
         fail(f"--repository is required for a {backend} container (its model repository folder)")
     cache_dir = artifact_cache.resolve()
     secret = read_fleet_secret(fleet_secret_file)
@@ -618,6 +623,8 @@ def agent(
         )
         if backend == "mlserver":  # MLServer's model-settings go into its repository folder (shared with it)
             adapter = MLServerAdapter(address, repository or Path())
+        if backend == "sagemaker":  # HTTP; models are linked into its model store folder (shared with it)
+            adapter = SageMakerAdapter(address, repository or Path())
         # Artifacts in S3 are fetched into a bounded, verified local cache before the container loads them.
         cache = ArtifactCache(
             cache_dir,
