@@ -69,9 +69,7 @@ def model_file(root: Path, settings: dict[str, Any], framework: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         raise ArchiveError(f"{SETTINGS_FILE}: parameters.uri {uri!r} points outside the archive")
     if not path.is_file() or path.stat().st_size == 0:
-        raise ArchiveError(
-            f"{SETTINGS_FILE}: parameters.uri {uri!r}: no such non-empty file in the archive"
-        )
+        raise ArchiveError(f"{SETTINGS_FILE}: parameters.uri {uri!r}: no such non-empty file in the archive")
     suffixes = FRAMEWORKS[framework][2]
     if path.suffix not in suffixes:
         raise ArchiveError(f"{framework} model file {uri!r} must end with one of {', '.join(suffixes)}")
@@ -142,6 +140,29 @@ def rss_bytes(pid: int) -> int:
         except (OSError, ValueError):
             continue
     return total
+
+
+def find_mlserver_pid() -> int | None:
+    """The pid of the `mlserver start` process this agent can see (a pod sharing its process namespace),
+    the lowest if several; None when there is none."""
+    found = mlserver_pids()
+    return min(found) if found else None
+
+
+def mlserver_pids() -> list[int]:
+    """Pids of the `mlserver start` processes visible here."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended while we looked
+        names = [Path(a.decode(errors="replace")).name for a in args[:3]]
+        if "mlserver" in names and b"start" in args:
+            found.append(int(proc.name))
+    return found
 
 
 class MLServerAdapter:

@@ -594,7 +594,7 @@ def agent(
     from backends.adapter import ContainerAdapter
     from backends.agent import Agent
     from backends.custom import CustomAdapter
-    from backends.mlserver import MLServerAdapter
+    from backends.mlserver import MLServerAdapter, find_mlserver_pid
     from backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
     from backends.sagemaker import SageMakerAdapter
     from backends.triton import TritonAdapter
@@ -622,7 +622,8 @@ def agent(
             else TritonAdapter(address, repository or Path(), fleet_secret=secret)
         )
         if backend == "mlserver":  # MLServer's model-settings go into its repository folder (shared with it)
-            adapter = MLServerAdapter(address, repository or Path())
+            # Its footprints are MLServer's resident growth when the pod shares its process namespace.
+            adapter = MLServerAdapter(address, repository or Path(), pid=find_mlserver_pid)
         if backend == "sagemaker":  # HTTP; models are linked into its model store folder (shared with it)
             adapter = SageMakerAdapter(address, repository or Path())
         # Artifacts in S3 are fetched into a bounded, verified local cache before the container loads them.

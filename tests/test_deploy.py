@@ -282,6 +282,7 @@ def test_mlserver_runs_multi_model_from_the_agents_repository_with_no_models_at_
     obj = by_kind("StatefulSet")["mlserver"]
     server, agent = container(obj, "mlserver"), container(obj, "agent")
     assert server["command"] == ["mlserver"] and server["args"][0] == "start"
+    assert pod_spec(obj)["shareProcessNamespace"] is True  # the agent measures MLServer's memory
     settings_dir = server["args"][1]
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
     configmap_name = next(

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.mlserver import SETTINGS_FILE, install_mlserver_example, write_iris_model
+from backends.mlserver import SETTINGS_FILE, install_mlserver_example, mlserver_pids, write_iris_model
 from backends.modelstore import ArchiveError, checked
 from modelyard.local import LocalFleet
 from placement import registry
@@ -183,3 +183,14 @@ def test_a_killed_mlserver_is_restarted_and_iris_answers_again(fleet: FleetThrea
             time.sleep(0.2)
     np.testing.assert_array_equal(answer, [0, 2])
     print(f"MLServer restarted live in {process.started_in_s:.1f} s")
+
+
+def test_the_agent_can_find_mlserver_by_its_command_line(fleet: FleetThread) -> None:
+    """How `modelyard agent --backend mlserver` finds the process whose memory it measures (in a pod
+    sharing its process namespace)."""
+    process = fleet.fleet.mlservers[0]
+    deadline = time.monotonic() + 120
+    while process.process is None:  # between a restart's stop and start
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert process.pid in mlserver_pids()
