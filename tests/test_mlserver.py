@@ -94,6 +94,12 @@ def test_a_cold_iris_call_loads_it_from_s3_into_mlserver_and_answers_0_and_2(fle
     assert state.measured_bytes > 0  # MLServer's resident growth across the load, at least the file
     model = table.fleet.models["iris@1"]
     assert model.artifact_uri.startswith(f"{STORE}/")
+    with grpcclient.InferenceServerClient(fleet.address) as client:  # the archive's signature, public name
+        metadata = client.get_model_metadata("iris", "1")
+        assert client.is_model_ready("iris", "1")
+    assert metadata.name == "iris"
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("INPUT", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("predict", "INT64", [-1])]
     cached = (
         fleet.fleet.workdir / "artifact-cache" / model.artifact_uri.rsplit("/", 1)[1].removesuffix(".tar")
     )
