@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -36,6 +37,7 @@ from backends.examples import EXAMPLES_DIR
 from backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
 from backends.sagemaker_process import SageMakerNotInstalled, SageMakerProcess, java_binary, mms_home
 from modelyard.local import LocalFleet
+from modelyard.v1 import inference_pb2, router_pb2_grpc
 from placement import registry
 from placement.controller import incremental_changes
 from placement.model import Container, CopyState, ModelVersion, RouteRule
@@ -629,6 +631,55 @@ def test_streams_to_a_sagemaker_model_answer_unimplemented(fleet: FleetThread) -
         client.close()
     assert isinstance(answer, InferenceServerException)
     assert "has no streaming" in str(answer.message())
+
+
+def test_our_infer_answers_and_our_infer_stream_is_unimplemented(fleet: FleetThread) -> None:
+    request = inference_pb2.InferRequest(model_name="sagemaker_scale", model_version="1", id="r1")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[2])
+    request.raw_input_contents.append(np.array([1.5, 2.5], dtype=np.float32).tobytes())
+    with grpc.insecure_channel(fleet.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        answer = stub.Infer(request, timeout=60)
+        assert answer.id == "r1" and answer.model_name == "sagemaker_scale"
+        assert np.frombuffer(answer.raw_output_contents[0], dtype=np.float32).tolist() == [3.0, 5.0]
+        with pytest.raises(grpc.RpcError) as stream:
+            list(stub.InferStream(request, timeout=60))
+    assert stream.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "has no streaming" in (stream.value.details() or "")
+
+
+PIPELINE = """
+name: quadruple
+version: "1"
+inputs:  [{name: X, datatype: FP32, shape: [-1]}]
+outputs: [{name: Y, datatype: FP32, shape: [-1]}]
+steps:
+  - {name: first,  model: sagemaker_scale@1, inputs: {INPUT: X}, outputs: {OUTPUT: A}}
+  - {name: second, model: scale,             inputs: {INPUT: A}, outputs: {OUTPUT: Y}}
+"""
+
+
+def test_a_pipeline_runs_a_sagemaker_step_then_a_triton_step(fleet: FleetThread, tmp_path: Path) -> None:
+    spec = tmp_path / "quadruple.yaml"
+    spec.write_text(PIPELINE)
+    store = str(fleet.fleet.workdir / "store")
+    done = subprocess.run(
+        [sys.executable, "-m", "modelyard", "pipelines", "register", str(spec), "--store", store],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    _wait_until(lambda: "quadruple" in _table(fleet).pipelines_by_name)
+    client = grpcclient.InferenceServerClient(fleet.address)
+    tensor = grpcclient.InferInput("X", [3], "FP32")
+    x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    tensor.set_data_from_numpy(x)
+    try:
+        y = client.infer("quadruple", [tensor]).as_numpy("Y")
+    finally:
+        client.close()
+    assert y is not None and y.tolist() == (x * 2 * 2).tolist()  # x2 on SageMaker, then x2 on Triton
 
 
 def test_a_killed_container_is_restarted_and_calls_go_on(fleet: FleetThread) -> None:
