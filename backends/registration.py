@@ -12,7 +12,6 @@ unreferenced artifact is harmless.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -157,6 +156,8 @@ async def upload(
             if existing is not None and same_registration(existing, wanted):
                 return Registration(existing, created=False)
             raise conflict(existing, wanted)
+        import asyncio  # here: `models --help` must not pay for importing it
+
         uri = await asyncio.to_thread(model_store.put, artifact)  # S3: blocking uploads, off the loop
         return await register(store, dataclasses.replace(wanted, artifact_uri=uri))
 
