@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,7 @@ from backends.adapter import ContainerFull, LoadError
 from backends.examples import EXAMPLES_DIR
 from backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
 from backends.sagemaker_process import SageMakerNotInstalled, SageMakerProcess, java_binary, mms_home
+from backends.triton_server import free_port
 from modelyard.local import LocalFleet
 from modelyard.v1 import inference_pb2, router_pb2_grpc
 from placement import registry
@@ -43,8 +45,9 @@ from placement.controller import incremental_changes
 from placement.model import Container, CopyState, ModelVersion, RouteRule
 from placement.registry import Fleet
 from placement.store.base import Event
-from tests.conftest import missing
+from tests.conftest import missing, require_triton, stop_process
 from tests.fleet import FleetThread
+from tests.test_up import alive, read_lines
 
 T = TypeVar("T")
 
@@ -714,3 +717,53 @@ def test_a_507_moves_the_copy_and_marks_both_containers_full(fleet: FleetThread,
     assert fleet.fleet.agents and all(
         a.load_calls < 10 for a in fleet.fleet.agents if a.container.backend == "sagemaker"
     )
+
+
+# -- modelyard up, as a new user runs it -----------------------------------------------------------------
+
+
+def test_up_with_a_sagemaker_container_serves_sagemaker_scale(tmp_path: Path) -> None:
+    require_triton()
+    try:
+        java_binary()
+    except SageMakerNotInstalled as exc:
+        missing("Java", str(exc))
+    command = [sys.executable, "-m", "modelyard", "up", "--sagemaker-containers", "1", "--containers", "1"]
+    command += ["--custom-containers", "0", "--port", str(free_port()), "--workdir", str(tmp_path / "wd")]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    output: list[str] = []
+
+    def read_until(text: str, timeout_s: float = 180) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert time.monotonic() < deadline, f"no {text!r} from modelyard up:\n" + "".join(output)
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line, "modelyard up exited early:\n" + "".join(output)
+            output.append(line)
+            if text in line:
+                return line
+
+    try:
+        row = read_until("sagemaker-0 ")
+        _, address, pid, models = row.split(maxsplit=3)
+        assert "sagemaker_scale@1" in models
+        example = read_until('c.infer("sagemaker_scale"').strip()
+        read_until("press Ctrl-C")
+        status, body = _http(f"http://{address}/ping")
+        assert status == 200 and json.loads(body)["status"] == "Healthy"
+        status, body = _http(f"http://{address}/models")
+        assert status == 200
+        assert [m["modelName"] for m in json.loads(body)["models"]] == ["sagemaker__scale_v1"]
+        called = subprocess.run(example, shell=True, capture_output=True, text=True, timeout=60)
+        assert called.returncode == 0, called.stderr
+        assert called.stdout.strip() == "[2. 4. 6.]"
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(60) == 0
+        _wait_until(lambda: not alive(int(pid)), timeout_s=30)  # the JVM went with it
+    finally:
+        if process.poll() is None:
+            stop_process(process)  # type: ignore[arg-type]
