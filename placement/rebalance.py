@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from placement import registry
 from placement.autoscale import kept_copies
@@ -166,7 +166,33 @@ def snapshot(fleet: Fleet) -> Fleet:
     )
     copy.measured = {key: dict(by_container) for key, by_container in fleet.measured.items()}
     copy.unparsable = set(fleet.unparsable)
+    copy.full_copies = {key: set(cids) for key, cids in fleet.full_copies.items()}
     return copy
+
+
+def _room_of_full_containers(
+    fleet: Fleet, before: Mapping[str, Sequence[str]]
+) -> tuple[list[Container], dict[str, tuple[str, ...]]]:
+    """The live containers, a full one (it refused a load for lack of memory: SageMaker's 507) with room
+    for exactly what it holds now, and the previous map without the copies such containers refused."""
+    full = fleet.full_containers()
+    if not full:
+        return list(fleet.containers.values()), {key: tuple(ids) for key, ids in before.items()}
+    previous = {
+        key: tuple(cid for cid in ids if cid not in fleet.full_copies.get(key, ()))
+        for key, ids in before.items()
+    }
+    held: dict[str, int] = {}
+    for key, ids in previous.items():
+        model = fleet.models.get(key)
+        for cid in ids:
+            if cid in full and model is not None:
+                held[cid] = held.get(cid, 0) + fleet.budget_bytes(model)
+    containers = [
+        replace(c, memory_bytes=min(c.memory_bytes, held.get(c.id, 0))) if c.id in full else c
+        for c in fleet.containers.values()
+    ]
+    return containers, previous
 
 
 def plan_rebalance(
@@ -184,10 +210,11 @@ def plan_rebalance(
         key=lambda m: m.key,
     )
     before = {k: ids for k, ids in fleet.assignments.items()}
+    containers, previous = _room_of_full_containers(fleet, before)
     result = plan_fleet(
         models,
-        list(fleet.containers.values()),
-        before,
+        containers,
+        previous,
         budgets={m.key: fleet.budget_bytes(m) for m in models},
         rebalance=True,
         copies=copies,

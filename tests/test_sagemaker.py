@@ -43,6 +43,7 @@ from modelyard.v1 import inference_pb2, router_pb2_grpc
 from placement import registry
 from placement.controller import incremental_changes
 from placement.model import Container, CopyState, ModelVersion, RouteRule
+from placement.rebalance import plan_rebalance, snapshot
 from placement.registry import Fleet
 from placement.store.base import Event
 from tests.conftest import missing, require_triton, stop_process
@@ -118,6 +119,29 @@ def test_full_marks_go_when_the_failed_state_goes() -> None:
     fleet = _sagemaker_fleet({("sm-0", "big@1"): refused})
     fleet.apply(_delete_state("sm-0", "big@1"))
     assert fleet.full_containers() == set() and not fleet.full_copies
+
+
+def test_a_full_rebalance_sends_nothing_new_to_a_full_container() -> None:
+    refused = CopyState("failed", message="HTTP 507", container_full=True)
+    gib = 1024**3
+    names = ["big", "hog", *(f"m{i}" for i in range(6))]
+    fleet = Fleet.of(
+        models=[ModelVersion(name, "1", backend="sagemaker", memory_bytes=gib) for name in names],
+        containers=[
+            Container(f"sm-{i}", f"127.0.0.1:{20000 + i}", memory_bytes=8 * gib, backend="sagemaker")
+            for i in range(2)
+        ],
+        assignments={"big@1": ["sm-0"]},
+        states={("sm-0", "big@1"): CopyState("ready"), ("sm-0", "hog@1"): refused},
+    )
+    unmarked = snapshot(fleet)
+    unmarked.full_copies = {}
+    # Without the mark, sm-0's 7 free GiB by the books take some of the new models (the test's premise).
+    assert any("sm-0" in ids for key, ids in plan_rebalance(unmarked).after.items() if key != "big@1")
+    after = plan_rebalance(snapshot(fleet)).after
+    assert not any("sm-0" in ids for key, ids in after.items() if key != "big@1")  # nothing new there
+    assert all(after[f"{name}@1"] == ("sm-1",) for name in names[1:])  # room elsewhere: all placed
+    assert after["big@1"] == ("sm-0",)  # what it holds stays
 
 
 def _delete_state(cid: str, key: str) -> Event:
