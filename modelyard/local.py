@@ -47,6 +47,11 @@ T = TypeVar("T")
 EXAMPLE_REPLICAS = {"add_sub": 2, "scale": 1, "identity": 1, "stream": 1}
 
 
+# A container process that ran this long before it died was not crash-looping: its restart backoff
+# starts over (1 s) instead of doubling.
+HEALTHY_RUN_S = 30.0
+
+
 @dataclass
 class LocalFleet:
     workdir: Path
@@ -288,8 +293,9 @@ class LocalFleet:
             pid, up_since = process.process.pid, time.monotonic()
             status = await wait_for_exit(process.process)
             agent.check_container()  # withdraw it now, not at the next heartbeat
-            # A process that ran for a while before dying starts its backoff over.
-            failures = 1 if time.monotonic() - up_since >= 60 else failures + 1
+            # A process that ran for a while before dying starts its backoff over: backoff is for a crash
+            # loop (dying again within seconds of each start), not for a container killed now and then.
+            failures = 1 if time.monotonic() - up_since >= HEALTHY_RUN_S else failures + 1
             waited_s = 0.0
             while True:
                 delay = backoff_s(failures)
