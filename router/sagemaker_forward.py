@@ -5,7 +5,9 @@ Triton and our container take the caller's bytes as they came; a SageMaker conta
 
     request:  Content-Type: application/x-npy   the one input tensor as a .npy file (C order)
     response: Accept: application/x-npy         the one output tensor as a .npy file
-                                                (application/json also read: a JSON array)
+                                                (application/json also read: a JSON array),
+                                                cast to the signature's datatype within its kind
+                                                (float64 -> FP32 yes, float -> INT32 no: INTERNAL)
 
 `application/x-npy` is what sagemaker-inference's default `input_fn`/`output_fn` decode and encode, so a
 model's `inference.py` needs only `model_fn` and `predict_fn`; and the tensor's raw bytes become the body
@@ -289,14 +291,21 @@ class SageMakerForwarder:
     def _response_tensor(
         content_type: str, answer: bytes, signature: ModelSignature, output_name: str
     ) -> tuple[str, list[int], bytes]:
+        declared = signature.outputs.get(output_name, ("FP32", ()))[0]
+        if declared not in DTYPES:
+            raise ValueError(f"output datatype {declared} cannot travel as .npy or JSON")
         if content_type.startswith(NPY):
-            return read_npy(answer)
+            datatype, shape, data = read_npy(answer)
+            if datatype == declared:
+                return datatype, shape, data
+            # numpy code often answers float64 for a float32 model: cast within the kind, as declared
+            array = np.frombuffer(data, dtype=DTYPES[datatype])
+            if not np.can_cast(array.dtype, DTYPES[declared], casting="same_kind"):
+                raise ValueError(f"the model answered {datatype}, its signature says {declared}")
+            return declared, shape, array.astype(DTYPES[declared]).tobytes()
         if content_type.startswith("application/json"):
-            datatype = signature.outputs.get(output_name, ("FP32", ()))[0]
-            if datatype not in DTYPES:
-                raise ValueError(f"output datatype {datatype} cannot be read from JSON")
-            array = np.asarray(json.loads(answer), dtype=DTYPES[datatype])
-            return datatype, list(array.shape), array.tobytes()
+            array = np.asarray(json.loads(answer), dtype=DTYPES[declared])
+            return declared, list(array.shape), array.tobytes()
         raise ValueError(f"content type {content_type or 'none'} (expected {NPY})")
 
     async def _send(

@@ -48,7 +48,6 @@ from placement.registry import Fleet
 from placement.store.base import Event
 from tests.conftest import missing, require_triton, stop_process
 from tests.fleet import FleetThread
-from tests.test_up import alive, read_lines
 
 T = TypeVar("T")
 
@@ -644,6 +643,42 @@ def test_handler_errors_and_bad_requests_get_clear_statuses(fleet: FleetThread, 
     assert "unexpected input 'X'" in str(wrong.value.message())
 
 
+_FLOAT64 = """
+import numpy as np
+
+
+def model_fn(model_dir):
+    return 2.0
+
+
+def predict_fn(data, model):
+    return np.asarray(data, dtype=np.float64) * model  # numpy's habit: float64 for a float32 model
+"""
+_JSON_OUT = (
+    _FLOAT64
+    + """
+
+def output_fn(prediction, accept):
+    import json
+
+    return json.dumps(prediction.tolist()), "application/json"
+"""
+)
+
+
+def test_answers_in_float64_or_json_reach_the_caller_as_the_signature_says(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    wide = _artifact(tmp_path, "float64_scale", inference=_FLOAT64)
+    text = _artifact(tmp_path, "json_scale", inference=_JSON_OUT)
+    _register(fleet, wide, text)
+    x = np.array([0.5, 1.5], dtype=np.float32)
+    for model in (wide, text):
+        y = _infer(fleet, model.name, x)
+        assert y.dtype == np.float32 and y.tolist() == (x * 2).tolist()
+    _unregister(fleet, wide, text)
+
+
 def test_streams_to_a_sagemaker_model_answer_unimplemented(fleet: FleetThread) -> None:
     answers: queue.Queue[Any] = queue.Queue()
     client = grpcclient.InferenceServerClient(fleet.address)
@@ -746,6 +781,20 @@ def test_a_507_moves_the_copy_and_marks_both_containers_full(fleet: FleetThread,
 # -- modelyard up, as a new user runs it -----------------------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _read_lines(stream: Any, sink: queue.Queue[str]) -> None:
+    for line in stream:
+        sink.put(line)
+    sink.put("")
+
+
 def test_up_with_a_sagemaker_container_serves_sagemaker_scale(tmp_path: Path) -> None:
     require_triton()
     try:
@@ -758,7 +807,7 @@ def test_up_with_a_sagemaker_container_serves_sagemaker_scale(tmp_path: Path) ->
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
     output: list[str] = []
 
     def read_until(text: str, timeout_s: float = 180) -> str:
@@ -787,7 +836,7 @@ def test_up_with_a_sagemaker_container_serves_sagemaker_scale(tmp_path: Path) ->
         assert called.stdout.strip() == "[2. 4. 6.]"
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(60) == 0
-        _wait_until(lambda: not alive(int(pid)), timeout_s=30)  # the JVM went with it
+        _wait_until(lambda: not _alive(int(pid)), timeout_s=30)  # the JVM went with it
     finally:
         if process.poll() is None:
             stop_process(process)  # type: ignore[arg-type]
