@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -46,6 +47,7 @@ from placement.model import Container, CopyState, ModelVersion, RouteRule
 from placement.rebalance import plan_rebalance, snapshot
 from placement.registry import Fleet
 from placement.store.base import Event
+from router.sagemaker_forward import SageMakerForwarder, status_for
 from tests.conftest import missing, require_triton, stop_process
 from tests.fleet import FleetThread
 
@@ -145,6 +147,43 @@ def test_a_full_rebalance_sends_nothing_new_to_a_full_container() -> None:
 
 def _delete_state(cid: str, key: str) -> Event:
     return Event("delete", registry.state_key(cid, key), b"", 10_000)
+
+
+@pytest.mark.parametrize(
+    ("http_status", "code"),
+    [
+        (404, grpc.StatusCode.NOT_FOUND),
+        (507, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (503, grpc.StatusCode.UNAVAILABLE),
+        (400, grpc.StatusCode.INVALID_ARGUMENT),
+        (415, grpc.StatusCode.INVALID_ARGUMENT),
+        (500, grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_http_statuses_map_to_the_grpc_codes_the_router_acts_on(
+    http_status: int, code: grpc.StatusCode
+) -> None:
+    assert status_for(http_status) == code
+
+
+def test_a_refused_connection_is_unavailable_so_the_router_fails_over() -> None:
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        container = Container("sm-gone", address, backend="sagemaker")
+        model = ModelVersion("m", "1", backend="sagemaker")
+
+        async def ready() -> bytes:
+            forwarder = SageMakerForwarder()
+            try:
+                return await forwarder.ready(model, container, 5)
+            finally:
+                await forwarder.close()
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            asyncio.run(ready())
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "sm-gone unreachable" in (refused.value.details() or "")
 
 
 # -- upload ----------------------------------------------------------------------------------------------
