@@ -142,6 +142,8 @@ def model_routes(table: RoutingTable, name: str, identity: Identity) -> router_p
         route = entry.versions.add(version=version, tenants=[tenant] if model.tenants and tenant else [])
         if identity.routes:
             for container in table.ready_copies(model.key):
+                if container.backend == "sagemaker":
+                    continue  # HTTP, not KServe gRPC: zero-hop clients call these through the router
                 route.ready.add(container_id=container.id, address=container.address, state="ready")
     rule = table.fleet.routes.get(name)
     if rule is not None:

@@ -39,6 +39,7 @@ from backends.examples import EXAMPLES_DIR
 from backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
 from backends.sagemaker_process import SageMakerNotInstalled, SageMakerProcess, java_binary, mms_home
 from backends.triton_server import free_port
+from modelyard.client import Client
 from modelyard.local import LocalFleet
 from modelyard.v1 import inference_pb2, router_pb2_grpc
 from placement import registry
@@ -781,6 +782,22 @@ def test_a_pipeline_runs_a_sagemaker_step_then_a_triton_step(fleet: FleetThread,
     finally:
         client.close()
     assert y is not None and y.tolist() == (x * 2 * 2).tolist()  # x2 on SageMaker, then x2 on Triton
+
+
+def test_the_zero_hop_client_calls_sagemaker_models_through_the_router(fleet: FleetThread) -> None:
+    x = np.array([1.0, 2.0], dtype=np.float32)
+    with Client(fleet.address, fleet_secret=fleet.fleet.fleet_secret) as client:
+        assert client.wait_synced(30)
+        _wait_until(lambda: client.cache.pick("scale", "", None, "") is not None)  # routes with addresses
+        assert client.cache.pick("sagemaker_scale", "1", None, "") is None  # none for an HTTP container
+        tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+        tensor.set_data_from_numpy(x)
+        direct = client.infer("scale", [tensor]).as_numpy("OUTPUT")  # Triton: straight to the container
+        assert direct is not None and direct.tolist() == (x * 2).tolist()
+        assert client.direct_calls == 1
+        routed = client.infer("sagemaker_scale", [tensor], model_version="1").as_numpy("OUTPUT")
+        assert routed is not None and routed.tolist() == (x * 2).tolist()
+        assert (client.direct_calls, client.router_calls) == (1, 1)  # its container speaks HTTP
 
 
 def test_a_killed_container_is_restarted_and_calls_go_on(fleet: FleetThread) -> None:
