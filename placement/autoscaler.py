@@ -125,9 +125,10 @@ class Autoscaler:
                 self.timers,
                 now,
             )
+            before = {key: fleet.assignments.get(key, ()) for key in plan.changes}
             if plan.changes:
                 await writer.update(plan.changes)
-        said = self._record(fleet, plan, now)
+        said = self._record(fleet, plan, before, now)
         await self._answer(plan, said)
         return plan
 
@@ -175,14 +176,15 @@ class Autoscaler:
             for c in fleet.containers.values()
         ]
 
-    def _record(self, fleet: Fleet, plan: Plan, now: float) -> bool:
+    def _record(self, fleet: Fleet, plan: Plan, before: dict[str, tuple[str, ...]], now: float) -> bool:
         """Notes removed copies as draining and logs the decisions; True when any was new."""
         said = False
         for key, ids in plan.changes.items():
-            before = set(fleet.assignments.get(key, ()))
             model = fleet.models.get(key)
             size = fleet.budget_bytes(model) if model is not None else 0
-            for cid in before - set(ids):
+            for cid in set(before.get(key, ())) - set(ids):
+                if (cid, key) not in fleet.states:
+                    continue  # unloaded already (no drain): nothing holds room
                 self.draining[(cid, key)] = (size, now)
         for decision in plan.decisions:
             line = decision.line()

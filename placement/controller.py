@@ -70,7 +70,13 @@ class PlacementController:
         self._incremental = asyncio.Event()
         self._full = asyncio.Event()
         self.autoscaler = Autoscaler(
-            self, Policy(copy_target_rps=copy_target_rps, scale_down_after_s=scale_down_after_s)
+            self,
+            Policy(
+                copy_target_rps=copy_target_rps,
+                scale_down_after_s=scale_down_after_s,
+                # Up fast but not on one burst: a third of the way down (Ray Serve: 30 s up, 600 s down).
+                scale_up_after_s=min(30.0, scale_down_after_s / 3),
+            ),
         )
         self.follower.listen(self._on_change)
 

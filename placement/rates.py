@@ -75,13 +75,14 @@ class ModelRate:
 
 
 def sum_reports(reports: Iterable[RateReport], now: float) -> dict[str, ModelRate]:
-    """Rates summed across routers; a report older than three of its periods counts for nothing (its
-    router stopped or cannot reach the store), though its last-call times still count."""
+    """Rates summed across routers. A report lives under its router's lease, so a router that stops takes
+    its report with it; one that is late (a busy router, a slow store) still counts for ten of its periods
+    (at least 30 s) rather than reading as no calls, and after that only its last-call times count."""
     rates: dict[str, float] = {}
     idle: dict[str, float] = {}
     for report in reports:
         age = max(0.0, now - report.t)
-        if age <= 3 * max(report.period_s, 0.1):
+        if age <= max(10 * report.period_s, 30.0):
             for key, rate in report.rates.items():
                 rates[key] = rates.get(key, 0.0) + rate
         for key, seconds in report.idle_s.items():

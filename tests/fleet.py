@@ -61,6 +61,9 @@ def start_custom_fleet(
     controller: bool = True,
     eager: bool = True,
     lease_ttl_s: float = 10.0,
+    copy_target_rps: float = 0.0,
+    scale_down_after_s: float = 300.0,
+    custom_memory_bytes: int | None = None,
 ) -> FleetThread:
     """Our own containers (real processes), their agents, the router and — unless told not to — the
     placement controller (placing models when registered, or with `eager` False only when a call wants
@@ -68,6 +71,10 @@ def start_custom_fleet(
     thread = FleetThread(workdir, store_url or str(workdir / "store"), containers=0)
     thread.fleet.custom_containers = containers
     thread.fleet.lease_ttl_s = lease_ttl_s
+    thread.fleet.copy_target_rps = copy_target_rps
+    thread.fleet.scale_down_after_s = scale_down_after_s
+    if custom_memory_bytes is not None:
+        thread.fleet.custom_memory_bytes = custom_memory_bytes
 
     async def setup(fleet: LocalFleet) -> None:
         await fleet.start_store_and_models(examples=False)
