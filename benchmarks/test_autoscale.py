@@ -180,6 +180,7 @@ async def _cache_run(url: str, models: int, slots: int, duration_s: float, worke
         "failed_no_room": failed.get("no room", 0),
         "failed_other": sum(v for k, v in failed.items() if k != "no room"),
         "elapsed_s": elapsed,
+        "failures": failed,  # type: ignore[dict-item]
     }
 
 
@@ -210,7 +211,7 @@ def test_memory_as_a_cache(
     )
     verdict(
         "calls failed for lack of room",
-        f"{f['failed_no_room']} (other failures {f['failed_other']})",
+        f"{f['failed_no_room']} (other failures {f['failed_other']}: {f['failures']})",
         "0",
         f["failed_no_room"] == 0,
     )

@@ -101,15 +101,20 @@ class Autoscaler:
     # -- the loop ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        wait_s = self.period_s
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.period_s):
+                async with asyncio.timeout(wait_s):
                     await self._wake.wait()
             self._wake.clear()
+            wait_s = self.period_s
             try:
-                await self.tick()
+                plan = await self.tick()
             except StoreError as exc:  # the lock held by a manual rebalance, or the store down
                 log.info("autoscaler: %s; next pass in %.1f s", exc, self.period_s)
+                continue
+            if plan.waiting:  # calls wait for copies to turn idle enough to evict: look again soon
+                wait_s = min(self.period_s, max(0.1, self.policy.evict_idle_s / 8))
 
     async def tick(self) -> Plan:
         """One pass: rates, policy, map write, status."""
