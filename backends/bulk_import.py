@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, ModelStore, checked
+from backends.modelstore import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    ArchiveError,
+    ModelStore,
+    artifact_signature,
+    checked,
+)
 from backends.registration import (
     RegistrationError,
     check_name,
@@ -47,6 +53,7 @@ class StoredArchive:
     backend: str
     memory_bytes: int
     uri: str
+    signature: str  # placement.model.signature_json
 
 
 @dataclass
@@ -88,8 +95,11 @@ class ArchiveCache:
     def _check_and_store(self, path: Path) -> StoredArchive | ArchiveError:
         try:
             with checked(path, max_bytes=self._max_archive_bytes) as artifact:
+                signature = artifact_signature(artifact.root)
                 uri = self._model_store.put(artifact)
-                return StoredArchive(artifact.sha256, artifact.manifest.backend, artifact.memory_bytes, uri)
+                return StoredArchive(
+                    artifact.sha256, artifact.manifest.backend, artifact.memory_bytes, uri, signature
+                )
         except ArchiveError as exc:
             return exc
         except OSError as exc:  # the model store's disk, not the archive: still one line for this line
@@ -144,6 +154,7 @@ def model_for_line(text: str, folder: Path, archives: ArchiveCache) -> ModelVers
         artifact_uri=stored.uri,
         sha256=stored.sha256,
         tenants=tuple(sorted(set(tenants))),
+        signature=stored.signature,
     )
 
 

@@ -278,6 +278,7 @@ def show_command(model: str, store_url: str | None) -> None:
             + f" (budgeted: {format_bytes(max([m.memory_bytes, *measured]))})"
         )
         click.echo(f"  artifact {m.artifact_uri} (sha256 {m.sha256})")
+        _echo_signature(m)
         for cid in fleet.assignments.get(m.key, ()):
             state = fleet.states.get((cid, m.key))
             alive = cid in fleet.containers
@@ -287,6 +288,19 @@ def show_command(model: str, store_url: str | None) -> None:
             if alive and phase == "ready" and ready_copies:
                 per_copy = f", {(rate.rate if rate else 0.0) / ready_copies:.1f} calls/s"
             click.echo(f"  copy on {cid}: {phase if alive else 'lost'}{per_copy}{note}")
+
+
+def _echo_signature(model: ModelVersion) -> None:
+    from placement.model import parse_signature
+
+    if not model.signature:
+        click.echo("  signature not stored (registered before signatures were): read from its artifact")
+        return
+    inputs, outputs, decoupled = parse_signature(model.signature)
+    for what, tensors in (("inputs", inputs), ("outputs", outputs)):
+        click.echo(f"  {what}: " + ", ".join(f"{n} {d} {list(s)}" for n, d, s in tensors))
+    if decoupled:
+        click.echo("  decoupled: answers a request with a stream of responses (call it with InferStream)")
 
 
 @models.command("set")

@@ -23,6 +23,12 @@ def tree_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
+def _signature(artifact: Path) -> str:
+    from backends.modelstore import artifact_signature  # here: modelstore imports this module
+
+    return artifact_signature(artifact)
+
+
 def install_example(name: str, artifacts: Path, *, version: str = "1", replicas: int = 1) -> ModelVersion:
     """Copies one example model into `artifacts/<sha256>/` and returns its registration."""
     source = EXAMPLES_DIR / name
@@ -53,6 +59,7 @@ def install_model_dir(
         replicas=replicas,
         artifact_uri=target.resolve().as_uri(),
         sha256=sha,
+        signature=_signature(target),
     )
 
 
@@ -102,4 +109,5 @@ def install_custom_example(
         replicas=replicas,
         artifact_uri=target.resolve().as_uri(),
         sha256=sha,
+        signature=_signature(target),
     )

@@ -302,7 +302,7 @@ def install_mlserver_example(
     import tempfile
 
     from backends.examples import tree_sha256
-    from backends.modelstore import read_manifest
+    from backends.modelstore import artifact_signature, read_manifest
 
     if name not in MLSERVER_EXAMPLE_NAMES:
         raise ValueError(
@@ -328,4 +328,5 @@ def install_mlserver_example(
         replicas=replicas,
         artifact_uri=target.resolve().as_uri(),
         sha256=sha,
+        signature=artifact_signature(target),
     )

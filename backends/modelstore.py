@@ -165,6 +165,47 @@ def _check_custom(root: Path, manifest: Manifest) -> int:
     return int(model.memory_bytes)
 
 
+def artifact_signature(root: Path) -> str:
+    """The signature an artifact folder declares, as ModelVersion.signature stores it (`signature_json`):
+    manifest.json's inputs and outputs (else config.pbtxt's, a batch dimension shown as -1); decoupled
+    when config.pbtxt says so or the manifest's op is `stream`. Blocking file I/O."""
+    from placement.model import Tensors, signature_json
+
+    manifest_path, config_path = root / "manifest.json", root / "config.pbtxt"
+    if not manifest_path.is_file() and not config_path.is_file():
+        raise ArchiveError(f"its artifact {root} has neither manifest.json nor config.pbtxt")
+    decoupled = False
+    signature: dict[str, Tensors] = {}
+    if config_path.is_file():
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        try:
+            config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
+            raise ArchiveError(f"its config.pbtxt does not parse: {' '.join(str(exc).split())}") from exc
+        batch = (-1,) if config.max_batch_size > 0 else ()
+        decoupled = config.model_transaction_policy.decoupled
+        for what, tensors in (("inputs", config.input), ("outputs", config.output)):
+            signature[what] = tuple(
+                (
+                    t.name,
+                    _TRITON_TYPES.get(model_config_pb2.DataType.Name(t.data_type), "?"),
+                    batch + tuple(t.dims),
+                )
+                for t in tensors
+            )
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            for what in ("inputs", "outputs"):
+                signature[what] = tuple((t["name"], t["datatype"], tuple(t["shape"])) for t in manifest[what])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ArchiveError(f"its manifest.json has no readable signature ({exc})") from exc
+        decoupled = decoupled or manifest.get("op") == "stream"
+    return signature_json(signature["inputs"], signature["outputs"], decoupled)
+
+
 def _too_big(archive: Path, size: int, limit: int, what: str) -> ArchiveError:
     return ArchiveError(
         f"{archive}: {what} {format_bytes(size)}, over the {format_bytes(limit)} archive limit "

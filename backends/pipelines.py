@@ -1,22 +1,21 @@
 """Registering pipelines: check the spec, check every step against its model's signature, then create one
 registry key (`/modelyard/pipelines/NAME@VERSION`) with a compare-and-swap.
 
-The registry does not hold model signatures; they are in each model version's artifact (`manifest.json`,
-or a Triton model's `config.pbtxt`), which the registering command reads from the model store, as
-`models upload` does. A step without a version (`model: scale`) is checked against the highest version
-registered now; one with a version (`scale@2`) against that version.
+Each model version's registration holds its signature (stored at upload, read from its `manifest.json`
+or a Triton model's `config.pbtxt`); only versions registered before that was stored have their artifact
+read, from the model store, as `models upload` does. A step without a version (`model: scale`) is
+checked against the highest version registered now; one with a version (`scale@2`) against that version.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
-from backends.modelstore import _TRITON_TYPES, ArchiveError, ModelStore, file_path
+from backends.modelstore import ArchiveError, ModelStore, artifact_signature, file_path
 from backends.registration import AlreadyRegistered, RegistrationError
 from placement import registry
-from placement.model import ModelVersion, version_order
+from placement.model import ModelVersion, parse_signature, version_order
 from placement.pipeline import ModelSignature, Pipeline, PipelineError, check_signatures
 from placement.store import Store
 
@@ -31,40 +30,22 @@ def _artifact_dir(model: ModelVersion, model_store: ModelStore | None) -> Path:
 
 
 def read_signature(model: ModelVersion, model_store: ModelStore | None = None) -> ModelSignature:
-    """The signature a model version's artifact declares. Blocking file I/O."""
-    root = _artifact_dir(model, model_store)
-    manifest_path, config_path = root / "manifest.json", root / "config.pbtxt"
-    if not manifest_path.is_file() and not config_path.is_file():
-        raise ArchiveError(f"its artifact {root} has neither manifest.json nor config.pbtxt")
-    decoupled = False
-    signature: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
-    if config_path.is_file():
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
-        try:
-            config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-        except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
-            raise ArchiveError(f"its config.pbtxt does not parse: {' '.join(str(exc).split())}") from exc
-        batch = (-1,) if config.max_batch_size > 0 else ()
-        decoupled = config.model_transaction_policy.decoupled
-        for what, tensors in (("inputs", config.input), ("outputs", config.output)):
-            signature[what] = {
-                t.name: (
-                    _TRITON_TYPES.get(model_config_pb2.DataType.Name(t.data_type), "?"),
-                    batch + tuple(t.dims),
-                )
-                for t in tensors
-            }
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            for what in ("inputs", "outputs"):
-                signature[what] = {t["name"]: (t["datatype"], tuple(t["shape"])) for t in manifest[what]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ArchiveError(f"its manifest.json has no readable signature ({exc})") from exc
-        decoupled = decoupled or manifest.get("op") == "stream"
-    return ModelSignature(model.key, signature["inputs"], signature["outputs"], decoupled)
+    """The version's signature: the one its registration stores, else (a version registered before
+    signatures were stored) the one its artifact declares, read from disk (blocking file I/O)."""
+    if model.signature:
+        text = model.signature
+    else:
+        text = artifact_signature(_artifact_dir(model, model_store))
+    try:
+        inputs, outputs, decoupled = parse_signature(text)
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from exc
+    return ModelSignature(
+        model.key,
+        {name: (datatype, shape) for name, datatype, shape in inputs},
+        {name: (datatype, shape) for name, datatype, shape in outputs},
+        decoupled,
+    )
 
 
 async def _versions(store: Store, name: str) -> dict[str, ModelVersion]:

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ModelStore, checked
+from backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ModelStore, artifact_signature, checked
 from placement import registry
 from placement.model import MODEL_KINDS, ModelVersion, model_key
 from placement.store import KeyValue, Store
@@ -67,8 +67,12 @@ def check_copies(replicas: int, max_replicas: int) -> None:
 
 
 def same_registration(a: ModelVersion, b: ModelVersion) -> bool:
-    """Same artifact and settings. The artifact URI may differ: one artifact, two model-store paths."""
-    return dataclasses.replace(a, artifact_uri="") == dataclasses.replace(b, artifact_uri="")
+    """Same artifact and settings. The artifact URI may differ: one artifact, two model-store paths. The
+    signature is not compared: it is read from the artifact, so the same sha256 means the same signature,
+    and a version registered before signatures were stored (none) is the same as its upload now."""
+    return dataclasses.replace(a, artifact_uri="", signature="") == dataclasses.replace(
+        b, artifact_uri="", signature=""
+    )
 
 
 def parse_registered(item: KeyValue) -> ModelVersion | None:
@@ -147,6 +151,7 @@ async def upload(
             max_replicas=max_replicas,
             sha256=artifact.sha256,
             tenants=tuple(sorted(set(tenants))),
+            signature=artifact_signature(artifact.root),
         )
         # Refuse early, before storing anything, when the version is visibly taken; the conditional
         # write in `register` is what decides a race.

@@ -16,7 +16,7 @@ import ast
 import shutil
 from pathlib import Path
 
-from backends.modelstore import ArchiveError, Manifest
+from backends.modelstore import ArchiveError, Manifest, artifact_signature
 from placement.model import ModelVersion
 
 # One MMS worker per model: a Python process with numpy and the toolkit imported (measured RSS ~70 MiB
@@ -111,4 +111,5 @@ def install_sagemaker_example(
         replicas=replicas,
         artifact_uri=target.resolve().as_uri(),
         sha256=sha,
+        signature=artifact_signature(target),
     )

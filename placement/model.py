@@ -107,6 +107,55 @@ def _typed(cls: type[T], raw: bytes | str, choices: dict[str, tuple[str, ...]] |
         raise ValueError(f"{cls.__name__}: {exc}") from exc
 
 
+Tensors = tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, datatype, shape), in declared order
+
+
+def signature_json(inputs: Tensors, outputs: Tensors, decoupled: bool) -> str:
+    """The one stored spelling of a model's signature (ModelVersion.signature): compact JSON, keys sorted,
+    tensors in the order the model declares them."""
+    return json.dumps(
+        {
+            "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in inputs],
+            "outputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in outputs],
+            "decoupled": decoupled,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def parse_signature(text: str) -> tuple[Tensors, Tensors, bool]:
+    """(inputs, outputs, decoupled) from a stored signature; ValueError naming what is wrong."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"signature: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or set(data) != {"inputs", "outputs", "decoupled"}:
+        raise ValueError(f"signature: expected an object with inputs, outputs and decoupled, got {text!r}")
+    if data["decoupled"].__class__ is not bool:
+        raise ValueError(f"signature: decoupled must be true or false, got {data['decoupled']!r}")
+    tensors: list[Tensors] = []
+    for what in ("inputs", "outputs"):
+        items = data[what]
+        if items.__class__ is not list or not items:
+            raise ValueError(f"signature: {what} must be a non-empty list")
+        out = []
+        for item in items:
+            if not isinstance(item, dict) or set(item) != {"name", "datatype", "shape"}:
+                raise ValueError(f"signature: each of {what} needs name, datatype and shape, got {item!r}")
+            name, datatype, shape = item["name"], item["datatype"], item["shape"]
+            if (
+                name.__class__ is not str
+                or datatype.__class__ is not str
+                or shape.__class__ is not list
+                or not all(d.__class__ is int and d >= -1 for d in shape)
+            ):
+                raise ValueError(f"signature: {what} entry {item!r} has the wrong types")
+            out.append((name, datatype, tuple(shape)))
+        tensors.append(tuple(out))
+    return tensors[0], tensors[1], data["decoupled"]
+
+
 def model_key(name: str, version: str) -> str:
     """The one spelling of a model version used as a map key and in store keys."""
     return f"{name}@{version}"
@@ -140,6 +189,9 @@ class ModelVersion:
     sha256: str = ""
     tenants: tuple[str, ...] = ()  # empty: public
     max_replicas: int = 0  # copies under load (placement/autoscale.py); 0: as many as `replicas`
+    # Inputs, outputs and decoupled as `signature_json` spells it, stored at registration so nothing reads
+    # the artifact to learn them; "" for versions registered before it was stored.
+    signature: str = ""
 
     @property
     def key(self) -> str:
@@ -166,6 +218,8 @@ class ModelVersion:
         model = _typed(cls, raw, {"backend": BACKENDS, "kind": MODEL_KINDS})
         if not model.name or not model.version:
             raise ValueError("a model needs a name and a version")
+        if model.signature:
+            parse_signature(model.signature)
         return model
 
 

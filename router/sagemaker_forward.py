@@ -12,8 +12,9 @@ Triton and our container take the caller's bytes as they came; a SageMaker conta
 `application/x-npy` is what sagemaker-inference's default `input_fn`/`output_fn` decode and encode, so a
 model's `inference.py` needs only `model_fn` and `predict_fn`; and the tensor's raw bytes become the body
 behind a ~128-byte header, without decoding them. So these models take one input and give one output
-(checked at upload); the tensor names are the signature's (the artifact's manifest.json, read once per
-version). BYTES tensors are refused: a .npy of strings is a pickle.
+(checked at upload); the tensor names are the signature's (the registration's; a version registered
+before signatures were stored has its artifact's manifest.json read, once). BYTES tensors are refused:
+a .npy of strings is a pickle.
 
 Errors become the status codes the rest of the router knows (one table, `status_for`): no connection ->
 UNAVAILABLE (the router's failover resends it), 404 from a copy listed ready -> NOT_FOUND (resent as a
@@ -166,7 +167,8 @@ class SageMakerForwarder:
             self._session = None
 
     async def signature(self, model: ModelVersion) -> ModelSignature:
-        """The version's signature from its artifact's manifest.json, read once (artifacts are immutable)."""
+        """The version's signature: its registration's, or (registered before signatures were stored) its
+        artifact's manifest.json, read once (artifacts are immutable)."""
         cached = self._signatures.get(model.key)
         if cached is not None and cached.key == model.key:
             return cached

@@ -259,3 +259,77 @@ def test_an_artifact_that_fails_to_reach_the_disk_leaves_nothing_behind(
         register(tmp_path, archive, name="scale", version="1")
     assert registered(tmp_path) == {}
     assert list((tmp_path / "artifacts").iterdir()) == []  # no artifact, no staging folder
+
+
+# -- signatures in the registry ---------------------------------------------------------------------------
+
+
+def _stream_archive(tmp_path: Path) -> Path:
+    """The decoupled example (config.pbtxt: `decoupled: true`) with a manifest that says nothing of it."""
+    source = tmp_path / "src-stream"
+    shutil.copytree(EXAMPLES_DIR / "stream", source)
+    manifest = {
+        "backend": "triton",
+        "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "OUTPUT", "datatype": "FP32", "shape": [1]}],
+    }
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    return source
+
+
+def test_an_upload_stores_the_signature_in_the_registry_decoupled_from_config_pbtxt(tmp_path: Path) -> None:
+    scale, _ = register(
+        tmp_path, triton_archive(tmp_path, {"backend": "triton", **SIGNATURE}), name="scale", version="1"
+    )
+    stream, fleet = register(tmp_path, _stream_archive(tmp_path), name="stream", version="1")
+    assert json.loads(scale.signature) == {**SIGNATURE, "decoupled": False}
+    assert json.loads(stream.signature) == {
+        "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "OUTPUT", "datatype": "FP32", "shape": [1]}],
+        "decoupled": True,  # only config.pbtxt says so
+    }
+    assert fleet.models["stream@1"].signature == stream.signature  # as the registry reads it back
+
+
+def test_a_version_registered_before_signatures_were_stored_reuploads_as_the_same_registration(
+    tmp_path: Path,
+) -> None:
+    archive = triton_archive(tmp_path, {"backend": "triton", **SIGNATURE})
+    model, _ = register(tmp_path, archive, name="scale", version="1")
+    old = json.loads(model.to_json())
+    del old["signature"]  # the value as the registry held it before this field existed
+    old_raw = json.dumps(old, sort_keys=True).encode()
+
+    async def write_old_then_reupload():  # type: ignore[no-untyped-def]
+        async with open_store(str(tmp_path / "store")) as store:
+            await store.put(registry.MODELS + "scale@1", old_raw)
+            again = await upload(
+                store, LocalModelStore(tmp_path / "artifacts"), archive, name="scale", version="1"
+            )
+            return again, await registry.read_model(store, "scale@1")
+
+    again, current = asyncio.run(write_old_then_reupload())
+    assert not again.created and again.model.signature == ""  # a no-op, not "already exists"
+    assert current is not None and current.value == old_raw  # the old value stands as it was
+
+
+def test_a_value_without_a_signature_parses_and_a_malformed_one_is_refused() -> None:
+    from placement.model import ModelVersion
+
+    old = ModelVersion.from_json(b'{"name": "m", "version": "1", "backend": "custom"}')
+    assert old.signature == ""
+    good = json.dumps({**SIGNATURE, "decoupled": False})
+    assert (
+        ModelVersion.from_json(json.dumps({"name": "m", "version": "1", "signature": good})).signature == good
+    )
+    for bad in (
+        "not json",
+        json.dumps({**SIGNATURE}),  # no decoupled
+        json.dumps({**SIGNATURE, "decoupled": "yes"}),
+        json.dumps({**SIGNATURE, "inputs": [], "decoupled": False}),
+        json.dumps(
+            {**SIGNATURE, "outputs": [{"name": "O", "datatype": "FP32", "shape": ["x"]}], "decoupled": False}
+        ),
+    ):
+        with pytest.raises(ValueError, match="signature"):
+            ModelVersion.from_json(json.dumps({"name": "m", "version": "1", "signature": bad}))
