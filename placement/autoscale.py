@@ -70,7 +70,8 @@ class Room:
     backend: str
     kind: str  # gpu | cpu
     free_bytes: int
-    draining_bytes: int = 0  # part of the used bytes that will be free once drained copies unload
+    # Bytes of copies draining there that no waiting model has claimed yet: free once they unload.
+    draining_bytes: int = 0
 
 
 @dataclass
@@ -102,6 +103,8 @@ class Plan:
     decisions: list[Decision]
     waiting: set[str]  # wanted models whose room is being made (evictions draining, or soon idle copies)
     blocked: dict[str, str]  # wanted models no eviction can ever make room for -> why
+    # model -> (container, bytes): the draining room evicted for it, so no other waiting model counts on it
+    claims: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def scale_target(load: ModelLoad, policy: Policy, timers: Timers, now: float) -> int:
@@ -158,13 +161,15 @@ def make_room(
     load: ModelLoad, rooms: Sequence[Room], loads: Iterable[ModelLoad], policy: Policy
 ) -> tuple[str, list[ModelLoad]] | Literal["wait", "never"]:
     """Where `load` gets a copy once some load-on-demand copies are evicted: (container, victims) taken
-    least recently used first, on the first container where they free enough. "wait": room is being made
-    already (copies draining) or will be (copies not idle yet); "never": no eviction can make room."""
+    least recently used first, on the first container where they free enough (no victims: copies draining
+    there already free enough). "wait": copies that could go are not idle yet; "never": no eviction can
+    make room."""
     candidates = [r for r in rooms if _fits(load, r)]
     if not candidates:
         return "never"
-    if any(r.free_bytes + r.draining_bytes >= load.cost_bytes for r in candidates):
-        return "wait"
+    for room in candidates:  # room that draining copies will free, and nobody counts on yet: claim it
+        if room.free_bytes + room.draining_bytes >= load.cost_bytes:
+            return room.id, []
     by_id = {r.id: r for r in candidates}
     freed = {r.id: r.free_bytes + r.draining_bytes for r in candidates}
     chosen: dict[str, list[ModelLoad]] = {}
@@ -195,6 +200,7 @@ def plan_autoscale(
     decisions: list[Decision] = []
     waiting: set[str] = set()
     blocked: dict[str, str] = {}
+    claims: dict[str, tuple[str, int]] = {}
     free = {r.id: r for r in rooms}
     by_key = {load.key: load for load in loads}
     evicted: set[tuple[str, str]] = set()
@@ -260,9 +266,7 @@ def plan_autoscale(
             changes[victim.key] = remaining
             by_key.pop(victim.key, None)
             room = free[cid]
-            free[cid] = Room(
-                room.id, room.backend, room.kind, room.free_bytes, room.draining_bytes + victim.cost_bytes
-            )
+            free[cid] = Room(room.id, room.backend, room.kind, room.free_bytes, room.draining_bytes)
             decisions.append(
                 Decision(
                     "evict",
@@ -272,9 +276,13 @@ def plan_autoscale(
                     f"({load.rate:.1f} calls/s{', a call waits' if load.wanted else ''})",
                 )
             )
+        # The draining room on `cid` (what was draining there before, and these victims) is this model's.
+        room = free[cid]
+        claims[load.key] = (cid, load.cost_bytes)
+        free[cid] = Room(room.id, room.backend, room.kind, room.free_bytes, 0)
         if load.wanted:
             waiting.add(load.key)
-    return Plan(changes, decisions, waiting, blocked)
+    return Plan(changes, decisions, waiting, blocked, claims)
 
 
 def _least_useful(load: ModelLoad) -> str:

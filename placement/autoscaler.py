@@ -47,6 +47,8 @@ class Autoscaler:
         self.draining: dict[tuple[str, str], tuple[int, float]] = {}  # (container, model) -> bytes, since
         self.first_seen: dict[str, float] = {}  # model key -> when its first copy was seen (monotonic)
         self.blocked: dict[str, str] = {}  # wanted models no eviction can make room for -> why
+        # wanted model -> (container, bytes): draining room made (or found) for it, until it drained
+        self.claims: dict[str, tuple[str, int]] = {}
         self.evictions = 0
         self.copy_changes = 0  # copies added or removed for load
         self.decisions: deque[str] = deque(maxlen=50)
@@ -124,7 +126,7 @@ class Autoscaler:
             fleet = writer.follower.fleet
             now = time.monotonic()
             plan = plan_autoscale(
-                loads_of(fleet, self._keys(fleet, rates), self._rates(rates, now)),
+                loads_of(fleet, self._keys(fleet, rates) - self._claimed(fleet), self._rates(rates, now)),
                 self._rooms(fleet),
                 self.policy,
                 self.timers,
@@ -167,8 +169,22 @@ class Autoscaler:
             out[key] = (calls, min(idle, now - since))
         return out
 
+    def _claimed(self, fleet: Fleet) -> set[str]:
+        """Wanted models waiting for room made for them: left out of a pass while that room drains (a
+        claim whose room has drained goes; the incremental pass placed the model, or it asks again)."""
+        held = self.held_bytes()
+        self.claims = {
+            key: (cid, size)
+            for key, (cid, size) in self.claims.items()
+            if fleet.wanted.get(key) == "" and held.get(cid, 0) > 0
+        }
+        return set(self.claims)
+
     def _rooms(self, fleet: Fleet) -> list[Room]:
         held = self.held_bytes()
+        claimed: dict[str, int] = {}
+        for cid, size in self.claims.values():
+            claimed[cid] = claimed.get(cid, 0) + size
         full = fleet.full_containers()
         return [
             Room(
@@ -176,7 +192,7 @@ class Autoscaler:
                 c.backend,
                 c.kind,
                 0 if c.id in full else max(0, c.memory_bytes - fleet.used.get(c.id, 0) - held.get(c.id, 0)),
-                held.get(c.id, 0),
+                max(0, held.get(c.id, 0) - claimed.get(c.id, 0)),
             )
             for c in fleet.containers.values()
         ]
@@ -205,6 +221,7 @@ class Autoscaler:
             self.decisions.append(f"{time.strftime('%H:%M:%S')} {line}")
             said = True
         self.blocked = dict(plan.blocked)
+        self.claims.update(plan.claims)
         return said
 
     async def _answer(self, plan: Plan, said: bool) -> None:

@@ -214,11 +214,22 @@ def test_room_held_by_floors_only_fails_the_call_with_a_reason() -> None:
     assert plan.changes == {} and "new@1" in plan.blocked
 
 
-def test_draining_room_is_waited_for_not_evicted_again() -> None:
+def test_unclaimed_draining_room_is_claimed_instead_of_evicting_more() -> None:
     wanted = load("new@1", copies=(), ready=0, replicas=0, most_copies=1, wanted=True)
     idle = on_demand("idle@1", "c0", idle_s=900)
     draining = [Room("c0", "custom", "cpu", 0, draining_bytes=GiB)]
-    assert make_room(wanted, draining, [idle], POLICY) == "wait"
+    assert make_room(wanted, draining, [idle], POLICY) == ("c0", [])
+    plan = plan_autoscale([wanted, idle], draining, POLICY, Timers(), 0.0)
+    assert plan.changes == {} and plan.claims == {"new@1": ("c0", GiB)} and plan.waiting == {"new@1"}
+
+
+def test_two_waiting_models_do_not_count_on_the_same_evicted_room() -> None:
+    first = load("a@1", copies=(), ready=0, replicas=0, most_copies=1, wanted=True)
+    second = load("b@1", copies=(), ready=0, replicas=0, most_copies=1, wanted=True)
+    idle = [on_demand("old@1", "c0", idle_s=900), on_demand("older@1", "c0", idle_s=1000)]
+    plan = plan_autoscale([first, second, *idle], rooms(0), POLICY, Timers(), 0.0)
+    assert plan.changes == {"older@1": (), "old@1": ()}  # one eviction for each
+    assert plan.claims == {"a@1": ("c0", GiB), "b@1": ("c0", GiB)}
 
 
 # -- counts for the map writers -------------------------------------------------------------------------
