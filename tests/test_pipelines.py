@@ -495,3 +495,68 @@ def test_a_deadline_covers_the_whole_pipeline_not_each_step(fleet: Pipelines) ->
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
     assert "pipeline 'slow'" in (caught.value.details() or "")
     assert elapsed >= deadline_s
+
+
+# -- signatures come from the registry, not from artifacts -------------------------------------------------
+
+CHAIN = """
+name: chain
+version: "1"
+inputs:  [{name: X, datatype: FP32, shape: [-1]}]
+outputs: [{name: T, datatype: FP32, shape: [1]}]
+steps:
+  - {name: thrice, model: triple, inputs: {INPUT: X}, outputs: {OUTPUT: A}}
+  - {name: emit,   model: emit,   inputs: {INPUT: A}, outputs: {OUTPUT: T}}
+"""
+
+
+def test_a_pipeline_registers_over_models_whose_artifacts_are_gone(tmp_path: Path) -> None:
+    """Steps are checked against the signatures the registry holds since upload: with the model store's
+    folder deleted after the uploads, `pipelines register` (pointed at an empty model store) still checks
+    every step, finds the decoupled one, and refuses a mismatch. Reading artifacts, it could not."""
+    artifacts, empty = tmp_path / "artifacts", tmp_path / "empty"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "modelyard", *args, "--store", str(tmp_path / "store")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MODELYARD_MODEL_STORE": str(empty)},
+        )
+
+    sources = {
+        "triple": write_model_dir(
+            tmp_path / "src" / "triple",
+            "scale",
+            {"factor": np.array([3.0], dtype=np.float32)},
+            VECTOR,
+            VECTOR_OUT,
+        ),
+        "emit": write_model_dir(
+            tmp_path / "src" / "emit", "stream", None, VECTOR, [{**VECTOR_OUT[0], "shape": [1]}]
+        ),
+    }
+    for name, source in sources.items():
+        done = cli(
+            "models", "upload", str(source), "--name", name, "--version", "1", "--model-store", str(artifacts)
+        )
+        assert done.returncode == 0, done.stderr
+    shutil.rmtree(artifacts)
+    shutil.rmtree(tmp_path / "src")
+
+    spec = tmp_path / "chain.yaml"
+    spec.write_text(CHAIN)
+    done = cli("pipelines", "register", str(spec), "--model-store", str(empty))
+    assert done.returncode == 0, done.stderr
+    assert "it streams" in done.stdout  # emit's decoupled flag, from the registry
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        CHAIN.replace("name: chain", "name: bad").replace(
+            "{name: X, datatype: FP32", "{name: X, datatype: INT32"
+        )
+    )
+    done = cli("pipelines", "register", str(bad), "--model-store", str(empty))
+    assert done.returncode == 2
+    assert "thrice" in done.stderr and "cannot read the signature" not in done.stderr, done.stderr

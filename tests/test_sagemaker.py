@@ -7,6 +7,7 @@ One real MMS process is shared by the module's container tests; the fleet tests 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -31,12 +32,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import given
 from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.utils import InferenceServerException
 
 from backends import sagemaker as sagemaker_module
 from backends.adapter import ContainerFull, LoadError
 from backends.examples import EXAMPLES_DIR
+from backends.modelstore import artifact_signature
 from backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
+from backends.sagemaker_archive import install_sagemaker_example
 from backends.sagemaker_process import SageMakerNotInstalled, SageMakerProcess, java_binary, mms_home
 from backends.triton_server import free_port
 from modelyard.client import Client
@@ -44,11 +48,12 @@ from modelyard.local import LocalFleet
 from modelyard.v1 import inference_pb2, router_pb2_grpc
 from placement import registry
 from placement.controller import incremental_changes
-from placement.model import Container, CopyState, ModelVersion, RouteRule
+from placement.model import Container, CopyState, ModelVersion, RouteRule, signature_json
 from placement.rebalance import plan_rebalance, snapshot
 from placement.registry import Fleet
 from placement.store.base import Event
-from router.sagemaker_forward import SageMakerForwarder, status_for
+from router.sagemaker_forward import SageMakerForwarder, SignatureUnavailable, status_for
+from router.server import RouterServer
 from tests.conftest import missing, require_triton, stop_process
 from tests.fleet import FleetThread
 
@@ -896,3 +901,73 @@ def test_up_with_a_sagemaker_container_serves_sagemaker_scale(tmp_path: Path) ->
     finally:
         if process.poll() is None:
             stop_process(process)  # type: ignore[arg-type]
+
+
+# -- signatures from the registry ---------------------------------------------------------------------
+
+
+def test_the_router_describes_a_version_from_its_stored_signature_without_its_artifact() -> None:
+    """The forwarder answers ModelMetadata from the registration's signature: the artifact is in S3,
+    which the router cannot read. A version registered before signatures were stored needs its artifact
+    and, here, gets the clear refusal that every S3-stored SageMaker model got before."""
+    signature = signature_json((("INPUT", "FP32", (-1,)),), (("OUTPUT", "FP32", (-1, 2)),), False)
+    stored = ModelVersion(
+        "m", "1", backend="sagemaker", artifact_uri="s3://nowhere/artifacts/" + "0" * 64, signature=signature
+    )
+
+    async def describe(model: ModelVersion) -> bytes:
+        forwarder = SageMakerForwarder()
+        try:
+            return await forwarder.metadata(model)
+        finally:
+            await forwarder.close()
+
+    answer = kserve_pb.ModelMetadataResponse.FromString(asyncio.run(describe(stored)))
+    assert [(t.name, t.datatype, list(t.shape)) for t in answer.inputs] == [("INPUT", "FP32", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in answer.outputs] == [("OUTPUT", "FP32", [-1, 2])]
+    with pytest.raises(SignatureUnavailable, match="cannot read its signature"):
+        asyncio.run(describe(dataclasses.replace(stored, signature="")))
+
+
+def test_the_sagemaker_example_is_registered_with_its_manifest_s_signature(tmp_path: Path) -> None:
+    model = install_sagemaker_example("sagemaker_scale", tmp_path)
+    manifest = json.loads((EXAMPLES_DIR / "sagemaker_scale" / "manifest.json").read_text())
+    assert json.loads(model.signature) == {
+        "inputs": manifest["inputs"],
+        "outputs": manifest["outputs"],
+        "decoupled": False,
+    }
+
+
+def test_a_router_started_after_the_artifact_is_deleted_still_serves_the_model(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    """A version registered with its signature is loaded on its container, then its artifact folder is
+    deleted, then a second router starts (nothing cached): it calls and describes the model with what the
+    registry holds. Reading the artifact, it would answer 'cannot read its signature'."""
+    model = _artifact(tmp_path, "vanishing", factor="4")
+    folder = tmp_path / "vanishing-1"
+    model = dataclasses.replace(model, signature=artifact_signature(folder))
+    _register(fleet, model)
+    x = np.array([1.0, 2.0], dtype=np.float32)
+    assert _infer(fleet, "vanishing", x).tolist() == (x * 4).tolist()  # loaded from the artifact
+    shutil.rmtree(folder)
+    local = fleet.fleet
+    router = RouterServer(local.store, port=0, fleet_secret=local.fleet_secret, follower=local.follower)
+    fleet.call(router.start())
+    try:
+        table = router.router.table
+        _wait_until(lambda: bool(table.fleet.ready_on(model.key)))
+        client = grpcclient.InferenceServerClient(router.address)
+        try:
+            tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+            tensor.set_data_from_numpy(x)
+            output = client.infer("vanishing", [tensor], client_timeout=60).as_numpy("OUTPUT")
+            metadata = client.get_model_metadata("vanishing", "1", as_json=True)
+        finally:
+            client.close()
+    finally:
+        fleet.call(router.stop())
+    assert output is not None and output.tolist() == (x * 4).tolist()
+    assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [("INPUT", "FP32")]
+    _unregister(fleet, model)
