@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ import pytest
 from backends.agent import Agent
 from backends.custom import CustomAdapter
 from backends.process import restart_on_failure
+from backends.triton_server import free_port
 from placement import registry
 from placement.store import StoreError
 from tests.conftest import EtcdServer
@@ -416,3 +418,55 @@ def test_garbage_in_store_keys_under_load_fails_no_call(faults: Faults) -> None:
     assert holders(faults.fleet, late.key) and holders(faults.fleet, f"{SINGLE}@1") == [holder]
     assert figures["calls"][SINGLE] > 0
     assert_no_failures(figures)
+
+
+def test_a_router_killed_and_restarted_fails_only_the_calls_made_while_it_was_down(faults: Faults) -> None:
+    """A lone router (`modelyard serve`, one process) killed with SIGKILL: no design keeps calls to it alive
+    (run several routers or `--workers` behind one address for that). What is promised is narrower: calls
+    fail only while it is down, with UNAVAILABLE (never a wrong answer or another code), and the same
+    command started again on the same port serves at once, with no other repair."""
+    converged_within(faults.fleet, time.monotonic())
+    secret_file = faults.fleet.fleet.write_fleet_secret()
+    port = free_port()
+    command = [sys.executable, "-m", "modelyard", "serve", "--store", faults.etcd.url, "--port", str(port),
+               "--fleet-secret-file", str(secret_file)]  # fmt: skip
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True)
+        started = time.monotonic()
+        while True:  # until it accepts connections on its port
+            assert process.poll() is None, f"modelyard serve exited {process.returncode} before listening"
+            assert time.monotonic() - started < 60, "modelyard serve not listening within 60 s"
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return process
+            time.sleep(0.05)
+
+    router = start()
+    try:
+        with Loader(f"127.0.0.1:{port}", faults.folder, FACTORS, streams=True) as load:
+            load.wait_for_more_calls(CALLS_AFTER)
+            router.kill()
+            killed_at = time.time()
+            router.wait(10)
+            router = start()
+            restarted_at = time.time()
+            hold_fault(5)  # past the window the caller's reconnect backoff may need (see below)
+            load.wait_for_more_calls(CALLS_AFTER)  # these must all succeed: no failure after the window
+        figures = load.stop()
+    finally:
+        router.kill()
+        router.wait(10)
+    calls = sum(figures["calls"].values())
+    failed = sum(figures["failed"].values())
+    print(
+        f"\nrouter kill -9 + restart (down {restarted_at - killed_at:.1f} s): calls {calls}, failed "
+        f"{dict(figures['failed']) or 0}, wrong {figures['wrong']}"
+    )
+    assert figures["wrong"] == 0, figures["failures"]
+    assert set(figures["failed"]) <= {"UNAVAILABLE"}, figures["failures"][:10]
+    # Every failure came while the router was down, or before the caller's channel tried again: gRPC's
+    # reconnect backoff (1 s, then x1.6 with jitter) may wait a few seconds past the restart.
+    late = [f for f in figures["failures"] if not killed_at - 1 <= f[0] <= restarted_at + 5]
+    assert not late, late[:10]
+    assert calls - failed >= 2 * CALLS_AFTER  # before the kill, and after the window
