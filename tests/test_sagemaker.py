@@ -671,6 +671,41 @@ def test_metadata_and_readiness_come_from_the_signature_and_the_container(fleet:
         client.close()
 
 
+def test_a_router_started_after_the_artifact_is_deleted_still_serves_the_model(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    """A version registered with its signature is loaded on its container, then its artifact folder is
+    deleted, then a second router starts (nothing cached): it calls and describes the model with what the
+    registry holds. Reading the artifact, it would answer 'cannot read its signature'. (Here, before the
+    507 test marks the SageMaker containers full.)"""
+    model = _artifact(tmp_path, "vanishing", factor="4")
+    folder = tmp_path / "vanishing-1"
+    model = dataclasses.replace(model, signature=artifact_signature(folder))
+    _register(fleet, model)
+    x = np.array([1.0, 2.0], dtype=np.float32)
+    assert _infer(fleet, "vanishing", x).tolist() == (x * 4).tolist()  # loaded from the artifact
+    shutil.rmtree(folder)
+    local = fleet.fleet
+    router = RouterServer(local.store, port=0, fleet_secret=local.fleet_secret, follower=local.follower)
+    fleet.call(router.start())
+    try:
+        table = router.router.table
+        _wait_until(lambda: bool(table.fleet.ready_on(model.key)))
+        client = grpcclient.InferenceServerClient(router.address)
+        try:
+            tensor = grpcclient.InferInput("INPUT", [2], "FP32")
+            tensor.set_data_from_numpy(x)
+            output = client.infer("vanishing", [tensor], client_timeout=60).as_numpy("OUTPUT")
+            metadata = client.get_model_metadata("vanishing", "1", as_json=True)
+        finally:
+            client.close()
+    finally:
+        fleet.call(router.stop())
+    assert output is not None and output.tolist() == (x * 4).tolist()
+    assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [("INPUT", "FP32")]
+    _unregister(fleet, model)
+
+
 def test_handler_errors_and_bad_requests_get_clear_statuses(fleet: FleetThread, tmp_path: Path) -> None:
     raiser = _artifact(tmp_path, "raiser", inference=_RAISER)
     _register(fleet, raiser)
@@ -937,37 +972,3 @@ def test_the_sagemaker_example_is_registered_with_its_manifest_s_signature(tmp_p
         "outputs": manifest["outputs"],
         "decoupled": False,
     }
-
-
-def test_a_router_started_after_the_artifact_is_deleted_still_serves_the_model(
-    fleet: FleetThread, tmp_path: Path
-) -> None:
-    """A version registered with its signature is loaded on its container, then its artifact folder is
-    deleted, then a second router starts (nothing cached): it calls and describes the model with what the
-    registry holds. Reading the artifact, it would answer 'cannot read its signature'."""
-    model = _artifact(tmp_path, "vanishing", factor="4")
-    folder = tmp_path / "vanishing-1"
-    model = dataclasses.replace(model, signature=artifact_signature(folder))
-    _register(fleet, model)
-    x = np.array([1.0, 2.0], dtype=np.float32)
-    assert _infer(fleet, "vanishing", x).tolist() == (x * 4).tolist()  # loaded from the artifact
-    shutil.rmtree(folder)
-    local = fleet.fleet
-    router = RouterServer(local.store, port=0, fleet_secret=local.fleet_secret, follower=local.follower)
-    fleet.call(router.start())
-    try:
-        table = router.router.table
-        _wait_until(lambda: bool(table.fleet.ready_on(model.key)))
-        client = grpcclient.InferenceServerClient(router.address)
-        try:
-            tensor = grpcclient.InferInput("INPUT", [2], "FP32")
-            tensor.set_data_from_numpy(x)
-            output = client.infer("vanishing", [tensor], client_timeout=60).as_numpy("OUTPUT")
-            metadata = client.get_model_metadata("vanishing", "1", as_json=True)
-        finally:
-            client.close()
-    finally:
-        fleet.call(router.stop())
-    assert output is not None and output.tolist() == (x * 4).tolist()
-    assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [("INPUT", "FP32")]
-    _unregister(fleet, model)
