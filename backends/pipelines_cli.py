@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 # Like every group, `modelyard pipelines --help` imports only click: each command imports what it runs.
 MODEL_STORE_HELP = (
-    "Artifact directory (to read the steps' signatures); default $MODELYARD_MODEL_STORE or "
+    "Artifact directory, read only for steps' models registered before signatures were stored in the "
+    "registry; default $MODELYARD_MODEL_STORE or "
     ".modelyard/artifacts."
 )
 
