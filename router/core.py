@@ -21,6 +21,7 @@ from router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
 from router.follow import TableFollower
 from router.forward import ContainerChannels, forwarded_metadata
 from router.identity import CREDENTIAL_HEADERS, FLEET_SECRET_HEADER, TENANT_HEADER, Authenticator, Identity
+from router.inputs import CHECKED_BACKENDS, check_inputs
 from router.lazy import LazyLoader
 from router.rates import RateCounter
 from router.sagemaker_forward import SageMakerForwarder
@@ -163,6 +164,8 @@ class Router:
         Any other code is final: the request may have run.
         """
         model, request = self.route(request, context)
+        if method == _KSERVE + "ModelInfer" and model.backend in CHECKED_BACKENDS:
+            check_inputs(model, request)  # a container that does not check them itself (MLServer)
         container = await self.choose_copy(model, context, lazy_load=lazy_load)
         deadline = time.monotonic() + self.upstream_timeout(context)
         refused: set[str] = set()  # containers that answered this call UNAVAILABLE

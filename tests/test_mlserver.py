@@ -200,3 +200,26 @@ def test_the_agent_can_find_mlserver_by_its_command_line(fleet: FleetThread) -> 
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert process.pid in mlserver_pids()
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "words"),
+    [
+        ("INPUT", np.ones((2, 3), np.float32), "has shape [2, 3]; expected [-1, 4]"),  # MLServer: INTERNAL
+        ("X", np.ones((2, 4), np.float32), "unknown input 'X'"),  # MLServer: answers anyway
+        ("INPUT", np.ones((2, 4), np.float64), "is FP32, not FP64"),  # MLServer: answers anyway
+    ],
+)
+def test_a_call_with_wrong_inputs_is_invalid_argument_naming_the_input(
+    fleet: FleetThread, name: str, rows: np.ndarray, words: str
+) -> None:
+    """MLServer does not check inputs against the model (a wrong name or datatype is answered, a wrong
+    shape fails INTERNAL with scikit-learn's words): the router checks them against the registered
+    signature first (router/inputs.py)."""
+    tensor = grpcclient.InferInput(name, list(rows.shape), "FP64" if rows.dtype == np.float64 else "FP32")
+    tensor.set_data_from_numpy(rows)
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("iris", [tensor], model_version="1", client_timeout=60)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
+    assert "model 'iris' version '1'" in caught.value.message() and words in caught.value.message()
