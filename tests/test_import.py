@@ -63,7 +63,7 @@ def test_import_registers_good_lines_and_reports_each_bad_line_by_number(
             {"name": "d", "version": "1", "archive": "archives/missing.tgz"},
             {"name": "bad/name", "version": "1", "archive": archive},
             "",
-            {"name": "e", "version": "1", "archive": archive, "replicas": 0},
+            {"name": "e", "version": "1", "archive": archive, "replicas": 2, "max_replicas": 1},
         ],
     )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"
@@ -74,7 +74,10 @@ def test_import_registers_good_lines_and_reports_each_bad_line_by_number(
     assert [line.split(": ", 1)[0] for line in errors] == [f"{file}:{n}" for n in (3, 4, 5, 6, 8)]
     assert "not valid JSON" in errors[0] and "missing version" in errors[1]
     assert "missing.tgz: No such file or directory" in errors[2]
-    assert "bad model name 'bad/name'" in errors[3] and "replicas must be >= 1" in errors[4]
+    assert (
+        "bad model name 'bad/name'" in errors[3]
+        and "max replicas (1) must not be below replicas (2)" in errors[4]
+    )
     assert result.stdout.startswith("imported 2, skipped 0, failed 5 in ")
     models_now = registered(store_url)
     assert sorted(models_now) == ["a@1", "b@2"]
