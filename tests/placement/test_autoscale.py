@@ -180,8 +180,8 @@ def test_copies_of_other_backends_or_kinds_are_not_used() -> None:
 # -- memory as a cache ----------------------------------------------------------------------------------
 
 
-def on_demand(key: str, cid: str, idle_s: float, **kw: object) -> ModelLoad:
-    return load(key, copies=(cid,), replicas=0, most_copies=1, idle_s=idle_s, **kw)
+def on_demand(key: str, cid: str, idle_s: float, wanted: bool = False) -> ModelLoad:
+    return load(key, copies=(cid,), replicas=0, most_copies=1, idle_s=idle_s, wanted=wanted)
 
 
 def test_a_wanted_model_evicts_the_least_recently_used_load_on_demand_copies() -> None:
