@@ -6,7 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from placement.model import ModelVersion
+from placement.model import Backend, ModelVersion
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # A python-backend model costs ~20 MiB (one stub process each); declare a little more.
@@ -42,6 +42,25 @@ def install_model_dir(
 ) -> ModelVersion:
     """Copies a Triton model folder (`config.pbtxt` + `version/`) into `artifacts/<sha256>/` and returns
     its registration as `name@version`."""
+    return store_example(
+        source, artifacts, name=name, version=version, replicas=replicas, backend="triton",
+        memory_bytes=EXAMPLE_MEMORY_BYTES,
+    )  # fmt: skip
+
+
+def store_example(
+    source: Path,
+    artifacts: Path,
+    *,
+    name: str,
+    version: str,
+    replicas: int,
+    backend: Backend,
+    memory_bytes: int,
+) -> ModelVersion:
+    """The one way an example model folder is stored: copied into `artifacts/<sha256>/` (through a staging
+    folder renamed into place, so a half-copied artifact never has its final name) and registered as
+    `name@version` with the signature its files declare."""
     sha = tree_sha256(source)
     target = artifacts / sha
     if not target.exists():
@@ -53,9 +72,9 @@ def install_model_dir(
     return ModelVersion(
         name=name,
         version=version,
-        backend="triton",
+        backend=backend,
         kind="cpu",
-        memory_bytes=EXAMPLE_MEMORY_BYTES,
+        memory_bytes=memory_bytes,
         replicas=replicas,
         artifact_uri=target.resolve().as_uri(),
         sha256=sha,
@@ -92,22 +111,7 @@ def install_custom_example(
             outputs=[{"name": "OUTPUT", "datatype": "FP32", "shape": [-1, 2]}],
         )
         memory = load_model_dir(source).memory_bytes
-        sha = tree_sha256(source)
-        target = artifacts / sha
-        if not target.exists():
-            artifacts.mkdir(parents=True, exist_ok=True)
-            staging = artifacts / f".{sha}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging)
-            staging.rename(target)
-    return ModelVersion(
-        name=name,
-        version=version,
-        backend="custom",
-        kind="cpu",
-        memory_bytes=int(memory),
-        replicas=replicas,
-        artifact_uri=target.resolve().as_uri(),
-        sha256=sha,
-        signature=_signature(target),
-    )
+        return store_example(
+            source, artifacts, name=name, version=version, replicas=replicas, backend="custom",
+            memory_bytes=int(memory),
+        )  # fmt: skip

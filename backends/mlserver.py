@@ -301,8 +301,8 @@ def install_mlserver_example(
     """Builds the example `iris` and stores it in `artifacts/<sha256>/` (like backends/examples.py)."""
     import tempfile
 
-    from backends.examples import tree_sha256
-    from backends.modelstore import artifact_signature, read_manifest
+    from backends.examples import store_example
+    from backends.modelstore import read_manifest
 
     if name not in MLSERVER_EXAMPLE_NAMES:
         raise ValueError(
@@ -311,22 +311,7 @@ def install_mlserver_example(
     with tempfile.TemporaryDirectory() as tmp:
         source = write_iris_model(Path(tmp) / name)
         memory = check_archive(source, read_manifest(source))
-        sha = tree_sha256(source)
-        target = artifacts / sha
-        if not target.exists():
-            artifacts.mkdir(parents=True, exist_ok=True)
-            staging = artifacts / f".{sha}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging)
-            staging.rename(target)
-    return ModelVersion(
-        name=name,
-        version=version,
-        backend="mlserver",
-        kind="cpu",
-        memory_bytes=memory,
-        replicas=replicas,
-        artifact_uri=target.resolve().as_uri(),
-        sha256=sha,
-        signature=artifact_signature(target),
-    )
+        return store_example(
+            source, artifacts, name=name, version=version, replicas=replicas, backend="mlserver",
+            memory_bytes=memory,
+        )  # fmt: skip

@@ -13,10 +13,9 @@ or boolean datatype. `inference.py` is parsed, never run: an upload must not exe
 from __future__ import annotations
 
 import ast
-import shutil
 from pathlib import Path
 
-from backends.modelstore import ArchiveError, Manifest, artifact_signature
+from backends.modelstore import ArchiveError, Manifest
 from placement.model import ModelVersion
 
 # One MMS worker per model: a Python process with numpy and the toolkit imported (measured RSS ~70 MiB
@@ -87,29 +86,13 @@ def install_sagemaker_example(
     name: str, artifacts: Path, *, version: str = "1", replicas: int = 1
 ) -> ModelVersion:
     """Copies the SageMaker example into `artifacts/<sha256>/` and returns its registration."""
-    from backends.examples import EXAMPLES_DIR, tree_sha256
+    from backends.examples import EXAMPLES_DIR, store_example
 
     if name not in SAGEMAKER_EXAMPLE_NAMES:
         raise ValueError(
             f"no sagemaker example model named {name!r}; examples: {', '.join(SAGEMAKER_EXAMPLE_NAMES)}"
         )
-    source = EXAMPLES_DIR / name
-    sha = tree_sha256(source)
-    target = artifacts / sha
-    if not target.exists():
-        artifacts.mkdir(parents=True, exist_ok=True)
-        staging = artifacts / f".{sha}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))
-        staging.rename(target)
-    return ModelVersion(
-        name=name,
-        version=version,
-        backend="sagemaker",
-        kind="cpu",
+    return store_example(
+        EXAMPLES_DIR / name, artifacts, name=name, version=version, replicas=replicas, backend="sagemaker",
         memory_bytes=WORKER_MIN_BYTES,
-        replicas=replicas,
-        artifact_uri=target.resolve().as_uri(),
-        sha256=sha,
-        signature=artifact_signature(target),
-    )
+    )  # fmt: skip
