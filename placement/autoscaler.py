@@ -46,6 +46,7 @@ class Autoscaler:
         self.timers = Timers()
         self.draining: dict[tuple[str, str], tuple[int, float]] = {}  # (container, model) -> bytes, since
         self.first_seen: dict[str, float] = {}  # model key -> when its first copy was seen (monotonic)
+        self.last_call: dict[str, float] = {}  # model key -> its last call by any router (UNIX time)
         self.blocked: dict[str, str] = {}  # wanted models no eviction can make room for -> why
         # wanted model -> (container, bytes): draining room made (or found) for it, until it drained
         self.claims: dict[str, tuple[str, int]] = {}
@@ -120,13 +121,18 @@ class Autoscaler:
 
     async def tick(self) -> Plan:
         """One pass: rates, policy, map write, status."""
-        rates = await read_rates(self.controller.store, time.time())
+        wall = time.time()
+        rates = await read_rates(self.controller.store, wall)
         writer = self.controller.writer
         async with writer.locked():
             fleet = writer.follower.fleet
             now = time.monotonic()
             plan = plan_autoscale(
-                loads_of(fleet, self._keys(fleet, rates) - self._claimed(fleet), self._rates(rates, now)),
+                loads_of(
+                    fleet,
+                    self._keys(fleet, rates) - self._claimed(fleet),
+                    self._rates(fleet, rates, now, wall),
+                ),
                 self._rooms(fleet),
                 self.policy,
                 self.timers,
@@ -159,11 +165,21 @@ class Autoscaler:
             del seen[key]
         return keys
 
-    def _rates(self, rates: dict[str, ModelRate], now: float) -> dict[str, tuple[float, float]]:
-        """(calls/s, idle s); a copy placed moments ago counts as just used (its first call is on its way)."""
-        out: dict[str, tuple[float, float]] = {}
+    def _rates(
+        self, fleet: Fleet, rates: dict[str, ModelRate], now: float, wall: float
+    ) -> dict[str, tuple[float, float]]:
+        """(calls/s, idle s) of every model called while this controller led (reports hold only the last
+        period's calls, so it keeps the last call of each); a copy placed moments ago counts as just used
+        (its first call is on its way)."""
+        last = self.last_call
         for key, rate in rates.items():
-            out[key] = (rate.rate, rate.idle_s)
+            if rate.idle_s != float("inf"):
+                last[key] = max(last.get(key, 0.0), wall - rate.idle_s)
+        if len(last) > 2 * len(fleet.models) + 1000:  # forget removed models now and then
+            self.last_call = last = {k: t for k, t in last.items() if k in fleet.models}
+        out: dict[str, tuple[float, float]] = {}
+        for key, when in last.items():
+            out[key] = (rates[key].rate if key in rates else 0.0, max(0.0, wall - when))
         for key, since in self.first_seen.items():
             calls, idle = out.get(key, (0.0, float("inf")))
             out[key] = (calls, min(idle, now - since))

@@ -5,9 +5,9 @@ Each router writes one key under its own lease, `/modelyard/rates/{router id}`, 
     {"t": UNIX TIME, "period_s": P, "rates": {"name@version": calls/s, ...},
      "idle_s": {"name@version": seconds since its last call, ...}}
 
-`rates` holds only models called during the last period and `idle_s` the models called recently, so a
-fleet of 100k models with a few hundred hot ones costs a few kB per router. The controller sums the rates
-of every router and takes the most recent call of any router as a model's last use.
+`rates` and `idle_s` hold only the models called during that period, so a fleet of 100k models with a few
+hundred hot ones costs a few kB per router. The controller sums the rates of every router, and remembers
+each model's most recent call by any router as its last use (placement/autoscaler.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Call counts per model version, reported to the store for the placement controller (copies follow load).
 
 The call path pays one dict increment and one clock read (`count`); every `period_s` a task turns the
-counts into rates and writes them, with each recently called model's idle time, as one small key under
-this router's lease (`/modelyard/rates/{router id}`, format in placement/rates.py). Only models called
-recently appear, so an idle router writes nothing and a fleet of 100k models costs nothing per model.
+counts into rates and writes them, with the time since each one's last call, as one small key under this
+router's lease (`/modelyard/rates/{router id}`, format in placement/rates.py). Only models called in the
+period appear (the controller remembers last calls), so a report's size follows the models with traffic,
+not the fleet's, and an idle router writes nothing after saying its calls stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PERIOD_S = 5.0
 PERIOD_ENV = "MODELYARD_RATE_PERIOD_S"  # seconds between reports (tests and quick demos use less)
-KEEP_IDLE_S = 3600.0  # how long a model's last call stays in the reports (the controller's LRU)
 
 
 class RateCounter:
@@ -58,21 +58,18 @@ class RateCounter:
                 async with asyncio.timeout(5.0):
                     await lease.revoke()
 
-    def report(self, elapsed_s: float) -> RateReport | None:
-        """The rates since the last report (counts reset), or None when nothing was called recently."""
+    def report(self, elapsed_s: float) -> RateReport:
+        """The rates of the models called since the last report (counts reset)."""
         counts, self._counts = self._counts, {}
+        last_call, self._last_call = self._last_call, {}
         now = time.monotonic()
-        for key in [k for k, t in self._last_call.items() if now - t > KEEP_IDLE_S]:
-            del self._last_call[key]
-        if not counts and not self._last_call:
-            return None
         elapsed_s = max(elapsed_s, 1e-3)
         return RateReport(
             self.router_id,
             time.time(),
             self.period_s,
             {key: round(n / elapsed_s, 3) for key, n in counts.items()},
-            {key: round(now - t, 3) for key, t in self._last_call.items()},
+            {key: round(now - t, 3) for key, t in last_call.items()},
         )
 
     async def _report_forever(self) -> None:
@@ -84,11 +81,11 @@ class RateCounter:
             report = self.report(now - last)
             last = now
             try:
-                if report is not None and (report.rates or said_rates):
+                if report.rates or said_rates:
                     await self._write(report)
                     said_rates = bool(report.rates)
                 elif self._lease is not None:
-                    await self._lease.refresh()  # idle: the last report (and its last-call times) stays
+                    await self._lease.refresh()  # idle: the last (empty) report stays
             except StoreError as exc:  # the store is down, or the lease lapsed: the next period tries again
                 log.info("router rates: cannot report (%s)", exc)
                 self._lease = None

@@ -3,7 +3,10 @@ model fields it reads."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -21,9 +24,11 @@ from placement.autoscale import (
     scale_target,
 )
 from placement.model import Container, ModelVersion
-from placement.rates import RateReport, sum_reports
+from placement.rates import ModelRate, RateReport, read_rates, sum_reports
 from placement.rebalance import plan_rebalance
 from placement.registry import Fleet
+from placement.store import open_store
+from router.rates import RateCounter
 
 GiB = 1024**3
 POLICY = Policy(copy_target_rps=10, scale_down_after_s=30, scale_up_after_s=2, evict_idle_s=5)
@@ -265,3 +270,26 @@ def test_rates_are_summed_across_routers_and_stale_reports_count_only_for_last_u
     assert summed["o@1"].rate == 0.0 and summed["o@1"].idle_s == pytest.approx(92.0)
     with pytest.raises(ValueError, match="rates"):
         RateReport.from_json("r", b'{"t": 1, "period_s": 5, "rates": {"m@1": -1}}')
+
+
+def test_a_router_reports_the_models_called_in_the_period_and_the_store_gives_their_sum(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> tuple[RateReport, RateReport, dict[str, ModelRate]]:
+        async with open_store(str(tmp_path / "store")) as store:
+            counter = RateCounter(store, period_s=1.0, router_id="r1")
+            for _ in range(30):
+                counter.count("hot@1")
+            counter.count("cold@1")
+            first = counter.report(elapsed_s=2.0)
+            await counter._write(first)
+            counter.count("hot@1")
+            second = counter.report(elapsed_s=1.0)  # cold@1 was not called in this period
+            summed = await read_rates(store, time.time())
+            await counter.stop()
+            return first, second, summed
+
+    first, second, summed = asyncio.run(scenario())
+    assert first.rates == {"hot@1": 15.0, "cold@1": 0.5} and set(first.idle_s) == {"hot@1", "cold@1"}
+    assert second.rates == {"hot@1": 1.0} and set(second.idle_s) == {"hot@1"}
+    assert summed["hot@1"].rate == 15.0 and summed["cold@1"].rate == 0.5  # the written (first) report
