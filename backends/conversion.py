@@ -13,25 +13,10 @@ from tritonclient.grpc import service_pb2 as pb
 
 from backends.hosting import BadRequest, LoadedVersion
 from backends.numpy_model import (
-    DTYPES,
     NumpyModel,
     TensorSpec,
 )
-
-# Typed `contents` fields per datatype (FP16 travels as raw bytes only, as in Triton).
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
+from modelyard.datatypes import CONTENTS_FIELD, DTYPES
 
 
 def decode_inputs(request: Any, model: NumpyModel) -> dict[str, np.ndarray]:
@@ -63,7 +48,7 @@ def decode_inputs(request: Any, model: NumpyModel) -> dict[str, np.ndarray]:
                 )
             arrays[tensor.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
             continue
-        field = _CONTENTS_FIELD.get(spec.datatype)
+        field = CONTENTS_FIELD.get(spec.datatype)
         if field is None:
             raise BadRequest(f"input '{tensor.name}' ({spec.datatype}) must come in raw_input_contents")
         values = getattr(tensor.contents, field)

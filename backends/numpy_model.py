@@ -26,25 +26,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.datatypes import DTYPES
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.npz"
 
 # KServe v2 datatypes with a fixed-width numpy equivalent (BYTES and BF16 are not supported).
-DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 _FLOAT_TYPES = ("FP16", "FP32", "FP64")
 
 

@@ -14,14 +14,11 @@ import math
 
 from tritonclient.grpc import service_pb2 as kserve
 
+from modelyard.datatypes import item_bytes
 from placement.model import ModelVersion, parse_signature
 from router.errors import BadRequest
 
 CHECKED_BACKENDS = frozenset({"mlserver"})
-_ITEM_BYTES = {
-    "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
-    "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
-}  # fmt: skip
 
 Signature = dict[str, tuple[str, tuple[int, ...]]]
 _SIGNATURES: dict[tuple[str, str], Signature] = {}  # (model key, stored signature) -> inputs, parsed once
@@ -74,7 +71,7 @@ def check_inputs(model: ModelVersion, request: bytes) -> None:
             )
         if any(got < 0 for got in given):
             raise BadRequest(f"{where}: input {tensor.name!r} has a negative dimension {list(given)}")
-        item = _ITEM_BYTES.get(datatype)
+        item = item_bytes(datatype)
         if raw and item is not None and len(raw[index]) != math.prod(given) * item:
             needed = math.prod(given) * item
             raise BadRequest(

@@ -40,6 +40,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as kserve
 
 from backends.sagemaker import container_model_name, error_message, new_session
+from modelyard.datatypes import CONTENTS_FIELD, DTYPES
 from placement.model import Container, ModelVersion
 from placement.pipeline import ModelSignature
 from router.errors import BadRequest, RoutingError
@@ -47,37 +48,7 @@ from router.errors import BadRequest, RoutingError
 NPY = "application/x-npy"
 _KSERVE = "/inference.GRPCInferenceService/"
 
-DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(code).newbyteorder("<")
-    for name, code in {
-        "BOOL": "?",
-        "INT8": "i1",
-        "INT16": "i2",
-        "INT32": "i4",
-        "INT64": "i8",
-        "UINT8": "u1",
-        "UINT16": "u2",
-        "UINT32": "u4",
-        "UINT64": "u8",
-        "FP16": "f2",
-        "FP32": "f4",
-        "FP64": "f8",
-    }.items()
-}
 _DATATYPES = {(dtype.kind, dtype.itemsize): name for name, dtype in DTYPES.items()}
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
 
 
 class Unimplemented(RoutingError):
@@ -279,7 +250,7 @@ class SageMakerForwarder:
                 raise _invalid(f"1 input but {len(message.raw_input_contents)} raw_input_contents")
             data = message.raw_input_contents[0]
         else:
-            field = _CONTENTS.get(tensor.datatype)
+            field = CONTENTS_FIELD.get(tensor.datatype)
             values = getattr(tensor.contents, field) if field else []
             data = np.asarray(values, dtype=dtype).tobytes()
         if len(data) != expected:
