@@ -233,6 +233,7 @@ class Autoscaler:
                 self.evictions += 1
             else:
                 self.copy_changes += 1
+                self._said.pop(decision.model, None)  # a later "no room" is news again
             log.info("autoscaler: %s", line)
             self.decisions.append(f"{time.strftime('%H:%M:%S')} {line}")
             said = True
