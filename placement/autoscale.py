@@ -112,6 +112,10 @@ def scale_target(load: ModelLoad, policy: Policy, timers: Timers, now: float) ->
     time, with hysteresis). Updates `timers`."""
     key, current = load.key, len(load.copies)
     floor = max(load.replicas, 1 if current else 0)
+    if current > max(load.most_copies, floor):  # the ceiling was lowered (models set): one goes per pass
+        timers.above_since.pop(key, None)
+        timers.below_since.pop(key, None)
+        return current - 1
     if policy.copy_target_rps <= 0 or current == 0:
         timers.above_since.pop(key, None)
         timers.below_since.pop(key, None)
@@ -214,16 +218,14 @@ def plan_autoscale(
         if target < len(load.copies):
             gone = _least_useful(load)
             changes[load.key] = tuple(c for c in load.copies if c != gone)
-            decisions.append(
-                Decision(
-                    "remove",
-                    load.key,
-                    gone,
-                    f"{load.rate:.1f} calls/s on {len(load.copies)} copies stayed below "
-                    f"{policy.down_fraction:g} x {policy.copy_target_rps:g}/copy for "
-                    f"{policy.scale_down_after_s:g} s",
-                )
+            why = (
+                f"{len(load.copies)} copies, above its max replicas {load.most_copies}"
+                if len(load.copies) > load.most_copies
+                else f"{load.rate:.1f} calls/s on {len(load.copies)} copies stayed below "
+                f"{policy.down_fraction:g} x {policy.copy_target_rps:g}/copy for "
+                f"{policy.scale_down_after_s:g} s"
             )
+            decisions.append(Decision("remove", load.key, gone, why))
         elif target > len(load.copies):
             adds.append(load)
     adds.sort(key=lambda m: (not m.wanted, -m.rate_per_copy, m.key))

@@ -114,6 +114,14 @@ def test_a_load_near_the_target_does_not_flap() -> None:
     assert {scale_target(steady, POLICY, timers, float(t)) for t in range(0, 600, 5)} == {2}
 
 
+def test_copies_above_a_lowered_ceiling_go_one_per_pass_even_with_the_policy_off() -> None:
+    off = Policy()  # copy_target_rps 0: copies do not follow load
+    lowered = load(rate=500, copies=("a", "b", "c"), most_copies=1)
+    assert scale_target(lowered, off, Timers(), 0.0) == 2
+    assert scale_target(load(rate=500, copies=("a", "b"), most_copies=1), off, Timers(), 0.0) == 1
+    assert scale_target(load(rate=500, copies=("a",), most_copies=1), off, Timers(), 0.0) == 1
+
+
 def test_a_resident_load_on_demand_model_keeps_its_copy_until_evicted() -> None:
     timers = Timers()
     cold = load(rate=0, copies=("a",), replicas=0, most_copies=1)
