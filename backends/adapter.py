@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from placement.model import ModelVersion
+from modelyard.placement.model import ModelVersion
 
 
 class LoadError(Exception):

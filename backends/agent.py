@@ -22,13 +22,13 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from backends.adapter import ContainerAdapter, ContainerFull, LoadError
+from modelyard.backends.adapter import ContainerAdapter, ContainerFull, LoadError
+from modelyard.placement import registry
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.model import Container, CopyState, ModelVersion, split_model_key
+from modelyard.placement.registry import Changes, Fleet
+from modelyard.placement.store import Lease, Store, StoreError, StoreUnavailable
 from modelyard.telemetry import Telemetry
-from placement import registry
-from placement.follow import StoreFollower
-from placement.model import Container, CopyState, ModelVersion, split_model_key
-from placement.registry import Changes, Fleet
-from placement.store import Lease, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.modelstore import (
+from modelyard.backends.modelstore import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     ArchiveError,
     ModelStore,
     artifact_signature,
     checked,
 )
-from backends.registration import (
+from modelyard.backends.registration import (
     RegistrationError,
     check_name,
     check_settings,
@@ -35,9 +35,9 @@ from backends.registration import (
     parse_registered,
     same_registration,
 )
-from placement import registry
-from placement.model import ModelVersion
-from placement.store import KeyValue, Store
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.store import KeyValue, Store
 
 # Lines prepared before their keys are written: big enough for full store batches, small enough that
 # progress moves and memory stays flat for any file size.

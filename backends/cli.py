@@ -13,20 +13,20 @@ from pathlib import Path
 
 import click
 
-from backends.modelstore import (
+from modelyard.backends.modelstore import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     MAX_ARCHIVE_BYTES_ENV,
     ArchiveError,
     ModelStore,
     open_model_store,
 )
-from backends.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.backends.registration import AlreadyRegistered, RegistrationError, remove, upload
 from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
-from placement import registry
-from placement.model import ModelVersion, split_model_key
-from placement.rates import ModelRate
-from placement.store import Store
-from placement.units import format_bytes
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion, split_model_key
+from modelyard.placement.rates import ModelRate
+from modelyard.placement.store import Store
+from modelyard.placement.units import format_bytes
 
 REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
 MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
@@ -163,7 +163,7 @@ def import_command(
     (list), memory_bytes, replicas, kind. Each archive is checked and stored once. A bad line is reported
     with its number and registers nothing; the others go on. Exit status 2 if any line failed.
     """
-    from backends.bulk_import import count_lines, import_models
+    from modelyard.backends.bulk_import import count_lines, import_models
 
     artifacts = _open_artifacts(model_store)
     try:
@@ -291,7 +291,7 @@ def show_command(model: str, store_url: str | None) -> None:
 
 
 def _echo_signature(model: ModelVersion) -> None:
-    from placement.model import parse_signature
+    from modelyard.placement.model import parse_signature
 
     if not model.signature:
         click.echo("  signature not stored (registered before signatures were): read from its artifact")
@@ -310,7 +310,7 @@ def _echo_signature(model: ModelVersion) -> None:
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def set_command(model: str, replicas: int | None, max_replicas: int | None, store_url: str | None) -> None:
     """Change how many copies NAME@VERSION keeps and may have under load; the controller follows."""
-    from backends.registration import set_copies
+    from modelyard.backends.registration import set_copies
 
     try:
         split_model_key(model)
@@ -343,6 +343,6 @@ async def _fleet_and_rates(store: Store) -> tuple[registry.Fleet, dict[str, Mode
     """The fleet and the call rates routers report (placement/rates.py)."""
     import time
 
-    from placement.rates import read_rates
+    from modelyard.placement.rates import read_rates
 
     return await registry.load_fleet(store), await read_rates(store, time.time())

@@ -38,7 +38,8 @@ from tritonclient.grpc import model_config_pb2 as config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from backends.conversion import (
+from modelyard import metric_names as names
+from modelyard.backends.conversion import (
     config_tensors,
     decode_inputs,
     infer_one,
@@ -48,20 +49,19 @@ from backends.conversion import (
     string_parameter,
     tensor_metadata,
 )
-from backends.hosting import (
+from modelyard.backends.hosting import (
     DRAIN_TIMEOUT_S,
     BadRequest,
     ModelHost,
     ModelNotFound,
     status_of,
 )
-from backends.numpy_model import (
+from modelyard.backends.numpy_model import (
     NumpyModel,
     TensorError,
     load_model_dir,
 )
-from backends.triton_server import FLEET_SECRET_HEADER
-from modelyard import metric_names as names
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from modelyard.telemetry import Telemetry
 

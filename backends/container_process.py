@@ -11,8 +11,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from backends.process import port_is_free, stop_process_group
-from backends.triton_server import FLEET_SECRET_HEADER, free_port
+from modelyard.backends.process import port_is_free, stop_process_group
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER, free_port
 
 
 class ContainerStartError(RuntimeError):

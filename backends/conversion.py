@@ -11,8 +11,8 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as config_pb2
 from tritonclient.grpc import service_pb2 as pb
 
-from backends.hosting import BadRequest, LoadedVersion
-from backends.numpy_model import (
+from modelyard.backends.hosting import BadRequest, LoadedVersion
+from modelyard.backends.numpy_model import (
     NumpyModel,
     TensorSpec,
 )

@@ -11,9 +11,9 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from backends.adapter import LoadError
-from backends.triton_server import FLEET_SECRET_HEADER
-from placement.model import ModelVersion, model_key
+from modelyard.backends.adapter import LoadError
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.placement.model import ModelVersion, model_key
 
 
 class CustomAdapter:

@@ -6,7 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from placement.model import Backend, ModelVersion
+from modelyard.placement.model import Backend, ModelVersion
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # A python-backend model costs ~20 MiB (one stub process each); declare a little more.
@@ -24,7 +24,7 @@ def tree_sha256(root: Path) -> str:
 
 
 def _signature(artifact: Path) -> str:
-    from backends.modelstore import artifact_signature  # here: modelstore imports this module
+    from modelyard.backends.modelstore import artifact_signature  # here: modelstore imports this module
 
     return artifact_signature(artifact)
 
@@ -93,7 +93,7 @@ def install_custom_example(
 
     import numpy as np
 
-    from backends.numpy_model import load_model_dir, write_model_dir
+    from modelyard.backends.numpy_model import load_model_dir, write_model_dir
 
     if name != "linear":
         raise ValueError(

@@ -15,14 +15,14 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from backends.modelstore import file_path
-from backends.numpy_model import (
+from modelyard.backends.modelstore import file_path
+from modelyard.backends.numpy_model import (
     ModelFormatError,
     NumpyModel,
     TensorError,
     load_model_dir,
 )
-from placement.model import version_order
+from modelyard.placement.model import version_order
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")

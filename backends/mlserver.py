@@ -27,9 +27,9 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from backends.adapter import LoadError
-from backends.modelstore import ArchiveError, Manifest, file_path
-from placement.model import ModelVersion, model_key
+from modelyard.backends.adapter import LoadError
+from modelyard.backends.modelstore import ArchiveError, Manifest, file_path
+from modelyard.placement.model import ModelVersion, model_key
 
 SETTINGS_FILE = "model-settings.json"
 # framework -> (MLServer implementation, the package that provides it, model file suffixes)
@@ -301,8 +301,8 @@ def install_mlserver_example(
     """Builds the example `iris` and stores it in `artifacts/<sha256>/` (like backends/examples.py)."""
     import tempfile
 
-    from backends.examples import store_example
-    from backends.modelstore import read_manifest
+    from modelyard.backends.examples import store_example
+    from modelyard.backends.modelstore import read_manifest
 
     if name not in MLSERVER_EXAMPLE_NAMES:
         raise ValueError(

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from backends.examples import tree_sha256
-from placement.units import format_bytes
+from modelyard.backends.examples import tree_sha256
+from modelyard.placement.units import format_bytes
 
 BACKENDS = ("triton", "custom", "mlserver", "sagemaker")
 _TRITON_TYPES = {
@@ -156,7 +156,7 @@ def _check_triton(root: Path, manifest: Manifest) -> int:
 
 
 def _check_custom(root: Path, manifest: Manifest) -> int:
-    from backends.numpy_model import ModelFormatError, load_model_dir
+    from modelyard.backends.numpy_model import ModelFormatError, load_model_dir
 
     try:
         model = load_model_dir(root)
@@ -169,7 +169,7 @@ def artifact_signature(root: Path) -> str:
     """The signature an artifact folder declares, as ModelVersion.signature stores it (`signature_json`):
     manifest.json's inputs and outputs (else config.pbtxt's, a batch dimension shown as -1); decoupled
     when config.pbtxt says so or the manifest's op is `stream`. Blocking file I/O."""
-    from placement.model import Tensors, signature_json
+    from modelyard.placement.model import Tensors, signature_json
 
     manifest_path, config_path = root / "manifest.json", root / "config.pbtxt"
     if not manifest_path.is_file() and not config_path.is_file():
@@ -311,11 +311,11 @@ def checked(
         if backend is not None and manifest.backend != backend:
             raise ArchiveError(f"manifest.json says backend {manifest.backend!r}, not {backend!r}")
         if manifest.backend == "sagemaker":
-            from backends.sagemaker_archive import check_archive as check_sagemaker
+            from modelyard.backends.sagemaker_archive import check_archive as check_sagemaker
 
             estimate = check_sagemaker(root, manifest)
         elif manifest.backend == "mlserver":
-            from backends.mlserver import check_archive
+            from modelyard.backends.mlserver import check_archive
 
             estimate = check_archive(root, manifest)
         elif manifest.backend == "triton":
@@ -415,7 +415,9 @@ def open_model_store(uri: str) -> ModelStore:
     if path is not None:
         return LocalModelStore(path)
     if uri.startswith("s3://"):
-        from backends.s3store import S3ModelStore  # boto3 costs ~0.3 s to import: only for S3 stores
+        from modelyard.backends.s3store import (
+            S3ModelStore,  # boto3 costs ~0.3 s to import: only for S3 stores
+        )
 
         return S3ModelStore(uri)
     raise ArchiveError(f"unsupported model store {uri!r}: a local directory, file:// or s3://BUCKET/PREFIX")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from backends.modelstore import ArchiveError, ModelStore, artifact_signature, file_path
-from backends.registration import AlreadyRegistered, RegistrationError
-from placement import registry
-from placement.model import ModelVersion, parse_signature, version_order
-from placement.pipeline import ModelSignature, Pipeline, PipelineError, check_signatures
-from placement.store import Store
+from modelyard.backends.modelstore import ArchiveError, ModelStore, artifact_signature, file_path
+from modelyard.backends.registration import AlreadyRegistered, RegistrationError
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion, parse_signature, version_order
+from modelyard.placement.pipeline import ModelSignature, Pipeline, PipelineError, check_signatures
+from modelyard.placement.store import Store
 
 
 def _artifact_dir(model: ModelVersion, model_store: ModelStore | None) -> Path:

@@ -15,9 +15,9 @@ import click
 from modelyard.console import STORE_HELP, fail, run_on_store
 
 if TYPE_CHECKING:
-    from backends.modelstore import ModelStore
-    from placement.pipeline import Pipeline
-    from placement.store import Store
+    from modelyard.backends.modelstore import ModelStore
+    from modelyard.placement.pipeline import Pipeline
+    from modelyard.placement.store import Store
 
 # Like every group, `modelyard pipelines --help` imports only click: each command imports what it runs.
 MODEL_STORE_HELP = (
@@ -45,10 +45,10 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
     """
     import os
 
-    from backends.cli import DEFAULT_MODEL_STORE, MODEL_STORE_ENV
-    from backends.modelstore import ArchiveError, open_model_store
-    from backends.registration import AlreadyRegistered
-    from placement.pipeline import PipelineError, parse_yaml
+    from modelyard.backends.cli import DEFAULT_MODEL_STORE, MODEL_STORE_ENV
+    from modelyard.backends.modelstore import ArchiveError, open_model_store
+    from modelyard.backends.registration import AlreadyRegistered
+    from modelyard.placement.pipeline import PipelineError, parse_yaml
 
     try:
         text = spec.read_text()
@@ -76,8 +76,8 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
 async def _register(
     store: Store, spec: Path, pipeline: Pipeline, artifacts: ModelStore
 ) -> tuple[Pipeline, bool]:
-    from backends.pipelines import register
-    from placement.pipeline import PipelineError
+    from modelyard.backends.pipelines import register
+    from modelyard.placement.pipeline import PipelineError
 
     try:
         return await register(store, pipeline, artifacts)
@@ -90,7 +90,7 @@ async def _register(
 @click.option("--json", "as_json", is_flag=True)
 def list_command(store_url: str | None, as_json: bool) -> None:
     """Registered pipelines."""
-    from backends.pipelines import load_pipelines
+    from modelyard.backends.pipelines import load_pipelines
 
     found = run_on_store(store_url, load_pipelines)
     if as_json:
@@ -107,7 +107,7 @@ def list_command(store_url: str | None, as_json: bool) -> None:
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def show_command(name: str, store_url: str | None) -> None:
     """NAME (every version) or NAME@VERSION: tensors and steps."""
-    from backends.pipelines import load_pipelines
+    from modelyard.backends.pipelines import load_pipelines
 
     base, _, version = name.partition("@")
     found = [
@@ -130,8 +130,8 @@ def show_command(name: str, store_url: str | None) -> None:
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def remove_command(key: str, store_url: str | None) -> None:
     """Unregister pipeline NAME@VERSION (the models of its steps stay)."""
-    from backends.pipelines import remove
-    from backends.registration import RegistrationError
+    from modelyard.backends.pipelines import remove
+    from modelyard.backends.registration import RegistrationError
 
     if "@" not in key:
         fail(f"not a pipeline key (expected NAME@VERSION): {key!r}")

@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ModelStore, artifact_signature, checked
-from placement import registry
-from placement.model import MODEL_KINDS, ModelVersion, model_key
-from placement.store import KeyValue, Store
+from modelyard.backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ModelStore, artifact_signature, checked
+from modelyard.placement import registry
+from modelyard.placement.model import MODEL_KINDS, ModelVersion, model_key
+from modelyard.placement.store import KeyValue, Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 

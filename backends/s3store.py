@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from backends.adapter import ContainerAdapter, LoadError
-from backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, CheckedArchive, ModelStore
-from placement.model import ModelVersion
+from modelyard.backends.adapter import ContainerAdapter, LoadError
+from modelyard.backends.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, CheckedArchive, ModelStore
+from modelyard.placement.model import ModelVersion
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any
 
 import aiohttp
 
-from backends.adapter import ContainerFull, LoadError
-from backends.modelstore import file_path
-from placement.model import ModelVersion, model_key
+from modelyard.backends.adapter import ContainerFull, LoadError
+from modelyard.backends.modelstore import file_path
+from modelyard.placement.model import ModelVersion, model_key
 
 PAGE_SIZE = 100  # models per `GET /models` page
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from backends.modelstore import ArchiveError, Manifest
-from placement.model import ModelVersion
+from modelyard.backends.modelstore import ArchiveError, Manifest
+from modelyard.placement.model import ModelVersion
 
 # One MMS worker per model: a Python process with numpy and the toolkit imported (measured RSS ~70 MiB
 # on this machine); a model smaller than that still costs it.
@@ -86,7 +86,7 @@ def install_sagemaker_example(
     name: str, artifacts: Path, *, version: str = "1", replicas: int = 1
 ) -> ModelVersion:
     """Copies the SageMaker example into `artifacts/<sha256>/` and returns its registration."""
-    from backends.examples import EXAMPLES_DIR, store_example
+    from modelyard.backends.examples import EXAMPLES_DIR, store_example
 
     if name not in SAGEMAKER_EXAMPLE_NAMES:
         raise ValueError(

@@ -29,9 +29,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from backends.process import port_is_free, stop_process_group
+from modelyard.backends.process import port_is_free, stop_process_group
 
-HANDLER_SERVICE = "backends.sagemaker_handler:handle"
+HANDLER_SERVICE = "modelyard.backends.sagemaker_handler:handle"
 INSTALL_HINT = (
     "install it with: pip install 'modelyard[sagemaker]' (multi-model-server and sagemaker-inference) "
     "and a Java runtime (Debian: apt-get install openjdk-17-jre-headless)"

@@ -20,10 +20,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from backends.adapter import LoadError
-from backends.modelstore import file_path
-from backends.triton_server import FLEET_SECRET_HEADER
-from placement.model import ModelVersion, model_key
+from modelyard.backends.adapter import LoadError
+from modelyard.backends.modelstore import file_path
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.placement.model import ModelVersion, model_key
 
 TRITON_SERVER_NAME = "triton"  # what Triton answers in ServerMetadata.name
 

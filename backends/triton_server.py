@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.process import port_is_free, stop_process_group
+from modelyard.backends.process import port_is_free, stop_process_group
 
 # The header carrying the fleet secret. Triton's `--grpc-restricted-protocol=...:KEY=VALUE` checks the
 # header `triton-grpc-protocol-KEY` (measured on 2.51: its refusal names it); our container and the

@@ -34,7 +34,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as kserve
 
-from backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.client import Client
 
 OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))

@@ -29,18 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.conftest import Verdict
-from placement import registry
-from placement.autoscale import ModelLoad, Policy, Room, Timers, plan_autoscale
-from placement.controller import PlacementController
-from placement.follow import StoreFollower
-from placement.model import Container, CopyState, ModelVersion
-from placement.planner import Capacity, Demand, plan
-from placement.registry import Changes, Fleet
-from placement.store import Store, open_store
-from router.errors import RoutingError
-from router.lazy import LazyLoader
-from router.rates import RateCounter
-from router.table import RoutingTable
+from modelyard.placement import registry
+from modelyard.placement.autoscale import ModelLoad, Policy, Room, Timers, plan_autoscale
+from modelyard.placement.controller import PlacementController
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.planner import Capacity, Demand, plan
+from modelyard.placement.registry import Changes, Fleet
+from modelyard.placement.store import Store, open_store
+from modelyard.router.errors import RoutingError
+from modelyard.router.lazy import LazyLoader
+from modelyard.router.rates import RateCounter
+from modelyard.router.table import RoutingTable
 from tests.conftest import EtcdServer
 
 MiB = 1024**2

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from backends.triton import triton_model_name
-from backends.triton_server import FLEET_SECRET_HEADER
 from benchmarks.conftest import Verdict
 from benchmarks.test_router_hop import LoadGen, Target, _serve, p50, rotated, spread
+from modelyard.backends.triton import triton_model_name
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
-from placement import registry
+from modelyard.placement import registry
 from tests.conftest import require_triton, stop_process
 from tests.fleet import FleetThread
 

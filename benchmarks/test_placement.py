@@ -30,7 +30,7 @@ from benchmarks.workload import (
     write_containers,
     write_models,
 )
-from placement.planner import Capacity, Demand, Plan, plan
+from modelyard.placement.planner import Capacity, Demand, Plan, plan
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240611

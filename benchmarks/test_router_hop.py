@@ -30,10 +30,10 @@ from typing import Any
 import grpc
 import pytest
 
-from backends.triton import triton_model_name
-from backends.triton_server import FLEET_SECRET_HEADER, free_port
+from modelyard.backends.triton import triton_model_name
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER, free_port
 from modelyard.local import LocalFleet
-from placement import registry
+from modelyard.placement import registry
 from tests.conftest import EtcdServer, require_triton, stop_process
 from tests.fleet import FleetThread
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.container_process import CustomContainerProcess
-from backends.custom import CustomAdapter
-from backends.modelstore import checked
-from backends.s3store import ArtifactCache, FetchingAdapter, S3ModelStore
-from placement.model import ModelVersion
+from modelyard.backends.container_process import CustomContainerProcess
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.modelstore import checked
+from modelyard.backends.s3store import ArtifactCache, FetchingAdapter, S3ModelStore
+from modelyard.placement.model import ModelVersion
 from tests.backends.test_s3store import numpy_model
 from tests.s3 import MotoServer, aws_environment
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from backends.sagemaker import container_model_name
-from backends.sagemaker_archive import install_sagemaker_example
-from backends.sagemaker_process import SageMakerNotInstalled, java_binary, mms_home
+from modelyard.backends.sagemaker import container_model_name
+from modelyard.backends.sagemaker_archive import install_sagemaker_example
+from modelyard.backends.sagemaker_process import SageMakerNotInstalled, java_binary, mms_home
 from modelyard.local import LocalFleet
-from placement import registry
-from placement.model import ModelVersion
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
 from tests.conftest import missing
 from tests.fleet import FleetThread
 

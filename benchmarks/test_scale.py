@@ -31,16 +31,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from backends.custom import CustomAdapter
-from backends.triton_server import free_port
-from placement import registry
-from placement.controller import PlacementController
-from placement.follow import StoreFollower
-from placement.mapwriter import MapWriter, RebalanceInProgress
-from placement.model import Container, CopyState, ModelVersion
-from placement.rebalance import plan_rebalance
-from placement.store import Store, open_store
-from router.server import RouterServer
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.triton_server import free_port
+from modelyard.placement import registry
+from modelyard.placement.controller import PlacementController
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.mapwriter import MapWriter, RebalanceInProgress
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.rebalance import plan_rebalance
+from modelyard.placement.store import Store, open_store
+from modelyard.router.server import RouterServer
 from tests.conftest import EtcdServer, _wipe, etcd_server  # noqa: F401  (fixture)
 from tests.fleet import start_custom_fleet
 from tests.test_lazy_load import scale_model

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from placement import registry
-from placement.store import open_store
+from modelyard.placement import registry
+from modelyard.placement.store import open_store
 from tests.conftest import EtcdServer, _wipe, etcd_server  # noqa: F401  (fixture)
 
 MODELS = 100_000

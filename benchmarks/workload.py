@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from placement.planner import Capacity, Demand
+from modelyard.placement.planner import Capacity, Demand
 
 GB = 10**9
 GPU_BYTES = 80 * GB

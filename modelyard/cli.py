@@ -41,10 +41,10 @@ class LazyGroup(click.Group):
 @click.group(
     cls=LazyGroup,
     lazy_groups={
-        "placement": "placement.cli:placement",
-        "models": "backends.cli:models",
-        "pipelines": "backends.pipelines_cli:pipelines",
-        "routes": "router.cli:routes",
+        "placement": "modelyard.placement.cli:placement",
+        "models": "modelyard.backends.cli:models",
+        "pipelines": "modelyard.backends.pipelines_cli:pipelines",
+        "routes": "modelyard.router.cli:routes",
     },
 )
 @click.option(
@@ -232,14 +232,14 @@ def up(
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
 
-    from backends.container_process import ContainerStartError
-    from backends.mlserver_process import MLServerStartError
-    from backends.modelstore import ArchiveError, open_model_store
-    from backends.sagemaker_process import SageMakerNotInstalled, SageMakerStartError
-    from backends.triton_server import TritonNotInstalled, TritonStartError
+    from modelyard.backends.container_process import ContainerStartError
+    from modelyard.backends.mlserver_process import MLServerStartError
+    from modelyard.backends.modelstore import ArchiveError, open_model_store
+    from modelyard.backends.sagemaker_process import SageMakerNotInstalled, SageMakerStartError
+    from modelyard.backends.triton_server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
-    from placement.store import StoreError
-    from router.server import RouterStartError
+    from modelyard.placement.store import StoreError
+    from modelyard.router.server import RouterStartError
 
     if not is_loopback(host):
         fail(
@@ -369,12 +369,12 @@ def serve(
     import asyncio
     import signal
 
+    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.router.identity import Authenticator, IdentityConfigError, IdentityFile
+    from modelyard.router.server import RouterServer, RouterStartError
+    from modelyard.router.workers import run_workers
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
-    from placement.store import StoreError, default_store_url, open_store
-    from router.identity import Authenticator, IdentityConfigError, IdentityFile
-    from router.server import RouterServer, RouterStartError
-    from router.workers import run_workers
 
     url = store_url or default_store_url()
     try:
@@ -503,7 +503,7 @@ def container(
     """Run our own KServe v2 container: many small numpy models in one process."""
     import asyncio
 
-    from backends.container import run_container
+    from modelyard.backends.container import run_container
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError
 
@@ -591,16 +591,16 @@ def agent(
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
 
-    from backends.adapter import ContainerAdapter
-    from backends.agent import Agent
-    from backends.custom import CustomAdapter
-    from backends.mlserver import MLServerAdapter, find_mlserver_pid
-    from backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
-    from backends.sagemaker import SageMakerAdapter
-    from backends.triton import TritonAdapter
+    from modelyard.backends.adapter import ContainerAdapter
+    from modelyard.backends.agent import Agent
+    from modelyard.backends.custom import CustomAdapter
+    from modelyard.backends.mlserver import MLServerAdapter, find_mlserver_pid
+    from modelyard.backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
+    from modelyard.backends.sagemaker import SageMakerAdapter
+    from modelyard.backends.triton import TritonAdapter
+    from modelyard.placement.model import Container
+    from modelyard.placement.store import StoreError, default_store_url, open_store
     from modelyard.telemetry import Telemetry
-    from placement.model import Container
-    from placement.store import StoreError, default_store_url, open_store
 
     if backend in ("triton", "mlserver", "sagemaker") and repository is None:
         fail(f"--repository is required for a {backend} container (its model repository folder)")
@@ -666,8 +666,8 @@ def controller(
     """Run the placement controller: place new models, re-place lost copies, fill new containers."""
     import asyncio
 
-    from placement.controller import PlacementController
-    from placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.controller import PlacementController
+    from modelyard.placement.store import StoreError, default_store_url, open_store
 
     async def run() -> None:
         async with open_store(store_url or default_store_url()) as store:

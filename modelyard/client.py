@@ -29,12 +29,12 @@ import grpc
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.triton import TRITON_SERVER_NAME, triton_model_name
-from backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.backends.triton import TRITON_SERVER_NAME, triton_model_name
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.placement.model import RouteRule
+from modelyard.router.identity import TENANT_HEADER
+from modelyard.router.versions import choose_version
 from modelyard.v1 import router_pb2, router_pb2_grpc
-from placement.model import RouteRule
-from router.identity import TENANT_HEADER
-from router.versions import choose_version
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import click
 
 if TYPE_CHECKING:
-    from placement.store import Store
+    from modelyard.placement.store import Store
 
 T = TypeVar("T")
 STORE_HELP = "Store URL (etcd://host:port) or directory; default $MODELYARD_STORE or ./.modelyard/store."
@@ -37,7 +37,7 @@ def run_on_store(
     EXIT_REFUSED, `exists` errors with one line and EXIT_EXISTS."""
     import asyncio
 
-    from placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError, default_store_url, open_store
 
     async def main() -> T:
         async with open_store(store_url or default_store_url()) as store:

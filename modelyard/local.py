@@ -17,28 +17,33 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from backends.adapter import ContainerAdapter
-from backends.agent import Agent
-from backends.container_process import CustomContainerProcess
-from backends.custom import CustomAdapter
-from backends.examples import CUSTOM_EXAMPLE_NAMES, EXAMPLE_NAMES, install_custom_example, install_example
-from backends.mlserver import MLSERVER_EXAMPLE_NAMES, MLServerAdapter, install_mlserver_example
-from backends.mlserver_process import MLServerProcess
-from backends.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
-from backends.sagemaker import SageMakerAdapter
-from backends.sagemaker_archive import SAGEMAKER_EXAMPLE_NAMES, install_sagemaker_example
-from backends.sagemaker_process import SageMakerProcess
-from backends.triton import TritonAdapter
-from backends.triton_server import TritonServer
-from placement import registry
-from placement.controller import PlacementController
-from placement.follow import StoreFollower
-from placement.model import Container, ModelVersion
-from placement.store import Store, open_store
-from router.server import RouterServer
+from modelyard.backends.adapter import ContainerAdapter
+from modelyard.backends.agent import Agent
+from modelyard.backends.container_process import CustomContainerProcess
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.examples import (
+    CUSTOM_EXAMPLE_NAMES,
+    EXAMPLE_NAMES,
+    install_custom_example,
+    install_example,
+)
+from modelyard.backends.mlserver import MLSERVER_EXAMPLE_NAMES, MLServerAdapter, install_mlserver_example
+from modelyard.backends.mlserver_process import MLServerProcess
+from modelyard.backends.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
+from modelyard.backends.sagemaker import SageMakerAdapter
+from modelyard.backends.sagemaker_archive import SAGEMAKER_EXAMPLE_NAMES, install_sagemaker_example
+from modelyard.backends.sagemaker_process import SageMakerProcess
+from modelyard.backends.triton import TritonAdapter
+from modelyard.backends.triton_server import TritonServer
+from modelyard.placement import registry
+from modelyard.placement.controller import PlacementController
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.model import Container, ModelVersion
+from modelyard.placement.store import Store, open_store
+from modelyard.router.server import RouterServer
 
 if TYPE_CHECKING:
-    from backends.s3store import ArtifactCache
+    from modelyard.backends.s3store import ArtifactCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,15 +154,15 @@ class LocalFleet:
     @property
     def artifacts_dir(self) -> Path:
         """Where example artifacts are put locally (then, with an S3 store, uploaded from)."""
-        from backends.modelstore import file_path
+        from modelyard.backends.modelstore import file_path
 
         local = file_path(self.artifact_store) if self.artifact_store else None
         return local or self.workdir / "artifacts"
 
     async def store_artifact(self, model: ModelVersion) -> ModelVersion:
         """The model with its artifact put in the fleet's artifact store (S3), for the agents to fetch."""
-        from backends.modelstore import file_path, open_model_store
-        from backends.s3store import S3ModelStore
+        from modelyard.backends.modelstore import file_path, open_model_store
+        from modelyard.backends.s3store import S3ModelStore
 
         artifacts = open_model_store(self.artifact_store or str(self.artifacts_dir))
         source = file_path(model.artifact_uri)
@@ -169,7 +174,7 @@ class LocalFleet:
     def fetching(self, adapter: ContainerAdapter) -> ContainerAdapter:
         """The adapter, handed S3 artifacts as verified local copies from the fleet's one cache: those of
         an S3 artifact store, and those of models uploaded to S3 later (`file://` ones pass as they are)."""
-        from backends.s3store import ArtifactCache, FetchingAdapter
+        from modelyard.backends.s3store import ArtifactCache, FetchingAdapter
 
         if self._artifact_cache is None:
             store = self.artifact_store or ""

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from placement.model import ModelVersion
-from placement.registry import Fleet
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.registry import Fleet
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,14 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from placement import registry
-from placement.autoscale import Plan, Policy, Room, Timers, loads_of, plan_autoscale
-from placement.rates import ModelRate, read_rates
-from placement.registry import Changes, Fleet
-from placement.store import StoreError
+from modelyard.placement import registry
+from modelyard.placement.autoscale import Plan, Policy, Room, Timers, loads_of, plan_autoscale
+from modelyard.placement.rates import ModelRate, read_rates
+from modelyard.placement.registry import Changes, Fleet
+from modelyard.placement.store import StoreError
 
 if TYPE_CHECKING:
-    from placement.controller import PlacementController
+    from modelyard.placement.controller import PlacementController
 
 log = logging.getLogger(__name__)
 

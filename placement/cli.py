@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from modelyard.console import STORE_HELP, fail, run_on_store
-from placement.inputs import InputError, format_map, read_containers, read_map, read_models
-from placement.planner import Capacity, Demand, Plan, plan
-from placement.units import format_bytes
+from modelyard.placement.inputs import InputError, format_map, read_containers, read_map, read_models
+from modelyard.placement.planner import Capacity, Demand, Plan, plan
+from modelyard.placement.units import format_bytes
 
 if TYPE_CHECKING:
-    from placement.rebalance import ContainerUsage, RebalancePlan
-    from placement.registry import Fleet
-    from placement.store import Store
+    from modelyard.placement.rebalance import ContainerUsage, RebalancePlan
+    from modelyard.placement.registry import Fleet
+    from modelyard.placement.store import Store
 
 T = TypeVar("T")
 
@@ -148,10 +148,10 @@ def show(store_url: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from placement.autoscale import resident_and_evictable
-    from placement.autoscaler import STATUS, read_status
-    from placement.rebalance import lost_copies, under_replicated, usage
-    from placement.registry import ConcurrentPlanError, load_fleet
+    from modelyard.placement.autoscale import resident_and_evictable
+    from modelyard.placement.autoscaler import STATUS, read_status
+    from modelyard.placement.rebalance import lost_copies, under_replicated, usage
+    from modelyard.placement.registry import ConcurrentPlanError, load_fleet
 
     async def read(store: Store) -> tuple[Fleet, dict[str, object]]:
         fleet = await load_fleet(store)
@@ -251,8 +251,8 @@ def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> N
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from placement.rebalance import apply_rebalance, plan_rebalance
-    from placement.registry import ConcurrentPlanError, load_fleet
+    from modelyard.placement.rebalance import apply_rebalance, plan_rebalance
+    from modelyard.placement.registry import ConcurrentPlanError, load_fleet
 
     async def run(store: Store) -> int:
         fleet = await load_fleet(store)

@@ -19,17 +19,17 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 
-from placement import registry
-from placement.autoscale import Policy, copies_to_place
-from placement.autoscaler import Autoscaler
-from placement.follow import StoreFollower
-from placement.mapwriter import MapWriter
-from placement.model import ModelVersion
-from placement.planner import Capacity, Demand, plan
-from placement.rebalance import apply_rebalance, plan_rebalance, snapshot
-from placement.registry import Changes, Fleet
-from placement.store import Lease, Store, StoreError
-from placement.store.base import MAX_TXN_OPS
+from modelyard.placement import registry
+from modelyard.placement.autoscale import Policy, copies_to_place
+from modelyard.placement.autoscaler import Autoscaler
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.mapwriter import MapWriter
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.planner import Capacity, Demand, plan
+from modelyard.placement.rebalance import apply_rebalance, plan_rebalance, snapshot
+from modelyard.placement.registry import Changes, Fleet
+from modelyard.placement.store import Lease, Store, StoreError
+from modelyard.placement.store.base import MAX_TXN_OPS
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from placement import registry
-from placement.registry import Changes, Fleet
-from placement.store import CompactedError, Store, StoreError
-from placement.store.base import Event
+from modelyard.placement import registry
+from modelyard.placement.registry import Changes, Fleet
+from modelyard.placement.store import CompactedError, Store, StoreError
+from modelyard.placement.store.base import Event
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from placement.model import CONTAINER_KINDS, MODEL_KINDS
-from placement.planner import Capacity, Demand, Plan
+from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
+from modelyard.placement.planner import Capacity, Demand, Plan
 
 T = TypeVar("T")
 

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from placement import registry
-from placement.follow import StoreFollower
-from placement.store import Lease, Store, StoreError
+from modelyard.placement import registry
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.store import Lease, Store, StoreError
 
 LOCK = registry.ROOT + "lock/rebalance"
 

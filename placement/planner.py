@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from placement.model import CONTAINER_KINDS, MODEL_KINDS
-from placement.ring import Ring, model_position, vnode_positions
+from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
+from modelyard.placement.ring import Ring, model_position, vnode_positions
 
 # How many vnodes a walk visits before falling back to the free-bytes index. Walks far from capacity stop
 # at the first vnode or two; this bound only matters near capacity, where long walks would dominate.

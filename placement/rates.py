@@ -18,8 +18,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from placement.registry import ROOT
-from placement.store import KeyValue, Store
+from modelyard.placement.registry import ROOT
+from modelyard.placement.store import KeyValue, Store
 
 log = logging.getLogger(__name__)
 

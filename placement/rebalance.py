@@ -12,14 +12,14 @@ import asyncio
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from placement import registry
-from placement.autoscale import kept_copies
-from placement.follow import StoreFollower
-from placement.mapwriter import LOCK, MapWriter, RebalanceInProgress
-from placement.model import Container, ModelVersion
-from placement.planner import Capacity, Demand, Plan, plan
-from placement.registry import Changes, ConcurrentPlanError, Fleet
-from placement.store import Store
+from modelyard.placement import registry
+from modelyard.placement.autoscale import kept_copies
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.mapwriter import LOCK, MapWriter, RebalanceInProgress
+from modelyard.placement.model import Container, ModelVersion
+from modelyard.placement.planner import Capacity, Demand, Plan, plan
+from modelyard.placement.registry import Changes, ConcurrentPlanError, Fleet
+from modelyard.placement.store import Store
 
 __all__ = ["LOCK", "RebalanceInProgress"]
 

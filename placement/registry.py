@@ -29,9 +29,9 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from placement.model import Container, CopyState, ModelVersion, RouteRule, split_model_key
-from placement.pipeline import Pipeline
-from placement.store.base import MAX_TXN_OPS, Event, KeyValue, Lease, Store, StoreError
+from modelyard.placement.model import Container, CopyState, ModelVersion, RouteRule, split_model_key
+from modelyard.placement.pipeline import Pipeline
+from modelyard.placement.store.base import MAX_TXN_OPS, Event, KeyValue, Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import json
 import click
 
 from modelyard.console import STORE_HELP, fail, run_on_store
-from placement import registry
-from placement.model import RouteRule
-from placement.store import Store
+from modelyard.placement import registry
+from modelyard.placement.model import RouteRule
+from modelyard.placement.store import Store
 
 
 def _pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:

@@ -12,21 +12,26 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from backends.triton import triton_model_name
-from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
-from placement.follow import StoreFollower
-from placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
-from placement.store import Store
-from router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
-from router.follow import TableFollower
-from router.forward import ContainerChannels, forwarded_metadata
-from router.identity import CREDENTIAL_HEADERS, FLEET_SECRET_HEADER, TENANT_HEADER, Authenticator, Identity
-from router.inputs import CHECKED_BACKENDS, check_inputs
-from router.lazy import LazyLoader
-from router.rates import RateCounter
-from router.sagemaker_forward import SageMakerForwarder
-from router.table import RoutingTable
-from router.wire import (
+from modelyard.backends.triton import triton_model_name
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
+from modelyard.placement.store import Store
+from modelyard.router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
+from modelyard.router.follow import TableFollower
+from modelyard.router.forward import ContainerChannels, forwarded_metadata
+from modelyard.router.identity import (
+    CREDENTIAL_HEADERS,
+    FLEET_SECRET_HEADER,
+    TENANT_HEADER,
+    Authenticator,
+    Identity,
+)
+from modelyard.router.inputs import CHECKED_BACKENDS, check_inputs
+from modelyard.router.lazy import LazyLoader
+from modelyard.router.rates import RateCounter
+from modelyard.router.sagemaker_forward import SageMakerForwarder
+from modelyard.router.table import RoutingTable
+from modelyard.router.wire import (
     WireError,
     read_header,
     with_name,
@@ -34,6 +39,7 @@ from router.wire import (
     with_nested_name,
     with_version,
 )
+from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
 
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
 _KSERVE = "/inference.GRPCInferenceService/"

@@ -6,9 +6,9 @@ comes back (or the watch's history was compacted) the table is reloaded from a f
 
 from __future__ import annotations
 
-from placement.follow import StoreFollower
-from placement.store import Store
-from router.table import RoutingTable
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.store import Store
+from modelyard.router.table import RoutingTable
 
 
 class TableFollower(StoreFollower):

@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 
 from modelyard.grpc_options import container_channel_options
-from placement.model import Container
+from modelyard.placement.model import Container
 
 # Headers gRPC manages itself; everything else the caller sent (tenant, trace context, ...) travels on.
 _HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding"})

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from modelyard.router.errors import RoutingError, UpstreamFailed
 from modelyard.telemetry import CURRENT_CALL, CallInfo, Telemetry
-from router.errors import RoutingError, UpstreamFailed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

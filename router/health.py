@@ -13,8 +13,8 @@ import contextlib
 
 from grpc_health.v1 import health, health_pb2
 
-from placement.follow import StoreFollower
-from placement.registry import Changes, Fleet
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.registry import Changes, Fleet
 
 STORE_SERVICE = "modelyard.store"
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -34,8 +34,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from backends.triton_server import FLEET_SECRET_HEADER
-from router.errors import RoutingError
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.router.errors import RoutingError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import math
 from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.datatypes import item_bytes
-from placement.model import ModelVersion, parse_signature
-from router.errors import BadRequest
+from modelyard.placement.model import ModelVersion, parse_signature
+from modelyard.router.errors import BadRequest
 
 CHECKED_BACKENDS = frozenset({"mlserver"})
 

@@ -14,12 +14,12 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from router.core import Router
-from router.errors import BadRequest, NotReady, RoutingError
-from router.handlers import bidi_bytes_handler, bytes_handler
-from router.identity import PermissionDenied, Unauthenticated
-from router.pipeline import pipeline_name, runner_of
-from router.stream import relay
+from modelyard.router.core import Router
+from modelyard.router.errors import BadRequest, NotReady, RoutingError
+from modelyard.router.handlers import bidi_bytes_handler, bytes_handler
+from modelyard.router.identity import PermissionDenied, Unauthenticated
+from modelyard.router.pipeline import pipeline_name, runner_of
+from modelyard.router.stream import relay
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "modelyard"

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import time
 
+from modelyard.placement import registry
+from modelyard.placement.model import Container, ModelVersion
+from modelyard.placement.store import Store, StoreError
+from modelyard.router.errors import DeadlineExceeded, NoController, NoReadyCopy
+from modelyard.router.table import RoutingTable
 from modelyard.telemetry import Telemetry
-from placement import registry
-from placement.model import Container, ModelVersion
-from placement.store import Store, StoreError
-from router.errors import DeadlineExceeded, NoController, NoReadyCopy
-from router.table import RoutingTable
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from collections import Counter
 from collections.abc import Iterable
 
 from modelyard import metric_names as names
+from modelyard.placement.rebalance import ContainerUsage, lost_copies, under_replicated, usage
+from modelyard.router.core import Router
 from modelyard.telemetry import Telemetry
-from placement.rebalance import ContainerUsage, lost_copies, under_replicated, usage
-from router.core import Router
 
 
 def register_fleet_gauges(telemetry: Telemetry, router: Router) -> None:

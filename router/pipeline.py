@@ -29,10 +29,9 @@ import grpc.aio
 from opentelemetry.trace import Status, StatusCode
 from tritonclient.grpc import service_pb2 as kserve
 
-from modelyard.telemetry import CURRENT_CALL, CallInfo
-from placement.pipeline import Pipeline, Step, shapes_match
-from router.core import OTHER_LABEL, Router
-from router.errors import (
+from modelyard.placement.pipeline import Pipeline, Step, shapes_match
+from modelyard.router.core import OTHER_LABEL, Router
+from modelyard.router.errors import (
     BadRequest,
     ContainerStreamError,
     DeadlineExceeded,
@@ -40,9 +39,10 @@ from router.errors import (
     RoutingError,
     UpstreamFailed,
 )
-from router.stream import Sink, _write, pool_of
-from router.versions import choose_version
-from router.wire import WireError, read_header
+from modelyard.router.stream import Sink, _write, pool_of
+from modelyard.router.versions import choose_version
+from modelyard.router.wire import WireError, read_header
+from modelyard.telemetry import CURRENT_CALL, CallInfo
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 PLATFORM = "modelyard_pipeline"
@@ -140,7 +140,7 @@ class PipelineRunner:
 
     def _request(self, request: bytes, context: grpc.aio.ServicerContext) -> tuple[Pipeline, Any]:
         if not self.router.table.loaded:
-            from router.errors import NotReady
+            from modelyard.router.errors import NotReady
 
             raise NotReady("routing table not loaded yet")
         try:

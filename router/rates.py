@@ -16,8 +16,8 @@ import os
 import socket
 import time
 
-from placement.rates import RATES, RateReport
-from placement.store import Lease, Store, StoreError
+from modelyard.placement.rates import RATES, RateReport
+from modelyard.placement.store import Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
 

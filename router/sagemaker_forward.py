@@ -39,11 +39,11 @@ import grpc.aio
 import numpy as np
 from tritonclient.grpc import service_pb2 as kserve
 
-from backends.sagemaker import container_model_name, error_message, new_session
+from modelyard.backends.sagemaker import container_model_name, error_message, new_session
 from modelyard.datatypes import CONTENTS_FIELD, DTYPES
-from placement.model import Container, ModelVersion
-from placement.pipeline import ModelSignature
-from router.errors import BadRequest, RoutingError
+from modelyard.placement.model import Container, ModelVersion
+from modelyard.placement.pipeline import ModelSignature
+from modelyard.router.errors import BadRequest, RoutingError
 
 NPY = "application/x-npy"
 _KSERVE = "/inference.GRPCInferenceService/"
@@ -143,7 +143,7 @@ class SageMakerForwarder:
         cached = self._signatures.get(model.key)
         if cached is not None and cached.key == model.key:
             return cached
-        from backends.pipelines import read_signature
+        from modelyard.backends.pipelines import read_signature
 
         try:
             signature = await asyncio.to_thread(read_signature, model)

@@ -8,17 +8,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.store import Store
+from modelyard.router.api import SERVICE as ROUTER_SERVICE
+from modelyard.router.api import api_handler
+from modelyard.router.core import DEFAULT_DEADLINE_S, Router
+from modelyard.router.health import RouterHealth
+from modelyard.router.identity import Authenticator
+from modelyard.router.kserve import SERVICE as KSERVE_SERVICE
+from modelyard.router.kserve import kserve_handler
+from modelyard.router.metrics import register_fleet_gauges
 from modelyard.telemetry import Telemetry
-from placement.follow import StoreFollower
-from placement.store import Store
-from router.api import SERVICE as ROUTER_SERVICE
-from router.api import api_handler
-from router.core import DEFAULT_DEADLINE_S, Router
-from router.health import RouterHealth
-from router.identity import Authenticator
-from router.kserve import SERVICE as KSERVE_SERVICE
-from router.kserve import kserve_handler
-from router.metrics import register_fleet_gauges
 
 
 class RouterStartError(RuntimeError):

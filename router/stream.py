@@ -43,17 +43,17 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
-from backends.triton_server import FLEET_SECRET_HEADER
-from placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
-from router.errors import (
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
+from modelyard.router.errors import (
     ContainerStreamError,
     RoutingError,
     UpstreamFailed,
     stream_error_code,
 )
-from router.forward import ContainerChannels
-from router.sagemaker_forward import reject_stream
-from router.wire import (
+from modelyard.router.forward import ContainerChannels
+from modelyard.router.sagemaker_forward import reject_stream
+from modelyard.router.wire import (
     StreamResponse,
     WireError,
     nested,
@@ -65,7 +65,7 @@ from router.wire import (
 )
 
 if TYPE_CHECKING:
-    from router.core import Router
+    from modelyard.router.core import Router
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
-from placement.model import Container, ModelVersion
-from placement.registry import Changes, Fleet
-from placement.store.base import Event
-from router.errors import ModelNotFound
-from router.versions import choose_version
+from modelyard.placement.model import Container, ModelVersion
+from modelyard.placement.registry import Changes, Fleet
+from modelyard.placement.store.base import Event
+from modelyard.router.errors import ModelNotFound
+from modelyard.router.versions import choose_version
 
 
 class TableWatch:

@@ -6,7 +6,7 @@ import hashlib
 import random
 from collections.abc import Collection
 
-from placement.model import RouteRule, version_order
+from modelyard.placement.model import RouteRule, version_order
 
 
 def split_point(model: str, request_id: str) -> float:

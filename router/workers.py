@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from backends.process import backoff_s, describe_exit
+from modelyard.backends.process import backoff_s, describe_exit
 
 log = logging.getLogger(__name__)
 

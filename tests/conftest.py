@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.process import stop_process_group
-from backends.triton_server import TritonInstall, TritonNotInstalled, free_port
-from placement.store import open_store
+from modelyard.backends.process import stop_process_group
+from modelyard.backends.triton_server import TritonInstall, TritonNotInstalled, free_port
+from modelyard.placement.store import open_store
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

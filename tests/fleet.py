@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backends.agent import Agent
-from backends.container_process import CustomContainerProcess
-from backends.custom import CustomAdapter
-from backends.process import restart_on_failure
+from modelyard.backends.agent import Agent
+from modelyard.backends.container_process import CustomContainerProcess
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.process import restart_on_failure
 from modelyard.local import LocalFleet
-from placement import registry
-from placement.model import Container, ModelVersion
+from modelyard.placement import registry
+from modelyard.placement.model import Container, ModelVersion
 
 T = TypeVar("T")
 

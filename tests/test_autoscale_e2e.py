@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from backends.numpy_model import write_model_dir
-from placement.model import ModelVersion
-from placement.registry import Fleet
-from router.rates import PERIOD_ENV
+from modelyard.backends.numpy_model import write_model_dir
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.registry import Fleet
+from modelyard.router.rates import PERIOD_ENV
 from tests.fleet import FleetThread, start_custom_fleet
 
 SCALE_BYTES = 4  # a `scale` model's weights: one float32
@@ -155,7 +155,7 @@ def cache_fleet(tmp_path: Path, short_rate_period: None) -> Iterator[tuple[Fleet
 
 
 async def _register(fleet: FleetThread, model: ModelVersion) -> None:
-    from placement import registry
+    from modelyard.placement import registry
 
     await registry.register_model(fleet.fleet.store, model)
 

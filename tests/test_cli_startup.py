@@ -50,7 +50,7 @@ def test_placement_plan_imports_no_grpc_numpy_triton_client_or_telemetry(tmp_pat
         ],
         tmp_path,
     )
-    assert "placement.planner" in modules  # the measurement saw the command run
+    assert "modelyard.placement.planner" in modules  # the measurement saw the command run
     assert heavy(modules) == []
     assert json.loads((tmp_path / "map.json").read_text())["assignments"] == {"m": ["c"]}
 
@@ -59,5 +59,7 @@ def test_placement_plan_imports_no_grpc_numpy_triton_client_or_telemetry(tmp_pat
 def test_a_group_help_imports_no_grpc_numpy_or_triton_client(tmp_path: Path, group: str) -> None:
     modules = imported_modules([group, "--help"], tmp_path)
     # the group's own imports were measured (importlib.import_module itself is not logged by -X importtime)
-    assert ("backends.registration" if group == "models" else "placement.inputs") in modules
+    assert (
+        "modelyard.backends.registration" if group == "models" else "modelyard.placement.inputs"
+    ) in modules
     assert heavy(modules) == []

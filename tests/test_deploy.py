@@ -21,8 +21,8 @@ import yaml
 
 from modelyard import metric_names
 from modelyard.cli import main
+from modelyard.placement.store.etcd import EtcdStore
 from modelyard.telemetry import DURATION_BUCKETS_S
-from placement.store.etcd import EtcdStore
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -226,7 +226,7 @@ def test_modelyard_pods_run_as_the_images_user_and_triton_as_its_own() -> None:
 
 
 def test_artifacts_live_in_s3_with_credentials_from_irsa_or_an_optional_secret_and_no_shared_volume() -> None:
-    from backends.s3store import parse_s3_uri
+    from modelyard.backends.s3store import parse_s3_uri
 
     bucket, prefix = parse_s3_uri(configmap()["MODELYARD_MODEL_STORE"])  # the code's own parser
     assert bucket and prefix

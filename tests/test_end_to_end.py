@@ -17,11 +17,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.triton import triton_model_name
-from backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.backends.triton import triton_model_name
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc
-from placement import registry
 from tests.conftest import _wipe, require_triton
 from tests.fleet import FleetThread
 

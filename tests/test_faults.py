@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from backends.agent import Agent
-from backends.custom import CustomAdapter
-from backends.process import restart_on_failure
-from backends.triton_server import free_port
-from placement import registry
-from placement.store import StoreError
+from modelyard.backends.agent import Agent
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.process import restart_on_failure
+from modelyard.backends.triton_server import free_port
+from modelyard.placement import registry
+from modelyard.placement.store import StoreError
 from tests.conftest import EtcdServer
 from tests.faultload import Loader
 from tests.fleet import FleetThread, add_custom_container, start_custom_fleet

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from placement import registry
+from modelyard.placement import registry
 from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_lazy_load import scale_model
 from tests.test_registration_races import scale_archive

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-import backends.bulk_import
-from backends.bulk_import import import_models
-from backends.modelstore import LocalModelStore
-from backends.registration import upload
-from placement import registry
-from placement.model import ModelVersion
-from placement.store import open_store
+from modelyard.backends import bulk_import
+from modelyard.backends.bulk_import import import_models
+from modelyard.backends.modelstore import LocalModelStore
+from modelyard.backends.registration import upload
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.store import open_store
 from tests.test_registration_races import scale_archive
 
 
@@ -174,21 +174,21 @@ def test_thousands_of_lines_naming_one_archive_check_and_store_it_once(
 ) -> None:
     # Counts calls into the real archive check (nothing replaced): the cache must make it one.
     checks: list[Path] = []
-    real_checked = backends.bulk_import.checked
+    real_checked = bulk_import.checked
 
     def counted(path: Path, *args: Any, **kwargs: Any) -> Any:
         checks.append(path)
         return real_checked(path, *args, **kwargs)
 
-    monkeypatch.setattr(backends.bulk_import, "checked", counted)
+    monkeypatch.setattr(bulk_import, "checked", counted)
     scale_archive(tmp_path, 2.0)
-    count = backends.bulk_import.CHUNK_LINES + 500  # more than one chunk
+    count = bulk_import.CHUNK_LINES + 500  # more than one chunk
     file = write_lines(
         tmp_path / "models.jsonl",
         [{"name": f"model-{i:05d}", "version": "1", "archive": "scale-2.0.tgz"} for i in range(count)],
     )
 
-    async def main() -> backends.bulk_import.ImportReport:
+    async def main() -> bulk_import.ImportReport:
         async with open_store(store_url) as store:
             return await import_models(store, LocalModelStore(tmp_path / "artifacts"), file)
 

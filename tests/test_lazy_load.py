@@ -12,9 +12,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.numpy_model import write_model_dir
-from placement import registry
-from placement.model import ModelVersion
+from modelyard.backends.numpy_model import write_model_dir
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
 from tests.fleet import FleetThread, start_custom_fleet
 
 

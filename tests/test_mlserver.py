@@ -18,10 +18,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.mlserver import SETTINGS_FILE, install_mlserver_example, mlserver_pids, write_iris_model
-from backends.modelstore import ArchiveError, checked
+from modelyard.backends.mlserver import (
+    SETTINGS_FILE,
+    install_mlserver_example,
+    mlserver_pids,
+    write_iris_model,
+)
+from modelyard.backends.modelstore import ArchiveError, checked
 from modelyard.local import LocalFleet
-from placement import registry
+from modelyard.placement import registry
 from tests.fleet import FleetThread
 from tests.s3 import MotoServer, aws_environment
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from placement import registry
-from placement.model import ModelVersion
-from placement.store import open_store
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.store import open_store
 
 PACK = """
 import json, numpy as np

@@ -26,16 +26,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from backends.examples import EXAMPLES_DIR, install_example, install_model_dir
-from backends.modelstore import LocalModelStore
-from backends.numpy_model import write_model_dir
-from backends.registration import upload
 from modelyard import metric_names
+from modelyard.backends.examples import EXAMPLES_DIR, install_example, install_model_dir
+from modelyard.backends.modelstore import LocalModelStore
+from modelyard.backends.numpy_model import write_model_dir
+from modelyard.backends.registration import upload
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
+from modelyard.router.server import RouterServer
 from modelyard.telemetry import Telemetry
 from modelyard.v1 import inference_pb2, router_pb2_grpc
-from placement import registry
-from router.server import RouterServer
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 

@@ -12,10 +12,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
-from placement import registry
-from placement.rebalance import RebalancePlan, _moves, apply_rebalance, lost_copies
+from modelyard.placement import registry
+from modelyard.placement.rebalance import RebalancePlan, _moves, apply_rebalance, lost_copies
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.modelstore import LocalModelStore
-from backends.registration import AlreadyRegistered, Registration, RegistrationError, remove, upload
-from placement import registry
-from placement.model import ModelVersion
-from placement.store import open_store
+from modelyard.backends.modelstore import LocalModelStore
+from modelyard.backends.registration import AlreadyRegistered, Registration, RegistrationError, remove, upload
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.store import open_store
 
 SIGNATURE = {
     "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],

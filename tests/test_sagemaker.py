@@ -35,25 +35,30 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.utils import InferenceServerException
 
-from backends import sagemaker as sagemaker_module
-from backends.adapter import ContainerFull, LoadError
-from backends.examples import EXAMPLES_DIR
-from backends.modelstore import artifact_signature
-from backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
-from backends.sagemaker_archive import install_sagemaker_example
-from backends.sagemaker_process import SageMakerNotInstalled, SageMakerProcess, java_binary, mms_home
-from backends.triton_server import free_port
+from modelyard.backends import sagemaker as sagemaker_module
+from modelyard.backends.adapter import ContainerFull, LoadError
+from modelyard.backends.examples import EXAMPLES_DIR
+from modelyard.backends.modelstore import artifact_signature
+from modelyard.backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
+from modelyard.backends.sagemaker_archive import install_sagemaker_example
+from modelyard.backends.sagemaker_process import (
+    SageMakerNotInstalled,
+    SageMakerProcess,
+    java_binary,
+    mms_home,
+)
+from modelyard.backends.triton_server import free_port
 from modelyard.client import Client
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
+from modelyard.placement.controller import incremental_changes
+from modelyard.placement.model import Container, CopyState, ModelVersion, RouteRule, signature_json
+from modelyard.placement.rebalance import plan_rebalance, snapshot
+from modelyard.placement.registry import Fleet
+from modelyard.placement.store.base import Event
+from modelyard.router.sagemaker_forward import SageMakerForwarder, SignatureUnavailable, status_for
+from modelyard.router.server import RouterServer
 from modelyard.v1 import inference_pb2, router_pb2_grpc
-from placement import registry
-from placement.controller import incremental_changes
-from placement.model import Container, CopyState, ModelVersion, RouteRule, signature_json
-from placement.rebalance import plan_rebalance, snapshot
-from placement.registry import Fleet
-from placement.store.base import Event
-from router.sagemaker_forward import SageMakerForwarder, SignatureUnavailable, status_for
-from router.server import RouterServer
 from tests.conftest import missing, require_triton, stop_process
 from tests.fleet import FleetThread
 

@@ -19,10 +19,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.container_process import CustomContainerProcess
-from backends.triton_server import TritonServer
+from modelyard.backends.container_process import CustomContainerProcess
+from modelyard.backends.triton_server import TritonServer
 from modelyard.local import LocalFleet
-from placement import registry
+from modelyard.placement import registry
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 

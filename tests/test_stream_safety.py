@@ -20,15 +20,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from backends.examples import install_example
-from backends.triton_server import free_port
+from modelyard.backends.examples import install_example
+from modelyard.backends.triton_server import free_port
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
+from modelyard.placement.model import Container, CopyState
+from modelyard.placement.store import open_store
+from modelyard.router.server import RouterServer
+from modelyard.router.stream import pool_of
 from modelyard.v1 import inference_pb2, router_pb2_grpc
-from placement import registry
-from placement.model import Container, CopyState
-from placement.store import open_store
-from router.server import RouterServer
-from router.stream import pool_of
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 

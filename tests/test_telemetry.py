@@ -18,15 +18,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from backends.agent import Agent
-from backends.container import CustomContainer
-from backends.custom import CustomAdapter
-from backends.triton_server import free_port
 from modelyard import metric_names as names
+from modelyard.backends.agent import Agent
+from modelyard.backends.container import CustomContainer
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.triton_server import free_port
+from modelyard.placement import registry
+from modelyard.placement.model import Container
+from modelyard.router.server import RouterServer
 from modelyard.telemetry import Telemetry
-from placement import registry
-from placement.model import Container
-from router.server import RouterServer
 from tests.conftest import stop_process
 from tests.fleet import FleetThread
 from tests.test_lazy_load import scale_model

@@ -14,12 +14,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.client import Client
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
+from modelyard.placement.model import RouteRule
 from modelyard.v1 import router_pb2, router_pb2_grpc
-from placement import registry
-from placement.model import RouteRule
 from tests.fleet import FleetThread
 from tests.test_lazy_load import scale_model
 

@@ -16,14 +16,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backends.agent import Agent
-from backends.container import CustomContainer
-from backends.custom import CustomAdapter
+from modelyard.backends.agent import Agent
+from modelyard.backends.container import CustomContainer
+from modelyard.backends.custom import CustomAdapter
+from modelyard.placement import registry
+from modelyard.placement.model import Container
+from modelyard.router.identity import Authenticator, IdentityFile, token_key
+from modelyard.router.server import RouterServer
 from modelyard.tls import channel_credentials, server_credentials
-from placement import registry
-from placement.model import Container
-from router.identity import Authenticator, IdentityFile, token_key
-from router.server import RouterServer
 from tests.fleet import FleetThread
 from tests.test_lazy_load import scale_model
 

@@ -19,14 +19,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as triton_aio
 
-from backends.examples import EXAMPLES_DIR, install_example, install_model_dir
-from backends.triton import TritonAdapter, triton_model_name
-from backends.triton_server import FLEET_SECRET_HEADER, TritonServer
+from modelyard.backends.examples import EXAMPLES_DIR, install_example, install_model_dir
+from modelyard.backends.triton import TritonAdapter, triton_model_name
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER, TritonServer
 from modelyard.client import Client
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion, RouteRule
 from modelyard.v1 import inference_pb2, router_pb2_grpc
-from placement import registry
-from placement.model import ModelVersion, RouteRule
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 

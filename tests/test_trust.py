@@ -27,11 +27,11 @@ import pytest
 from tritonclient.grpc import service_pb2 as kserve
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
-from backends.examples import install_example
-from backends.triton_server import FLEET_SECRET_HEADER, free_port
+from modelyard.backends.examples import install_example
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER, free_port
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
 from modelyard.v1 import router_pb2
-from placement import registry
 from tests.conftest import EtcdServer, require_triton
 from tests.fleet import FleetThread
 from tests.test_lazy_load import scale_model

@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from placement import registry
-from placement.store import open_store
+from modelyard.placement import registry
+from modelyard.placement.store import open_store
 from tests.fleet import FleetThread, start_custom_fleet
 
 PACK = """

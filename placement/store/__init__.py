@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from placement.store.base import (
+from modelyard.placement.store.base import (
     CompactedError,
     Event,
     KeyValue,
@@ -40,11 +40,11 @@ def default_store_url() -> str:
 def open_store(url: str) -> Store:
     """`etcd://host:port[,host:port...]` opens etcd; anything else is a directory for the embedded store."""
     if url.startswith("etcd://"):
-        from placement.store.etcd import EtcdStore
+        from modelyard.placement.store.etcd import EtcdStore
 
         return EtcdStore.from_url(url)
     if "://" in url and not url.startswith("file://"):
         raise StoreError(f"unsupported store URL {url!r}: use etcd://host:port or a directory")
-    from placement.store.embedded import EmbeddedStore
+    from modelyard.placement.store.embedded import EmbeddedStore
 
     return EmbeddedStore(Path(url.removeprefix("file://")))

@@ -15,7 +15,7 @@ import aetcd.rpc
 import grpc
 import grpc.aio
 
-from placement.store.base import (
+from modelyard.placement.store.base import (
     MAX_TXN_OPS,
     CompactedError,
     Event,

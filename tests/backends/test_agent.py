@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from backends.agent import Agent
-from backends.container_process import CustomContainerProcess
-from backends.custom import CustomAdapter
-from backends.process import restart_on_failure
-from placement import registry
-from placement.model import Container, CopyState, ModelVersion
-from placement.store import Store, open_store
-from placement.store.embedded import EmbeddedStore
+from modelyard.backends.agent import Agent
+from modelyard.backends.container_process import CustomContainerProcess
+from modelyard.backends.custom import CustomAdapter
+from modelyard.backends.process import restart_on_failure
+from modelyard.placement import registry
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.store import Store, open_store
+from modelyard.placement.store.embedded import EmbeddedStore
 from tests.conftest import EtcdServer
 from tests.test_lazy_load import scale_model
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.examples import EXAMPLES_DIR
-from backends.modelstore import ArchiveError, LocalModelStore
-from backends.registration import AlreadyRegistered, RegistrationError, remove, upload
-from placement import registry
-from placement.store import open_store
+from modelyard.backends.examples import EXAMPLES_DIR
+from modelyard.backends.modelstore import ArchiveError, LocalModelStore
+from modelyard.backends.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.placement import registry
+from modelyard.placement.store import open_store
 
 SIGNATURE = {
     "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
@@ -314,7 +314,7 @@ def test_a_version_registered_before_signatures_were_stored_reuploads_as_the_sam
 
 
 def test_a_value_without_a_signature_parses_and_a_malformed_one_is_refused() -> None:
-    from placement.model import ModelVersion
+    from modelyard.placement.model import ModelVersion
 
     old = ModelVersion.from_json(b'{"name": "m", "version": "1", "backend": "custom"}')
     assert old.signature == ""

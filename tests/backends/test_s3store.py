@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from backends.modelstore import checked
-from backends.numpy_model import write_model_dir
-from backends.s3store import ArtifactCache, S3ModelStore, S3StoreError, pack, s3_client
+from modelyard.backends.modelstore import checked
+from modelyard.backends.numpy_model import write_model_dir
+from modelyard.backends.s3store import ArtifactCache, S3ModelStore, S3StoreError, pack, s3_client
 from modelyard.local import LocalFleet
-from placement import registry
-from placement.model import ModelVersion
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
 from tests.conftest import require_triton
 from tests.fleet import FleetThread, start_custom_fleet
 from tests.s3 import MotoServer, PausingProxy, aws_environment

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.autoscale import (
+from modelyard.placement.autoscale import (
     ModelLoad,
     Policy,
     Room,
@@ -23,12 +23,12 @@ from placement.autoscale import (
     plan_autoscale,
     scale_target,
 )
-from placement.model import Container, ModelVersion
-from placement.rates import ModelRate, RateReport, read_rates, sum_reports
-from placement.rebalance import plan_rebalance
-from placement.registry import Fleet
-from placement.store import open_store
-from router.rates import RateCounter
+from modelyard.placement.model import Container, ModelVersion
+from modelyard.placement.rates import ModelRate, RateReport, read_rates, sum_reports
+from modelyard.placement.rebalance import plan_rebalance
+from modelyard.placement.registry import Fleet
+from modelyard.placement.store import open_store
+from modelyard.router.rates import RateCounter
 
 GiB = 1024**3
 POLICY = Policy(copy_target_rps=10, scale_down_after_s=30, scale_up_after_s=2, evict_idle_s=5)

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import pytest
 
-from placement import registry
-from placement.controller import PlacementController, incremental_changes
-from placement.follow import StoreFollower
-from placement.model import Container, CopyState, ModelVersion
-from placement.registry import Fleet
-from placement.store import Store, open_store
+from modelyard.placement import registry
+from modelyard.placement.controller import PlacementController, incremental_changes
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.registry import Fleet
+from modelyard.placement.store import Store, open_store
 
 GiB = 1024**3
 
@@ -134,8 +134,8 @@ def test_copies_of_a_dead_container_are_re_placed_incrementally() -> None:
 def test_a_model_whose_registration_turns_unreadable_keeps_its_copies() -> None:
     """A bad write over a registered model's key (or a newer writer's format) must not read as "removed":
     a controller that starts from a snapshot then would drop the copies and fail every call to it."""
-    from placement.rebalance import plan_rebalance
-    from placement.store import Event
+    from modelyard.placement.rebalance import plan_rebalance
+    from modelyard.placement.store import Event
 
     kept = ModelVersion("kept", "1", memory_bytes=GiB)
     other = ModelVersion("other", "1", memory_bytes=GiB)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from placement.store import StoreError, open_store
+from modelyard.placement.store import StoreError, open_store
 from tests.conftest import EtcdServer, missing
 
 

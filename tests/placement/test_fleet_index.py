@@ -6,9 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.model import CopyState, ModelVersion
-from placement.registry import ASSIGN, GENERATION, MODELS, Assignment, Fleet, state_key
-from placement.store.base import Event
+from modelyard.placement.model import CopyState, ModelVersion
+from modelyard.placement.registry import ASSIGN, GENERATION, MODELS, Assignment, Fleet, state_key
+from modelyard.placement.store.base import Event
 
 MODELS_ = ["a@1", "a@2", "b@1", "c@1"]
 CONTAINERS = ["c1", "c2", "c3"]

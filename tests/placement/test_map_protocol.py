@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from placement import registry
-from placement.registry import ConcurrentPlanError, Fleet
-from placement.store import Store, open_store
-from placement.store.base import MAX_TXN_OPS, Lease
+from modelyard.placement import registry
+from modelyard.placement.registry import ConcurrentPlanError, Fleet
+from modelyard.placement.store import Store, open_store
+from modelyard.placement.store.base import MAX_TXN_OPS, Lease
 
 
 class PausingStore(Store):

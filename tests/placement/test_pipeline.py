@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from placement.pipeline import ModelSignature, Pipeline, PipelineError, check_signatures, parse_yaml
-from placement.registry import PIPELINES, Fleet
-from placement.store.base import Event
+from modelyard.placement.pipeline import ModelSignature, Pipeline, PipelineError, check_signatures, parse_yaml
+from modelyard.placement.registry import PIPELINES, Fleet
+from modelyard.placement.store.base import Event
 
 FAN = """
 name: fan

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placement.planner import WALK_STEPS, Capacity, Demand, Plan, plan
-from placement.ring import Ring, vnode_positions
+from modelyard.placement.planner import WALK_STEPS, Capacity, Demand, Plan, plan
+from modelyard.placement.ring import Ring, vnode_positions
 
 ALLOWED = {"gpu": {"gpu"}, "cpu": {"cpu"}, "any": {"gpu", "cpu"}}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from placement.store import Store, open_store
-from placement.store.base import MAX_TXN_OPS
+from modelyard.placement.store import Store, open_store
+from modelyard.placement.store.base import MAX_TXN_OPS
 
 
 def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]

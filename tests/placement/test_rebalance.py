@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from placement import registry
-from placement.model import Container, CopyState, ModelVersion
-from placement.rebalance import (
+from modelyard.placement import registry
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.rebalance import (
     RebalanceInProgress,
     apply_rebalance,
     lost_copies,
@@ -17,8 +17,8 @@ from placement.rebalance import (
     under_replicated,
     usage,
 )
-from placement.registry import Fleet
-from placement.store import Store, open_store
+from modelyard.placement.registry import Fleet
+from modelyard.placement.store import Store, open_store
 
 GiB = 1024**3
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from placement import registry
-from placement.model import Container, CopyState, ModelVersion
-from placement.registry import ConcurrentPlanError
-from placement.store import Store, open_store
+from modelyard.placement import registry
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.registry import ConcurrentPlanError
+from modelyard.placement.store import Store, open_store
 
 
 def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]

@@ -11,9 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from placement import registry
-from placement.model import Container, CopyState, ModelVersion
-from placement.store import open_store
+from modelyard.placement import registry
+from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.store import open_store
 
 GiB = 1024**3
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as kserve
 
-from placement.model import ModelVersion, signature_json
-from router.errors import BadRequest
-from router.inputs import check_inputs
+from modelyard.placement.model import ModelVersion, signature_json
+from modelyard.router.errors import BadRequest
+from modelyard.router.inputs import check_inputs
 
 IRIS = ModelVersion(
     "iris",

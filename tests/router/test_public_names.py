@@ -6,10 +6,10 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2 as kserve
 
-from placement.model import ModelVersion
-from router.core import public_response, public_stream_response
-from router.errors import ContainerStreamError, stream_error_code
-from router.wire import stream_error
+from modelyard.placement.model import ModelVersion
+from modelyard.router.core import public_response, public_stream_response
+from modelyard.router.errors import ContainerStreamError, stream_error_code
+from modelyard.router.wire import stream_error
 
 ON_TRITON = ModelVersion("scale", "2", backend="triton")
 ON_CUSTOM = ModelVersion("scale", "2", backend="custom")

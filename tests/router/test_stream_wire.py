@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.grpc import service_pb2 as kserve
 
-from router.wire import (
+from modelyard.router.wire import (
     StreamResponse,
     nested,
     response_fields,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from placement import registry
-from placement.model import Container, CopyState, ModelVersion, RouteRule
-from placement.registry import Fleet
-from placement.store.base import Event
-from router.errors import ModelNotFound
-from router.table import RoutingTable
+from modelyard.placement import registry
+from modelyard.placement.model import Container, CopyState, ModelVersion, RouteRule
+from modelyard.placement.registry import Fleet
+from modelyard.placement.store.base import Event
+from modelyard.router.errors import ModelNotFound
+from modelyard.router.table import RoutingTable
 
 
 def put(key: str, value: bytes, revision: int = 1) -> Event:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from placement.model import RouteRule
-from router.versions import choose_version
+from modelyard.placement.model import RouteRule
+from modelyard.router.versions import choose_version
 
 RULE = RouteRule("m", default_version="2", tenant_versions=(("acme", "1"),), weights=())
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as kserve
 
-from router.wire import (
+from modelyard.router.wire import (
     WireError,
     read_name_version,
     stream_error,

@@ -1,0 +1,143 @@
+"""The package's layers, read from the source: every module imports only from its own layer or below, and
+module-level imports form no cycle. The wheel claims one top-level name, `modelyard`, and no module still
+imports the old top-level names (`router`, `placement`, `backends`), which would load a second copy.
+
+Layers, from the foundations up (a module's layer is the first rule that names it):
+  0 foundations: generated protos, telemetry, metric names, TLS, logs, gRPC options, console helpers,
+    the data model and store client of placement;
+  1 placement; 2 backends; 3 router;
+  4 applications: every `cli` module, `up` (local), the client, the command line entry points.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "modelyard"
+OLD_NAMES = ("router", "placement", "backends")
+
+LAYERS: tuple[tuple[int, re.Pattern[str]], ...] = (
+    (4, re.compile(r"^modelyard(\.\w+)*\.cli$|^modelyard\.(local|client|__main__)$|_cli$")),
+    (
+        0,
+        re.compile(r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|__init__)$"),
+    ),
+    (0, re.compile(r"^modelyard\.placement\.(model|units|store(\..*)?)$")),
+    (1, re.compile(r"^modelyard\.placement(\..*)?$")),
+    (2, re.compile(r"^modelyard\.backends(\..*)?$")),
+    (3, re.compile(r"^modelyard\.router(\..*)?$")),
+    (0, re.compile(r"^modelyard$")),
+)
+
+
+def layer(module: str) -> int:
+    for number, pattern in LAYERS:
+        if pattern.search(module):
+            return number
+    raise AssertionError(f"{module}: no layer; add it to LAYERS")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    # followlinks: modelyard/router, placement and backends are links to the top-level folders.
+    paths = [
+        Path(folder) / file
+        for folder, _, files in os.walk(PACKAGE, followlinks=True)
+        for file in files
+        if file.endswith(".py") and not file.endswith(("_pb2.py", "_pb2_grpc.py"))
+    ]
+    for path in paths:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """Our modules `path` imports when it is imported (not under TYPE_CHECKING, not inside functions)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parent, base] if base else parent)
+                out.add(base)
+                out.update(f"{base}.{a.name}" for a in node.names)
+
+    visit(tree.body)
+    return {m for m in out if m in known and m != name}
+
+
+def test_the_wheel_claims_only_the_modelyard_name() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'include = ["modelyard*"]' in text
+    for old in OLD_NAMES:
+        assert (PACKAGE / old).resolve() == (ROOT / old).resolve(), f"modelyard/{old} must be {old}/"
+
+
+@pytest.mark.parametrize("old", OLD_NAMES)
+def test_no_file_imports_an_old_top_level_name(old: str) -> None:
+    pattern = re.compile(rf"^\s*(from|import) {old}(\.|\s|$)", re.M)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in (ROOT / "modelyard", ROOT / old, ROOT / "tests", ROOT / "benchmarks")
+        for path in folder.rglob("*.py")
+        if pattern.search(path.read_text())
+    ]
+    assert not offenders, f"import modelyard.{old} instead of {old} in {sorted(set(offenders))}"
+
+
+def test_no_module_imports_from_a_layer_above_its_own() -> None:
+    found = modules()
+    known = set(found)
+    upward = [
+        f"{name} (layer {layer(name)}) imports {imported} (layer {layer(imported)})"
+        for name, path in found.items()
+        for imported in module_level_imports(path, name, known)
+        if layer(imported) > layer(name)
+    ]
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_module_level_imports_form_no_cycle() -> None:
+    found = modules()
+    known = set(found)
+    graph = {name: module_level_imports(path, name, known) for name, path in found.items()}
+    # A package's __init__ importing its own submodules is how packages work, not a cycle.
+    graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def walk(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*trail[trail.index(nxt) :], nxt] if nxt in trail else [node, nxt])
+            elif nxt not in state:
+                walk(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            walk(start, [start])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
