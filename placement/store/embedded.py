@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from placement.store.base import MAX_TXN_OPS, CompactedError, Event, KeyValue, Lease, Store, StoreError
+from modelyard.placement.store.base import (
+    MAX_TXN_OPS,
+    CompactedError,
+    Event,
+    KeyValue,
+    Lease,
+    Store,
+    StoreError,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, mod_revision INTEGER NOT NULL,
@@ -56,12 +64,26 @@ class EmbeddedStore(Store):
             self._conn = sqlite3.connect(
                 directory / "store.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
             )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+            self._set_up(directory)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the embedded store in {directory}: {exc}") from exc
         self._lock = threading.Lock()
+
+    def _set_up(self, directory: Path) -> None:
+        """WAL mode and the schema. Two processes opening a new store at once can get "database is locked"
+        here at once, without SQLite's busy timeout (switching to WAL takes an exclusive lock that SQLite
+        does not wait for): it is tried again for up to 10 s, as a busy write would be."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"EmbeddedStore({str(self.directory)!r})"

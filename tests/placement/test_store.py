@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from placement.store import CompactedError, Event, Store, open_store
-from placement.store.base import MAX_TXN_OPS
+from modelyard.placement.store import CompactedError, Event, Store, open_store
+from modelyard.placement.store.base import MAX_TXN_OPS
 
 
 def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]
@@ -176,3 +177,23 @@ def test_embedded_store_is_shared_between_processes(tmp_path) -> None:  # type: 
         assert len({i.mod_revision for i in items}) == 150  # every write got its own revision
 
     run(url, scenario)
+
+
+def test_a_new_embedded_store_opened_by_many_processes_at_once_opens_in_all(tmp_path: Path) -> None:
+    """Switching a new SQLite file to WAL takes a lock SQLite does not wait for: two CLI commands run at
+    once on a fresh `./.modelyard/store` got "database is locked" (seen in CI) until opening retried."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; "
+        "from modelyard.placement.store.embedded import EmbeddedStore; EmbeddedStore(Path(sys.argv[1]))"
+    )
+    for attempt in range(3):
+        folder = tmp_path / f"store-{attempt}"
+        processes = [
+            subprocess.Popen([sys.executable, "-c", code, str(folder)], stderr=subprocess.PIPE, text=True)
+            for _ in range(8)
+        ]
+        results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in processes]
+        assert all(status == 0 for status, _ in results), [err for status, err in results if status]
