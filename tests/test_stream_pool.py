@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
-from backends.examples import install_example
+from modelyard.backends.examples import install_example
 from modelyard.local import LocalFleet
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion
+from modelyard.router.stream import Upstream, pool_of
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc
-from placement import registry
-from placement.model import ModelVersion
-from router.stream import Upstream, pool_of
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 
@@ -189,10 +189,10 @@ def test_cancelling_one_client_stream_leaves_the_others_requests_running(fleet: 
 def test_a_caller_that_stops_reading_does_not_hold_up_another_on_the_same_stream(fleet: FleetThread) -> None:
     with grpc.insecure_channel(fleet.address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        slow = stub.InferStream(request("stream", [1.0] * 20_000, "slow"), timeout=60)
+        slow = stub.InferStream(request("stream", [1.0] * 5_000, "slow"), timeout=120)
         assert floats(next(slow)) == [1.0]  # then it reads nothing more
         [shared] = upstreams(fleet, "stream")
-        other = stub.InferStream(request("stream", [7.0, 8.0], "other"), timeout=60)
+        other = stub.InferStream(request("stream", [7.0, 8.0], "other"), timeout=120)
         # Triton runs the two one after the other (one model instance); the router must not make the
         # second wait for the first caller to read.
         assert [floats(a) for a in other] == [[7.0], [8.0], []]
