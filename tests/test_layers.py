@@ -26,7 +26,9 @@ LAYERS: tuple[tuple[int, re.Pattern[str]], ...] = (
     (4, re.compile(r"^modelyard(\.\w+)*\.cli$|^modelyard\.(local|client|__main__)$|_cli$")),
     (
         0,
-        re.compile(r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|__init__)$"),
+        re.compile(
+            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|__init__)$"
+        ),
     ),
     (0, re.compile(r"^modelyard\.placement\.(model|units|store(\..*)?)$")),
     (1, re.compile(r"^modelyard\.placement(\..*)?$")),
