@@ -33,6 +33,10 @@ from modelyard.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 LOAD_SLICE = 64  # loads started per reconcile pass
+# A liveness check that fails after this long ran out of time (the adapters' checks give up after 2 s); a
+# refused connection or a "not live" answer comes back in milliseconds.
+SLOW_PROBE_S = 1.5
+DOWN_LOG_EVERY_S = 30.0  # how often a container that stays down is logged again
 
 
 # Events under these prefixes can change what this container should hold.
@@ -94,6 +98,10 @@ class Agent:
         # True while the agent does not know what the container holds (start, container down/restarted).
         self._holdings_unknown = True
         self._registration_gone = False  # our container key vanished from the store while we held a lease
+        self._slow_strikes = 0  # consecutive liveness checks that timed out (rather than being refused)
+        self._saw_exit = False  # a supervisor saw the container's process exit since the last beat
+        self._down_since: float | None = None  # when liveness checks began to fail, for the log
+        self._down_logged = 0.0
         self.converged = asyncio.Event()  # set whenever a reconcile pass leaves nothing to do
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -159,6 +167,7 @@ class Agent:
 
     def check_container(self) -> None:
         """Look at the container now (a supervisor saw it exit) rather than at the next heartbeat."""
+        self._saw_exit = True
         self._beat.set()
 
     # -- following the store -----------------------------------------------------------------------------
@@ -225,19 +234,51 @@ class Agent:
                     await self._beat.wait()
 
     async def _beat_once(self) -> None:
+        started = time.monotonic()
         try:
             live = await asyncio.wait_for(self.adapter.live(), timeout=max(3.0, self.lease_ttl_s / 3))
         except Exception as exc:  # the client itself failing says as little about the container
             log.warning("container %s: liveness check failed: %s", self.container.id, _reason(exc))
             live = False
+        saw_exit, self._saw_exit = self._saw_exit, False
         if not live:
+            # A refused or negative answer means the container is gone: withdraw at once, so its copies are
+            # re-placed. A check that only ran out of time is a starved machine as often as a dead
+            # container: it takes a second slow check in a row (one period later) to withdraw it.
+            slow = time.monotonic() - started >= SLOW_PROBE_S
+            if slow and not saw_exit and self._lease is not None and self._slow_strikes == 0:
+                self._slow_strikes += 1
+                log.warning(
+                    "container %s did not answer within %.1f s; withdrawing it if the next check is as slow",
+                    self.container.id,
+                    time.monotonic() - started,
+                )
+                await self._refresh_lease()
+                return
+            self._slow_strikes = 0
             self._holdings_unknown = True  # whatever comes back at this address is asked what it holds
+            now = time.monotonic()
+            if self._down_since is None:
+                self._down_since = now
             if self._lease is not None:
                 log.warning("container %s does not answer; withdrawing it", self.container.id)
+                self._down_logged = now
                 lease, self._lease = self._lease, None
                 self._registered.clear()
                 await asyncio.wait_for(lease.revoke(), timeout=self.lease_ttl_s)
+            elif now - self._down_logged >= DOWN_LOG_EVERY_S:
+                self._down_logged = now
+                log.warning(
+                    "container %s still does not answer (for %.0f s); it is registered again once it does",
+                    self.container.id,
+                    now - self._down_since,
+                )
             return
+        self._slow_strikes = 0
+        if self._down_since is not None:
+            down_s = time.monotonic() - self._down_since
+            log.info("container %s answers again after %.1f s", self.container.id, down_s)
+            self._down_since = None
         if self._holdings_unknown:
             await self._sync_holdings()
             if self._lease is not None:
@@ -258,6 +299,10 @@ class Agent:
             except StoreError:
                 await self._register()
                 return
+        await self._refresh_lease()
+
+    async def _refresh_lease(self) -> None:
+        assert self._lease is not None
         try:
             await asyncio.wait_for(self._lease.refresh(), timeout=max(1.0, self.lease_ttl_s / 3))
         except (StoreUnavailable, TimeoutError) as exc:
