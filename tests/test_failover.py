@@ -52,11 +52,14 @@ def test_calls_retry_once_on_another_copy_when_a_container_dies(fleet: FleetThre
 
 
 @contextlib.contextmanager
-def steady_calls(address: str, model: str, factor: float, workdir: Path) -> Iterator[dict[str, Any]]:
+def steady_calls(
+    address: str, model: str, factor: float, workdir: Path, wait_for_ready: bool = False
+) -> Iterator[dict[str, Any]]:
     """Calls `model` every ~20 ms from its own process (tests/unary_load.py) while the block runs; the
     yielded dict gets the client's figures when the block ends."""
     stop_file = workdir / "stop-load"
     command = [sys.executable, "-m", "tests.unary_load", address, model, str(factor), str(stop_file)]
+    command += ["--wait-for-ready"] if wait_for_ready else []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     figures: dict[str, Any] = {}
     try:

@@ -117,8 +117,12 @@ def test_a_killed_worker_is_restarted_while_the_others_serve(fleet: FleetThread,
             time.sleep(0.1)
         recoveries_s = []
         # The client keeps one connection, on one worker: kill both original workers in turn, so one kill
-        # surely hits it (its calls then go over a new connection to a live worker).
-        with steady_calls(f"127.0.0.1:{port}", "m", 5.0, tmp_path) as figures:
+        # surely hits it (its calls then go over a new connection to a live worker). Its reconnect can race
+        # the kernel closing the dead worker's socket and be reset; a client that fails calls at once
+        # while it backs off (1 s) would count that second of its own waiting, not of the workers', so
+        # the load waits for its connection within each call's deadline (a call already sent to the
+        # killed worker still fails: nothing resends it).
+        with steady_calls(f"127.0.0.1:{port}", "m", 5.0, tmp_path, wait_for_ready=True) as figures:
             for victim in worker_pids(process.pid):
                 killed_at = time.monotonic()
                 os.kill(victim, signal.SIGKILL)

@@ -1,9 +1,11 @@
 """One client calling one `scale` model every ~20 ms through an address, from its own process.
 
-`python -m tests.unary_load ADDRESS MODEL FACTOR STOP_FILE` sends KServe ModelInfer calls (10 s deadline,
-gRPC retries off, fresh input each) and checks every answer (OUTPUT = INPUT * FACTOR). It prints "ready"
-after the first good answer and, once STOP_FILE exists, one JSON line: {"calls": n, "failed": {status: n},
-"wrong": n, "slowest_s": s, "failures": [[unix_time_s, status, message], ...]}.
+`python -m tests.unary_load ADDRESS MODEL FACTOR STOP_FILE [--wait-for-ready]` sends KServe ModelInfer calls
+(10 s deadline, gRPC retries off, fresh input each; with --wait-for-ready a call made while the channel
+reconnects waits for the connection within its deadline instead of failing at once) and checks every
+answer (OUTPUT = INPUT * FACTOR). It prints "ready" after the first good answer and, once STOP_FILE exists,
+one JSON line: {"calls": n, "failed": {status: n}, "wrong": n, "slowest_s": s, "failures": [[unix_time_s,
+status, message], ...]}.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ DEADLINE_S = 10.0
 PAUSE_S = 0.02
 
 
-def main(address: str, model: str, factor: float, stop_file: Path) -> None:
+def main(address: str, model: str, factor: float, stop_file: Path, wait_for_ready: bool = False) -> None:
     import grpc
     import numpy as np
     from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -38,7 +40,7 @@ def main(address: str, model: str, factor: float, stop_file: Path) -> None:
         calls += 1
         started = time.monotonic()
         try:
-            response = stub.ModelInfer(request, timeout=DEADLINE_S)
+            response = stub.ModelInfer(request, timeout=DEADLINE_S, wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
             failed[exc.code().name] += 1
             failures.append([time.time(), exc.code().name, exc.details()])
@@ -57,4 +59,4 @@ def main(address: str, model: str, factor: float, stop_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4]), "--wait-for-ready" in sys.argv[5:])
