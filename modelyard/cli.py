@@ -273,7 +273,8 @@ def up(
     try:
         if model_store:
             open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
-        asyncio.run(run_up(fleet))
+        if not asyncio.run(run_up(fleet)):
+            sys.exit(1)
     except (*startup_errors, StoreError, TimeoutError, ArchiveError) as exc:
         fail(str(exc))
 

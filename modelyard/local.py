@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from modelyard.backends.s3store import ArtifactCache
 
 log = logging.getLogger(__name__)
+
+STOP_STEP_S = 20.0  # the longest one step of stopping the fleet may take before it is left behind
 T = TypeVar("T")
 
 # Replicas for the example models: add_sub on both containers shows a replicated model.
@@ -403,19 +405,50 @@ class LocalFleet:
             f"see {self.workdir}/containers/*/*.log"
         )
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """Stops everything, in order. A step that does not finish within STOP_STEP_S is logged, with
+        what every task was doing, and left behind, so stopping never hangs; returns False if one was."""
+        clean = True
+
+        async def step(what: str, work: Awaitable[object]) -> None:
+            nonlocal clean
+            try:
+                async with asyncio.timeout(STOP_STEP_S):
+                    await work
+            except TimeoutError:
+                clean = False
+                log.error(
+                    "stopping: %s did not finish within %.0f s; going on. Tasks:\n%s",
+                    what,
+                    STOP_STEP_S,
+                    describe_tasks(),
+                )
+
         if self.router is not None:
-            await self.router.stop()
+            await step("the router", self.router.stop())
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = asyncio.gather(*self._tasks, return_exceptions=True)
+        await step("agents, supervisors and the controller", tasks)
         for agent in self.agents:
-            await agent.adapter.close()
+            await step(f"closing the client of {agent.container.id}", agent.adapter.close())
+        # Each process gets SIGTERM, then SIGKILL after 10 s: this step ends on its own.
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in self.processes))
         if self._follower is not None:
-            await self._follower.stop()
+            await step("the store follower", self._follower.stop())
         if self._store is not None:
-            await self._store.close()
+            await step("the store", self._store.close())
+        return clean
+
+
+def describe_tasks() -> str:
+    """One line per running asyncio task: its name and where it waits."""
+    lines = []
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=1)
+        where = f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
+        lines.append(f"  {task.get_name()} at {where}")
+    return "\n".join(sorted(lines))
 
 
 async def _finish_in_thread(fn: Callable[[], T]) -> T:
@@ -453,7 +486,9 @@ def iris_call(address: str) -> str:
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
 
-async def run_up(fleet: LocalFleet) -> None:
+async def run_up(fleet: LocalFleet) -> bool:
+    """Starts the fleet, prints how to call it, and stops it at Ctrl-C (SIGINT) or SIGTERM. Returns whether
+    everything stopped within its time."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -464,45 +499,51 @@ async def run_up(fleet: LocalFleet) -> None:
         f"the placement controller and the router (store: {fleet.store_url})"
     )
     try:
-        started = asyncio.create_task(fleet.start())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            started.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await started
-            return
-        models = started.result()
-        assert fleet.router is not None
-        table = fleet.router.router.table
-        print()
-        print(f"{'container':<12} {'address':<17} {'pid':>8}  models")
-        for process, agent in zip(fleet.processes, fleet.agents, strict=True):
-            pid = process.process.pid if process.process else 0
-            print(
-                f"{agent.container.id:<12} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
-            )
-        print()
-        for model in models:
-            copies = ", ".join(c.id for c in table.ready_copies(model.key))
-            print(f"model {model.key:<12} ready on {copies}")
-        print()
-        print(f"router ready on {fleet.router.address} (KServe v2 gRPC and modelyard.v1.Router)")
-        print(
-            "tenants: x-tenant-id is trusted as sent (local development; `modelyard serve` identifies "
-            "callers by token or client certificate)"
-        )
-        print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
-        print("try it:")
-        print(f"  {example_call(fleet.router.address)}")
-        if fleet.sagemakers:
-            print(f"  {example_call(fleet.router.address, 'sagemaker_scale')}")
-            print(f"  curl http://{fleet.sagemakers[0].address}/ping   # and /models: the SageMaker contract")
-        if fleet.mlserver_containers:
-            print(f"  {iris_call(fleet.router.address)}")
-        print("press Ctrl-C to stop everything", flush=True)
-        await stopped
-        print("stopping...", flush=True)
+        await _serve_until(fleet, stop)
     finally:
-        await fleet.stop()
-        print("stopped", flush=True)
+        clean = await fleet.stop()
+        print("stopped" if clean else "stopped, leaving behind what the log above names", flush=True)
+    return clean
+
+
+async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
+    """Starts the fleet and prints how to call it; returns when `stop` is set (at once if during start)."""
+    started = asyncio.create_task(fleet.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        started.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await started
+        return
+    models = started.result()
+    assert fleet.router is not None
+    table = fleet.router.router.table
+    print()
+    print(f"{'container':<12} {'address':<17} {'pid':>8}  models")
+    for process, agent in zip(fleet.processes, fleet.agents, strict=True):
+        pid = process.process.pid if process.process else 0
+        print(
+            f"{agent.container.id:<12} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
+        )
+    print()
+    for model in models:
+        copies = ", ".join(c.id for c in table.ready_copies(model.key))
+        print(f"model {model.key:<12} ready on {copies}")
+    print()
+    print(f"router ready on {fleet.router.address} (KServe v2 gRPC and modelyard.v1.Router)")
+    print(
+        "tenants: x-tenant-id is trusted as sent (local development; `modelyard serve` identifies "
+        "callers by token or client certificate)"
+    )
+    print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
+    print("try it:")
+    print(f"  {example_call(fleet.router.address)}")
+    if fleet.sagemakers:
+        print(f"  {example_call(fleet.router.address, 'sagemaker_scale')}")
+        print(f"  curl http://{fleet.sagemakers[0].address}/ping   # and /models: the SageMaker contract")
+    if fleet.mlserver_containers:
+        print(f"  {iris_call(fleet.router.address)}")
+    print("press Ctrl-C to stop everything", flush=True)
+    await stopped
+    print("stopping...", flush=True)

@@ -63,6 +63,23 @@ class Up:
             if text in line:
                 return line
 
+    def ctrl_c(self, timeout_s: float = 60.0) -> tuple[int, str]:
+        """SIGINT, as Ctrl-C sends; the exit status and all output after it (read until the pipe closes)."""
+        os.kill(self.process.pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout_s
+        rest: list[str] = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line == "":
+                break
+            rest.append(line)
+        tail = "".join(rest)
+        assert time.monotonic() < deadline, f"modelyard up still running after Ctrl-C:\n{tail}"
+        return self.process.wait(10), tail
+
     def stop(self) -> None:
         if self.process.poll() is None:
             stop_process(self.process)  # type: ignore[arg-type]
@@ -89,16 +106,13 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
         printed = np.array([float(v) for v in re.findall(r"-?\d+\.?\d*", result.stdout)])
         np.testing.assert_allclose(printed, np.array([1, 2, 3]) * 2.0)
 
-        os.kill(up.process.pid, signal.SIGINT)
-        assert up.process.wait(60) == 0
+        status, rest = up.ctrl_c()
+        assert status == 0, rest
         deadline = time.monotonic() + 15
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(alive(pid) for pid in pids), "Triton processes outlived modelyard up"
-        rest = []
-        while (line := up.lines.get(timeout=10)) != "":
-            rest.append(line)
-        assert "stopped" in "".join(rest)
+        assert rest.splitlines()[-1] == "stopped", rest
     finally:
         up.stop()
 
@@ -132,8 +146,8 @@ def test_up_restarts_a_killed_triton_and_serves_again_within_30_s(tmp_path: Path
         new_pid = re.search(r"as pid (\d+)", restart)
         assert new_pid is not None and alive(int(new_pid.group(1))), restart
 
-        os.kill(up.process.pid, signal.SIGINT)
-        assert up.process.wait(60) == 0
+        status, rest = up.ctrl_c()
+        assert status == 0 and rest.splitlines()[-1] == "stopped", rest
         deadline = time.monotonic() + 15
         while alive(int(new_pid.group(1))) and time.monotonic() < deadline:
             time.sleep(0.1)
