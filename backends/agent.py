@@ -135,7 +135,8 @@ class Agent:
                 lease, self._lease = self._lease, None
                 self._registered.clear()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(lease.revoke(), timeout=5)
+                    async with asyncio.timeout(5):
+                        await lease.revoke()
 
     @property
     def registered(self) -> bool:
@@ -236,7 +237,10 @@ class Agent:
     async def _beat_once(self) -> None:
         started = time.monotonic()
         try:
-            live = await asyncio.wait_for(self.adapter.live(), timeout=max(3.0, self.lease_ttl_s / 3))
+            # asyncio.timeout, never wait_for, in this module: on Python 3.11 wait_for can swallow the
+            # cancellation that stops the agent, and the loop goes on (seen: `up` not stopping at Ctrl-C).
+            async with asyncio.timeout(max(3.0, self.lease_ttl_s / 3)):
+                live = await self.adapter.live()
         except Exception as exc:  # the client itself failing says as little about the container
             log.warning("container %s: liveness check failed: %s", self.container.id, _reason(exc))
             live = False
@@ -265,7 +269,8 @@ class Agent:
                 self._down_logged = now
                 lease, self._lease = self._lease, None
                 self._registered.clear()
-                await asyncio.wait_for(lease.revoke(), timeout=self.lease_ttl_s)
+                async with asyncio.timeout(self.lease_ttl_s):
+                    await lease.revoke()
             elif now - self._down_logged >= DOWN_LOG_EVERY_S:
                 self._down_logged = now
                 log.warning(
@@ -304,7 +309,8 @@ class Agent:
     async def _refresh_lease(self) -> None:
         assert self._lease is not None
         try:
-            await asyncio.wait_for(self._lease.refresh(), timeout=max(1.0, self.lease_ttl_s / 3))
+            async with asyncio.timeout(max(1.0, self.lease_ttl_s / 3)):
+                await self._lease.refresh()
         except (StoreUnavailable, TimeoutError) as exc:
             # The store may come back before the lease runs out: keep it and refresh again next beat.
             log.warning("container %s: cannot refresh its lease (%s)", self.container.id, _reason(exc))
@@ -335,7 +341,8 @@ class Agent:
         """`loaded` becomes what the container says it holds: models it lost are loaded again, models it
         holds that we did not know of (an agent restart) are kept if assigned and unloaded if not."""
         try:
-            held = await asyncio.wait_for(self.adapter.ready_versions(), timeout=30)
+            async with asyncio.timeout(30):
+                held = await self.adapter.ready_versions()
         except Exception as exc:
             log.warning("container %s: cannot list its models (%s)", self.container.id, _reason(exc))
             return  # still unknown: asked again next beat
@@ -538,7 +545,8 @@ class Agent:
 
     async def _still_held(self, key: str) -> bool:
         try:
-            return key in await asyncio.wait_for(self.adapter.ready_versions(), timeout=10)
+            async with asyncio.timeout(10):
+                return key in await self.adapter.ready_versions()
         except Exception:
             return True  # cannot tell: assume it is, and try the unload again
 

@@ -126,7 +126,8 @@ class LoadedVersion:
             return True
         self._drained = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._drained), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._drained)
         except TimeoutError:
             return False
         return True

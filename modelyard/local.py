@@ -355,7 +355,8 @@ class LocalFleet:
     async def wait_registered(self, timeout_s: float) -> None:
         """Waits until every agent has registered its container (so the first plan uses them all)."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(a.wait_registered() for a in self.agents)), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(a.wait_registered() for a in self.agents))
         except TimeoutError:
             missing = ", ".join(a.container.id for a in self.agents if not a.registered)
             raise TimeoutError(
@@ -523,9 +524,7 @@ async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
     print(f"{'container':<12} {'address':<17} {'pid':>8}  models")
     for process, agent in zip(fleet.processes, fleet.agents, strict=True):
         pid = process.process.pid if process.process else 0
-        print(
-            f"{agent.container.id:<12} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}"
-        )
+        print(f"{agent.container.id:<12} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}")
     print()
     for model in models:
         copies = ", ".join(c.id for c in table.ready_copies(model.key))
