@@ -55,6 +55,10 @@ class _EmbeddedLease(Lease):
         await self._store._run(self._store._revoke_lease, self.id)
 
 
+# A safety net under `data_version`: an idle watch reads the log at least this often anyway.
+WATCH_READ_AT_LEAST_EVERY_S = 5.0
+
+
 class EmbeddedStore(Store):
     def __init__(self, directory: Path, *, poll_interval_s: float = 0.05) -> None:
         self.directory = directory
@@ -292,15 +296,47 @@ class EmbeddedStore(Store):
             for rev, key, value in rows
         ]
 
+    def _next_expiry(self) -> float:
+        """When the earliest lease runs out (wall clock), or +inf without leases."""
+        row = self._conn.execute("SELECT min(expires_at) FROM leases").fetchone()
+        return float("inf") if row is None or row[0] is None else float(row[0])
+
+    def _changes_and_next_expiry(self, prefix: str, revision: int) -> tuple[list[Event], float]:
+        return self._changes_since(prefix, revision), self._next_expiry()
+
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Reads the log again only when something may have changed: a commit by any connection (SQLite's
+        `data_version`, read on a connection of the watch's own, which never writes) or a lease running
+        out (its deletions are written by whoever reads first). An idle watch costs one cheap PRAGMA per
+        poll interval, on the event loop, and no thread hop or query of the log."""
         next_revision = start_revision
-        while True:
-            events = await self._run(self._changes_since, prefix, next_revision)
-            if events:
-                next_revision = events[-1].revision + 1
-                yield events
-            else:
+        probe = sqlite3.connect(self.directory / "store.sqlite3", check_same_thread=False, timeout=0.05)
+        try:
+            seen: int | None = None
+            next_expiry = 0.0
+            last_read = 0.0
+            while True:
+                try:
+                    version: int | None = int(probe.execute("PRAGMA data_version").fetchone()[0])
+                except sqlite3.Error:
+                    version = None  # cannot tell: read the log
+                now = time.monotonic()
+                if (
+                    version is None
+                    or version != seen
+                    or time.time() >= next_expiry
+                    or now - last_read >= WATCH_READ_AT_LEAST_EVERY_S
+                ):
+                    seen, last_read = version, now  # taken before the read: a commit during it is seen next
+                    read = self._changes_and_next_expiry
+                    events, next_expiry = await self._run(read, prefix, next_revision)
+                    if events:
+                        next_revision = events[-1].revision + 1
+                        yield events
+                        continue
                 await asyncio.sleep(self.poll_interval_s)
+        finally:
+            probe.close()
 
     async def close(self) -> None:
         with self._lock:

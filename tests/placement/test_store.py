@@ -161,7 +161,7 @@ def test_embedded_store_is_shared_between_processes(tmp_path) -> None:  # type: 
     url = str(tmp_path / "store")
     script = (
         "import asyncio, sys\n"
-        "from placement.store import open_store\n"
+        "from modelyard.placement.store import open_store\n"
         "async def main():\n"
         "    async with open_store(sys.argv[1]) as s:\n"
         "        for i in range(50):\n"
@@ -197,3 +197,67 @@ def test_a_new_embedded_store_opened_by_many_processes_at_once_opens_in_all(tmp_
         ]
         results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in processes]
         assert all(status == 0 for status, _ in results), [err for status, err in results if status]
+
+
+def test_embedded_watch_sees_another_process_s_write_by_data_version_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle embedded watch reads the log only when SQLite's data_version says a commit happened: with
+    the periodic safety read switched off, a write from another process must still reach the watch."""
+    import sys
+
+    from modelyard.placement.store import embedded
+
+    monkeypatch.setattr(embedded, "WATCH_READ_AT_LEAST_EVERY_S", 1e9)
+    url = str(tmp_path / "store")
+    script = (
+        "import asyncio, sys\n"
+        "from modelyard.placement.store import open_store\n"
+        "async def main():\n"
+        "    async with open_store(sys.argv[1]) as s:\n"
+        "        await s.put('/t/from-elsewhere', b'x')\n"
+        "asyncio.run(main())\n"
+    )
+
+    async def scenario(store: Store) -> None:
+        _, revision = await store.get_prefix("/t/")
+
+        async def first_put() -> Event:
+            async for events in store.watch_prefix("/t/", revision + 1):
+                return events[0]
+            raise AssertionError("watch ended")
+
+        watching = asyncio.create_task(first_put())
+        await asyncio.sleep(0.3)  # the watch has read the log once and now only checks data_version
+        writer = await asyncio.create_subprocess_exec(sys.executable, "-c", script, url)
+        assert await writer.wait() == 0
+        event = await asyncio.wait_for(watching, timeout=30)
+        assert (event.kind, event.key) == ("put", "/t/from-elsewhere")
+
+    run(url, scenario)
+
+
+def test_embedded_watch_sees_a_lease_expire_when_nobody_else_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is written when a lease runs out; the watch itself must expire it when its time comes."""
+    from modelyard.placement.store import embedded
+
+    monkeypatch.setattr(embedded, "WATCH_READ_AT_LEAST_EVERY_S", 1e9)
+
+    async def scenario(store: Store) -> None:
+        lease = await store.grant_lease(1)
+        await store.put("/t/alive", b"1", lease=lease)
+        _, revision = await store.get_prefix("/t/")
+
+        async def first_delete() -> Event:
+            async for events in store.watch_prefix("/t/", revision + 1):
+                for event in events:
+                    if event.kind == "delete":
+                        return event
+            raise AssertionError("watch ended")
+
+        event = await asyncio.wait_for(first_delete(), timeout=30)
+        assert event.key == "/t/alive"
+
+    run(str(tmp_path / "store"), scenario)
