@@ -99,8 +99,9 @@ def test_plan_in_separate_processes_writes_byte_identical_maps(
         completed = subprocess.run(
             [
                 sys.executable,
-                "-c",
-                "from placement.cli import placement; placement()",
+                "-m",
+                "modelyard",
+                "placement",
                 "plan",
                 "--models",
                 str(models),
@@ -109,8 +110,8 @@ def test_plan_in_separate_processes_writes_byte_identical_maps(
                 "--out",
                 str(out),
             ],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed},
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONHASHSEED": seed},
             capture_output=True,
             text=True,
             timeout=60,
