@@ -409,7 +409,7 @@ def test_router_idle_cpu(hop: Hop, quick: bool, verdict: Verdict, tmp_path: Path
     window_s = 1.0 if quick else 30.0  # CPU time moves in 10 ms ticks: 30 s resolves 0.33 ms/s
     embedded = _idle_cpu_ms_per_s(hop.targets["router"].pids, window_s)
     verdict(
-        "idle router CPU, embedded store (its watch polls the file every 50 ms)",
+        "idle router CPU, embedded store (watch woken by inotify)",
         f"{embedded:.2f} ms/s",
         "<= 1 ms/s",
         embedded <= 1.0,

@@ -57,6 +57,44 @@ class _EmbeddedLease(Lease):
 
 # A safety net under `data_version`: an idle watch reads the log at least this often anyway.
 WATCH_READ_AT_LEAST_EVERY_S = 5.0
+# After inotify reports a write, data_version is looked at again after these waits (1.3 s in all).
+SETTLE_CHECKS_S = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.5)
+
+
+class _DirectoryWrites:
+    """Sets `changed` whenever a file in a directory is written (inotify, read on the event loop)."""
+
+    def __init__(self, notify: Any) -> None:
+        self._notify = notify
+        self.changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(notify.fileno(), self._readable)
+
+    @classmethod
+    def open(cls, directory: Path) -> _DirectoryWrites | None:
+        """None where inotify is not available (not Linux, or no watches left): the caller polls."""
+        try:
+            from inotify_simple import INotify, flags
+        except ImportError:
+            return None
+        try:
+            notify = INotify(nonblocking=True)
+        except OSError:
+            return None
+        try:
+            notify.add_watch(directory, flags.MODIFY | flags.CREATE | flags.MOVED_TO | flags.DELETE)
+        except OSError:
+            notify.close()
+            return None
+        return cls(notify)
+
+    def _readable(self) -> None:
+        self._notify.read(timeout=0)  # drain; which file does not matter
+        self.changed.set()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._notify.fileno())
+        self._notify.close()
 
 
 class EmbeddedStore(Store):
@@ -307,15 +345,22 @@ class EmbeddedStore(Store):
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         """Reads the log again only when something may have changed: a commit by any connection (SQLite's
         `data_version`, read on a connection of the watch's own, which never writes) or a lease running
-        out (its deletions are written by whoever reads first). An idle watch costs one cheap PRAGMA per
-        poll interval, on the event loop, and no thread hop or query of the log."""
+        out (its deletions are written by whoever reads first), and at least every 5 s.
+
+        On Linux it sleeps until the kernel says a file in the store's directory was written (inotify):
+        an idle watch wakes only for those and for lease deadlines. Elsewhere it looks every
+        `poll_interval_s`, with one cheap PRAGMA and no thread hop when nothing changed."""
         next_revision = start_revision
         probe = sqlite3.connect(self.directory / "store.sqlite3", check_same_thread=False, timeout=0.05)
+        written = _DirectoryWrites.open(self.directory)
         try:
             seen: int | None = None
             next_expiry = 0.0
             last_read = 0.0
+            settling = len(SETTLE_CHECKS_S)  # checks left after a file write woke us (none until one does)
             while True:
+                if written is not None:
+                    written.changed.clear()  # before the look: a write after it wakes the next wait
                 try:
                     version: int | None = int(probe.execute("PRAGMA data_version").fetchone()[0])
                 except sqlite3.Error:
@@ -334,9 +379,26 @@ class EmbeddedStore(Store):
                         next_revision = events[-1].revision + 1
                         yield events
                         continue
-                await asyncio.sleep(self.poll_interval_s)
+                if written is None:
+                    await asyncio.sleep(self.poll_interval_s)
+                    continue
+                if settling < len(SETTLE_CHECKS_S):
+                    # A writer's WAL write wakes us before its commit is published (in shared memory,
+                    # which raises no inotify event): look again a few times before sleeping long.
+                    wait_s = SETTLE_CHECKS_S[settling]
+                    settling += 1
+                else:
+                    wait_s = min(WATCH_READ_AT_LEAST_EVERY_S, max(0.0, next_expiry - time.time()) + 0.01)
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await written.changed.wait()
+                    settling = 0
+                except TimeoutError:
+                    pass
         finally:
             probe.close()
+            if written is not None:
+                written.close()
 
     async def close(self) -> None:
         with self._lock:

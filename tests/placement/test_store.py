@@ -199,16 +199,20 @@ def test_a_new_embedded_store_opened_by_many_processes_at_once_opens_in_all(tmp_
         assert all(status == 0 for status, _ in results), [err for status, err in results if status]
 
 
+@pytest.mark.parametrize("wakes_by", ["inotify", "polling"])
 def test_embedded_watch_sees_another_process_s_write_by_data_version_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wakes_by: str
 ) -> None:
     """An idle embedded watch reads the log only when SQLite's data_version says a commit happened: with
-    the periodic safety read switched off, a write from another process must still reach the watch."""
+    the periodic safety read switched off, a write from another process must still reach the watch,
+    whether the watch sleeps until inotify reports a write (Linux) or polls (where inotify is missing)."""
     import sys
 
     from modelyard.placement.store import embedded
 
     monkeypatch.setattr(embedded, "WATCH_READ_AT_LEAST_EVERY_S", 1e9)
+    if wakes_by == "polling":
+        monkeypatch.setattr(embedded._DirectoryWrites, "open", classmethod(lambda cls, directory: None))
     url = str(tmp_path / "store")
     script = (
         "import asyncio, sys\n"
@@ -259,5 +263,46 @@ def test_embedded_watch_sees_a_lease_expire_when_nobody_else_reads(
 
         event = await asyncio.wait_for(first_delete(), timeout=30)
         assert event.key == "/t/alive"
+
+    run(str(tmp_path / "store"), scenario)
+
+
+def test_an_idle_embedded_watch_does_not_read_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle is idle: with nothing written and no lease due, the watch neither reads the log nor hops to a
+    thread; the first write after a quiet second is read at once (inotify wakes it)."""
+    from modelyard.placement.store import embedded
+
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, embedded.EmbeddedStore)
+        reads = 0
+        first_read = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        real = store._changes_and_next_expiry
+
+        def counted(prefix: str, revision: int) -> tuple[list[Event], float]:  # runs in a thread
+            nonlocal reads
+            reads += 1
+            loop.call_soon_threadsafe(first_read.set)
+            return real(prefix, revision)
+
+        monkeypatch.setattr(store, "_changes_and_next_expiry", counted)
+        _, revision = await store.get_prefix("/t/")
+        got = asyncio.get_running_loop().create_future()
+
+        async def watch() -> None:
+            async for events in store.watch_prefix("/t/", revision + 1):
+                got.set_result(events)
+                return
+
+        task = asyncio.create_task(watch())
+        await first_read.wait()  # the watch's first look
+        await asyncio.sleep(1.5)  # the idle period under test: 30 poll intervals of the polling fallback
+        assert reads == 1
+        await store.put("/t/a", b"1")
+        events = await asyncio.wait_for(got, timeout=2)  # far below the 5-s safety read
+        assert [e.key for e in events] == ["/t/a"]
+        await task
 
     run(str(tmp_path / "store"), scenario)
