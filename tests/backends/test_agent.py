@@ -4,11 +4,12 @@ store blips and its own restarts without reloading what is loaded, and retries w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -390,29 +391,37 @@ def _pid(process: CustomContainerProcess) -> int:
     return process.process.pid
 
 
+@contextlib.asynccontextmanager
+async def agent_of(process: CustomContainerProcess, tmp_path: Path) -> AsyncIterator[tuple[Store, Agent]]:
+    """One model ready on the container through a running agent (6-s lease: a check every 2 s); stopped
+    after the block."""
+    async with open_store(str(tmp_path / "store")) as store:
+        agent, adapter, task = await start(store, process, models(tmp_path, "m"), lease_ttl_s=6.0)
+        try:
+            yield store, agent
+        finally:
+            await stop(task)
+            await adapter.close()
+
+
 def test_one_liveness_check_that_times_out_does_not_withdraw_the_container(
     container: CustomContainerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A starved machine can make one check run out of time; that alone must not re-place every copy."""
 
     async def scenario() -> None:
-        async with open_store(str(tmp_path / "store")) as store:
-            agent, adapter, task = await start(store, container, models(tmp_path, "m"), lease_ttl_s=6.0)
+        async with agent_of(container, tmp_path) as (store, agent):
+            # A stopped process keeps its socket: connections are accepted and never answered, so the
+            # check times out, as on a machine too busy to run the container.
+            os.kill(_pid(container), signal.SIGSTOP)
             try:
-                # A stopped process keeps its socket: connections are accepted and never answered, so
-                # the check times out, as on a machine too busy to run the container.
-                os.kill(_pid(container), signal.SIGSTOP)
-                try:
-                    await until(lambda: _true(agent._slow_strikes == 1), "one check times out")
-                finally:
-                    os.kill(_pid(container), signal.SIGCONT)
-                await until(lambda: _true(agent._slow_strikes == 0), "the next check is answered", 30)
-                assert agent.registrations == 1  # never withdrawn, so never registered again
-                assert "withdrawing it\n" not in caplog.text.replace("withdrawing it if", "")
-                assert await ready(store, "m@1")()
+                await until(lambda: _true(agent._slow_strikes == 1), "one check times out")
             finally:
-                await stop(task)
-                await adapter.close()
+                os.kill(_pid(container), signal.SIGCONT)
+            await until(lambda: _true(agent._slow_strikes == 0), "the next check is answered", 30)
+            assert agent.registrations == 1  # never withdrawn, so never registered again
+            assert "withdrawing it\n" not in caplog.text.replace("withdrawing it if", "")
+            assert await ready(store, "m@1")()
 
     asyncio.run(scenario())
 
@@ -421,25 +430,20 @@ def test_a_container_that_stays_unanswering_is_withdrawn_and_registered_again_wh
     container: CustomContainerProcess, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        async with open_store(str(tmp_path / "store")) as store:
-            agent, adapter, task = await start(store, container, models(tmp_path, "m"), lease_ttl_s=6.0)
+        async with agent_of(container, tmp_path) as (store, agent):
 
             async def registered() -> bool:
                 return CID in (await registry.load_fleet(store)).containers
 
+            os.kill(_pid(container), signal.SIGSTOP)
             try:
-                os.kill(_pid(container), signal.SIGSTOP)
-                try:
-                    await until(lambda: _not(registered()), "the hung container is withdrawn")
-                    assert agent._lease is None
-                finally:
-                    os.kill(_pid(container), signal.SIGCONT)
-                await until(ready(store, "m@1"), "registered again, its copy ready")
-                assert agent.registrations == 2
-                assert agent.load_calls == 1  # the container kept the model: no reload
+                await until(lambda: _not(registered()), "the hung container is withdrawn")
+                assert agent._lease is None
             finally:
-                await stop(task)
-                await adapter.close()
+                os.kill(_pid(container), signal.SIGCONT)
+            await until(ready(store, "m@1"), "registered again, its copy ready")
+            assert agent.registrations == 2
+            assert agent.load_calls == 1  # the container kept the model: no reload
 
     asyncio.run(scenario())
 
@@ -448,15 +452,10 @@ def test_a_container_that_refuses_connections_is_withdrawn_at_the_first_check(
     container: CustomContainerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        async with open_store(str(tmp_path / "store")) as store:
-            agent, adapter, task = await start(store, container, models(tmp_path, "m"), lease_ttl_s=6.0)
-            try:
-                os.kill(_pid(container), signal.SIGKILL)  # no supervisor here: nothing restarts it
-                await until(lambda: _true(agent._lease is None), "the dead container is withdrawn")
-                assert "did not answer within" not in caplog.text  # no second chance for a refusal
-            finally:
-                await stop(task)
-                await adapter.close()
+        async with agent_of(container, tmp_path) as (_, agent):
+            os.kill(_pid(container), signal.SIGKILL)  # no supervisor here: nothing restarts it
+            await until(lambda: _true(agent._lease is None), "the dead container is withdrawn")
+            assert "did not answer within" not in caplog.text  # no second chance for a refusal
 
     asyncio.run(scenario())
 

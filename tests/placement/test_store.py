@@ -19,6 +19,15 @@ def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]
     return asyncio.run(main())
 
 
+async def first_delete(store: Store, revision: int) -> Event:
+    """The first delete a watch of /t/ from `revision` sees."""
+    async for events in store.watch_prefix("/t/", revision):
+        for event in events:
+            if event.kind == "delete":
+                return event
+    raise AssertionError("watch ended")
+
+
 def test_put_then_get_returns_value_and_revision(store_url: str) -> None:
     async def scenario(store: Store) -> None:
         first = await store.put("/t/a", b"one")
@@ -117,14 +126,7 @@ def test_keys_under_an_expired_lease_disappear_and_watchers_see_it(store_url: st
         _, revision = await store.get_prefix("/t/")
         assert await store.get("/t/alive") is not None
 
-        async def first_delete() -> Event:
-            async for events in store.watch_prefix("/t/", revision + 1):
-                for event in events:
-                    if event.kind == "delete":
-                        return event
-            raise AssertionError("watch ended")
-
-        event = await asyncio.wait_for(first_delete(), timeout=15)
+        event = await asyncio.wait_for(first_delete(store, revision + 1), timeout=15)
         assert event.key == "/t/alive"
         assert await store.get("/t/alive") is None
 
@@ -254,14 +256,7 @@ def test_embedded_watch_sees_a_lease_expire_when_nobody_else_reads(
         await store.put("/t/alive", b"1", lease=lease)
         _, revision = await store.get_prefix("/t/")
 
-        async def first_delete() -> Event:
-            async for events in store.watch_prefix("/t/", revision + 1):
-                for event in events:
-                    if event.kind == "delete":
-                        return event
-            raise AssertionError("watch ended")
-
-        event = await asyncio.wait_for(first_delete(), timeout=30)
+        event = await asyncio.wait_for(first_delete(store, revision + 1), timeout=30)
         assert event.key == "/t/alive"
 
     run(str(tmp_path / "store"), scenario)
