@@ -22,9 +22,10 @@ from modelyard.placement.planner import Capacity, Demand, Plan, plan
 from modelyard.placement.units import format_bytes
 
 if TYPE_CHECKING:
-    from modelyard.placement.rebalance import ContainerUsage, RebalancePlan
+    from modelyard.placement.rebalance import RebalancePlan
     from modelyard.placement.registry import Fleet
     from modelyard.placement.store import Store
+    from modelyard.placement.usage import ContainerUsage
 
 T = TypeVar("T")
 
@@ -150,8 +151,8 @@ def show(store_url: str | None, as_json: bool) -> None:
 
     from modelyard.placement.autoscale import resident_and_evictable
     from modelyard.placement.autoscaler import STATUS, read_status
-    from modelyard.placement.rebalance import lost_copies, under_replicated, usage
     from modelyard.placement.registry import ConcurrentPlanError, load_fleet
+    from modelyard.placement.usage import lost_copies, under_replicated, usage
 
     async def read(store: Store) -> tuple[Fleet, dict[str, object]]:
         fleet = await load_fleet(store)

@@ -1,4 +1,4 @@
-"""Store-backed placement: fleet usage for `show`, and rebalance plans applied make-before-break.
+"""Rebalancing: whole-fleet plans (`plan_fleet`, `plan_rebalance`), applied make-before-break.
 
 Planning stays pure (`plan_rebalance` takes a Fleet snapshot and returns a RebalancePlan); applying it
 talks to the store: under a lease-held lock (so exactly one of two concurrent rebalances applies), it first
@@ -20,6 +20,7 @@ from modelyard.placement.model import Container, ModelVersion
 from modelyard.placement.planner import Capacity, Demand, Plan, plan
 from modelyard.placement.registry import Changes, ConcurrentPlanError, Fleet
 from modelyard.placement.store import Store
+from modelyard.placement.usage import ContainerUsage, usage
 
 __all__ = ["LOCK", "RebalanceInProgress"]
 
@@ -35,20 +36,6 @@ class Move:
 
 
 @dataclass(frozen=True)
-class ContainerUsage:
-    id: str
-    kind: str
-    capacity_bytes: int
-    used_bytes: int
-    copies: int
-    live: bool
-
-    @property
-    def utilization(self) -> float:
-        return self.used_bytes / self.capacity_bytes if self.capacity_bytes else 0.0
-
-
-@dataclass(frozen=True)
 class RebalancePlan:
     generation: int
     before: dict[str, tuple[str, ...]]
@@ -61,50 +48,6 @@ class RebalancePlan:
     @property
     def bytes_moved(self) -> int:
         return sum(m.memory_bytes for m in self.moves if m.target is not None)
-
-
-def budget_bytes(fleet: Fleet, model: ModelVersion) -> int:
-    """What a copy costs: max(declared, measured), since declared sizes lie."""
-    return fleet.budget_bytes(model)
-
-
-def usage(fleet: Fleet, assignments: Mapping[str, Sequence[str]]) -> list[ContainerUsage]:
-    """Per container (live ones, and dead ones still holding copies): bytes used and copies."""
-    used: dict[str, int] = {}
-    copies: dict[str, int] = {}
-    for key, ids in assignments.items():
-        model = fleet.models.get(key)
-        cost = fleet.budget_bytes(model) if model else 0
-        for cid in ids:
-            used[cid] = used.get(cid, 0) + cost
-            copies[cid] = copies.get(cid, 0) + 1
-    rows = [
-        ContainerUsage(c.id, c.kind, c.memory_bytes, used.get(c.id, 0), copies.get(c.id, 0), True)
-        for c in fleet.containers.values()
-    ]
-    rows += [
-        ContainerUsage(cid, "?", 0, used[cid], copies[cid], False)
-        for cid in used
-        if cid not in fleet.containers
-    ]
-    return sorted(rows, key=lambda r: r.id)
-
-
-def lost_copies(fleet: Fleet) -> list[tuple[str, str]]:
-    """(model, container) for every assigned copy whose container's lease has expired."""
-    return sorted(
-        (key, cid) for key, ids in fleet.assignments.items() for cid in ids if cid not in fleet.containers
-    )
-
-
-def under_replicated(fleet: Fleet) -> dict[str, int]:
-    """Registered models with fewer copies on live containers than their replicas: model -> live copies."""
-    short = {}
-    for key, model in fleet.models.items():
-        live = sum(1 for cid in fleet.assignments.get(key, ()) if cid in fleet.containers)
-        if live < model.replicas:
-            short[key] = live
-    return short
 
 
 def _moves(fleet: Fleet, before: dict[str, tuple[str, ...]], after: dict[str, tuple[str, ...]]) -> list[Move]:

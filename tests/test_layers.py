@@ -143,3 +143,46 @@ def test_module_level_imports_form_no_cycle() -> None:
         if start not in state:
             walk(start, [start])
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+LAYER_NAMES = {0: "foundations", 1: "placement", 2: "backends", 3: "router", 4: "applications"}
+
+
+def summary(path: Path) -> str:
+    """The first sentence of a module's docstring: what the module holds."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    end = first.find(". ")
+    return first if end < 0 else first[: end + 1]
+
+
+def layout_document() -> str:
+    """docs/layout.md: every module, by layer, with what it owns (its docstring's first sentence)."""
+    lines = [
+        "# Layout: what each module owns",
+        "",
+        "Generated from the modules' docstrings by `tests/test_layers.py`, which fails when this file is",
+        "stale (regenerate: `python -m tests.test_layers > docs/layout.md`). Layers import only downward.",
+    ]
+    found = modules()
+    for number, title in LAYER_NAMES.items():
+        lines += ["", f"## {number}. {title}", "", "| module | owns |", "| --- | --- |"]
+        for name in sorted(n for n in found if layer(n) == number):
+            owns = summary(found[name]).replace("|", "\\|")
+            lines.append(f"| `{name}` | {owns} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_every_module_says_what_it_owns() -> None:
+    missing = sorted(name for name, path in modules().items() if not summary(path))
+    assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_docs_layout_lists_every_module_as_it_is() -> None:
+    assert (ROOT / "docs" / "layout.md").read_text() == layout_document(), (
+        "docs/layout.md is stale: python -m tests.test_layers > docs/layout.md"
+    )
+
+
+if __name__ == "__main__":
+    print(layout_document(), end="")

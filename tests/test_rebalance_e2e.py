@@ -15,7 +15,8 @@ from tritonclient.utils import InferenceServerException
 from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
-from modelyard.placement.rebalance import RebalancePlan, _moves, apply_rebalance, lost_copies
+from modelyard.placement.rebalance import RebalancePlan, _moves, apply_rebalance
+from modelyard.placement.usage import lost_copies
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
 

@@ -9,16 +9,10 @@ import pytest
 
 from modelyard.placement import registry
 from modelyard.placement.model import Container, CopyState, ModelVersion
-from modelyard.placement.rebalance import (
-    RebalanceInProgress,
-    apply_rebalance,
-    lost_copies,
-    plan_rebalance,
-    under_replicated,
-    usage,
-)
+from modelyard.placement.rebalance import RebalanceInProgress, apply_rebalance, plan_rebalance
 from modelyard.placement.registry import Fleet
 from modelyard.placement.store import Store, open_store
+from modelyard.placement.usage import lost_copies, under_replicated, usage
 
 GiB = 1024**3
 
