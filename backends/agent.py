@@ -122,6 +122,11 @@ class Agent:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                if task.cancelled():
+                    # Not our own stop (that cancels run() itself, which does not get here): something
+                    # under the loop raised CancelledError, as grpc.aio does in a call whose channel was
+                    # closed. A crash like any other: run() raises, and its supervisor runs it again.
+                    raise RuntimeError(f"agent loop {task.get_name()} was cancelled from within")
                 task.result()  # raises what stopped it
             raise RuntimeError("an agent loop returned")
         except asyncio.CancelledError:

@@ -318,8 +318,9 @@ class LocalFleet:
             if process.address != agent.container.address:
                 old = agent.adapter
                 agent.container_restarted(process.address, self._adapter_for(process))
-                with contextlib.suppress(Exception):
-                    await old.close()
+                # Not closed now: closing a channel cancels the calls on it, and an agent call in flight
+                # to the old address (a liveness check) would end in a CancelledError not its own.
+                self._tasks.append(asyncio.create_task(_close_later(old), name=f"close-old-client-{cid}"))
             else:
                 agent.container_restarted()
             assert process.process is not None
@@ -440,6 +441,16 @@ class LocalFleet:
         if self._store is not None:
             await step("the store", self._store.close())
         return clean
+
+
+async def _close_later(adapter: ContainerAdapter, after_s: float = 60.0) -> None:
+    """Closes a replaced container client once every call that may still use it has run out of time
+    (at once if the fleet stops first)."""
+    try:
+        await asyncio.sleep(after_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await adapter.close()
 
 
 def describe_tasks() -> str:
