@@ -19,6 +19,18 @@ def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]
     return asyncio.run(main())
 
 
+# Another process writing to a store: `python -c WRITER URL PREFIX N` puts PREFIX0 .. PREFIX{N-1}.
+WRITER = (
+    "import asyncio, sys\n"
+    "from modelyard.placement.store import open_store\n"
+    "async def main():\n"
+    "    async with open_store(sys.argv[1]) as s:\n"
+    "        for i in range(int(sys.argv[3])):\n"
+    "            await s.put(f'{sys.argv[2]}{i}', b'x')\n"
+    "asyncio.run(main())\n"
+)
+
+
 async def first_delete(store: Store, revision: int) -> Event:
     """The first delete a watch of /t/ from `revision` sees."""
     async for events in store.watch_prefix("/t/", revision):
@@ -161,16 +173,7 @@ def test_embedded_store_is_shared_between_processes(tmp_path) -> None:  # type: 
     import sys
 
     url = str(tmp_path / "store")
-    script = (
-        "import asyncio, sys\n"
-        "from modelyard.placement.store import open_store\n"
-        "async def main():\n"
-        "    async with open_store(sys.argv[1]) as s:\n"
-        "        for i in range(50):\n"
-        "            await s.put(f'/t/{sys.argv[2]}/{i}', b'x')\n"
-        "asyncio.run(main())\n"
-    )
-    writers = [subprocess.Popen([sys.executable, "-c", script, url, str(n)]) for n in range(3)]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, f"/t/{n}/", "50"]) for n in range(3)]
     assert [w.wait(60) for w in writers] == [0, 0, 0]
 
     async def scenario(store: Store) -> None:
@@ -216,14 +219,6 @@ def test_embedded_watch_sees_another_process_s_write_by_data_version_alone(
     if wakes_by == "polling":
         monkeypatch.setattr(embedded._DirectoryWrites, "open", classmethod(lambda cls, directory: None))
     url = str(tmp_path / "store")
-    script = (
-        "import asyncio, sys\n"
-        "from modelyard.placement.store import open_store\n"
-        "async def main():\n"
-        "    async with open_store(sys.argv[1]) as s:\n"
-        "        await s.put('/t/from-elsewhere', b'x')\n"
-        "asyncio.run(main())\n"
-    )
 
     async def scenario(store: Store) -> None:
         _, revision = await store.get_prefix("/t/")
@@ -235,10 +230,10 @@ def test_embedded_watch_sees_another_process_s_write_by_data_version_alone(
 
         watching = asyncio.create_task(first_put())
         await asyncio.sleep(0.3)  # the watch has read the log once and now only checks data_version
-        writer = await asyncio.create_subprocess_exec(sys.executable, "-c", script, url)
+        writer = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, url, "/t/elsewhere/", "1")
         assert await writer.wait() == 0
         event = await asyncio.wait_for(watching, timeout=30)
-        assert (event.kind, event.key) == ("put", "/t/from-elsewhere")
+        assert (event.kind, event.key) == ("put", "/t/elsewhere/0")
 
     run(url, scenario)
 
