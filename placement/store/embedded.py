@@ -357,7 +357,8 @@ class EmbeddedStore(Store):
             seen: int | None = None
             next_expiry = 0.0
             last_read = 0.0
-            settling = len(SETTLE_CHECKS_S)  # checks left after a file write woke us (none until one does)
+            # Looks left after a write woke us and its commit was not visible yet (none until then).
+            settling = len(SETTLE_CHECKS_S)
             while True:
                 if written is not None:
                     written.changed.clear()  # before the look: a write after it wakes the next wait
@@ -372,6 +373,8 @@ class EmbeddedStore(Store):
                     or time.time() >= next_expiry
                     or now - last_read >= WATCH_READ_AT_LEAST_EVERY_S
                 ):
+                    if version != seen:
+                        settling = len(SETTLE_CHECKS_S)  # the commit that woke us is visible: no more looks
                     seen, last_read = version, now  # taken before the read: a commit during it is seen next
                     read = self._changes_and_next_expiry
                     events, next_expiry = await self._run(read, prefix, next_revision)
@@ -383,7 +386,7 @@ class EmbeddedStore(Store):
                     await asyncio.sleep(self.poll_interval_s)
                     continue
                 if settling < len(SETTLE_CHECKS_S):
-                    # A writer's WAL write wakes us before its commit is published (in shared memory,
+                    # A writer's WAL write woke us before its commit was published (in shared memory,
                     # which raises no inotify event): look again a few times before sleeping long.
                     wait_s = SETTLE_CHECKS_S[settling]
                     settling += 1
