@@ -31,6 +31,25 @@ WRITER = (
 )
 
 
+def first_read_signal(store: Store, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set when the embedded store's watch first reads its log; `store.log_reads` counts the reads."""
+    from modelyard.placement.store.embedded import EmbeddedStore
+
+    assert isinstance(store, EmbeddedStore)
+    loop = asyncio.get_running_loop()
+    signal = asyncio.Event()
+    real = store._changes_and_next_expiry
+    store.log_reads = 0  # type: ignore[attr-defined]
+
+    def counted(prefix: str, revision: int) -> tuple[list[Event], float]:  # runs in a thread
+        store.log_reads += 1  # type: ignore[attr-defined]
+        loop.call_soon_threadsafe(signal.set)
+        return real(prefix, revision)
+
+    monkeypatch.setattr(store, "_changes_and_next_expiry", counted)
+    return signal
+
+
 async def first_delete(store: Store, revision: int) -> Event:
     """The first delete a watch of /t/ from `revision` sees."""
     async for events in store.watch_prefix("/t/", revision):
@@ -222,6 +241,7 @@ def test_embedded_watch_sees_another_process_s_write_by_data_version_alone(
 
     async def scenario(store: Store) -> None:
         _, revision = await store.get_prefix("/t/")
+        first_look = first_read_signal(store, monkeypatch)
 
         async def first_put() -> Event:
             async for events in store.watch_prefix("/t/", revision + 1):
@@ -229,7 +249,7 @@ def test_embedded_watch_sees_another_process_s_write_by_data_version_alone(
             raise AssertionError("watch ended")
 
         watching = asyncio.create_task(first_put())
-        await asyncio.sleep(0.3)  # the watch has read the log once and now only checks data_version
+        await first_look.wait()  # the watch has read the log once and now only checks data_version
         writer = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, url, "/t/elsewhere/", "1")
         assert await writer.wait() == 0
         event = await asyncio.wait_for(watching, timeout=30)
@@ -266,18 +286,7 @@ def test_an_idle_embedded_watch_does_not_read_the_log(
 
     async def scenario(store: Store) -> None:
         assert isinstance(store, embedded.EmbeddedStore)
-        reads = 0
-        first_read = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        real = store._changes_and_next_expiry
-
-        def counted(prefix: str, revision: int) -> tuple[list[Event], float]:  # runs in a thread
-            nonlocal reads
-            reads += 1
-            loop.call_soon_threadsafe(first_read.set)
-            return real(prefix, revision)
-
-        monkeypatch.setattr(store, "_changes_and_next_expiry", counted)
+        first_read = first_read_signal(store, monkeypatch)
         _, revision = await store.get_prefix("/t/")
         got = asyncio.get_running_loop().create_future()
 
@@ -289,7 +298,7 @@ def test_an_idle_embedded_watch_does_not_read_the_log(
         task = asyncio.create_task(watch())
         await first_read.wait()  # the watch's first look
         await asyncio.sleep(1.5)  # the idle period under test: 30 poll intervals of the polling fallback
-        assert reads == 1
+        assert store.log_reads == 1  # type: ignore[attr-defined]
         await store.put("/t/a", b"1")
         events = await asyncio.wait_for(got, timeout=2)  # far below the 5-s safety read
         assert [e.key for e in events] == ["/t/a"]
