@@ -118,7 +118,7 @@ def _span_attributes(call: CallInfo) -> dict[str, str | int]:
 
 def _record(telemetry: Telemetry, call: CallInfo, seconds: float) -> None:
     telemetry.in_flight[call.method] -= 1
-    model, tenant = call.model_label, call.tenant_label  # bounded (router/core.py), unlike call.model
+    model, tenant = call.model_label, call.tenant_label  # bounded (router/routing.py), unlike call.model
     telemetry.requests.add(1, {"method": call.method, "model": model, "tenant": tenant, "code": call.code})
     telemetry.duration.record(seconds, {"method": call.method, "model": model})
     if call.retries:

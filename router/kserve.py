@@ -14,11 +14,11 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from modelyard.router.core import Router
 from modelyard.router.errors import BadRequest, NotReady, RoutingError
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler
 from modelyard.router.identity import PermissionDenied, Unauthenticated
 from modelyard.router.pipeline import pipeline_name, runner_of
+from modelyard.router.routing import Router
 from modelyard.router.stream import relay
 
 SERVICE = "inference.GRPCInferenceService"

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from modelyard import metric_names as names
 from modelyard.placement.usage import ContainerUsage, lost_copies, under_replicated, usage
-from modelyard.router.core import Router
+from modelyard.router.routing import Router
 from modelyard.telemetry import Telemetry
 
 

@@ -30,7 +30,6 @@ from opentelemetry.trace import Status, StatusCode
 from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.placement.pipeline import Pipeline, Step, shapes_match
-from modelyard.router.core import OTHER_LABEL, Router
 from modelyard.router.errors import (
     BadRequest,
     ContainerStreamError,
@@ -39,6 +38,7 @@ from modelyard.router.errors import (
     RoutingError,
     UpstreamFailed,
 )
+from modelyard.router.routing import OTHER_LABEL, Router
 from modelyard.router.stream import Sink, _write, pool_of
 from modelyard.router.versions import choose_version
 from modelyard.router.wire import WireError, read_header

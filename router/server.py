@@ -10,14 +10,14 @@ from grpc_reflection.v1alpha import reflection
 from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from modelyard.placement.follow import StoreFollower
 from modelyard.placement.store import Store
-from modelyard.router.api import SERVICE as ROUTER_SERVICE
-from modelyard.router.api import api_handler
-from modelyard.router.core import DEFAULT_DEADLINE_S, Router
 from modelyard.router.health import RouterHealth
 from modelyard.router.identity import Authenticator
 from modelyard.router.kserve import SERVICE as KSERVE_SERVICE
 from modelyard.router.kserve import kserve_handler
 from modelyard.router.metrics import register_fleet_gauges
+from modelyard.router.routing import DEFAULT_DEADLINE_S, Router
+from modelyard.router.v1_service import SERVICE as ROUTER_SERVICE
+from modelyard.router.v1_service import api_handler
 from modelyard.telemetry import Telemetry
 
 

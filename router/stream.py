@@ -65,7 +65,7 @@ from modelyard.router.wire import (
 )
 
 if TYPE_CHECKING:
-    from modelyard.router.core import Router
+    from modelyard.router.routing import Router
 
 log = logging.getLogger(__name__)
 

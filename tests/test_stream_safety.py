@@ -259,7 +259,7 @@ def test_unary_infer_to_a_container_that_stays_down_waits_for_a_copy_until_its_d
     fleet: FleetThread,
 ) -> None:
     """UNAVAILABLE from the only copy means the request never ran: the router waits within the call's
-    deadline for a copy it can reach (router/core.py forward_unary). None comes, so the deadline ends it."""
+    deadline for a copy it can reach (router/routing.py forward_unary). None comes: the deadline ends it."""
     started = time.monotonic()
     with grpc.insecure_channel(fleet.address) as channel:
         with pytest.raises(grpc.RpcError) as caught:

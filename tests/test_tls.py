@@ -212,7 +212,7 @@ def test_a_router_calling_the_tls_container_in_plaintext_fails(fleet: SecureFlee
     with pytest.raises(InferenceServerException) as caught:
         infer(fleet.plain_upstream_router.address)
     # The container refuses the plaintext connection (UNAVAILABLE: the request never ran), so the router
-    # waits within the call's deadline for a copy it can reach (router/core.py forward_unary); there is none.
+    # waits within the deadline for a copy it can reach (router/routing.py forward_unary); there is none.
     assert caught.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 

@@ -9,12 +9,12 @@ import grpc
 import grpc.aio
 
 from modelyard.placement.model import ModelVersion
-from modelyard.router.core import Router
 from modelyard.router.errors import BadRequest, ModelNotFound
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from modelyard.router.identity import Identity
 from modelyard.router.kserve import SERVICE as KSERVE_SERVICE
 from modelyard.router.pipeline import pipeline_name, runner_of
+from modelyard.router.routing import Router
 from modelyard.router.stream import infer_stream, relay
 from modelyard.router.table import RoutingTable
 from modelyard.v1 import router_pb2
