@@ -98,7 +98,12 @@ def test_moving_a_model_between_tritons_drops_no_call(fleet: FleetThread) -> Non
         )
         result = await apply_rebalance(store, rebalance, holder="test", ready_timeout_s=60)
         assert result.failed == {} and result.ready == 1
-        await asyncio.sleep(2.5)  # let triton-0's agent drain and unload its old copy
+        # Calls go on while triton-0's agent drains and unloads its old copy (the move's second half).
+        agent = next(a for a in fleet.fleet.agents if a.container.id == "triton-0")
+        deadline = time.monotonic() + 30
+        while "scale@1" in agent.loaded:
+            assert time.monotonic() < deadline, "triton-0 kept its old copy"
+            await asyncio.sleep(0.05)
 
     with CallLoop(fleet.address) as loop:
         fleet.call(move())
