@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from modelyard.placement import registry
+from modelyard.placement.mapwriter import LOCK
 from modelyard.placement.model import Container, CopyState, ModelVersion
 from modelyard.placement.store import open_store
 
@@ -73,23 +74,22 @@ def test_dry_run_prints_moves_and_changes_nothing(etcd_url: str) -> None:
 def test_two_concurrent_rebalances_one_applies_the_other_exits_with_a_clear_message(etcd_url: str) -> None:
     seed(etcd_url)
     stop = threading.Event()
+    release = threading.Event()  # set once the second rebalance has been refused
 
     def agent_for_b() -> None:
-        """Reports b's new copies ready after 3 s, so the first rebalance holds its lock that long.
+        """Reports b's new copies ready once released, so the first rebalance holds its lock until then.
 
         It stands in for b's agent (a real one needs a container process; see tests/test_rebalance_e2e.py).
         """
 
         async def run() -> None:
             async with open_store(etcd_url) as store:
-                seen_at: dict[str, float] = {}
                 while not stop.is_set():
                     fleet = await registry.load_fleet(store)
-                    for key in fleet.copies_on("b"):
-                        seen_at.setdefault(key, time.monotonic())
-                        if time.monotonic() - seen_at[key] > 3 and ("b", key) not in fleet.states:
+                    for key in fleet.copies_on("b") if release.is_set() else ():
+                        if ("b", key) not in fleet.states:
                             await registry.put_copy_state(store, "b", key, CopyState("ready"))
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # the stand-in agent's pace
 
         asyncio.run(run())
 
@@ -108,8 +108,17 @@ def test_two_concurrent_rebalances_one_applies_the_other_exits_with_a_clear_mess
             "30",
         ]
         first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+
+        async def lock_held() -> bool:
+            async with open_store(etcd_url) as store:
+                return await store.get(LOCK) is not None
+
+        deadline = time.monotonic() + 30
+        while not asyncio.run(lock_held()):  # the first rebalance has taken the lock
+            assert first.poll() is None and time.monotonic() < deadline, "the first rebalance took no lock"
+            time.sleep(0.05)
         second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        release.set()
         out, err = first.communicate(timeout=60)
     finally:
         stop.set()
