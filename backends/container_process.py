@@ -11,15 +11,15 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modelyard.backends.process import port_is_free, stop_process_group
-from modelyard.backends.triton_server import FLEET_SECRET_HEADER, free_port
+from modelyard.backends.process import ServerProcess, free_port
+from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 
 
 class ContainerStartError(RuntimeError):
     pass
 
 
-class CustomContainerProcess:
+class CustomContainerProcess(ServerProcess):
     def __init__(
         self,
         workdir: Path,
@@ -89,15 +89,3 @@ class CustomContainerProcess:
         raise ContainerStartError(
             f"modelyard container not live within {timeout_s:.0f} s; log: {self.log_path}"
         )
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is not None:
-            stop_process_group(self.process, timeout_s)
-            self.process = None
-
-    def restart(self, timeout_s: float = 30.0) -> None:
-        """Starts the container again after it died: on its port if that is still free, else a new one."""
-        self.stop()
-        if not port_is_free(self.host, self.port):
-            self.port = free_port(self.host)
-        self.start(timeout_s)

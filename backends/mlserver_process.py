@@ -23,8 +23,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modelyard.backends.process import port_is_free, stop_process_group
-from modelyard.backends.triton_server import free_port
+from modelyard.backends.process import ServerProcess, free_port
 
 
 class MLServerStartError(RuntimeError):
@@ -42,7 +41,9 @@ def mlserver_command() -> list[str]:
     return [found]
 
 
-class MLServerProcess:
+class MLServerProcess(ServerProcess):
+    PORTS = ("grpc_port", "http_port")
+
     def __init__(
         self,
         workdir: Path,
@@ -114,17 +115,3 @@ class MLServerProcess:
                     time.sleep(0.1)
         self.stop()
         raise MLServerStartError(f"mlserver not live within {timeout_s:.0f} s; log: {self.log_path}")
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is not None:
-            stop_process_group(self.process, timeout_s)
-            self.process = None
-
-    def restart(self, timeout_s: float = 120.0) -> None:
-        """Starts MLServer again after it died: on its ports if still free, else new ones."""
-        self.stop()
-        if not port_is_free(self.host, self.grpc_port):
-            self.grpc_port = free_port(self.host)
-        if not port_is_free(self.host, self.http_port):
-            self.http_port = free_port(self.host)
-        self.start(timeout_s)

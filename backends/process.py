@@ -82,6 +82,41 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel hands out now (nothing listens on it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server modelyard starts as a child in its own process group, on loopback ports (the attributes
+    named in PORTS). `stop` ends the whole group (Triton's python stubs, MMS's JVM go with it); `restart`
+    starts it again after it died, on each port if that is still free, else on a new one."""
+
+    PORTS: tuple[str, ...] = ("port",)
+    host: str
+    process: subprocess.Popen[bytes] | None
+
+    def start(self) -> None:  # each server's own, with its own start-up timeout
+        raise NotImplementedError
+
+    def new_port(self) -> int:
+        return free_port(self.host)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is not None:
+            stop_process_group(self.process, timeout_s)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        for name in self.PORTS:
+            if not port_is_free(self.host, getattr(self, name)):
+                setattr(self, name, self.new_port())
+        self.start()
+
+
 def backoff_s(failures: int, base_s: float = 0.5, max_s: float = 30.0) -> float:
     """Exponential backoff: base_s after the first failure, doubling up to max_s."""
     return min(max_s, base_s * 2 ** max(0, failures - 1))

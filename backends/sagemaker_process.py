@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from modelyard.backends.process import port_is_free, stop_process_group
+from modelyard.backends.process import ServerProcess, port_is_free
 
 HANDLER_SERVICE = "modelyard.backends.sagemaker_handler:handle"
 INSTALL_HINT = (
@@ -95,9 +95,12 @@ def mms_home() -> Path:
     return Path(mms.__file__).resolve().parent.parent
 
 
-class SageMakerProcess:
+class SageMakerProcess(ServerProcess):
     """One multi-model-server in SageMaker multi-model mode, on `host:port` (inference and management on
     one port, as SageMaker binds them)."""
+
+    def new_port(self) -> int:
+        return free_port(self.host)  # below 32768: MMS refuses higher ones
 
     def __init__(
         self,
@@ -216,15 +219,3 @@ class SageMakerProcess:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is not None:
-            stop_process_group(self.process, timeout_s)
-            self.process = None
-
-    def restart(self, timeout_s: float = 120.0) -> None:
-        """Starts the server again after it died: on its port if that is still free, else a new one."""
-        self.stop()
-        if not port_is_free(self.host, self.port):
-            self.port = free_port(self.host)
-        self.start(timeout_s)

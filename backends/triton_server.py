@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -12,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelyard.backends.process import port_is_free, stop_process_group
+from modelyard.backends.process import ServerProcess, free_port
 
 # The header carrying the fleet secret. Triton's `--grpc-restricted-protocol=...:KEY=VALUE` checks the
 # header `triton-grpc-protocol-KEY` (measured on 2.51: its refusal names it); our container and the
@@ -83,14 +82,10 @@ class TritonInstall:
         return into
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-class TritonServer:
+class TritonServer(ServerProcess):
     """One tritonserver process on loopback, explicit model control, CPU only."""
+
+    PORTS = ("grpc_port",)
 
     def __init__(
         self,
@@ -186,22 +181,6 @@ class TritonServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stops the server and its python backend stubs (its whole process group)."""
-        if self.process is not None:
-            stop_process_group(self.process, timeout_s)
-            self.process = None
-
-    def restart(self, timeout_s: float = 60.0) -> None:
-        """Starts the server again after it died: on its port if that is still free, else on a new one.
-
-        Its python backend stubs may have outlived it; they go first (the whole process group).
-        """
-        self.stop()
-        if not port_is_free(self.host, self.grpc_port):
-            self.grpc_port = free_port(self.host)
-        self.start(timeout_s)
 
     def __enter__(self) -> TritonServer:
         self.start()
