@@ -40,7 +40,7 @@ from modelyard.router.errors import (
 )
 from modelyard.router.routing import OTHER_LABEL, Router
 from modelyard.router.stream import Sink, _write, pool_of
-from modelyard.router.versions import choose_version
+from modelyard.router.versions import resolve_version
 from modelyard.router.wire import WireError, read_header
 from modelyard.telemetry import CURRENT_CALL, CallInfo
 
@@ -114,20 +114,14 @@ class PipelineRunner:
             call.model, call.version, call.tenant = name, version, tenant or ""
             call.model_label, call.tenant_label = OTHER_LABEL, OTHER_LABEL if tenant else ""
         fleet = self.router.table.fleet
-        visible = {v: p for v, p in fleet.pipelines_by_name.get(name, {}).items() if p.visible_to(tenant)}
-        if not visible:
-            raise ModelNotFound(f"model '{name}' is not registered")
-        chosen = choose_version(
+        pipeline = resolve_version(
             name,
-            visible,
+            fleet.pipelines_by_name.get(name),
             requested=version,
             tenant=tenant,
             request_id=request_id,
             rule=fleet.routes.get(name),
         )
-        if chosen is None:
-            raise ModelNotFound(f"model '{name}' has no version '{version}'")
-        pipeline = visible[chosen]
         if call is not None:
             call.version = pipeline.version
             call.model_label = name

@@ -11,8 +11,7 @@ import asyncio
 from modelyard.placement.model import Container, ModelVersion
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store.base import Event
-from modelyard.router.errors import ModelNotFound
-from modelyard.router.versions import choose_version
+from modelyard.router.versions import resolve_version
 
 
 class TableWatch:
@@ -115,26 +114,15 @@ class RoutingTable:
         return self.fleet.by_name.get(name, {})
 
     def resolve(self, name: str, version: str, tenant: str | None, request_id: str = "") -> ModelVersion:
-        """The model version a call for (name, version) from `tenant` goes to.
-
-        Versions private to other tenants are invisible: asking for one is NOT_FOUND, exactly as for a
-        model that does not exist, so callers cannot probe other tenants' models.
-        """
-        versions = self.fleet.by_name.get(name)
-        visible = {v: m for v, m in versions.items() if m.visible_to(tenant)} if versions else {}
-        if not visible:
-            raise ModelNotFound(f"model '{name}' is not registered")
-        chosen = choose_version(
+        """The model version a call for (name, version) from `tenant` goes to (router/versions.py)."""
+        return resolve_version(
             name,
-            visible,
+            self.fleet.by_name.get(name),
             requested=version,
             tenant=tenant,
             request_id=request_id,
             rule=self.fleet.routes.get(name),
         )
-        if chosen is None:
-            raise ModelNotFound(f"model '{name}' has no version '{version}'")
-        return visible[chosen]
 
     def ready_copies(self, key: str) -> tuple[Container, ...]:
         copies = self._ready.get(key)

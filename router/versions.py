@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Protocol, TypeVar
 
 from modelyard.placement.model import RouteRule, version_order
+from modelyard.router.errors import ModelNotFound
+
+
+class _Visible(Protocol):
+    def visible_to(self, tenant: str | None) -> bool: ...
+
+
+V = TypeVar("V", bound=_Visible)
 
 
 def split_point(model: str, request_id: str) -> float:
@@ -51,3 +60,28 @@ def choose_version(
         if rule.default_version in visible:
             return rule.default_version
     return max(visible, key=version_order)
+
+
+def resolve_version(
+    name: str,
+    versions: Mapping[str, V] | None,
+    *,
+    requested: str,
+    tenant: str | None,
+    request_id: str,
+    rule: RouteRule | None,
+) -> V:
+    """The version of `name` (a model's or a pipeline's) a caller gets, by `choose_version`'s rules.
+
+    Versions private to other tenants are invisible: asking for one is NOT_FOUND, exactly as for a name
+    that does not exist, so callers cannot probe other tenants' models.
+    """
+    visible = {v: item for v, item in (versions or {}).items() if item.visible_to(tenant)}
+    if not visible:
+        raise ModelNotFound(f"model '{name}' is not registered")
+    chosen = choose_version(
+        name, visible, requested=requested, tenant=tenant, request_id=request_id, rule=rule
+    )
+    if chosen is None:
+        raise ModelNotFound(f"model '{name}' has no version '{requested}'")
+    return visible[chosen]
