@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 
 class RoutingError(Exception):
@@ -13,6 +15,17 @@ class RoutingError(Exception):
 
 class BadRequest(RoutingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_request(message_type: type[M], data: bytes) -> M:
+    """`data` decoded as `message_type`; bytes that do not decode are INVALID_ARGUMENT naming the type."""
+    try:
+        return message_type.FromString(data)
+    except Exception as exc:  # protobuf's DecodeError
+        raise BadRequest(f"malformed {message_type.__name__}: {exc}") from exc
 
 
 class ModelNotFound(RoutingError):

@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from modelyard.router.errors import BadRequest, NotReady, RoutingError
+from modelyard.router.errors import NotReady, RoutingError, parse_request
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler
 from modelyard.router.identity import PermissionDenied, Unauthenticated
 from modelyard.router.pipeline import pipeline_name, runner_of
@@ -65,10 +65,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
     async def RepositoryIndex(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Every version the caller may call, READY when a copy is ready (no container names)."""
         tenant = router.identify(context).tenant
-        try:
-            query = kserve.RepositoryIndexRequest.FromString(request)
-        except Exception as exc:  # protobuf's DecodeError
-            raise BadRequest(f"malformed RepositoryIndexRequest: {exc}") from exc
+        query = parse_request(kserve.RepositoryIndexRequest, request)
         if not router.ready:
             raise NotReady("routing table not loaded yet")
         table = router.table

@@ -37,6 +37,7 @@ from modelyard.router.errors import (
     ModelNotFound,
     RoutingError,
     UpstreamFailed,
+    parse_request,
 )
 from modelyard.router.routing import OTHER_LABEL, Router
 from modelyard.router.stream import Sink, _write, pool_of
@@ -137,10 +138,7 @@ class PipelineRunner:
             from modelyard.router.errors import NotReady
 
             raise NotReady("routing table not loaded yet")
-        try:
-            message = kserve.ModelInferRequest.FromString(request)
-        except Exception as exc:  # protobuf's DecodeError
-            raise BadRequest(f"malformed request: {exc}") from exc
+        message = parse_request(kserve.ModelInferRequest, request)
         pipeline = self.resolve(message.model_name, message.model_version, message.id, context)
         return pipeline, message
 
@@ -187,10 +185,7 @@ class PipelineRunner:
 
     def metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """`ModelMetadata`: the pipeline's tensors and the versions the caller may call."""
-        try:
-            query = kserve.ModelMetadataRequest.FromString(request)
-        except Exception as exc:  # protobuf's DecodeError
-            raise BadRequest(f"malformed request: {exc}") from exc
+        query = parse_request(kserve.ModelMetadataRequest, request)
         pipeline = self.resolve(query.name, query.version, "", context)
         tenant = self.router.identify(context).tenant
         versions = self.router.table.fleet.pipelines_by_name.get(pipeline.name, {})
@@ -207,10 +202,7 @@ class PipelineRunner:
     def ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """`ModelReady`: true when every step's model (as the caller's rules choose it) has a ready copy;
         like a model's, asking loads nothing and an unknown pipeline is not ready."""
-        try:
-            query = kserve.ModelReadyRequest.FromString(request)
-        except Exception as exc:  # protobuf's DecodeError
-            raise BadRequest(f"malformed request: {exc}") from exc
+        query = parse_request(kserve.ModelReadyRequest, request)
         try:
             pipeline = self.resolve(query.name, query.version, "", context)
         except ModelNotFound:

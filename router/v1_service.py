@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 
 from modelyard.placement.model import ModelVersion
-from modelyard.router.errors import BadRequest, ModelNotFound
+from modelyard.router.errors import BadRequest, ModelNotFound, parse_request
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from modelyard.router.identity import Identity
 from modelyard.router.kserve import SERVICE as KSERVE_SERVICE
@@ -33,10 +33,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
 
     async def WhereIs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         identity = router.identify(context)
-        try:
-            query = router_pb2.WhereIsRequest.FromString(request)
-        except Exception as exc:  # protobuf's DecodeError
-            raise BadRequest(f"malformed WhereIsRequest: {exc}") from exc
+        query = parse_request(router_pb2.WhereIsRequest, request)
         if not query.model_name:
             raise BadRequest("model_name is required")
         table = router.table
@@ -80,10 +77,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
 
     async def WatchRoutes(request: bytes, context: grpc.aio.ServicerContext) -> None:
         identity = router.identify(context)
-        try:
-            query = router_pb2.WatchRoutesRequest.FromString(request)
-        except Exception as exc:  # protobuf's DecodeError
-            raise BadRequest(f"malformed WatchRoutesRequest: {exc}") from exc
+        query = parse_request(router_pb2.WatchRoutesRequest, request)
         wanted = set(query.model_names)
         table = router.table
         watch = table.watch()
