@@ -16,8 +16,6 @@ import grpc.aio
 from modelyard.grpc_options import container_channel_options
 from modelyard.placement.model import Container
 
-# Headers gRPC manages itself; everything else the caller sent (tenant, trace context, ...) travels on.
-_HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding"})
 CHANNEL_OPTIONS = container_channel_options()
 
 
@@ -65,11 +63,3 @@ class ContainerChannels:
             await channel.close()
         self._channels.clear()
         self._unary.clear()
-
-
-def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple(
-        (m.key, m.value)
-        for m in context.invocation_metadata() or ()
-        if m.key not in _HOP_HEADERS and not m.key.startswith(":")
-    )

@@ -46,6 +46,11 @@ NO_TENANT = "-"
 PERMISSIONS = frozenset({ROUTES_PERMISSION})
 # Credentials end at the router: containers get the fleet secret and the authenticated tenant instead.
 CREDENTIAL_HEADERS = frozenset({TENANT_HEADER, AUTHORIZATION_HEADER, FLEET_SECRET_HEADER})
+# Headers gRPC manages itself: they never travel on to containers (gRPC sets its own on the next hop).
+HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding"})
+_KEPT_HERE = CREDENTIAL_HEADERS | HOP_HEADERS
+Forwarded = tuple[tuple[str, str | bytes], ...]
+MAX_CACHED_TENANTS = 4096  # identities (and upstream metadata) kept per tenant named in a header
 RELOAD_CHECK_S = 2.0  # how often a token file / certificate map is checked for changes (one stat)
 
 
@@ -190,6 +195,7 @@ class Authenticator:
         self.certificates = certificates
         self.fleet_secret = fleet_secret.encode() if fleet_secret else None
         self._tasks: list[asyncio.Task[None]] = []
+        self._header_identities: dict[tuple[str | None, bool], Identity] = {}
 
     @classmethod
     def trusting_header(cls, fleet_secret: str | None = None) -> Authenticator:
@@ -218,17 +224,24 @@ class Authenticator:
 
     def identify(self, context: grpc.aio.ServicerContext) -> Identity:
         """The caller's identity; raises Unauthenticated or PermissionDenied."""
+        return self.caller(context)[0]
+
+    def caller(self, context: grpc.aio.ServicerContext) -> tuple[Identity, Forwarded]:
+        """The caller's identity and the metadata of its that travels on to containers, from one pass over
+        the call's metadata: credentials, gRPC's own headers and pseudo-headers stay at the router."""
         header_tenant: str | None = None
         authorization: str | None = None
         secret: bytes | None = None
-        for item in context.invocation_metadata() or ():
-            key = item.key
-            if key == TENANT_HEADER:
-                header_tenant = str(item.value)
+        forwarded: list[tuple[str, str | bytes]] = []
+        for key, value in context.invocation_metadata() or ():
+            if key not in _KEPT_HERE:
+                if not key.startswith(":"):
+                    forwarded.append((key, value))
+            elif key == TENANT_HEADER:
+                header_tenant = str(value)
             elif key == AUTHORIZATION_HEADER:
-                authorization = str(item.value)
+                authorization = str(value)
             elif key == FLEET_SECRET_HEADER:
-                value = item.value
                 secret = value if isinstance(value, bytes) else str(value).encode()
         holds_secret = (
             self.fleet_secret is not None
@@ -243,13 +256,22 @@ class Authenticator:
                     if self.tokens is not None
                     else "no credentials: this router identifies callers by client certificate"
                 )
-            identity = Identity(header_tenant or None)
+            identity = self._header_identity(header_tenant or None, holds_secret)
         elif header_tenant is not None and header_tenant != (identity.tenant or ""):
             raise PermissionDenied(
                 f"x-tenant-id '{header_tenant}' is not the tenant of this caller's credentials"
             )
-        if holds_secret and not identity.routes:
+        elif holds_secret and not identity.routes:
             identity = Identity(identity.tenant, True, identity.via)
+        return identity, tuple(forwarded)
+
+    def _header_identity(self, tenant: str | None, routes: bool) -> Identity:
+        """The identity of a tenant named by the header: made once per tenant (bounded), not per call."""
+        identity = self._header_identities.get((tenant, routes))
+        if identity is None:
+            if len(self._header_identities) >= MAX_CACHED_TENANTS:
+                self._header_identities.clear()  # anyone can name any tenant in the header: stay bounded
+            identity = self._header_identities[(tenant, routes)] = Identity(tenant, routes)
         return identity
 
     def _authenticated(self, context: grpc.aio.ServicerContext, authorization: str | None) -> Identity | None:

@@ -6,6 +6,7 @@ Servicers stay thin: they hand bytes and the call context here and get bytes bac
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import grpc
@@ -18,12 +19,13 @@ from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, Mode
 from modelyard.placement.store import Store
 from modelyard.router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
 from modelyard.router.follow import TableFollower
-from modelyard.router.forward import ContainerChannels, forwarded_metadata
+from modelyard.router.forward import ContainerChannels
 from modelyard.router.identity import (
-    CREDENTIAL_HEADERS,
     FLEET_SECRET_HEADER,
+    MAX_CACHED_TENANTS,
     TENANT_HEADER,
     Authenticator,
+    Forwarded,
     Identity,
 )
 from modelyard.router.inputs import CHECKED_BACKENDS, check_inputs
@@ -33,9 +35,9 @@ from modelyard.router.sagemaker_forward import SageMakerForwarder
 from modelyard.router.table import RoutingTable
 from modelyard.router.wire import (
     WireError,
+    name_version_fields,
     read_header,
     with_name,
-    with_name_version,
     with_nested_name,
     with_version,
 )
@@ -43,6 +45,16 @@ from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
 
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
 _KSERVE = "/inference.GRPCInferenceService/"
+_MODEL_INFER = _KSERVE + "ModelInfer"
+_MODEL_METADATA = _KSERVE + "ModelMetadata"
+_MODEL_CONFIG = _KSERVE + "ModelConfig"
+_MODEL_STATISTICS = _KSERVE + "ModelStatistics"
+
+
+@functools.lru_cache(maxsize=65536)
+def _internal_name_fields(name: str, version: str) -> bytes:
+    """Fields 1 and 2 of a request for one version under Triton's (and MLServer's) internal name."""
+    return name_version_fields(triton_model_name(name, version), version)
 
 
 def public_response(model: ModelVersion, method: str, response: bytes) -> bytes:
@@ -53,11 +65,11 @@ def public_response(model: ModelVersion, method: str, response: bytes) -> bytes:
     """
     if model.backend not in PER_VERSION_NAME_BACKENDS:
         return response
-    if method == _KSERVE + "ModelInfer" or method == _KSERVE + "ModelMetadata":
+    if method == _MODEL_INFER or method == _MODEL_METADATA:
         return with_name(response, model.name)  # ModelInferResponse.model_name / ModelMetadataResponse.name
-    if method == _KSERVE + "ModelConfig":
+    if method == _MODEL_CONFIG:
         return with_nested_name(response, 1, model.name)  # ModelConfigResponse.config.name
-    if method == _KSERVE + "ModelStatistics":  # small, and its names sit in a repeated field: decode it
+    if method == _MODEL_STATISTICS:  # small, and its names sit in a repeated field: decode it
         stats = kserve.ModelStatisticsResponse.FromString(response)
         for entry in stats.model_stats:
             entry.name = model.name
@@ -105,6 +117,7 @@ class Router:
         self.lazy = LazyLoader(store, self.table, telemetry)
         self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
+        self._metadata: dict[str | None, grpc.aio.Metadata] = {}  # upstream metadata by tenant
 
     async def start(self) -> None:
         self.follower.start()  # idempotent: a shared follower may be running already
@@ -133,6 +146,13 @@ class Router:
     def route(self, request: bytes, context: grpc.aio.ServicerContext) -> tuple[ModelVersion, bytes]:
         """The model version a request goes to, and the bytes to send: on Triton under the version's
         internal name; elsewhere with the version pinned when it matters."""
+        model, request, _ = self._route(request, context)
+        return model, request
+
+    def _route(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> tuple[ModelVersion, bytes, tuple[Identity, Forwarded]]:
+        """`route`, and the caller (identity, metadata that travels on) read on the way."""
         if not self.table.loaded:
             raise NotReady("routing table not loaded yet")
         try:
@@ -141,7 +161,8 @@ class Router:
             raise BadRequest(f"malformed request: {exc}") from exc
         if not name:
             raise BadRequest("model_name is required")
-        identity = self.identify(context)
+        caller = self.identity.caller(context)
+        identity = caller[0]
         tenant = identity.tenant
         call = CURRENT_CALL.get()
         if call is not None:  # before resolving, so a refused call is still counted under its model
@@ -153,11 +174,11 @@ class Router:
             call.model_label = name  # registered, and visible to the caller
             call.tenant_label = self.tenant_label(identity, model)
         if model.backend in PER_VERSION_NAME_BACKENDS:
-            request = with_name_version(request, triton_model_name(model.name, model.version), model.version)
+            request += _internal_name_fields(model.name, model.version)  # appended fields win: one copy
         # With several versions registered, the container must not pick its own default.
         elif not version and len(self.table.versions(name)) > 1:
             request = with_version(request, model.version)
-        return model, request
+        return model, request, caller
 
     async def forward_unary(
         self, method: str, request: bytes, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
@@ -169,17 +190,18 @@ class Router:
         only one, to the copy that replaces it, waited for within the call's deadline as a cold call waits.
         Any other code is final: the request may have run.
         """
-        model, request = self.route(request, context)
-        if method == _KSERVE + "ModelInfer" and model.backend in CHECKED_BACKENDS:
+        model, request, caller = self._route(request, context)
+        if method == _MODEL_INFER and model.backend in CHECKED_BACKENDS:
             check_inputs(model, request)  # a container that does not check them itself (MLServer)
         container = await self.choose_copy(model, context, lazy_load=lazy_load)
-        deadline = time.monotonic() + self.upstream_timeout(context)
+        timeout = self.upstream_timeout(context)
+        deadline = time.monotonic() + timeout
+        metadata = self.upstream_metadata(*caller)
         refused: set[str] = set()  # containers that answered this call UNAVAILABLE
         while True:
             try:
-                return public_response(
-                    model, method, await self._call(container, method, request, context, model)
-                )
+                response = await self._call(container, method, request, model, timeout, metadata)
+                return public_response(model, method, response)
             except grpc.aio.AioRpcError as exc:
                 # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
                 # (restarted at its address, or unloaded it for a move) before the store said so. The
@@ -194,6 +216,7 @@ class Router:
                         raise
                     retry_on = await self.wait_for_replacement(model, container, refused, deadline)
                 container = retry_on
+                timeout = self.upstream_timeout(context)
                 self.retries += 1
                 call = CURRENT_CALL.get()
                 if call is not None:
@@ -278,28 +301,39 @@ class Router:
             return tenant
         return OTHER_LABEL
 
-    def upstream_metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-        """The caller's metadata for the container, its credentials replaced by the authenticated tenant
-        and the fleet secret; with tracing, the trace context becomes this span's."""
-        identity = self.identify(context)
-        metadata: tuple[tuple[str, str | bytes], ...] = tuple(
-            (k, v) for k, v in forwarded_metadata(context) if k not in CREDENTIAL_HEADERS
-        )
+    def upstream_metadata(self, identity: Identity, forwarded: Forwarded) -> grpc.aio.Metadata:
+        """What a container gets with a call: the caller's metadata that travels on, the authenticated
+        tenant and the fleet secret; with tracing, the trace context becomes this span's. Without either of
+        the first and the last (the usual call), made once per tenant, not per call."""
+        tracing = self.telemetry is not None and self.telemetry.tracing
+        if not forwarded and not tracing:
+            metadata = self._metadata.get(identity.tenant)
+            if metadata is None:
+                if len(self._metadata) >= MAX_CACHED_TENANTS:
+                    self._metadata.clear()  # anyone can name any tenant in the header: stay bounded
+                metadata = self._metadata[identity.tenant] = grpc.aio.Metadata(*self._own_headers(identity))
+            return metadata
+        pairs = (*forwarded, *self._own_headers(identity))
+        if tracing and self.telemetry is not None:
+            pairs = (*((k, v) for k, v in pairs if k not in TRACE_HEADERS), *self.telemetry.inject())
+        return grpc.aio.Metadata(*pairs)
+
+    def _own_headers(self, identity: Identity) -> tuple[tuple[str, str], ...]:
+        headers: tuple[tuple[str, str], ...] = ()
         if identity.tenant:
-            metadata += ((TENANT_HEADER, identity.tenant),)
+            headers += ((TENANT_HEADER, identity.tenant),)
         if self.fleet_secret:
-            metadata += ((FLEET_SECRET_HEADER, self.fleet_secret),)
-        if self.telemetry is not None and self.telemetry.tracing:
-            metadata = (*((k, v) for k, v in metadata if k not in TRACE_HEADERS), *self.telemetry.inject())
-        return metadata
+            headers += ((FLEET_SECRET_HEADER, self.fleet_secret),)
+        return headers
 
     async def _call(
         self,
         container: Container,
         method: str,
         request: bytes,
-        context: grpc.aio.ServicerContext,
-        model: ModelVersion | None = None,
+        model: ModelVersion,
+        timeout_s: float,
+        metadata: grpc.aio.Metadata,
     ) -> bytes:
         outstanding = self.channels.outstanding
         outstanding[container.id] = outstanding.get(container.id, 0) + 1
@@ -307,12 +341,10 @@ class Router:
         if call is not None:
             call.container = container.id
         try:
-            if container.backend == "sagemaker" and model is not None:  # HTTP, not gRPC
-                return await self.sagemaker.unary(
-                    model, container, method, request, self.upstream_timeout(context)
-                )
+            if container.backend == "sagemaker":  # HTTP, not gRPC
+                return await self.sagemaker.unary(model, container, method, request, timeout_s)
             response: bytes = await self.channels.unary(container.address, method)(
-                request, timeout=self.upstream_timeout(context), metadata=self.upstream_metadata(context)
+                request, timeout=timeout_s, metadata=metadata
             )
             return response
         finally:

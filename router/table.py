@@ -29,6 +29,9 @@ class TableWatch:
         return changed, everything
 
 
+MAX_RESOLVED_PER_NAME = 1024  # (version, tenant) choices kept per model name
+
+
 def _model_name(key: str) -> str:
     return key.rpartition("@")[0] or key
 
@@ -38,6 +41,8 @@ class RoutingTable:
         self.fleet = fleet or Fleet()
         self.loaded = fleet is not None
         self._ready: dict[str, tuple[Container, ...]] = {}
+        # name -> (requested version, tenant) -> the version resolved, for choices that are not random
+        self._resolved: dict[str, dict[tuple[str, str | None], ModelVersion]] = {}
         self._watches: set[TableWatch] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -92,9 +97,14 @@ class RoutingTable:
             self.fleet = fleet
             self.loaded = True
             self._ready.clear()
+            self._resolved.clear()
             self._notify(set(), everything=True)
             self._wake(None)
             return
+        for name in changes.routes:
+            self._resolved.pop(name, None)
+        for key in changes.registrations:
+            self._resolved.pop(_model_name(key), None)
         if changes.containers:
             self._ready.clear()
         else:
@@ -114,15 +124,31 @@ class RoutingTable:
         return self.fleet.by_name.get(name, {})
 
     def resolve(self, name: str, version: str, tenant: str | None, request_id: str = "") -> ModelVersion:
-        """The model version a call for (name, version) from `tenant` goes to (router/versions.py)."""
-        return resolve_version(
+        """The model version a call for (name, version) from `tenant` goes to (router/versions.py).
+
+        On the call path: a choice that is not random (anything but a weighted split) is made once per
+        (name, version, tenant) and kept until the model's registrations or route rule change."""
+        rule = self.fleet.routes.get(name)
+        cache = self._resolved.get(name)
+        if cache is not None:
+            model = cache.get((version, tenant))
+            if model is not None:
+                return model
+        model = resolve_version(
             name,
             self.fleet.by_name.get(name),
             requested=version,
             tenant=tenant,
             request_id=request_id,
-            rule=self.fleet.routes.get(name),
+            rule=rule,
         )
+        if version or rule is None or not rule.weights:
+            if cache is None:
+                cache = self._resolved[name] = {}
+            elif len(cache) >= MAX_RESOLVED_PER_NAME:
+                cache.clear()  # tenants named in a header are anyone's choice: stay bounded
+            cache[(version, tenant)] = model
+        return model
 
     def ready_copies(self, key: str) -> tuple[Container, ...]:
         copies = self._ready.get(key)

@@ -7,6 +7,8 @@ a few operations per field whatever the tensor sizes, so a 16 MiB request is rou
 
 from __future__ import annotations
 
+import functools
+
 
 class WireError(ValueError):
     """The bytes are not a well-formed protobuf message."""
@@ -32,17 +34,27 @@ def read_header(data: bytes) -> tuple[str, str, str]:
     """The string fields 1, 2 and 3 (model name, version, request id) of a serialized request.
 
     The last occurrence of a field wins, as protobuf parsing does; every other field is skipped unread.
+    On the call path of every request: one-byte tags and lengths (all but values of 128 bytes or more)
+    are read inline, without a call.
     """
     fields = ["", "", ""]
     pos = 0
     end = len(data)
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos)
         field, wire_type = tag >> 3, tag & 7
         if field == 0:
             raise WireError("field number 0")
         if wire_type == 2:
-            length, pos = _varint(data, pos)
+            if pos < end and data[pos] < 0x80:
+                length = data[pos]
+                pos += 1
+            else:
+                length, pos = _varint(data, pos)
             stop = pos + length
             if stop > end:
                 raise WireError(f"field {field} runs past the end of the message")
@@ -97,12 +109,23 @@ def with_name_version(data: bytes, name: str, version: str) -> bytes:
 
     Every KServe v2 model-level request (infer, metadata, config, ready, statistics) has them there.
     """
-    return data + (_string_field(1, name) + _string_field(2, version))  # one copy of `data`, not two
+    return data + name_version_fields(name, version)  # one copy of `data`, not two
+
+
+@functools.lru_cache(maxsize=65536)
+def name_version_fields(name: str, version: str) -> bytes:
+    """Fields 1 and 2 set to `name` and `version`, encoded once per model version (bounded cache)."""
+    return _string_field(1, name) + _string_field(2, version)
 
 
 def with_name(data: bytes, name: str) -> bytes:
     """The message with its string field 1 set to `name` (a response's `model_name` / `name`)."""
-    return data + _string_field(1, name)
+    return data + name_field(name)
+
+
+@functools.lru_cache(maxsize=65536)
+def name_field(name: str) -> bytes:
+    return _string_field(1, name)
 
 
 def with_nested_name(data: bytes, field: int, name: str) -> bytes:

@@ -9,7 +9,7 @@ from modelyard.placement.model import Container, CopyState, ModelVersion, RouteR
 from modelyard.placement.registry import Fleet
 from modelyard.placement.store.base import Event
 from modelyard.router.errors import ModelNotFound
-from modelyard.router.table import RoutingTable
+from modelyard.router.table import MAX_RESOLVED_PER_NAME, RoutingTable
 
 
 def put(key: str, value: bytes, revision: int = 1) -> Event:
@@ -97,3 +97,36 @@ def test_route_rules_pin_tenants_and_change_without_restart() -> None:
     assert table.resolve("m", "3", "acme").version == "3"  # an explicit version still wins
     table.apply([Event("delete", registry.ROUTES + "m", b"", 10)])
     assert table.resolve("m", "", "acme").version == "3"
+
+
+def test_resolved_versions_follow_registrations() -> None:
+    """Resolution is kept per (name, version, tenant) on the call path: every registration change of the
+    name must drop what was kept."""
+    table = RoutingTable(fleet_with([ModelVersion("m", "1")], []))
+    assert table.resolve("m", "", "acme").version == "1"
+    table.apply([put(registry.MODELS + "m@2", ModelVersion("m", "2").to_json(), 2)])
+    assert table.resolve("m", "", "acme").version == "2"
+    private = ModelVersion("m", "2", tenants=("acme",))
+    table.apply([put(registry.MODELS + "m@2", private.to_json(), 3)])
+    assert table.resolve("m", "", "other").version == "1"
+    assert table.resolve("m", "", "acme").version == "2"
+    table.apply([Event("delete", registry.MODELS + "m@2", b"", 4)])
+    assert table.resolve("m", "", "acme").version == "1"
+    with pytest.raises(ModelNotFound):
+        table.resolve("m", "2", "acme")
+
+
+def test_a_weighted_split_is_chosen_per_call_not_kept() -> None:
+    models = [ModelVersion("m", v) for v in ("1", "2")]
+    table = RoutingTable(fleet_with(models, []))
+    rule = RouteRule("m", weights=(("1", 1), ("2", 1)))
+    table.apply([put(registry.ROUTES + "m", rule.to_json(), 2)])
+    chosen = {table.resolve("m", "", None).version for _ in range(200)}
+    assert chosen == {"1", "2"}
+
+
+def test_kept_resolutions_stay_bounded_whatever_tenants_callers_name() -> None:
+    table = RoutingTable(fleet_with([ModelVersion("m", "1")], []))
+    for i in range(MAX_RESOLVED_PER_NAME * 3):
+        assert table.resolve("m", "", f"tenant-{i}").version == "1"
+    assert len(table._resolved["m"]) <= MAX_RESOLVED_PER_NAME
