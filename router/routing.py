@@ -193,14 +193,28 @@ class Router:
         model, request, caller = self._route(request, context)
         if method == _MODEL_INFER and model.backend in CHECKED_BACKENDS:
             check_inputs(model, request)  # a container that does not check them itself (MLServer)
-        container = await self.choose_copy(model, context, lazy_load=lazy_load)
+        self.rates.count(model.key)
+        container = self.channels.pick(self.table.ready_copies(model.key))
+        if container is None:
+            container = await self._load_copy(model, context, lazy_load)
         timeout = self.upstream_timeout(context)
         deadline = time.monotonic() + timeout
         metadata = self.upstream_metadata(*caller)
+        call = CURRENT_CALL.get()
+        outstanding = self.channels.outstanding
         refused: set[str] = set()  # containers that answered this call UNAVAILABLE
         while True:
+            copy = container.id
+            if call is not None:
+                call.container = copy
+            outstanding[copy] = outstanding.get(copy, 0) + 1
             try:
-                response = await self._call(container, method, request, model, timeout, metadata)
+                if container.backend == "sagemaker":  # HTTP, not gRPC
+                    response = await self.sagemaker.unary(model, container, method, request, timeout)
+                else:
+                    response = await self.channels.unary(container.address, method)(
+                        request, timeout=timeout, metadata=metadata
+                    )
                 return public_response(model, method, response)
             except grpc.aio.AioRpcError as exc:
                 # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
@@ -208,7 +222,7 @@ class Router:
                 # request did not run there either, so it is resent like an UNAVAILABLE one.
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                     raise
-                refused.add(container.id)
+                refused.add(copy)
                 others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
                 retry_on = self.channels.pick(others)
                 if retry_on is None:
@@ -218,26 +232,35 @@ class Router:
                 container = retry_on
                 timeout = self.upstream_timeout(context)
                 self.retries += 1
-                call = CURRENT_CALL.get()
                 if call is not None:
                     call.retries += 1
+            finally:
+                outstanding[copy] -= 1
 
     async def choose_copy(
         self, model: ModelVersion, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
     ) -> Container:
         """The ready copy a call goes to (the one choice, for unary calls and streams alike): of the
         model's ready copies, the less busy of two; with `lazy_load`, a model with none is loaded first,
-        within the call's deadline."""
+        within the call's deadline. (`forward_unary` makes the same choice inline.)"""
         self.rates.count(model.key)
-        copies = self.table.ready_copies(model.key)
-        if not copies and lazy_load:
-            copies = await self.lazy.ready_copies(model, context.time_remaining())
-        container = self.channels.pick(copies)
+        container = self.channels.pick(self.table.ready_copies(model.key))
         if container is None:
-            raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
+            container = await self._load_copy(model, context, lazy_load)
         call = CURRENT_CALL.get()
         if call is not None:
             call.container = container.id
+        return container
+
+    async def _load_copy(
+        self, model: ModelVersion, context: grpc.aio.ServicerContext, lazy_load: bool
+    ) -> Container:
+        """A copy for a model with none ready: loaded on demand within the call's deadline (`lazy_load`)."""
+        container = None
+        if lazy_load:
+            container = self.channels.pick(await self.lazy.ready_copies(model, context.time_remaining()))
+        if container is None:
+            raise NoReadyCopy(f"model '{model.name}' version '{model.version}' has no ready copy")
         return container
 
     async def wait_for_replacement(
@@ -325,27 +348,3 @@ class Router:
         if self.fleet_secret:
             headers += ((FLEET_SECRET_HEADER, self.fleet_secret),)
         return headers
-
-    async def _call(
-        self,
-        container: Container,
-        method: str,
-        request: bytes,
-        model: ModelVersion,
-        timeout_s: float,
-        metadata: grpc.aio.Metadata,
-    ) -> bytes:
-        outstanding = self.channels.outstanding
-        outstanding[container.id] = outstanding.get(container.id, 0) + 1
-        call = CURRENT_CALL.get()
-        if call is not None:
-            call.container = container.id
-        try:
-            if container.backend == "sagemaker":  # HTTP, not gRPC
-                return await self.sagemaker.unary(model, container, method, request, timeout_s)
-            response: bytes = await self.channels.unary(container.address, method)(
-                request, timeout=timeout_s, metadata=metadata
-            )
-            return response
-        finally:
-            outstanding[container.id] -= 1
