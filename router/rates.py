@@ -4,7 +4,8 @@ The call path pays one dict increment and one clock read (`count`); every `perio
 counts into rates and writes them, with the time since each one's last call, as one small key under this
 router's lease (`/modelyard/rates/{router id}`, format in placement/rates.py). Only models called in the
 period appear (the controller remembers last calls), so a report's size follows the models with traffic,
-not the fleet's, and an idle router writes nothing after saying its calls stopped.
+not the fleet's. When calls stop, the report is deleted with its lease (no report counts as no calls), and
+an idle router writes nothing.
 """
 
 from __future__ import annotations
@@ -74,22 +75,22 @@ class RateCounter:
 
     async def _report_forever(self) -> None:
         last = time.monotonic()
-        said_rates = False  # the last write had rates: the next says they stopped, then quiet
         while True:
             await asyncio.sleep(self.period_s)
             now = time.monotonic()
             report = self.report(now - last)
             last = now
             try:
-                if report.rates or said_rates:
+                if report.rates:
                     await self._write(report)
-                    said_rates = bool(report.rates)
                 elif self._lease is not None:
-                    await self._lease.refresh()  # idle: the last (empty) report stays
+                    # Calls stopped: the last report goes with its lease (no report counts as no calls), and
+                    # an idle router writes nothing more, waking no store watcher, until calls come again.
+                    lease, self._lease = self._lease, None
+                    await lease.revoke()
             except StoreError as exc:  # the store is down, or the lease lapsed: the next period tries again
                 log.info("router rates: cannot report (%s)", exc)
                 self._lease = None
-                said_rates = True
 
     async def _write(self, report: RateReport) -> None:
         if self._lease is None:

@@ -4,6 +4,7 @@ model fields it reads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from modelyard.placement.autoscale import (
     scale_target,
 )
 from modelyard.placement.model import Container, ModelVersion
-from modelyard.placement.rates import ModelRate, RateReport, read_rates, sum_reports
+from modelyard.placement.rates import RATES, ModelRate, RateReport, read_rates, sum_reports
 from modelyard.placement.rebalance import plan_rebalance
 from modelyard.placement.registry import Fleet
 from modelyard.placement.store import open_store
@@ -301,3 +302,34 @@ def test_a_router_reports_the_models_called_in_the_period_and_the_store_gives_th
     assert first.rates == {"hot@1": 15.0, "cold@1": 0.5} and set(first.idle_s) == {"hot@1", "cold@1"}
     assert second.rates == {"hot@1": 1.0} and set(second.idle_s) == {"hot@1"}
     assert summed["hot@1"].rate == 15.0 and summed["cold@1"].rate == 0.5  # the written (first) report
+
+
+def test_when_calls_stop_the_report_goes_and_an_idle_router_writes_nothing(tmp_path: Path) -> None:
+    """Idle is idle: every store write wakes every watcher of the fleet (routers, agents, controller)."""
+
+    async def scenario() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        async with open_store(str(tmp_path / "store")) as store:
+            _, revision = await store.get_prefix("/")
+            watch = store.watch_prefix("/", revision + 1)
+            counter = RateCounter(store, period_s=0.1, router_id="r1")
+            counter.count("hot@1")
+            counter.start()
+            written: list[tuple[str, str]] = []
+            try:
+                async with asyncio.timeout(10):  # a report, then its deletion a period later
+                    async for events in watch:
+                        written += [(e.kind, e.key) for e in events]
+                        if ("delete", counter.key) in written:
+                            break
+                after: list[tuple[str, str]] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):  # ten idle periods: the absence being tested
+                        async for events in watch:
+                            after += [(e.kind, e.key) for e in events]
+            finally:
+                await counter.stop()
+            return written, after
+
+    written, after = asyncio.run(scenario())
+    assert written == [("put", RATES + "r1"), ("delete", RATES + "r1")]
+    assert after == [], f"an idle router wrote {after}"
