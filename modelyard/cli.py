@@ -273,6 +273,10 @@ def up(
     try:
         if model_store:
             open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
+        from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES
+        from modelyard.memory import KEPT_MESSAGES, reuse_large_buffers
+
+        reuse_large_buffers(KEPT_MESSAGES * DEFAULT_MAX_MESSAGE_BYTES)  # the router runs in this process
         if not asyncio.run(run_up(fleet)):
             sys.exit(1)
     except (*startup_errors, StoreError, TimeoutError, ArchiveError) as exc:
@@ -454,6 +458,11 @@ def serve(
             await server.stop(grace_s=drain_s)  # calls in flight finish; new ones are refused
             await store.close()
 
+    # The router moves every tensor twice (in and out): its large buffers are reused (modelyard/memory.py),
+    # keeping up to a few messages' worth of freed memory.
+    from modelyard.memory import KEPT_MESSAGES, reuse_large_buffers
+
+    reuse_large_buffers(KEPT_MESSAGES * max_message_bytes)
     try:
         asyncio.run(run())
     except (RouterStartError, StoreError) as exc:

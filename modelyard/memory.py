@@ -1,0 +1,43 @@
+"""Memory settings for the processes that move tensors: freed large buffers are reused, not faulted in again.
+
+glibc serves a large allocation (128 KiB and up, the bound rising with use to at most 32 MiB) with a fresh
+`mmap` and hands it back to the kernel when it is freed. A router receives every request into a new buffer,
+appends the internal name to it (a second buffer), and does the same with the response: at 1 MiB and 16 MiB
+the page faults on all that fresh memory cost more CPU than the copies themselves. `reuse_large_buffers`
+serves allocations up to glibc's ceiling (32 MiB) from the heap and keeps up to `keep_bytes` of freed memory
+instead of trimming it, so the buffers of one call are reused by the next. Only on glibc (elsewhere: no
+change); the price is up to `keep_bytes` of memory the process keeps after a burst of large calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 1024**2  # glibc refuses more on 64-bit machines
+_INT_MAX = 2**31 - 1
+KEPT_MESSAGES = 4  # a router keeps freed memory for this many messages of its largest size
+
+
+def reuse_large_buffers(keep_bytes: int) -> bool:
+    """Large allocations from the heap, and up to `keep_bytes` of freed memory kept; False where the C
+    library is not glibc or refuses the settings (nothing changed then)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) != 1:
+        return False
+    if libc.mallopt(_M_TRIM_THRESHOLD, min(max(keep_bytes, MMAP_THRESHOLD_MAX), _INT_MAX)) != 1:
+        return False
+    log.debug(
+        "malloc: allocations up to %d bytes from the heap, %d freed bytes kept",
+        MMAP_THRESHOLD_MAX,
+        keep_bytes,
+    )
+    return True
