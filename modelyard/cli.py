@@ -274,9 +274,9 @@ def up(
         if model_store:
             open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
         from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES
-        from modelyard.memory import KEPT_MESSAGES, reuse_large_buffers
+        from modelyard.memory import reuse_large_buffers
 
-        reuse_large_buffers(KEPT_MESSAGES * DEFAULT_MAX_MESSAGE_BYTES)  # the router runs in this process
+        reuse_large_buffers(DEFAULT_MAX_MESSAGE_BYTES)  # the router runs in this process
         if not asyncio.run(run_up(fleet)):
             sys.exit(1)
     except (*startup_errors, StoreError, TimeoutError, ArchiveError) as exc:
@@ -460,9 +460,9 @@ def serve(
 
     # The router moves every tensor twice (in and out): its large buffers are reused (modelyard/memory.py),
     # keeping up to a few messages' worth of freed memory.
-    from modelyard.memory import KEPT_MESSAGES, reuse_large_buffers
+    from modelyard.memory import reuse_large_buffers
 
-    reuse_large_buffers(KEPT_MESSAGES * max_message_bytes)
+    reuse_large_buffers(max_message_bytes)
     try:
         asyncio.run(run())
     except (RouterStartError, StoreError) as exc:

@@ -8,8 +8,9 @@ import sys
 ALLOCATE_AND_FREE = """
 import resource, sys
 from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES
-from modelyard.memory import KEPT_MESSAGES, reuse_large_buffers
-applied = reuse_large_buffers(KEPT_MESSAGES * DEFAULT_MAX_MESSAGE_BYTES) if sys.argv[1] == "reuse" else None
+from modelyard.memory import reuse_large_buffers
+largest = {"default": None, "reuse": DEFAULT_MAX_MESSAGE_BYTES, "reuse-1mib": 1 << 20}[sys.argv[1]]
+applied = None if largest is None else reuse_large_buffers(largest)
 block = bytes(range(256)) * 4096  # 1 MiB
 faults = []
 for _ in range(20):
@@ -38,3 +39,10 @@ def test_the_buffers_of_a_16_mib_call_are_reused_by_the_next_not_faulted_in_agai
     applied, reused = _median_faults("reuse")
     assert applied == "True"  # glibc: the settings took
     assert reused < PAGES // 20, f"{reused} page faults per call ({PAGES} pages)"
+
+
+def test_buffers_larger_than_the_largest_message_still_go_back_to_the_kernel() -> None:
+    """A router taking at most 1 MiB keeps no 16 MiB buffers (an oversize message it refuses, say)."""
+    applied, faults = _median_faults("reuse-1mib")
+    assert applied == "True"
+    assert faults > PAGES // 2, f"only {faults} page faults per call: the buffers were kept"
