@@ -7,6 +7,11 @@ paid once) serves a whole benchmark run. Clients and channels are made once per 
      "client": "triton" | "zero-hop"}
         -> {"latencies_s": [...]} (C = 1) or {"calls_per_s": x} (C > 1); "zero-hop" is
            modelyard.client.Client following the router at A.
+    {"op": "interleaved", "targets": [{"address": A, "model": M, "client": K}, ...], "size_bytes": N,
+     "calls": K}
+        -> {"latencies_s": [[...], ...]} per target: c = 1 calls sent to the targets in turn, one call each,
+           so whatever the machine does meanwhile (another process waking, a frequency change) reaches every
+           target alike instead of the one whose turn it happens to be.
     {"op": "chain", "address": A, "models": [M1, M2, ...], "size_bytes": N, "calls": K}
         -> {"latencies_s": [...]}: each call is the models called one after another, each on the previous
            one's OUTPUT (models taking INPUT and giving OUTPUT; the last must give back the input).
@@ -115,6 +120,24 @@ def unary(command: dict[str, Any]) -> dict[str, Any]:
     return {"calls_per_s": concurrency * calls / elapsed}
 
 
+def interleaved(command: dict[str, Any]) -> dict[str, Any]:
+    tensor, x = tensor_of(command["size_bytes"])
+    calls: list[tuple[Infer, str]] = []
+    for target in command["targets"]:
+        infer: Infer = _client(target["address"], target["client"], command["secret"]).infer
+        out = infer(target["model"], [tensor]).as_numpy("OUTPUT")  # warm, and right
+        if out is None or not np.array_equal(out, x):
+            raise RuntimeError(f"{target['address']} answered wrong")
+        calls.append((infer, target["model"]))
+    latencies: list[list[float]] = [[] for _ in calls]
+    for _ in range(command["calls"]):
+        for (infer, model), samples in zip(calls, latencies, strict=True):
+            start = time.perf_counter()
+            infer(model, [tensor])
+            samples.append(time.perf_counter() - start)
+    return {"latencies_s": latencies}
+
+
 def chain(command: dict[str, Any]) -> dict[str, Any]:
     """The client calling a pipeline's models itself, one after another (benchmarks/test_pipelines.py)."""
     _, x = tensor_of(command["size_bytes"])
@@ -208,7 +231,7 @@ def stream(command: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    operations = {"unary": unary, "chain": chain, "stream": stream}
+    operations = {"unary": unary, "interleaved": interleaved, "chain": chain, "stream": stream}
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)

@@ -3,9 +3,10 @@
 Targets: direct Triton; `benchmarks/minimal_proxy.py` (the least a Python gRPC hop can do: generic handler,
 bytes in/out, cached channel and handlers); the router as users run it (`modelyard serve`, one worker and
 two); the zero-hop client (`modelyard.client.Client`); nginx `grpc_pass` when nginx is installed. The load
-generator (benchmarks/loadgen.py) is a process of its own, never the fleet's or a hop's; the targets'
-order rotates with every repetition so none always runs first on a warm or a busy machine. Client, hops
-and Triton share this machine's CPUs: ratios hold, absolute times do not.
+generator (benchmarks/loadgen.py) is a process of its own, never the fleet's or a hop's; c=1 calls take
+turns across the targets call by call, and the targets' order rotates with every repetition, so none
+always runs first on a warm or a busy machine. Client, hops and Triton share this machine's CPUs: ratios
+hold, absolute times do not.
 
 Triton knows each model version under an internal name ("identity@1", backends/triton.py): direct, proxy
 and nginx calls use it; the router and the zero-hop client take the public name.
@@ -256,33 +257,40 @@ CALLS = {"16B": 200, "4KiB": 200, "1MiB": 40, "16MiB": 6}  # per target and repe
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_unary_latency_c1(hop: Hop, size: str, quick: bool, verdict: Verdict) -> None:
-    """p50 per target; added = p50 - direct p50; CPU per call of the hop's process (all its workers)."""
+    """p50 per target; added = p50 - direct p50; CPU per call of the hop's process (all its workers).
+
+    The targets take turns call by call (the load generator's `interleaved`), so a change in the machine's
+    state during a run reaches every target alike; the order of the turns rotates with each repetition."""
     names = [n for n in ("direct", "proxy", "router", "zero-hop", "nginx") if n in hop.targets]
     repetitions, calls = (1, 2) if quick else (5, CALLS[size])
     latencies: dict[str, list[float]] = {n: [] for n in names}
     per_rep: dict[str, list[float]] = {n: [] for n in names}  # p50 of each repetition
     cpu: dict[str, float] = dict.fromkeys(names, 0.0)
     for repetition in range(repetitions):
-        for name in rotated(names, repetition):
-            target = hop.targets[name]
-            before = cpu_s(target.pids)
-            answer = hop.gen.run(
-                secret=hop.secret,
-                op="unary",
-                address=target.address,
-                model=hop.model(target, "identity"),
-                size_bytes=SIZES[size],
-                calls=calls,
-                concurrency=1,
-                client=target.client,
-            )
-            cpu[name] += cpu_s(target.pids) - before
-            latencies[name] += answer["latencies_s"]
-            per_rep[name].append(p50(answer["latencies_s"]))
+        order = rotated(names, repetition)
+        before = {name: cpu_s(hop.targets[name].pids) for name in order}
+        answer = hop.gen.run(
+            secret=hop.secret,
+            op="interleaved",
+            targets=[
+                {
+                    "address": hop.targets[name].address,
+                    "model": hop.model(hop.targets[name], "identity"),
+                    "client": hop.targets[name].client,
+                }
+                for name in order
+            ],
+            size_bytes=SIZES[size],
+            calls=calls,
+        )
+        for name, samples in zip(order, answer["latencies_s"], strict=True):
+            cpu[name] += cpu_s(hop.targets[name].pids) - before[name]
+            latencies[name] += samples
+            per_rep[name].append(p50(samples))
     direct = p50(latencies["direct"])
     added = {n: p50(latencies[n]) - direct for n in names}
     calls_each = repetitions * (calls + 1)  # each run makes one warm-up call too
-    print(f"\n{size}, c=1, {repetitions} x {calls} calls per target (rotated): p50 ms [per-repetition range]")
+    print(f"\n{size}, c=1, {repetitions} x {calls} calls per target, interleaved: p50 ms [per-rep range]")
     for name in names:
         cpu_us = cpu[name] / calls_each * 1e6 if hop.targets[name].pids else float("nan")
         print(
