@@ -9,9 +9,9 @@ paid once) serves a whole benchmark run. Clients and channels are made once per 
            modelyard.client.Client following the router at A.
     {"op": "interleaved", "targets": [{"address": A, "model": M, "client": K}, ...], "size_bytes": N,
      "calls": K}
-        -> {"latencies_s": [[...], ...]} per target: c = 1 calls sent to the targets in turn, one call each,
-           so whatever the machine does meanwhile (another process waking, a frequency change) reaches every
-           target alike instead of the one whose turn it happens to be.
+        -> {"latencies_s": [[...], ...]} per target: c = 1 calls sent to the targets in turn, one call each
+           in a new random order every round, so whatever the machine does meanwhile (another process
+           waking, a hop still cleaning up after its call) reaches every target alike.
     {"op": "chain", "address": A, "models": [M1, M2, ...], "size_bytes": N, "calls": K}
         -> {"latencies_s": [...]}: each call is the models called one after another, each on the previous
            one's OUTPUT (models taking INPUT and giving OUTPUT; the last must give back the input).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -130,11 +131,15 @@ def interleaved(command: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"{target['address']} answered wrong")
         calls.append((infer, target["model"]))
     latencies: list[list[float]] = [[] for _ in calls]
+    turns = list(range(len(calls)))
+    shuffle = random.Random(command.get("seed", 0)).shuffle
     for _ in range(command["calls"]):
-        for (infer, model), samples in zip(calls, latencies, strict=True):
+        shuffle(turns)  # each target follows each other one as often: none always cleans up after another
+        for turn in turns:
+            infer, model = calls[turn]
             start = time.perf_counter()
             infer(model, [tensor])
-            samples.append(time.perf_counter() - start)
+            latencies[turn].append(time.perf_counter() - start)
     return {"latencies_s": latencies}
 
 

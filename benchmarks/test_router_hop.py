@@ -4,9 +4,9 @@ Targets: direct Triton; `benchmarks/minimal_proxy.py` (the least a Python gRPC h
 bytes in/out, cached channel and handlers); the router as users run it (`modelyard serve`, one worker and
 two); the zero-hop client (`modelyard.client.Client`); nginx `grpc_pass` when nginx is installed. The load
 generator (benchmarks/loadgen.py) is a process of its own, never the fleet's or a hop's; c=1 calls take
-turns across the targets call by call, and the targets' order rotates with every repetition, so none
-always runs first on a warm or a busy machine. Client, hops and Triton share this machine's CPUs: ratios
-hold, absolute times do not.
+turns across the targets call by call in a random order each round, and elsewhere the targets' order
+rotates with every repetition, so none always runs first on a warm or a busy machine. Client, hops and
+Triton share this machine's CPUs: ratios hold, absolute times do not.
 
 Triton knows each model version under an internal name ("identity@1", backends/triton.py): direct, proxy
 and nginx calls use it; the router and the zero-hop client take the public name.
@@ -259,8 +259,8 @@ CALLS = {"16B": 200, "4KiB": 200, "1MiB": 40, "16MiB": 6}  # per target and repe
 def test_unary_latency_c1(hop: Hop, size: str, quick: bool, verdict: Verdict) -> None:
     """p50 per target; added = p50 - direct p50; CPU per call of the hop's process (all its workers).
 
-    The targets take turns call by call (the load generator's `interleaved`), so a change in the machine's
-    state during a run reaches every target alike; the order of the turns rotates with each repetition."""
+    The targets take turns call by call, in a new random order every round (the load generator's
+    `interleaved`), so a change in the machine's state during a run reaches every target alike."""
     names = [n for n in ("direct", "proxy", "router", "zero-hop", "nginx") if n in hop.targets]
     repetitions, calls = (1, 2) if quick else (5, CALLS[size])
     latencies: dict[str, list[float]] = {n: [] for n in names}
@@ -282,6 +282,7 @@ def test_unary_latency_c1(hop: Hop, size: str, quick: bool, verdict: Verdict) ->
             ],
             size_bytes=SIZES[size],
             calls=calls,
+            seed=repetition,
         )
         for name, samples in zip(order, answer["latencies_s"], strict=True):
             cpu[name] += cpu_s(hop.targets[name].pids) - before[name]
