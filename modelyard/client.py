@@ -19,6 +19,7 @@ sends each caller only the models it may call; without addresses every call goes
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -36,6 +37,14 @@ from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version
 from modelyard.v1 import router_pb2, router_pb2_grpc
 
+MAX_KEPT_PICKS = 4096  # (model, version, tenant) choices kept between route updates
+
+
+@functools.lru_cache(maxsize=65536)
+def _internal_name(name: str, version: str) -> str:
+    """The name Triton knows a version by, made once per version (on every call's path)."""
+    return triton_model_name(name, version)
+
 
 @dataclass
 class _VersionRoute:
@@ -50,8 +59,14 @@ class RouteCache:
     models: dict[str, dict[str, _VersionRoute]] = field(default_factory=dict)
     rules: dict[str, RouteRule] = field(default_factory=dict)
     generation: int = 0
+    # (model, version asked, tenant) -> (version, ready addresses): choices that are not random (anything
+    # but a weighted split), kept until the next update; on every call's path.
+    _picked: dict[tuple[str, str, str | None], tuple[str, tuple[str, ...]] | None] = field(
+        default_factory=dict
+    )
 
     def apply(self, update: router_pb2.RouteUpdate) -> None:
+        self._picked.clear()
         if update.snapshot:
             self.models.clear()
             self.rules.clear()
@@ -77,6 +92,24 @@ class RouteCache:
 
     def pick(self, model: str, version: str, tenant: str | None, request_id: str) -> tuple[str, str] | None:
         """(version, container address) for a call, or None when the router should take it."""
+        key = (model, version, tenant)
+        if key in self._picked:
+            picked = self._picked[key]
+        else:
+            picked = self._choose(model, version, tenant, request_id)
+            rule = self.rules.get(model)
+            if version or rule is None or not rule.weights:  # a split is drawn per call
+                if len(self._picked) >= MAX_KEPT_PICKS:
+                    self._picked.clear()
+                self._picked[key] = picked
+        if picked is None:
+            return None
+        chosen, ready = picked
+        return chosen, ready[0] if len(ready) == 1 else random.choice(ready)
+
+    def _choose(
+        self, model: str, version: str, tenant: str | None, request_id: str
+    ) -> tuple[str, tuple[str, ...]] | None:
         versions = self.models.get(model)
         if not versions:
             return None
@@ -93,7 +126,7 @@ class RouteCache:
         )
         if chosen is None or not versions[chosen].ready:
             return None
-        return chosen, random.choice(versions[chosen].ready)
+        return chosen, tuple(versions[chosen].ready)
 
 
 class Client:
@@ -237,7 +270,7 @@ class Client:
             try:
                 triton = self._is_triton(address)
                 result = self._container(address).infer(
-                    triton_model_name(model_name, version) if triton else model_name,
+                    _internal_name(model_name, version) if triton else model_name,
                     inputs,
                     model_version=version,
                     outputs=outputs,
