@@ -172,3 +172,28 @@ def test_workers_stop_when_their_parent_is_killed(fleet: FleetThread) -> None:
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+def test_the_router_runs_on_uvloop_unless_told_otherwise(
+    tmp_path: Path, setting: str | None, loop: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MODELYARD_EVENT_LOOP"}
+    if setting:
+        env["MODELYARD_EVENT_LOOP"] = setting
+    command = [sys.executable, "-m", "modelyard", "serve", "--store", str(tmp_path / "s"), "--port", "0"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # its first line, once it listens (the pipe closes if it dies)
+        assert line.startswith("router listening on 127.0.0.1:"), line
+        assert line.rstrip().endswith(f"event loop: {loop})"), line
+        client = grpcclient.InferenceServerClient(line.split()[3])
+        assert client.is_server_live()  # it serves on that loop
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0  # and stops on SIGTERM, as on asyncio's loop
+    finally:
+        stop_process(process)  # type: ignore[arg-type]
