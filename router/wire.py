@@ -104,17 +104,12 @@ def with_version(data: bytes, version: str) -> bytes:
     return data + _string_field(2, version)
 
 
-def with_name_version(data: bytes, name: str, version: str) -> bytes:
-    """The request with `model_name` (field 1) and `model_version` (field 2) set, tensors untouched.
-
-    Every KServe v2 model-level request (infer, metadata, config, ready, statistics) has them there.
-    """
-    return data + name_version_fields(name, version)  # one copy of `data`, not two
-
-
 @functools.lru_cache(maxsize=65536)
 def name_version_fields(name: str, version: str) -> bytes:
-    """Fields 1 and 2 set to `name` and `version`, encoded once per model version (bounded cache)."""
+    """Fields 1 (`model_name`) and 2 (`model_version`), encoded once per model version (bounded cache).
+
+    Appended to a KServe v2 model-level request (infer, metadata, config, ready, statistics), they override
+    the name and version it had and leave the tensors untouched: one copy of the request, not a decode."""
     return _string_field(1, name) + _string_field(2, version)
 
 

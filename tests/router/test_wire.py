@@ -9,11 +9,11 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.router.wire import (
     WireError,
+    name_version_fields,
     read_name_version,
     stream_error,
     with_bool_parameter,
     with_name,
-    with_name_version,
     with_nested_name,
     with_version,
 )
@@ -93,12 +93,12 @@ def test_stream_error_is_a_model_stream_infer_response() -> None:
 
 
 @given(names, names, names, names, tensors)
-def test_with_name_version_overrides_both_and_keeps_the_tensors(
+def test_appended_name_version_fields_override_both_and_keep_the_tensors(
     name, version, new_name, new_version, raw
 ) -> None:  # type: ignore[no-untyped-def]
     original = request(name, version, raw, "id-1")
     parsed = kserve.ModelInferRequest.FromString(
-        with_name_version(original.SerializeToString(), new_name, new_version)
+        original.SerializeToString() + name_version_fields(new_name, new_version)
     )
     assert (parsed.model_name, parsed.model_version) == (new_name, new_version)
     original.model_name, original.model_version = new_name, new_version
