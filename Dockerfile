@@ -27,9 +27,6 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos protos
 COPY modelyard modelyard
-COPY router router
-COPY placement placement
-COPY backends backends
 # The default image also runs MLServer containers (deploy/k8s/mlserver-container.yaml): the mlserver extra.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/modelyard \

@@ -8,7 +8,7 @@ turns across the targets call by call in a random order each round, and elsewher
 rotates with every repetition, so none always runs first on a warm or a busy machine. Client, hops and
 Triton share this machine's CPUs: ratios hold, absolute times do not.
 
-Triton knows each model version under an internal name ("identity@1", backends/triton.py): direct, proxy
+Triton knows each model version under an internal name ("identity@1", containers/triton/): direct, proxy
 and nginx calls use it; the router and the zero-hop client take the public name.
 
 Run: ./dev bench -k router_hop -s      (quick: pytest benchmarks/test_router_hop.py --quick -s)
@@ -31,8 +31,8 @@ from typing import Any
 import grpc
 import pytest
 
-from modelyard.backends.triton import triton_model_name
-from modelyard.backends.triton_server import FLEET_SECRET_HEADER, free_port
+from modelyard.containers.triton.adapter import triton_model_name
+from modelyard.containers.triton.server import FLEET_SECRET_HEADER, free_port
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from tests.conftest import EtcdServer, require_triton, stop_process

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.backends.container_process import CustomContainerProcess
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.modelstore import checked
-from modelyard.backends.s3store import ArtifactCache, FetchingAdapter, S3ModelStore
+from modelyard.catalog.modelstore import checked
+from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, S3ModelStore
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.custom.process import CustomContainerProcess
 from modelyard.placement.model import ModelVersion
 from tests.backends.test_s3store import numpy_model
 from tests.s3 import MotoServer, aws_environment

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.backends.sagemaker import container_model_name
-from modelyard.backends.sagemaker_archive import install_sagemaker_example
-from modelyard.backends.sagemaker_process import SageMakerNotInstalled, java_binary, mms_home
+from modelyard.containers.sagemaker.adapter import container_model_name
+from modelyard.containers.sagemaker.archive import install_sagemaker_example
+from modelyard.containers.sagemaker.process import SageMakerNotInstalled, java_binary, mms_home
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion

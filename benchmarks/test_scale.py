@@ -31,8 +31,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.triton.server import free_port
 from modelyard.placement import registry
 from modelyard.placement.controller import PlacementController
 from modelyard.placement.follow import StoreFollower

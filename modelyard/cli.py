@@ -60,10 +60,10 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 @click.group(
     cls=LazyGroup,
     lazy_groups={
-        "placement": "modelyard.placement.cli:placement",
-        "models": "modelyard.backends.cli:models",
-        "pipelines": "modelyard.backends.pipelines_cli:pipelines",
-        "routes": "modelyard.router.cli:routes",
+        "placement": "modelyard.commands.placement:placement",
+        "models": "modelyard.commands.models:models",
+        "pipelines": "modelyard.commands.pipelines:pipelines",
+        "routes": "modelyard.commands.router:routes",
     },
 )
 @click.option(
@@ -251,11 +251,11 @@ def up(
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
 
-    from modelyard.backends.container_process import ContainerStartError
-    from modelyard.backends.mlserver_process import MLServerStartError
-    from modelyard.backends.modelstore import ArchiveError, open_model_store
-    from modelyard.backends.sagemaker_process import SageMakerNotInstalled, SageMakerStartError
-    from modelyard.backends.triton_server import TritonNotInstalled, TritonStartError
+    from modelyard.catalog.modelstore import ArchiveError, open_model_store
+    from modelyard.containers.custom.process import ContainerStartError
+    from modelyard.containers.mlserver.process import MLServerStartError
+    from modelyard.containers.sagemaker.process import SageMakerNotInstalled, SageMakerStartError
+    from modelyard.containers.triton.server import TritonNotInstalled, TritonStartError
     from modelyard.local import LocalFleet, run_up
     from modelyard.placement.store import StoreError
     from modelyard.router.server import RouterStartError
@@ -533,7 +533,7 @@ def container(
     """Run our own KServe v2 container: many small numpy models in one process."""
     import asyncio
 
-    from modelyard.backends.container import run_container
+    from modelyard.numpy_container.container import run_container
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError
 
@@ -621,13 +621,13 @@ def agent(
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
 
-    from modelyard.backends.adapter import ContainerAdapter
-    from modelyard.backends.agent import Agent
-    from modelyard.backends.custom import CustomAdapter
-    from modelyard.backends.mlserver import MLServerAdapter, find_mlserver_pid
-    from modelyard.backends.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
-    from modelyard.backends.sagemaker import SageMakerAdapter
-    from modelyard.backends.triton import TritonAdapter
+    from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
+    from modelyard.containers.adapter import ContainerAdapter
+    from modelyard.containers.agent import Agent
+    from modelyard.containers.custom.adapter import CustomAdapter
+    from modelyard.containers.mlserver.adapter import MLServerAdapter, find_mlserver_pid
+    from modelyard.containers.sagemaker.adapter import SageMakerAdapter
+    from modelyard.containers.triton.adapter import TritonAdapter
     from modelyard.placement.model import Container
     from modelyard.placement.store import StoreError, default_store_url, open_store
     from modelyard.telemetry import Telemetry

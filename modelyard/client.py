@@ -5,7 +5,7 @@ memory. Each call resolves (model, version, tenant, request id) with the same ru
 (router/versions.py), picks a ready copy and sends the request straight to that container with
 `tritonclient`. It falls back to the router when the table is stale (the watch has been down longer than
 `stale_after_s`), when it knows no ready copy, or when the container answers UNAVAILABLE (the copy moved).
-Triton holds each version under an internal name (backends/triton.py): the client sends that name to a
+Triton holds each version under an internal name (containers/triton/): the client sends that name to a
 Triton container (it asks each container once what it is) and shows the public name in results.
 
 It is meant for trusted internal services: the router sends container addresses only to route readers
@@ -30,8 +30,8 @@ import grpc
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.triton import TRITON_SERVER_NAME, triton_model_name
-from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.containers.triton.adapter import TRITON_SERVER_NAME, triton_model_name
+from modelyard.containers.triton.server import FLEET_SECRET_HEADER
 from modelyard.placement.model import RouteRule
 from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version

@@ -17,24 +17,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from modelyard.backends.adapter import ContainerAdapter
-from modelyard.backends.agent import Agent
-from modelyard.backends.container_process import CustomContainerProcess
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.examples import (
+from modelyard.catalog.examples import (
     CUSTOM_EXAMPLE_NAMES,
     EXAMPLE_NAMES,
     install_custom_example,
     install_example,
 )
-from modelyard.backends.mlserver import MLSERVER_EXAMPLE_NAMES, MLServerAdapter, install_mlserver_example
-from modelyard.backends.mlserver_process import MLServerProcess
-from modelyard.backends.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
-from modelyard.backends.sagemaker import SageMakerAdapter
-from modelyard.backends.sagemaker_archive import SAGEMAKER_EXAMPLE_NAMES, install_sagemaker_example
-from modelyard.backends.sagemaker_process import SageMakerProcess
-from modelyard.backends.triton import TritonAdapter
-from modelyard.backends.triton_server import TritonServer
+from modelyard.containers.adapter import ContainerAdapter
+from modelyard.containers.agent import Agent
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.custom.process import CustomContainerProcess
+from modelyard.containers.mlserver.adapter import (
+    MLSERVER_EXAMPLE_NAMES,
+    MLServerAdapter,
+    install_mlserver_example,
+)
+from modelyard.containers.mlserver.process import MLServerProcess
+from modelyard.containers.process import backoff_s, describe_exit, restart_on_failure, wait_for_exit
+from modelyard.containers.sagemaker.adapter import SageMakerAdapter
+from modelyard.containers.sagemaker.archive import SAGEMAKER_EXAMPLE_NAMES, install_sagemaker_example
+from modelyard.containers.sagemaker.process import SageMakerProcess
+from modelyard.containers.triton.adapter import TritonAdapter
+from modelyard.containers.triton.server import TritonServer
 from modelyard.placement import registry
 from modelyard.placement.controller import PlacementController
 from modelyard.placement.follow import StoreFollower
@@ -43,7 +47,7 @@ from modelyard.placement.store import Store, open_store
 from modelyard.router.server import RouterServer
 
 if TYPE_CHECKING:
-    from modelyard.backends.s3store import ArtifactCache
+    from modelyard.catalog.s3store import ArtifactCache
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +160,15 @@ class LocalFleet:
     @property
     def artifacts_dir(self) -> Path:
         """Where example artifacts are put locally (then, with an S3 store, uploaded from)."""
-        from modelyard.backends.modelstore import file_path
+        from modelyard.catalog.modelstore import file_path
 
         local = file_path(self.artifact_store) if self.artifact_store else None
         return local or self.workdir / "artifacts"
 
     async def store_artifact(self, model: ModelVersion) -> ModelVersion:
         """The model with its artifact put in the fleet's artifact store (S3), for the agents to fetch."""
-        from modelyard.backends.modelstore import file_path, open_model_store
-        from modelyard.backends.s3store import S3ModelStore
+        from modelyard.catalog.modelstore import file_path, open_model_store
+        from modelyard.catalog.s3store import S3ModelStore
 
         artifacts = open_model_store(self.artifact_store or str(self.artifacts_dir))
         source = file_path(model.artifact_uri)
@@ -176,7 +180,7 @@ class LocalFleet:
     def fetching(self, adapter: ContainerAdapter) -> ContainerAdapter:
         """The adapter, handed S3 artifacts as verified local copies from the fleet's one cache: those of
         an S3 artifact store, and those of models uploaded to S3 later (`file://` ones pass as they are)."""
-        from modelyard.backends.s3store import ArtifactCache, FetchingAdapter
+        from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter
 
         if self._artifact_cache is None:
             store = self.artifact_store or ""

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.backends.process import stop_process_group
-from modelyard.backends.triton_server import TritonInstall, TritonNotInstalled, free_port
+from modelyard.containers.process import stop_process_group
+from modelyard.containers.triton.server import TritonInstall, TritonNotInstalled, free_port
 from modelyard.placement.store import open_store
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

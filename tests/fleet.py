@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from modelyard.backends.agent import Agent
-from modelyard.backends.container_process import CustomContainerProcess
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.process import restart_on_failure
+from modelyard.containers.agent import Agent
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.custom.process import CustomContainerProcess
+from modelyard.containers.process import restart_on_failure
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import Container, ModelVersion

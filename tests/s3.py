@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from modelyard.backends.process import stop_process_group
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.process import stop_process_group
+from modelyard.containers.triton.server import free_port
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 # Credentials moto accepts (it does not check them); the region makes boto3's defaults explicit.

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from modelyard.backends.numpy_model import write_model_dir
+from modelyard.numpy_container.numpy_model import write_model_dir
 from modelyard.placement.model import ModelVersion
 from modelyard.placement.registry import Fleet
 from modelyard.router.rates import PERIOD_ENV

@@ -60,6 +60,6 @@ def test_a_group_help_imports_no_grpc_numpy_or_triton_client(tmp_path: Path, gro
     modules = imported_modules([group, "--help"], tmp_path)
     # the group's own imports were measured (importlib.import_module itself is not logged by -X importtime)
     assert (
-        "modelyard.backends.registration" if group == "models" else "modelyard.placement.inputs"
+        "modelyard.catalog.registration" if group == "models" else "modelyard.placement.inputs"
     ) in modules
     assert heavy(modules) == []

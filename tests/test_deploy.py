@@ -226,7 +226,7 @@ def test_modelyard_pods_run_as_the_images_user_and_triton_as_its_own() -> None:
 
 
 def test_artifacts_live_in_s3_with_credentials_from_irsa_or_an_optional_secret_and_no_shared_volume() -> None:
-    from modelyard.backends.s3store import parse_s3_uri
+    from modelyard.catalog.s3store import parse_s3_uri
 
     bucket, prefix = parse_s3_uri(configmap()["MODELYARD_MODEL_STORE"])  # the code's own parser
     assert bucket and prefix

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.triton.server import free_port
 from modelyard.placement.model import ModelVersion
 from tests.backends.test_container import ContainerProcess, Repository, infer_request, linear_model
 from tests.conftest import stop_process

@@ -17,8 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.triton import triton_model_name
-from modelyard.backends.triton_server import FLEET_SECRET_HEADER
+from modelyard.containers.triton.adapter import triton_model_name
+from modelyard.containers.triton.server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc

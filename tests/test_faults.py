@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from modelyard.backends.agent import Agent
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.process import restart_on_failure
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.agent import Agent
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.process import restart_on_failure
+from modelyard.containers.triton.server import free_port
 from modelyard.placement import registry
 from modelyard.placement.store import StoreError
 from tests.conftest import EtcdServer

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from modelyard.backends import bulk_import
-from modelyard.backends.bulk_import import import_models
-from modelyard.backends.modelstore import LocalModelStore
-from modelyard.backends.registration import upload
+from modelyard.catalog import bulk_import as bulk_import
+from modelyard.catalog.bulk_import import import_models
+from modelyard.catalog.modelstore import LocalModelStore
+from modelyard.catalog.registration import upload
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion
 from modelyard.placement.store import open_store

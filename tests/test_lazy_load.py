@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.numpy_model import write_model_dir
+from modelyard.numpy_container.numpy_model import write_model_dir
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion
 from tests.fleet import FleetThread, start_custom_fleet

@@ -18,13 +18,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.mlserver import (
+from modelyard.catalog.modelstore import ArchiveError, checked
+from modelyard.containers.mlserver.adapter import (
     SETTINGS_FILE,
     install_mlserver_example,
     mlserver_pids,
     write_iris_model,
 )
-from modelyard.backends.modelstore import ArchiveError, checked
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from tests.fleet import FleetThread

@@ -27,11 +27,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from modelyard import metric_names
-from modelyard.backends.examples import EXAMPLES_DIR, install_example, install_model_dir
-from modelyard.backends.modelstore import LocalModelStore
-from modelyard.backends.numpy_model import write_model_dir
-from modelyard.backends.registration import upload
+from modelyard.catalog.examples import EXAMPLES_DIR, install_example, install_model_dir
+from modelyard.catalog.modelstore import LocalModelStore
+from modelyard.catalog.registration import upload
 from modelyard.local import LocalFleet
+from modelyard.numpy_container.numpy_model import write_model_dir
 from modelyard.placement import registry
 from modelyard.router.server import RouterServer
 from modelyard.telemetry import Telemetry

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelyard.backends.modelstore import LocalModelStore
-from modelyard.backends.registration import AlreadyRegistered, Registration, RegistrationError, remove, upload
+from modelyard.catalog.modelstore import LocalModelStore
+from modelyard.catalog.registration import AlreadyRegistered, Registration, RegistrationError, remove, upload
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion
 from modelyard.placement.store import open_store

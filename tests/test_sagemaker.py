@@ -35,20 +35,24 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends import sagemaker as sagemaker_module
-from modelyard.backends.adapter import ContainerFull, LoadError
-from modelyard.backends.examples import EXAMPLES_DIR
-from modelyard.backends.modelstore import artifact_signature
-from modelyard.backends.sagemaker import SageMakerAdapter, container_model_name, parse_container_name
-from modelyard.backends.sagemaker_archive import install_sagemaker_example
-from modelyard.backends.sagemaker_process import (
+from modelyard.catalog.examples import EXAMPLES_DIR
+from modelyard.catalog.modelstore import artifact_signature
+from modelyard.client import Client
+from modelyard.containers.adapter import ContainerFull, LoadError
+from modelyard.containers.sagemaker import adapter as sagemaker_module
+from modelyard.containers.sagemaker.adapter import (
+    SageMakerAdapter,
+    container_model_name,
+    parse_container_name,
+)
+from modelyard.containers.sagemaker.archive import install_sagemaker_example
+from modelyard.containers.sagemaker.process import (
     SageMakerNotInstalled,
     SageMakerProcess,
     java_binary,
     mms_home,
 )
-from modelyard.backends.triton_server import free_port
-from modelyard.client import Client
+from modelyard.containers.triton.server import free_port
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.controller import incremental_changes

@@ -19,8 +19,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.container_process import CustomContainerProcess
-from modelyard.backends.triton_server import TritonServer
+from modelyard.containers.custom.process import CustomContainerProcess
+from modelyard.containers.triton.server import TritonServer
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from tests.conftest import require_triton

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.triton.server import free_port
 from tests.conftest import stop_process
 from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_failover import steady_calls

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from modelyard.backends.examples import install_example
+from modelyard.catalog.examples import install_example
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion

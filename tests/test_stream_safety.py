@@ -20,8 +20,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelyard.backends.examples import install_example
-from modelyard.backends.triton_server import free_port
+from modelyard.catalog.examples import install_example
+from modelyard.containers.triton.server import free_port
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import Container, CopyState

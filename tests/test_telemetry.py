@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from modelyard import metric_names as names
-from modelyard.backends.agent import Agent
-from modelyard.backends.container import CustomContainer
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.agent import Agent
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.triton.server import free_port
+from modelyard.numpy_container.container import CustomContainer
 from modelyard.placement import registry
 from modelyard.placement.model import Container
 from modelyard.router.server import RouterServer

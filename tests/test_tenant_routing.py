@@ -14,8 +14,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.triton_server import FLEET_SECRET_HEADER
 from modelyard.client import Client
+from modelyard.containers.triton.server import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import RouteRule

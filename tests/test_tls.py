@@ -16,9 +16,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.agent import Agent
-from modelyard.backends.container import CustomContainer
-from modelyard.backends.custom import CustomAdapter
+from modelyard.containers.agent import Agent
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.numpy_container.container import CustomContainer
 from modelyard.placement import registry
 from modelyard.placement.model import Container
 from modelyard.router.identity import Authenticator, IdentityFile, token_key

@@ -19,10 +19,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as triton_aio
 
-from modelyard.backends.examples import EXAMPLES_DIR, install_example, install_model_dir
-from modelyard.backends.triton import TritonAdapter, triton_model_name
-from modelyard.backends.triton_server import FLEET_SECRET_HEADER, TritonServer
+from modelyard.catalog.examples import EXAMPLES_DIR, install_example, install_model_dir
 from modelyard.client import Client
+from modelyard.containers.triton.adapter import TritonAdapter, triton_model_name
+from modelyard.containers.triton.server import FLEET_SECRET_HEADER, TritonServer
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion, RouteRule

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelyard.backends.triton_server import free_port
+from modelyard.containers.triton.server import free_port
 from tests.conftest import require_triton, stop_process
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.agent import Agent
-from modelyard.backends.container_process import CustomContainerProcess
-from modelyard.backends.custom import CustomAdapter
-from modelyard.backends.process import restart_on_failure
+from modelyard.containers.agent import Agent
+from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.custom.process import CustomContainerProcess
+from modelyard.containers.process import restart_on_failure
 from modelyard.placement import registry
 from modelyard.placement.model import Container, CopyState, ModelVersion
 from modelyard.placement.store import Store, open_store

@@ -28,9 +28,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from modelyard.backends.container import CustomContainer
-from modelyard.backends.hosting import ModelHost, Unavailable
-from modelyard.backends.numpy_model import NumpyModel, TensorSpec, load_model_dir, write_model_dir
+from modelyard.numpy_container.container import CustomContainer
+from modelyard.numpy_container.hosting import ModelHost, Unavailable
+from modelyard.numpy_container.numpy_model import NumpyModel, TensorSpec, load_model_dir, write_model_dir
 from tests.conftest import stop_process
 
 REPO = Path(__file__).resolve().parents[2]

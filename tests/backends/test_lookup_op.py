@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelyard.backends.numpy_model import ModelFormatError, TensorError, load_model_dir, write_model_dir
+from modelyard.numpy_container.numpy_model import (
+    ModelFormatError,
+    TensorError,
+    load_model_dir,
+    write_model_dir,
+)
 
 IDS = [{"name": "ID", "datatype": "INT64", "shape": [-1]}]
 ROWS = [{"name": "FEATURES", "datatype": "FP32", "shape": [-1, 3]}]

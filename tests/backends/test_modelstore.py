@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.backends.examples import EXAMPLES_DIR
-from modelyard.backends.modelstore import ArchiveError, LocalModelStore
-from modelyard.backends.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.catalog.examples import EXAMPLES_DIR
+from modelyard.catalog.modelstore import ArchiveError, LocalModelStore
+from modelyard.catalog.registration import AlreadyRegistered, RegistrationError, remove, upload
 from modelyard.placement import registry
 from modelyard.placement.store import open_store
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelyard.backends.numpy_model import (
+from modelyard.numpy_container.numpy_model import (
     ModelFormatError,
     TensorError,
     TensorSpec,

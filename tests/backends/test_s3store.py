@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from modelyard.backends.modelstore import checked
-from modelyard.backends.numpy_model import write_model_dir
-from modelyard.backends.s3store import ArtifactCache, S3ModelStore, S3StoreError, pack, s3_client
+from modelyard.catalog.modelstore import checked
+from modelyard.catalog.s3store import ArtifactCache, S3ModelStore, S3StoreError, pack, s3_client
 from modelyard.local import LocalFleet
+from modelyard.numpy_container.numpy_model import write_model_dir
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion
 from tests.conftest import require_triton

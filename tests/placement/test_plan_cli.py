@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from modelyard.placement.cli import placement
+from modelyard.commands.placement import placement
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,1 +1,0 @@
-"""Backends: everything that talks to a container (Triton adapter, Triton process, agent, example models)."""

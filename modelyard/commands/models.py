@@ -1,0 +1,348 @@
+"""`modelyard models`: upload, import, list, show and remove model versions.
+
+Exit status: 0 done; 2 a refusal (bad archive or name, unreachable store), also when some lines of an
+import failed; 3 `name@version` already exists with another artifact or other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from modelyard.catalog.modelstore import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    MAX_ARCHIVE_BYTES_ENV,
+    ArchiveError,
+    ModelStore,
+    open_model_store,
+)
+from modelyard.catalog.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
+from modelyard.placement import registry
+from modelyard.placement.model import ModelVersion, split_model_key
+from modelyard.placement.rates import ModelRate
+from modelyard.placement.store import Store
+from modelyard.placement.units import format_bytes
+
+REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
+MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
+DEFAULT_MODEL_STORE = ".modelyard/artifacts"
+
+_model_store_option = click.option(
+    "--model-store",
+    default=None,
+    help=f"Artifact directory or s3://BUCKET/PREFIX; default ${MODEL_STORE_ENV} or {DEFAULT_MODEL_STORE}.",
+)
+_max_archive_bytes_option = click.option(
+    "--max-archive-bytes",
+    type=click.IntRange(1),
+    envvar=MAX_ARCHIVE_BYTES_ENV,
+    default=DEFAULT_MAX_ARCHIVE_BYTES,
+    show_default=True,
+    help=f"Refuse archives larger than this, packed or unpacked (also ${MAX_ARCHIVE_BYTES_ENV}).",
+)
+
+
+def _open_artifacts(model_store: str | None) -> ModelStore:
+    try:
+        artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+        artifacts.check()  # a missing bucket or credentials: one line before any archive is read
+        return artifacts
+    except ArchiveError as exc:
+        fail(str(exc))
+
+
+@click.group()
+def models() -> None:
+    """Upload, list, show and remove model versions."""
+
+
+@models.command("upload")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name.")
+@click.option("--version", required=True, help="Version (Triton models: a positive integer).")
+@click.option("--tenant", "tenants", multiple=True, help="Tenant allowed to call it (repeat); none: public.")
+@click.option("--memory-bytes", type=int, default=None, help="Declared footprint; default from the archive.")
+@click.option(
+    "--replicas",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Copies kept whatever the load; 0: load on demand.",
+)
+@click.option(
+    "--max-replicas",
+    type=int,
+    default=0,
+    help="Copies it may have under load; default: as many as --replicas.",
+)
+@click.option("--kind", type=click.Choice(["cpu", "gpu", "any"]), default="cpu", show_default=True)
+@click.option("--sha256", "expected_sha256", default=None, help="Refuse the archive unless it has this hash.")
+@click.option(
+    "--backend",
+    type=click.Choice(["triton", "custom", "mlserver", "sagemaker"]),
+    default=None,
+    help="Refuse the archive unless it is for this backend. sagemaker: ARCHIVE is SageMaker's model.tar.gz "
+    "(model files, code/inference.py).",
+)
+@click.option(
+    "--manifest",
+    "manifest_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Our manifest.json (signature) when the archive has none, e.g. a SageMaker model.tar.gz as it is.",
+)
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+@_model_store_option
+@_max_archive_bytes_option
+def upload_command(
+    archive: Path,
+    name: str,
+    version: str,
+    tenants: tuple[str, ...],
+    memory_bytes: int | None,
+    replicas: int,
+    max_replicas: int,
+    kind: str,
+    expected_sha256: str | None,
+    backend: str | None,
+    manifest_file: Path | None,
+    store_url: str | None,
+    model_store: str | None,
+    max_archive_bytes: int,
+) -> None:
+    """Check ARCHIVE, store it by sha256 and register it as NAME@VERSION.
+
+    Versions are immutable: if NAME@VERSION exists with another artifact or other settings, nothing
+    changes and the exit status is 3; the same archive and settings again is a no-op.
+    """
+    artifacts = _open_artifacts(model_store)
+    result = run_on_store(
+        store_url,
+        lambda store: upload(
+            store,
+            artifacts,
+            archive,
+            name=name,
+            version=version,
+            tenants=tenants,
+            memory_bytes=memory_bytes,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            kind=kind,
+            expected_sha256=expected_sha256,
+            max_archive_bytes=max_archive_bytes,
+            backend=backend,
+            manifest_file=manifest_file,
+        ),
+        errors=REFUSALS,
+        exists=(AlreadyRegistered,),
+    )
+    model = result.model
+    click.echo(
+        f"{'registered' if result.created else 'already registered, unchanged:'} {model.key} "
+        f"({model.backend}, {model.kind}, {format_bytes(model.memory_bytes)}, sha256 {model.sha256[:12]})"
+    )
+
+
+@models.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+@_model_store_option
+@_max_archive_bytes_option
+def import_command(
+    file: Path, store_url: str | None, model_store: str | None, max_archive_bytes: int
+) -> None:
+    """Register every model version listed in FILE (JSONL), skipping those already registered.
+
+    One JSON object per line: name, version, archive (path relative to FILE's folder), optional tenants
+    (list), memory_bytes, replicas, kind. Each archive is checked and stored once. A bad line is reported
+    with its number and registers nothing; the others go on. Exit status 2 if any line failed.
+    """
+    from modelyard.catalog.bulk_import import count_lines, import_models
+
+    artifacts = _open_artifacts(model_store)
+    try:
+        total = count_lines(file)
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror or exc}")
+
+    def report(number: int, error: str | None) -> None:
+        if error is not None:
+            click.echo(f"{file}:{number}: {error}", err=True)
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("import", total=total)
+
+            def on_line(number: int, error: str | None) -> None:
+                progress.advance(task)
+                if error is not None:
+                    console.print(f"{file}:{number}: {error}", markup=False, highlight=False)
+
+            outcome = run_on_store(
+                store_url,
+                lambda store: import_models(
+                    store, artifacts, file, max_archive_bytes=max_archive_bytes, on_line=on_line
+                ),
+                errors=(OSError,),
+            )
+    else:
+        outcome = run_on_store(
+            store_url,
+            lambda store: import_models(
+                store, artifacts, file, max_archive_bytes=max_archive_bytes, on_line=report
+            ),
+            errors=(OSError,),
+        )
+    click.echo(outcome.summary())
+    if outcome.failed:
+        sys.exit(EXIT_REFUSED)
+
+
+@models.command("list")
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def list_command(store_url: str | None, as_json: bool) -> None:
+    """Registered model versions with their ready copies."""
+    fleet = run_on_store(store_url, registry.load_fleet)
+    rows = sorted(fleet.models.values(), key=lambda m: (m.name, m.version))
+    if as_json:
+        click.echo(json.dumps([json.loads(m.to_json()) for m in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in ("model", "backend", "kind", "memory", "replicas", "ready", "tenants"):
+        table.add_column(column)
+    for m in rows:
+        ready = sum(
+            1
+            for cid in fleet.assignments.get(m.key, ())
+            if cid in fleet.containers  # a dead container's (lease gone) copies serve nothing
+            and (s := fleet.states.get((cid, m.key)))
+            and s.phase == "ready"
+        )
+        table.add_row(
+            m.key,
+            m.backend,
+            m.kind,
+            format_bytes(m.memory_bytes),
+            str(m.replicas),
+            str(ready),
+            ",".join(m.tenants) or "public",
+        )
+    Console().print(table)
+
+
+@models.command("show")
+@click.argument("model")
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+def show_command(model: str, store_url: str | None) -> None:
+    """MODEL as NAME (every version) or NAME@VERSION: registration, memory declared/measured, copies."""
+    name, _, version = model.partition("@")
+    fleet, rates = run_on_store(store_url, _fleet_and_rates)
+    found: list[ModelVersion] = sorted(
+        (m for m in fleet.models.values() if m.name == name and (not version or m.version == version)),
+        key=lambda m: m.version,
+    )
+    if not found:
+        fail(f"{model} is not registered")
+    for m in found:
+        measured = [
+            s.measured_bytes for (_, key), s in fleet.states.items() if key == m.key and s.measured_bytes
+        ]
+        click.echo(f"{m.key}")
+        tenants = ", ".join(m.tenants) or "public"
+        click.echo(f"  backend {m.backend}, kind {m.kind}, replicas {m.replicas}, tenants {tenants}")
+        rate = rates.get(m.key)
+        ready_copies = len(fleet.ready_on(m.key))
+        click.echo(
+            f"  copies: at most {m.most_copies}{' (load on demand)' if m.on_demand else ''}; "
+            f"{rate.rate if rate else 0.0:.1f} calls/s in all"
+        )
+        click.echo(
+            f"  memory declared {format_bytes(m.memory_bytes)}, measured "
+            + (format_bytes(max(measured)) if measured else "not yet")
+            + f" (budgeted: {format_bytes(max([m.memory_bytes, *measured]))})"
+        )
+        click.echo(f"  artifact {m.artifact_uri} (sha256 {m.sha256})")
+        _echo_signature(m)
+        for cid in fleet.assignments.get(m.key, ()):
+            state = fleet.states.get((cid, m.key))
+            alive = cid in fleet.containers
+            phase = state.phase if state else "assigned"
+            note = f" — {state.message}" if state and state.message else ""
+            per_copy = ""
+            if alive and phase == "ready" and ready_copies:
+                per_copy = f", {(rate.rate if rate else 0.0) / ready_copies:.1f} calls/s"
+            click.echo(f"  copy on {cid}: {phase if alive else 'lost'}{per_copy}{note}")
+
+
+def _echo_signature(model: ModelVersion) -> None:
+    from modelyard.placement.model import parse_signature
+
+    if not model.signature:
+        click.echo("  signature not stored (registered before signatures were): read from its artifact")
+        return
+    inputs, outputs, decoupled = parse_signature(model.signature)
+    for what, tensors in (("inputs", inputs), ("outputs", outputs)):
+        click.echo(f"  {what}: " + ", ".join(f"{n} {d} {list(s)}" for n, d, s in tensors))
+    if decoupled:
+        click.echo("  decoupled: answers a request with a stream of responses (call it with InferStream)")
+
+
+@models.command("set")
+@click.argument("model")
+@click.option("--replicas", type=int, default=None, help="Copies kept whatever the load; 0: load on demand.")
+@click.option("--max-replicas", type=int, default=None, help="Copies it may have under load.")
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+def set_command(model: str, replicas: int | None, max_replicas: int | None, store_url: str | None) -> None:
+    """Change how many copies NAME@VERSION keeps and may have under load; the controller follows."""
+    from modelyard.catalog.registration import set_copies
+
+    try:
+        split_model_key(model)
+    except ValueError as exc:
+        fail(str(exc))
+    if replicas is None and max_replicas is None:
+        fail("nothing to set: give --replicas and/or --max-replicas")
+    updated = run_on_store(
+        store_url,
+        lambda store: set_copies(store, model, replicas=replicas, max_replicas=max_replicas),
+        REFUSALS,
+    )
+    click.echo(f"{updated.key}: replicas {updated.replicas}, max replicas {updated.most_copies}")
+
+
+@models.command("remove")
+@click.argument("model")
+@click.option("--store", "store_url", default=None, help=STORE_HELP)
+def remove_command(model: str, store_url: str | None) -> None:
+    """Unregister NAME@VERSION; the placement controller drops its copies. The stored artifact is kept."""
+    try:
+        name, version = split_model_key(model)
+    except ValueError as exc:
+        fail(str(exc))
+    removed = run_on_store(store_url, lambda store: remove(store, name, version), REFUSALS)
+    click.echo(f"removed {removed.key}")
+
+
+async def _fleet_and_rates(store: Store) -> tuple[registry.Fleet, dict[str, ModelRate]]:
+    """The fleet and the call rates routers report (placement/rates.py)."""
+    import time
+
+    from modelyard.placement.rates import read_rates
+
+    return await registry.load_fleet(store), await read_rates(store, time.time())
