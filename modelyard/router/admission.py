@@ -55,6 +55,16 @@ def take_token(tokens: float, elapsed_s: float, rate: float, depth: float) -> tu
     return tokens, (1.0 - tokens) / rate
 
 
+def inflight_pushback_s(state: TenantState, now: float) -> float:
+    """When a caller refused for the tenant's in-flight limit should try again: a slot frees about every
+    `call_s / max_inflight`, and the callers refused lately queue for them too. (A push-back of one call
+    alone brings every refused caller back at once, to be refused again: refusals then cost the router
+    more than the calls.)"""
+    state.refused_recently = state.refused_recently * math.exp(-(now - state.refused_at) / state.call_s) + 1
+    state.refused_at = now
+    return state.call_s * (1.0 + state.refused_recently / max(1, state.limits.max_inflight))
+
+
 @dataclass(slots=True)
 class TenantState:
     """One limited tenant's calls at this router."""
@@ -64,7 +74,9 @@ class TenantState:
     inflight: int = 0
     tokens: float = 0.0
     refilled_at: float = 0.0
-    call_s: float = 0.01  # running mean of its calls' duration: the push-back of an in-flight refusal
+    call_s: float = 0.01  # running mean of its calls' duration
+    refused_recently: float = 0.0  # its in-flight refusals, decaying over one call_s
+    refused_at: float = 0.0
 
 
 class Admission:
@@ -146,7 +158,7 @@ class Admission:
             raise Overloaded(
                 f"tenant '{name}' is at its limit of {limits.max_inflight} calls in flight at this router "
                 f"(max-inflight {self.fleet_limits_of(tenant).max_inflight} across {self.routers} routers)",
-                math.ceil(state.call_s * 1000),
+                math.ceil(inflight_pushback_s(state, now) * 1000),
                 limit="inflight",
             )
         if limits.rps:

@@ -3,6 +3,10 @@
 Used for calls waiting on a saturated container (router/container_queue.py): a tenant with many waiting
 calls gets no more turns than a tenant with few, and over whole rounds tenants with waiting calls are
 served in proportion to their weights (priority: high 4, normal 2, low 1). Every item costs one unit.
+
+A tenant that had nothing queued goes first with its next item (as FQ-CoDel's new flows do): a sparse
+tenant, one call now and then, waits for one slot instead of a round of the backlogged tenants' turns. It
+gives up nothing: a tenant only gets there by having used less than its share.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class FairQueue(Generic[T]):
         queue = self._queues.get(tenant)
         if queue is None:
             queue = self._queues[tenant] = deque()
-            self._turns.append(tenant)
+            self._turns.appendleft(tenant)  # it had nothing queued: first (see above)
             self._deficit[tenant] = 0
         queue.append(item)
         self._weights[tenant] = max(1, weight)
@@ -84,8 +88,11 @@ class FairQueue(Generic[T]):
 
 def pops_before(queues: dict[str, tuple[int, int]], tenant: str, weight: int) -> int:
     """About how many items leave before one pushed now for `tenant` (given `queues` as `tenants()` gives
-    them): its own queue ahead of it, and what the others are served meanwhile in proportion to weights."""
-    own = queues.get(tenant, (0, weight))[0] + 1
+    them): its own queue ahead of it, and what the others are served meanwhile in proportion to weights;
+    none for a tenant with nothing queued (it goes first)."""
+    if tenant not in queues:
+        return 0
+    own = queues[tenant][0] + 1
     ahead = own - 1
     for other, (queued, other_weight) in queues.items():
         if other != tenant:

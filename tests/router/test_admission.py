@@ -123,3 +123,14 @@ def test_a_streams_admission_is_held_for_its_whole_block() -> None:
         with pytest.raises(Overloaded):
             gate.enter("t")
     assert gate.inflight("t") == 0
+
+
+def test_in_flight_pushback_grows_with_the_callers_refused_meanwhile() -> None:
+    gate = admission({"noisy": TenantLimits(max_inflight=2)})
+    gate.enter("noisy"), gate.enter("noisy")
+    pushbacks = []
+    for _ in range(8):
+        with pytest.raises(Overloaded) as refused:
+            gate.enter("noisy")
+        pushbacks.append(refused.value.pushback_ms)
+    assert pushbacks == sorted(pushbacks) and pushbacks[-1] >= 3 * pushbacks[0]  # type: ignore[operator]

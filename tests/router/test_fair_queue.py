@@ -85,7 +85,25 @@ def test_removed_items_never_leave_and_an_emptied_tenant_loses_its_turn() -> Non
     assert queue.pop() is None and len(queue) == 0
 
 
+def test_a_tenant_with_nothing_queued_goes_first() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for i in range(20):
+        queue.push("noisy", f"n{i}", 4)
+    assert queue.pop() == ("noisy", "n0")  # noisy's turn has begun
+    queue.push("quiet", "q0", 1)
+    assert queue.pop() == ("quiet", "q0")
+    queue.push("quiet", "q1", 1)  # quiet had nothing queued again: first again
+    queue.push("quiet", "q2", 1)  # but its second waits for noisy's turn to finish (3 left of 4)
+    assert [queue.pop() for _ in range(5)] == [
+        ("quiet", "q1"),
+        ("noisy", "n1"),
+        ("noisy", "n2"),
+        ("noisy", "n3"),
+        ("quiet", "q2"),
+    ]
+
+
 def test_pops_before_counts_own_queue_and_the_others_share() -> None:
     queues = {"noisy": (50, 2), "quiet": (1, 2)}
     assert pops_before(queues, "quiet", 2) == 1 + 2  # its own one ahead, and noisy's turns meanwhile
-    assert pops_before(queues, "new", 4) == 1 + 1  # half a turn of each, rounded up
+    assert pops_before(queues, "new", 4) == 0  # nothing queued: it goes first
