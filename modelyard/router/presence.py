@@ -16,8 +16,10 @@ from modelyard.placement.store import Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-TTL_S = 10.0
-REFRESH_S = 3.0
+# A dead router still counts for up to TTL_S (the others under-admit meanwhile); a longer refresh period
+# keeps an idle router's store traffic down (a lease refresh wakes no etcd watcher, but it is a write).
+TTL_S = 30.0
+REFRESH_S = 10.0
 
 
 class RouterPresence:
