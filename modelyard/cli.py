@@ -64,6 +64,7 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         "models": "modelyard.commands.models:models",
         "pipelines": "modelyard.commands.pipelines:pipelines",
         "routes": "modelyard.commands.router:routes",
+        "tenants": "modelyard.commands.tenants:tenants",
     },
 )
 @click.option(
@@ -173,6 +174,17 @@ def _max_message_option(command: F) -> F:
     )(command)
 
 
+def _max_inflight_option(command: F) -> F:
+    return click.option(
+        "--max-inflight",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        help="Calls a container runs at once, across routers (0: its backend's default: Triton and ours "
+        "16, MLServer 8, SageMaker 4); above it, routers queue calls per tenant and serve them in turn.",
+    )(command)
+
+
 def _metrics_port_option(command: F) -> F:
     return click.option(
         "--metrics-port",
@@ -235,6 +247,7 @@ def _metrics_port_option(command: F) -> F:
     help="Number of MLServer containers (scikit-learn models; with one or more, the example `iris`).",
 )
 @_autoscale_options
+@_max_inflight_option
 def up(
     workdir: Path,
     store_url: str | None,
@@ -247,6 +260,7 @@ def up(
     mlserver_containers: int,
     copy_target_rps: float,
     scale_down_after_s: float,
+    max_inflight: int,
 ) -> None:
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
@@ -277,6 +291,7 @@ def up(
         mlserver_containers=mlserver_containers,
         copy_target_rps=copy_target_rps,
         scale_down_after_s=scale_down_after_s,
+        max_inflight=max_inflight,
     )
     if model_store and not model_store.startswith("s3://"):
         fleet.model_store = Path(model_store)  # our containers load uploads from there too
@@ -603,6 +618,7 @@ def container(
     show_default=True,
     help="Bound of the artifact cache; least recently used artifacts leave first.",
 )
+@_max_inflight_option
 def agent(
     store_url: str | None,
     container_id: str,
@@ -617,6 +633,7 @@ def agent(
     model_store: str | None,
     artifact_cache: Path,
     artifact_cache_bytes: int,
+    max_inflight: int,
 ) -> None:
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
@@ -645,6 +662,7 @@ def agent(
             kind="gpu" if kind == "gpu" else "cpu",
             memory_bytes=memory_bytes,
             backend=backend,  # type: ignore[arg-type]  # one of the choices
+            max_inflight=max_inflight,
         )
         adapter: ContainerAdapter = (
             CustomAdapter(address, fleet_secret=secret)

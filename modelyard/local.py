@@ -75,6 +75,7 @@ class LocalFleet:
     mlserver_memory_bytes: int = 1024**3
     sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (backends/sagemaker*)
     sagemaker_memory_bytes: int = 1024**3
+    max_inflight: int = 0  # calls each container runs at once (0: its backend's default)
     lease_ttl_s: float = 10.0
     copy_target_rps: float = 0.0  # copies follow load above this many calls/s per copy (0: off)
     scale_down_after_s: float = 300.0
@@ -273,6 +274,8 @@ class LocalFleet:
             for i, s in enumerate(self.sagemakers)
         ]
         for container, adapter in adapters:
+            if self.max_inflight:
+                container = replace(container, max_inflight=self.max_inflight)
             agent = Agent(
                 self.store,
                 container,

@@ -11,6 +11,9 @@ REQUEST_DURATION = "modelyard_router_request_duration_seconds"  # histogram; lab
 IN_FLIGHT = "modelyard_router_in_flight_requests"  # gauge; labels: method
 STREAMS_OPEN = "modelyard_router_streams_open"  # gauge
 RETRIES = "modelyard_router_retries_total"  # labels: model
+REFUSED = "modelyard_router_refused_total"  # labels: tenant, limit (inflight|rps|queue|deadline)
+QUEUE_WAIT = "modelyard_router_queue_wait_seconds"  # histogram; labels: tenant
+QUEUE_DEPTH = "modelyard_router_queue_depth"  # gauge; labels: container
 LAZY_LOADS = "modelyard_router_lazy_loads_total"  # labels: model, outcome (ready|failed|timeout)
 LAZY_LOAD_DURATION = "modelyard_router_lazy_load_duration_seconds"  # histogram
 PIPELINE_STEP_DURATION = "modelyard_router_pipeline_step_duration_seconds"  # histogram: pipeline, step
@@ -32,6 +35,9 @@ ALL = (
     IN_FLIGHT,
     STREAMS_OPEN,
     RETRIES,
+    REFUSED,
+    QUEUE_WAIT,
+    QUEUE_DEPTH,
     LAZY_LOADS,
     LAZY_LOAD_DURATION,
     PIPELINE_STEP_DURATION,

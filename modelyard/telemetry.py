@@ -114,8 +114,12 @@ class Telemetry:
         histogram_view = View(
             instrument_name="*duration*", aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)
         )
+        wait_view = View(
+            instrument_name=_base(names.QUEUE_WAIT, "_seconds"),
+            aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
+        )
         self._meter_provider = MeterProvider(
-            resource=resource, metric_readers=[metric_reader], views=[histogram_view]
+            resource=resource, metric_readers=[metric_reader], views=[histogram_view, wait_view]
         )
         meter = self._meter_provider.get_meter("modelyard")
         self.requests = meter.create_counter(_base(names.REQUESTS, "_total"), description="Routed calls")
@@ -127,6 +131,12 @@ class Telemetry:
         self.streams_open = 0
         self.retries = meter.create_counter(
             _base(names.RETRIES, "_total"), description="Calls sent to a second copy"
+        )
+        self.refused = meter.create_counter(
+            _base(names.REFUSED, "_total"), description="Calls refused by a tenant limit or a full container"
+        )
+        self.queue_wait = meter.create_histogram(
+            _base(names.QUEUE_WAIT, "_seconds"), unit="s", description="Wait for a container at its bound"
         )
         self.lazy_loads = meter.create_counter(_base(names.LAZY_LOADS, "_total"), description="Lazy loads")
         self.lazy_load_duration = meter.create_histogram(

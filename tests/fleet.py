@@ -64,6 +64,7 @@ def start_custom_fleet(
     copy_target_rps: float = 0.0,
     scale_down_after_s: float = 300.0,
     custom_memory_bytes: int | None = None,
+    max_inflight: int = 0,
 ) -> FleetThread:
     """Our own containers (real processes), their agents, the router and — unless told not to — the
     placement controller (placing models when registered, or with `eager` False only when a call wants
@@ -73,6 +74,7 @@ def start_custom_fleet(
     thread.fleet.lease_ttl_s = lease_ttl_s
     thread.fleet.copy_target_rps = copy_target_rps
     thread.fleet.scale_down_after_s = scale_down_after_s
+    thread.fleet.max_inflight = max_inflight
     if custom_memory_bytes is not None:
         thread.fleet.custom_memory_bytes = custom_memory_bytes
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from modelyard.catalog.registration import upload
 from modelyard.local import LocalFleet
 from modelyard.numpy_container.numpy_model import write_model_dir
 from modelyard.placement import registry
+from modelyard.placement.tenants import TenantLimits
 from modelyard.router.server import RouterServer
 from modelyard.telemetry import Telemetry
 from modelyard.v1 import inference_pb2, router_pb2_grpc
@@ -560,3 +562,61 @@ def test_a_pipeline_registers_over_models_whose_artifacts_are_gone(tmp_path: Pat
     done = cli("pipelines", "register", str(bad), "--model-store", str(empty))
     assert done.returncode == 2
     assert "thrice" in done.stderr and "cannot read the signature" not in done.stderr, done.stderr
+
+
+# -- tenant limits ---------------------------------------------------------------------------------------
+
+HELD = """
+name: held
+version: "1"
+inputs:  [{name: X, datatype: FP32, shape: [-1]}]
+outputs: [{name: Y, datatype: FP32, shape: [-1]}]
+steps:
+  - {name: nap, model: sleepy, inputs: {INPUT: X}, outputs: {OUTPUT: Y}}
+"""
+
+
+def test_a_pipeline_call_is_one_admission_for_all_its_steps(fleet: Pipelines) -> None:
+    """With one call in flight allowed, a three-step pipeline runs (its steps are not admitted again), and
+    a second pipeline call while one is in flight is refused RESOURCE_EXHAUSTED and counted in the metric."""
+    fleet.register("fan", FAN)
+    fleet.register("held", HELD)
+    router = fleet.thread.fleet.router
+    assert router is not None
+    admission = router.router.admission
+
+    async def limit(limits: TenantLimits | None) -> None:
+        store, key = fleet.thread.fleet.store, registry.tenant_key("solo")
+        if limits is None:
+            await store.delete(key)
+        else:
+            await registry.put_tenant_limits(store, "solo", limits, await store.get(key))
+        follower = router.router.follower
+        while admission.fleet_limits.get("solo") != limits:
+            await follower.wait_changed(5, follower.version)
+
+    fleet.thread.call(limit(TenantLimits(max_inflight=1)))
+    try:
+        x = np.array([1, 2], dtype=np.float32)
+        np.testing.assert_array_equal(infer(fleet.address, "fan", "X", x, tenant="solo"), x * 5)
+        held: list[np.ndarray] = []
+        holder = threading.Thread(target=lambda: held.append(infer(fleet.address, "held", "X", x, "solo")))
+        holder.start()
+        wait_for(lambda: admission.inflight("solo") == 1, "the held pipeline call admitted")
+        error = refused(fleet.address, "fan", "X", x, tenant="solo")
+        holder.join(30)
+        assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "limit of 1 calls in flight" in str(error)
+        np.testing.assert_array_equal(held[0], x)
+    finally:
+        fleet.thread.call(limit(None))
+    data = fleet.metrics.get_metrics_data()
+    refusals = [
+        p
+        for r in data.resource_metrics
+        for sm in r.scope_metrics
+        for m in sm.metrics
+        if metric_names.REFUSED.startswith(m.name)
+        for p in m.data.data_points
+    ]
+    assert [(dict(p.attributes), p.value) for p in refusals] == [({"tenant": "solo", "limit": "inflight"}, 1)]

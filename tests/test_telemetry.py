@@ -231,6 +231,9 @@ def test_metrics_endpoint_reports_requests_latency_and_the_fleet(served_router) 
         names.LAZY_LOAD_DURATION,
         names.STREAMS_OPEN,
         names.PIPELINE_STEP_DURATION,  # no pipeline called here (tests/test_pipelines.py checks it)
+        names.REFUSED,  # no tenant limited, no container at its bound here (tests/test_tenant_limits.py)
+        names.QUEUE_WAIT,
+        names.QUEUE_DEPTH,
     }  # not yet used
 
 

@@ -18,6 +18,10 @@ BACKENDS: tuple[str, ...] = ("triton", "custom", "sagemaker", "mlserver")
 # containers/mlserver/adapter.py): the router sends that name and shows the public one in answers.
 PER_VERSION_NAME_BACKENDS: tuple[str, ...] = ("triton", "mlserver")
 COPY_PHASES: tuple[str, ...] = ("loading", "ready", "failed", "unloading", "lost")
+# Calls a container runs at once when its registration names no bound (`max_inflight` 0): about what its
+# server runs in parallel before calls only wait inside it. Above the bound, routers queue calls per tenant
+# and serve the queues in turn (router/fair_queue.py), so one tenant's flood cannot fill the container.
+DEFAULT_MAX_INFLIGHT: dict[str, int] = {"triton": 16, "custom": 16, "mlserver": 8, "sagemaker": 4}
 
 T = TypeVar("T")
 
@@ -233,6 +237,11 @@ class Container:
     memory_bytes: int = 0
     backend: Backend = "triton"
     labels: tuple[tuple[str, str], ...] = ()
+    max_inflight: int = 0  # calls it runs at once, across routers; 0: its backend's DEFAULT_MAX_INFLIGHT
+
+    @property
+    def inflight_bound(self) -> int:
+        return self.max_inflight or DEFAULT_MAX_INFLIGHT.get(self.backend, 16)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -13,6 +13,9 @@ transaction beyond etcd's limits, and watchers receive small incremental events:
     /modelyard/wanted/{name}@{version}          a router got a call for it and found no copy to load
     /modelyard/controller/leader                the leading placement controller, under its lease
     /modelyard/pipelines/{name}@{version}       Pipeline (JSON, placement/pipeline.py): steps over models
+    /modelyard/tenants/{tenant}                 TenantLimits (JSON, placement/tenants.py)
+    /modelyard/tenant-default                   TenantLimits of every tenant without an entry
+    /modelyard/routers/{router id}              a live router, under its lease (routers share tenant limits)
 
 A map change can be larger than one etcd transaction, yet readers must see it whole or not at all. Each
 assignment value carries the generation that wrote it and the ids it had before (`prev`); a reader uses
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from modelyard.placement.model import Container, CopyState, ModelVersion, RouteRule, split_model_key
 from modelyard.placement.pipeline import Pipeline
 from modelyard.placement.store.base import MAX_TXN_OPS, Event, KeyValue, Lease, Store, StoreError
+from modelyard.placement.tenants import TenantLimits, check_tenant_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ ROUTES = ROOT + "routes/"
 WANTED = ROOT + "wanted/"
 LEADER = ROOT + "controller/leader"
 PIPELINES = ROOT + "pipelines/"
+TENANTS = ROOT + "tenants/"
+TENANT_DEFAULT = ROOT + "tenant-default"
+ROUTERS = ROOT + "routers/"
 WANT = b"1"  # a wanted key's value while the controller has not answered
 
 
@@ -108,6 +115,7 @@ class Changes:
     wanted: set[str] = field(default_factory=set)
     pipelines: set[str] = field(default_factory=set)  # name@version
     leader: bool = False
+    tenants: bool = False  # a tenant's limits, the default limits, or the set of live routers
     everything: bool = False  # a fresh snapshot: anything may have changed
 
     def __bool__(self) -> bool:
@@ -118,6 +126,7 @@ class Changes:
             or self.wanted
             or self.pipelines
             or self.leader
+            or self.tenants
             or self.everything
         )
 
@@ -130,6 +139,7 @@ class Changes:
         self.wanted |= other.wanted
         self.pipelines |= other.pipelines
         self.leader |= other.leader
+        self.tenants |= other.tenants
         self.everything |= other.everything
 
 
@@ -151,6 +161,9 @@ class Fleet:
     pipelines: dict[str, Pipeline] = field(default_factory=dict)  # by name@version
     pipelines_by_name: dict[str, dict[str, Pipeline]] = field(default_factory=dict)  # name -> version -> it
     leader: str = ""
+    tenants: dict[str, TenantLimits] = field(default_factory=dict)  # by tenant
+    tenant_default: TenantLimits | None = None  # for tenants without an entry
+    routers: set[str] = field(default_factory=set)  # live routers (their ids)
     generation: int = 0
     staging: str = ""  # token of a writer staging generation + 1, if any
     revision: int = 0
@@ -355,6 +368,22 @@ class Fleet:
         elif key == LEADER:
             self.leader = event.value.decode() if put else ""
             changes.leader = True
+        elif key.startswith(TENANTS):
+            tenant = check_tenant_name(key[len(TENANTS) :])
+            if put:
+                self.tenants[tenant] = TenantLimits.from_json(event.value)
+            else:
+                self.tenants.pop(tenant, None)
+            changes.tenants = True
+        elif key == TENANT_DEFAULT:
+            self.tenant_default = TenantLimits.from_json(event.value) if put else None
+            changes.tenants = True
+        elif key.startswith(ROUTERS):
+            if put:
+                self.routers.add(key[len(ROUTERS) :])
+            else:
+                self.routers.discard(key[len(ROUTERS) :])
+            changes.tenants = True
         elif key == GENERATION:
             generation, token = parse_generation(event.value) if put else (0, "")
             self.staging = token
@@ -587,6 +616,19 @@ async def abort_staging(store: Store, base: Fleet) -> None:
     if not cleared:
         raise _moved(generation)
     base.staging = ""
+
+
+async def put_tenant_limits(
+    store: Store, tenant: str | None, limits: TenantLimits, old: KeyValue | None
+) -> bool:
+    """Writes `tenant`'s limits (None: the default) only if its entry is still `old` (compare-and-swap)."""
+    key = tenant_key(tenant)
+    return await store.apply({key: limits.to_json()}, if_equal=(key, old.value if old else None))
+
+
+def tenant_key(tenant: str | None) -> str:
+    """The store key of `tenant`'s limits (None: the default entry)."""
+    return TENANT_DEFAULT if tenant is None else TENANTS + check_tenant_name(tenant)
 
 
 def _moved(generation: int) -> ConcurrentPlanError:

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 
 class RoutingError(Exception):
     code = grpc.StatusCode.INTERNAL
+    trailers: tuple[tuple[str, str], ...] = ()  # sent with the status (e.g. grpc-retry-pushback-ms)
 
 
 class BadRequest(RoutingError):

@@ -20,11 +20,16 @@ T = TypeVar("T")
 Unary = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[T]]
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailers: tuple[tuple[str, str], ...] = (),
+) -> None:
     call = CURRENT_CALL.get()
     if call is not None:
         call.code = code.name
-    await context.abort(code, details)
+    await context.abort(code, details, trailers)
 
 
 def unary_errors(fn: Unary[T]) -> Unary[T]:
@@ -35,7 +40,7 @@ def unary_errors(fn: Unary[T]) -> Unary[T]:
         try:
             return await fn(request, context)
         except RoutingError as exc:
-            await _abort(context, exc.code, str(exc))
+            await _abort(context, exc.code, str(exc), exc.trailers)
         except grpc.aio.AioRpcError as exc:
             await _abort(context, exc.code(), exc.details() or exc.code().name)
         except Exception:
@@ -58,7 +63,7 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
         try:
             await fn(request, context)
         except RoutingError as exc:
-            await _abort(context, exc.code, str(exc))
+            await _abort(context, exc.code, str(exc), exc.trailers)
         except UpstreamFailed as exc:
             await _abort(context, exc.code, exc.details)
         except grpc.aio.AioRpcError as exc:

@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
+from modelyard.router.admission import Overloaded
 from modelyard.router.errors import NotReady, RoutingError, parse_request
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler
 from modelyard.router.identity import PermissionDenied, Unauthenticated
@@ -57,7 +58,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
             return await router.forward_unary(path, request, context, lazy_load=False)
         except RoutingError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT or isinstance(
-                exc, (NotReady, Unauthenticated, PermissionDenied)
+                exc, (NotReady, Unauthenticated, PermissionDenied, Overloaded)
             ):
                 raise
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
@@ -102,8 +103,9 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
     }
 
     async def ModelStreamInfer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        router.identify(context)  # a caller without valid credentials: the stream ends at once
-        await relay(router, requests, context)
+        identity = router.identify(context)  # a caller without valid credentials: the stream ends at once
+        with router.admission.admitted(identity.tenant):  # an open stream is a call in flight
+            await relay(router, requests, context)
 
     telemetry = router.telemetry
     methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}

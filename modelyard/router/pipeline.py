@@ -164,24 +164,26 @@ class PipelineRunner:
             raise BadRequest(
                 f"pipeline '{pipeline.name}' streams (its last step is decoupled): call InferStream"
             )
-        tensors = await self._run(pipeline, message, pipeline.steps, context)
+        with self.router.admission.admitted(self.router.identify(context).tenant):  # one for all steps
+            tensors = await self._run(pipeline, message, pipeline.steps, context)
         return self._response(pipeline, message, tensors).SerializeToString()
 
     async def infer_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         """`InferStream` on a pipeline: the last step's responses as the pipeline's, up to the final one;
         a pipeline that does not stream answers once (its response marked final)."""
         pipeline, message = self._request(request, context)
-        if not pipeline.streaming:
-            tensors = await self._run(pipeline, message, pipeline.steps, context)
-            response = self._response(pipeline, message, tensors)
-            response.parameters[_FINAL].bool_param = True
-            await _write(context, response.SerializeToString())
-            return
-        last = next(s for s in pipeline.steps if s.decoupled)
-        before = tuple(s for s in pipeline.steps if s is not last)
-        async with self._deadline(pipeline, context):
-            tensors = await self._run(pipeline, message, before, context)
-            await self._stream_last(pipeline, message, last, tensors, context)
+        with self.router.admission.admitted(self.router.identify(context).tenant):  # one for all steps
+            if not pipeline.streaming:
+                tensors = await self._run(pipeline, message, pipeline.steps, context)
+                response = self._response(pipeline, message, tensors)
+                response.parameters[_FINAL].bool_param = True
+                await _write(context, response.SerializeToString())
+                return
+            last = next(s for s in pipeline.steps if s.decoupled)
+            before = tuple(s for s in pipeline.steps if s is not last)
+            async with self._deadline(pipeline, context):
+                tensors = await self._run(pipeline, message, before, context)
+                await self._stream_last(pipeline, message, last, tensors, context)
 
     def metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """`ModelMetadata`: the pipeline's tensors and the versions the caller may call."""
@@ -377,7 +379,7 @@ class PipelineRunner:
         with self._observed(pipeline, step):
             request = self._step_request(step, request_id, tensors).SerializeToString()
             try:
-                answer = await self.router.forward_unary(MODEL_INFER, request, context)
+                answer = await self.router.forward_unary(MODEL_INFER, request, context, admit=False)
             except RoutingError as exc:
                 raise self._failed(pipeline, step, exc.code, str(exc)) from exc
             except grpc.aio.AioRpcError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 
 import grpc
@@ -14,9 +15,13 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.containers.triton.adapter import triton_model_name
+from modelyard.metric_names import QUEUE_DEPTH
 from modelyard.placement.follow import StoreFollower
 from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
+from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import Store
+from modelyard.router.admission import Admission, Overloaded
+from modelyard.router.container_queue import ContainerQueues
 from modelyard.router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
 from modelyard.router.follow import TableFollower
 from modelyard.router.forward import ContainerChannels
@@ -30,6 +35,7 @@ from modelyard.router.identity import (
 )
 from modelyard.router.inputs import CHECKED_BACKENDS, check_inputs
 from modelyard.router.lazy import LazyLoader
+from modelyard.router.presence import RouterPresence
 from modelyard.router.rates import RateCounter
 from modelyard.router.sagemaker_forward import SageMakerForwarder
 from modelyard.router.table import RoutingTable
@@ -41,9 +47,10 @@ from modelyard.router.wire import (
     with_nested_name,
     with_version,
 )
-from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
+from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, CallInfo, Telemetry
 
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
+ADMISSION_ENV = "MODELYARD_ADMISSION"  # "off": no tenant limits, no container bounds (measuring their cost)
 _KSERVE = "/inference.GRPCInferenceService/"
 _MODEL_INFER = _KSERVE + "ModelInfer"
 _MODEL_METADATA = _KSERVE + "ModelMetadata"
@@ -118,15 +125,36 @@ class Router:
         self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
         self._metadata: dict[str | None, grpc.aio.Metadata] = {}  # upstream metadata by tenant
+        # Tenant limits and fair sharing of saturated containers (router/admission.py, container_queue.py)
+        admission_on = os.environ.get(ADMISSION_ENV, "on").lower() != "off"
+        metrics = telemetry is not None and telemetry.metrics
+        refused = telemetry.refused if metrics and telemetry is not None else None
+        self.admission = Admission(enabled=admission_on, refused_counter=refused)
+        self.queues = ContainerQueues(self.channels.outstanding, enabled=admission_on)
+        self.presence = RouterPresence(store, self.rates.router_id)
+        self._limited: tuple[frozenset[str], bool] = (frozenset(), False)  # limited tenants, default
+        self.follower.listen(self.admission.on_change)
+        self.follower.listen(self.queues.on_change)
+        self.follower.listen(self._limits_changed)
+        if metrics and telemetry is not None:
+            telemetry.gauge(
+                QUEUE_DEPTH,
+                lambda: [(n, {"container": cid}) for cid, n in self.queues.depth().items()],
+                "Calls waiting for a container at its bound",
+            )
 
     async def start(self) -> None:
         self.follower.start()  # idempotent: a shared follower may be running already
         self.identity.start()
         self.rates.start()
+        self.presence.start()
 
     async def stop(self) -> None:
+        await self.presence.stop()
         await self.rates.stop()
         await self.identity.stop()
+        for listener in (self.admission.on_change, self.queues.on_change, self._limits_changed):
+            self.follower.unlisten(listener)
         if self._owns_follower:
             await self.follower.stop()
         else:
@@ -181,7 +209,13 @@ class Router:
         return model, request, caller
 
     async def forward_unary(
-        self, method: str, request: bytes, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
+        self,
+        method: str,
+        request: bytes,
+        context: grpc.aio.ServicerContext,
+        *,
+        lazy_load: bool = True,
+        admit: bool = True,
     ) -> bytes:
         """Sends `request` to a ready copy; with `lazy_load`, a model with none is loaded first.
 
@@ -193,49 +227,102 @@ class Router:
         model, request, caller = self._route(request, context)
         if method == _MODEL_INFER and model.backend in CHECKED_BACKENDS:
             check_inputs(model, request)  # a container that does not check them itself (MLServer)
-        self.rates.count(model.key)
-        container = self.channels.pick(self.table.ready_copies(model.key))
-        if container is None:
-            container = await self._load_copy(model, context, lazy_load)
-        timeout = self.upstream_timeout(context)
-        deadline = time.monotonic() + timeout
-        metadata = self.upstream_metadata(*caller)
-        call = CURRENT_CALL.get()
-        outstanding = self.channels.outstanding
-        refused: set[str] = set()  # containers that answered this call UNAVAILABLE
-        while True:
-            copy = container.id
-            if call is not None:
-                call.container = copy
-            outstanding[copy] = outstanding.get(copy, 0) + 1
-            try:
-                if container.backend == "sagemaker":  # HTTP, not gRPC
-                    response = await self.sagemaker.unary(model, container, method, request, timeout)
-                else:
-                    response = await self.channels.unary(container.address, method)(
-                        request, timeout=timeout, metadata=metadata
-                    )
-                return public_response(model, method, response)
-            except grpc.aio.AioRpcError as exc:
-                # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
-                # (restarted at its address, or unloaded it for a move) before the store said so. The
-                # request did not run there either, so it is resent like an UNAVAILABLE one.
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-                    raise
-                refused.add(copy)
-                others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
-                retry_on = self.channels.pick(others)
-                if retry_on is None:
-                    if not lazy_load:
-                        raise
-                    retry_on = await self.wait_for_replacement(model, container, refused, deadline)
-                container = retry_on
-                timeout = self.upstream_timeout(context)
-                self.retries += 1
+        admission = self.admission
+        tenant = caller[0].tenant
+        # Before any upstream work; a pipeline's steps were admitted with the pipeline (`admit` False).
+        ticket = admission.enter(tenant) if admit and admission.active else None
+        try:
+            self.rates.count(model.key)
+            container = self.channels.pick(self.table.ready_copies(model.key))
+            if container is None:
+                container = await self._load_copy(model, context, lazy_load)
+            timeout = self.upstream_timeout(context)
+            deadline = time.monotonic() + timeout
+            metadata = self.upstream_metadata(*caller)
+            call = CURRENT_CALL.get()
+            outstanding = self.channels.outstanding
+            queues = self.queues
+            bounds, waiting = queues.bounds, queues.waiting
+            refused: set[str] = set()  # containers that answered this call UNAVAILABLE
+            while True:
+                copy = container.id
                 if call is not None:
-                    call.retries += 1
-            finally:
-                outstanding[copy] -= 1
+                    call.container = copy
+                inflight = outstanding.get(copy, 0)
+                if inflight < bounds.get(copy, inflight + 1):
+                    outstanding[copy] = inflight + 1
+                else:  # the container is at its bound: a slot in turn with other tenants, or refused
+                    await self._wait_turn(copy, caller[0].tenant, deadline, call)
+                    timeout = self.upstream_timeout(context)
+                try:
+                    if container.backend == "sagemaker":  # HTTP, not gRPC
+                        response = await self.sagemaker.unary(model, container, method, request, timeout)
+                    else:
+                        response = await self.channels.unary(container.address, method)(
+                            request, timeout=timeout, metadata=metadata
+                        )
+                    return public_response(model, method, response)
+                except grpc.aio.AioRpcError as exc:
+                    # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
+                    # (restarted at its address, or unloaded it for a move) before the store said so. The
+                    # request did not run there either, so it is resent like an UNAVAILABLE one.
+                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                        raise
+                    refused.add(copy)
+                    others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
+                    retry_on = self.channels.pick(others)
+                    if retry_on is None:
+                        if not lazy_load:
+                            raise
+                        retry_on = await self.wait_for_replacement(model, container, refused, deadline)
+                    container = retry_on
+                    timeout = self.upstream_timeout(context)
+                    self.retries += 1
+                    if call is not None:
+                        call.retries += 1
+                finally:
+                    outstanding[copy] -= 1
+                    if copy in waiting:
+                        queues.release(copy)
+        finally:
+            if ticket is not None:
+                admission.leave(ticket)
+
+    async def _wait_turn(self, copy: str, tenant: str | None, deadline: float, call: CallInfo | None) -> None:
+        """A slot on container `copy` at its bound, in turn with other tenants' calls; raises Overloaded."""
+        admission = self.admission
+        try:
+            waited_s = await self.queues.wait_turn(
+                copy, tenant, admission.weight(tenant), deadline - time.monotonic()
+            )
+        except Overloaded as exc:
+            admission.count_refusal(tenant, exc.limit)
+            raise
+        if self.telemetry is not None and self.telemetry.metrics:
+            label = call.tenant_label if call is not None else admission.label(tenant)
+            self.telemetry.queue_wait.record(waited_s, {"tenant": label})
+
+    def _limits_changed(self, fleet: Fleet, changes: Changes) -> None:
+        """Zero-hop clients of a limited tenant get no container addresses (their calls come through the
+        router and its limits): when the limited tenants change, every route watcher is sent its routes
+        again."""
+        if not (changes.everything or changes.tenants):
+            return
+        admission = self.admission
+        default = admission.fleet_default
+        limited = (
+            frozenset(t for t in fleet.tenants if admission.is_limited(t)),
+            admission.active and default is not None and default.limited,
+        )
+        if limited != self._limited:
+            self._limited = limited
+            self.table.notify_routes()
+
+    def routes_for(self, identity: Identity) -> Identity:
+        """The identity route answers are made for: a limited tenant reads no container addresses."""
+        if identity.routes and self.admission.is_limited(identity.tenant):
+            return Identity(identity.tenant, False, identity.via)
+        return identity
 
     async def choose_copy(
         self, model: ModelVersion, context: grpc.aio.ServicerContext, *, lazy_load: bool = True

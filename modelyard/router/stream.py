@@ -218,6 +218,7 @@ class Upstream:
             return
         request.done = True
         self.pool.channels.outstanding[self.container.id] -= 1
+        self.pool.slot_freed(self.container.id)
         if request.timer is not None:
             request.timer.cancel()
         if request.sink is not None:
@@ -231,6 +232,7 @@ class Upstream:
         if self.requests.pop(request.upstream_id, None) is None:
             return False
         self.pool.channels.outstanding[self.container.id] -= 1
+        self.pool.slot_freed(self.container.id)
         self.live -= 1
         request.upstream = None
         self._settle()
@@ -353,6 +355,13 @@ class StreamPool:
         self._router = weakref.ref(router) if router is not None else None
         self._failovers: set[asyncio.Task[None]] = set()
         self.failed_over = 0  # requests sent to another copy after theirs failed before any response
+
+    def slot_freed(self, container_id: str) -> None:
+        """A request on a container ended: a unary call waiting for the container at its bound may go
+        (router/container_queue.py; stream requests themselves do not wait there)."""
+        router = self._router() if self._router is not None else None
+        if router is not None and container_id in router.queues.waiting:
+            router.queues.release(container_id)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The router's own headers: a shared stream carries no caller's headers (tenant, trace)."""

@@ -76,6 +76,10 @@ class RoutingTable:
                 if not waiters:
                     del self._waiters[key]
 
+    def notify_routes(self) -> None:
+        """Every route watcher sends its routes again (what a caller may read of them changed)."""
+        self._notify(set(), everything=True)
+
     def _wake(self, keys: set[str] | None) -> None:
         for key in list(self._waiters) if keys is None else keys & self._waiters.keys():
             for future in self._waiters.pop(key, ()):

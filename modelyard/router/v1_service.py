@@ -32,7 +32,8 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         return await router.forward_unary(_MODEL_INFER, request, context)
 
     async def WhereIs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        identity = router.identify(context)
+        # A limited tenant reads no addresses: its calls go through the router and its limits.
+        identity = router.routes_for(router.identify(context))
         query = parse_request(router_pb2.WhereIsRequest, request)
         if not query.model_name:
             raise BadRequest("model_name is required")
@@ -63,20 +64,23 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         return answer.SerializeToString()
 
     async def InferStream(request: bytes, context: grpc.aio.ServicerContext) -> None:
-        router.identify(context)  # a caller without valid credentials: the stream ends at once
+        identity = router.identify(context)  # a caller without valid credentials: the stream ends at once
         # One request on a pooled upstream stream: an error ends the stream with its status.
         if pipeline_name(router, request) is not None:
-            await runner_of(router).infer_stream(request, context)
+            await runner_of(router).infer_stream(request, context)  # admitted there, once
             return
-        await infer_stream(router, request, context)
+        with router.admission.admitted(identity.tenant):  # an open stream is a call in flight
+            await infer_stream(router, request, context)
 
     async def InferSession(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        router.identify(context)  # a caller without valid credentials: the stream ends at once
+        identity = router.identify(context)  # a caller without valid credentials: the stream ends at once
         # StreamResponse and InferRequest are wire-compatible with KServe's stream messages: pure relay.
-        await relay(router, requests, context)
+        with router.admission.admitted(identity.tenant):  # an open stream is a call in flight
+            await relay(router, requests, context)
 
     async def WatchRoutes(request: bytes, context: grpc.aio.ServicerContext) -> None:
-        identity = router.identify(context)
+        caller = router.identify(context)
+        identity = router.routes_for(caller)  # a limited tenant reads no addresses
         query = parse_request(router_pb2.WatchRoutesRequest, request)
         wanted = set(query.model_names)
         table = router.table
@@ -91,6 +95,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
                 await watch.event.wait()
                 await asyncio.sleep(0.01)  # let a burst of store events coalesce into one update
                 changed, everything = watch.take()
+                identity = router.routes_for(caller)  # its tenant's limits may have changed
                 names = (table.names() | sent) if everything else changed
                 names = {n for n in names if not wanted or n in wanted}
                 # A name the caller never saw and still cannot see is nobody's business.
