@@ -234,6 +234,14 @@ def _metrics_port_option(command: F) -> F:
     type=click.IntRange(0, 64),
     help="Number of MLServer containers (scikit-learn models; with one or more, the example `iris`).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="One /metrics (and /healthz, /readyz) for the router, the controller and the agents; 0: a free "
+    "port, printed at start.",
+)
 @_autoscale_options
 def up(
     workdir: Path,
@@ -245,6 +253,7 @@ def up(
     port: int,
     model_store: str | None,
     mlserver_containers: int,
+    metrics_port: int,
     copy_target_rps: float,
     scale_down_after_s: float,
 ) -> None:
@@ -277,6 +286,7 @@ def up(
         mlserver_containers=mlserver_containers,
         copy_target_rps=copy_target_rps,
         scale_down_after_s=scale_down_after_s,
+        metrics_port=metrics_port,
     )
     if model_store and not model_store.startswith("s3://"):
         fleet.model_store = Path(model_store)  # our containers load uploads from there too
@@ -623,7 +633,7 @@ def agent(
 
     from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
     from modelyard.containers.adapter import ContainerAdapter
-    from modelyard.containers.agent import Agent
+    from modelyard.containers.agent import Agent, register_agent_gauges
     from modelyard.containers.custom.adapter import CustomAdapter
     from modelyard.containers.mlserver.adapter import MLServerAdapter, find_mlserver_pid
     from modelyard.containers.sagemaker.adapter import SageMakerAdapter
@@ -665,8 +675,11 @@ def agent(
         adapter = FetchingAdapter(adapter, cache)
         try:
             telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
-            telemetry.serve_metrics()
-            await Agent(store, container, adapter, telemetry=telemetry).run()
+            the_agent = Agent(store, container, adapter, telemetry=telemetry)
+            register_agent_gauges(telemetry, [the_agent])
+            # /readyz: ready once its container is registered in the store (it answers and has a lease).
+            telemetry.serve_metrics(ready=lambda: the_agent.registered)
+            await the_agent.run()
         finally:
             await adapter.close()
             await store.close()
@@ -690,23 +703,37 @@ def agent(
     help="Seconds a rebalance waits for new copies before keeping the old ones.",
 )
 @_autoscale_options
+@_metrics_port_option
 def controller(
-    store_url: str | None, ready_timeout_s: float, copy_target_rps: float, scale_down_after_s: float
+    store_url: str | None,
+    ready_timeout_s: float,
+    copy_target_rps: float,
+    scale_down_after_s: float,
+    metrics_port: int | None,
 ) -> None:
     """Run the placement controller: place new models, re-place lost copies, fill new containers."""
     import asyncio
 
     from modelyard.placement.controller import PlacementController
+    from modelyard.placement.metrics import register_controller_gauges
     from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.telemetry import Telemetry
 
     async def run() -> None:
+        telemetry = Telemetry("modelyard-controller", metrics_port=metrics_port)
         async with open_store(store_url or default_store_url()) as store:
-            await PlacementController(
+            the_controller = PlacementController(
                 store,
                 ready_timeout_s=ready_timeout_s,
                 copy_target_rps=copy_target_rps,
                 scale_down_after_s=scale_down_after_s,
-            ).run()
+                telemetry=telemetry,
+            )
+            if telemetry.metrics:
+                register_controller_gauges(telemetry, the_controller)
+                # /readyz: ready once it follows the store (leading or standing by to take over).
+                telemetry.serve_metrics(ready=the_controller.follower.loaded.is_set)
+            await the_controller.run()
 
     try:
         asyncio.run(run())

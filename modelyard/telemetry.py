@@ -3,7 +3,9 @@ container, and metrics exposed for Prometheus on /metrics.
 
 Configuration (flags override):
 - MODELYARD_TRACES = none (default) | console | otlp   (otlp uses the standard OTEL_EXPORTER_OTLP_* env vars)
-- MODELYARD_METRICS_PORT = port for /metrics (default: off); MODELYARD_METRICS_HOST (default 127.0.0.1)
+- MODELYARD_METRICS_PORT = port for /metrics (default: off); MODELYARD_METRICS_HOST (default 127.0.0.1).
+  The same plaintext port answers /healthz (the process is up) and /readyz (it is ready), so probes work
+  when the gRPC port requires client certificates.
 
 Providers are per process object (not OpenTelemetry's globals), so several routers or containers can run
 in one test process. With traces and metrics off, a call costs one attribute check.
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import contextvars
 import os
+import socketserver
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from opentelemetry.context import Context
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -103,6 +108,7 @@ class Telemetry:
             self._tracer_provider = provider
             self.tracer = provider.get_tracer("modelyard")
         self.metrics = metric_reader is not None or metrics_port is not None
+        self.http: MetricsServer | None = None
         self.metrics_port = metrics_port
         self.enabled = self.tracing or self.metrics
         if not self.metrics:
@@ -112,7 +118,7 @@ class Telemetry:
 
             metric_reader = PrometheusMetricReader()
         histogram_view = View(
-            instrument_name="*duration*", aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)
+            instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)
         )
         self._meter_provider = MeterProvider(
             resource=resource, metric_readers=[metric_reader], views=[histogram_view]
@@ -139,6 +145,27 @@ class Telemetry:
         self.agent_load_duration = meter.create_histogram(
             _base(names.AGENT_LOAD_DURATION, "_seconds"), unit="s", description="Agent load time"
         )
+        # The control plane (ModelMesh's and SageMaker multi-model endpoints' figures): loads by backend,
+        # what cold calls waited, evictions and the age of what was evicted, the controller's passes.
+        self.model_load = meter.create_histogram(
+            _base(names.MODEL_LOAD, "_seconds"), unit="s", description="Time a container took to load a model"
+        )
+        self.cold_call_wait = meter.create_histogram(
+            _base(names.COLD_CALL_WAIT, "_seconds"), unit="s", description="What a call waited for a copy"
+        )
+        self.evictions = meter.create_counter(
+            _base(names.EVICTIONS, "_total"), description="Ready copies an agent unloaded"
+        )
+        self.eviction_age = meter.create_histogram(
+            _base(names.EVICTION_AGE, "_seconds"), unit="s", description="How long an evicted copy was loaded"
+        )
+        self.placement_failures = meter.create_counter(
+            _base(names.PLACEMENT_FAILURES, "_total"),
+            description="Models a placement pass could not place, and new copies that did not become ready",
+        )
+        self.reconcile = meter.create_histogram(
+            _base(names.RECONCILE, "_seconds"), unit="s", description="Placement controller pass duration"
+        )
         self._meter = meter
         self.gauge(
             names.IN_FLIGHT,
@@ -160,15 +187,33 @@ class Telemetry:
 
         self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
 
-    def serve_metrics(self, host: str | None = None) -> int | None:
-        """Starts the /metrics HTTP endpoint (Prometheus text) if a port is configured; returns the port."""
+    def counter(
+        self, name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]], description: str
+    ) -> None:
+        """A monotonic counter kept by the caller (a plain int) and read at scrape time: cheaper on a hot
+        path than an SDK counter's add()."""
+        if not self.metrics:
+            return
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, attributes) for value, attributes in read()]
+
+        self._meter.create_observable_counter(
+            _base(name, "_total"), callbacks=[callback], description=description
+        )
+
+    def serve_metrics(self, host: str | None = None, ready: Callable[[], bool] | None = None) -> int | None:
+        """Starts the plaintext HTTP endpoint if a port is configured: /metrics (Prometheus text),
+        /healthz (200 while the process serves) and /readyz (200 once `ready()` says so; always without
+        it). Returns the port it listens on (a free one for port 0)."""
         if self.metrics_port is None:
             return None
-        from prometheus_client import start_http_server
-
-        start_http_server(
-            self.metrics_port, addr=host or os.environ.get("MODELYARD_METRICS_HOST", "127.0.0.1")
+        self.http = MetricsServer(
+            host or os.environ.get("MODELYARD_METRICS_HOST", "127.0.0.1"), self.metrics_port
         )
+        self.http.ready = ready
+        self.metrics_port = self.http.port
         return self.metrics_port
 
     # -- tracing helpers ----------------------------------------------------------------------------
@@ -189,7 +234,54 @@ class Telemetry:
         return list(carrier.items())
 
     def shutdown(self) -> None:
+        if self.http is not None:
+            self.http.close()
         if self.tracing:
             self._tracer_provider.shutdown()
         if self.metrics:
             self._meter_provider.shutdown()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes and probes every few seconds: not worth a log line each
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the process's exit
+
+
+class MetricsServer:
+    """The plaintext HTTP port of a modelyard process, in a daemon thread: /metrics for Prometheus and
+    /healthz, /readyz for the kubelet (whose gRPC probes cannot present a client certificate)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from prometheus_client import REGISTRY, make_wsgi_app
+
+        self.ready: Callable[[], bool] | None = None
+        self._metrics = make_wsgi_app(REGISTRY)
+        self._server: WSGIServer = make_server(
+            host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return self._text(start_response, True, b"ok\n")
+        if path == "/readyz":
+            ready = self.ready is None or bool(self.ready())
+            return self._text(start_response, ready, b"ready\n" if ready else b"not ready\n")
+        return self._metrics(environ, start_response)
+
+    @staticmethod
+    def _text(start_response: Callable[..., Any], ok: bool, body: bytes) -> list[bytes]:
+        status = "200 OK" if ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

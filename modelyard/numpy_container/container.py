@@ -419,12 +419,14 @@ async def run_container(
     await container.start(host, port)
     if telemetry is not None and telemetry.metrics:
         # The host name: a pod's name on Kubernetes, which is also its agent's container id there.
-        label = {"container": socket.gethostname()}
+        host = socket.gethostname()
         telemetry.gauge(
-            names.CONTAINER_MEMORY_USED, lambda: [(float(container.used_bytes), label)], "Bytes loaded"
-        )
-        telemetry.gauge(
-            names.CONTAINER_MEMORY_CAPACITY, lambda: [(float(container.memory_bytes), label)], "Memory budget"
+            names.CONTAINER_MEMORY,
+            lambda: [
+                (float(container.used_bytes), {"container": host, "kind": "used"}),
+                (float(container.memory_bytes), {"container": host, "kind": "capacity"}),
+            ],
+            "Bytes loaded (used) and the memory budget (capacity), as this container counts them",
         )
         telemetry.serve_metrics()
     stopping = asyncio.Event()
