@@ -1,8 +1,14 @@
 """OpenTelemetry for modelyard processes: a server span per routed call, W3C trace context passed on to the
 container, and metrics exposed for Prometheus on /metrics.
 
-Configuration (flags override):
-- MODELYARD_TRACES = none (default) | console | otlp   (otlp uses the standard OTEL_EXPORTER_OTLP_* env vars)
+Configuration (flags override), OpenTelemetry's standard variables honoured:
+- MODELYARD_TRACES = none (default) | console | otlp, else OTEL_TRACES_EXPORTER (the same values); otlp sends
+  to OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT with the other OTEL_EXPORTER_OTLP_* settings; OTEL_TRACES_SAMPLER
+  and its _ARG choose what is sampled.
+- OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) names the service instead of modelyard's
+  name for the process; the rest of OTEL_RESOURCE_ATTRIBUTES is added to every span and metric.
+- Metrics are also pushed over OTLP when OTEL_METRICS_EXPORTER=otlp, or when it is unset and an OTLP
+  endpoint is (OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT), every OTEL_METRIC_EXPORT_INTERVAL ms.
 - MODELYARD_METRICS_PORT = port for /metrics (default: off); MODELYARD_METRICS_HOST (default 127.0.0.1).
   The same plaintext port answers /healthz (the process is up) and /readyz (it is ready), so probes work
   when the gRPC port requires client certificates.
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import grpc
 from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -69,6 +76,30 @@ def current_call() -> CallInfo | None:
     return CURRENT_CALL.get()
 
 
+def status_code_number(name: str) -> int:
+    """A gRPC status code's number from its name (OpenTelemetry's rpc.grpc.status_code is the number);
+    UNKNOWN's for a name that is none."""
+    code = grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
+    return int(code.value[0])
+
+
+def _resource(service: str) -> Resource:
+    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES as the SDK reads them; `service` when they name none."""
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
+    named = "service.name" in OTELResourceDetector().detect().attributes
+    return Resource.create({} if named else {"service.name": service})
+
+
+def _otlp_metrics() -> bool:
+    exporter = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter == "otlp"
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
 def _base(name: str, *suffixes: str) -> str:
     """The OpenTelemetry instrument name whose Prometheus export is `name` (the exporter adds suffixes)."""
     for suffix in suffixes:
@@ -87,12 +118,16 @@ class Telemetry:
         metrics_port: int | None = None,
         metric_reader: MetricReader | None = None,
     ) -> None:
-        traces = (traces or os.environ.get("MODELYARD_TRACES") or "none").lower()
+        traces = (
+            traces or os.environ.get("MODELYARD_TRACES") or os.environ.get("OTEL_TRACES_EXPORTER") or "none"
+        ).lower()
         if traces not in ("none", "console", "otlp"):
-            raise ValueError(f"MODELYARD_TRACES must be none, console or otlp, got {traces!r}")
+            raise ValueError(
+                f"MODELYARD_TRACES (or OTEL_TRACES_EXPORTER) must be none, console or otlp, got {traces!r}"
+            )
         if metrics_port is None and os.environ.get("MODELYARD_METRICS_PORT"):
             metrics_port = int(os.environ["MODELYARD_METRICS_PORT"])
-        resource = Resource.create({"service.name": service})
+        resource = _resource(service)
         self.tracing = span_exporter is not None or traces != "none"
         self.tracer: Tracer | None = None
         if self.tracing:
@@ -107,21 +142,30 @@ class Telemetry:
                 provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             self._tracer_provider = provider
             self.tracer = provider.get_tracer("modelyard")
-        self.metrics = metric_reader is not None or metrics_port is not None
+        otlp_metrics = metric_reader is None and _otlp_metrics()
+        self.metrics = metric_reader is not None or metrics_port is not None or otlp_metrics
         self.http: MetricsServer | None = None
         self.metrics_port = metrics_port
         self.enabled = self.tracing or self.metrics
         if not self.metrics:
             return
-        if metric_reader is None:
+        readers: list[MetricReader] = []
+        if metric_reader is not None:
+            readers.append(metric_reader)
+        if metrics_port is not None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            metric_reader = PrometheusMetricReader()
+            readers.append(PrometheusMetricReader())
+        if otlp_metrics:  # pushed to a collector as well as (or instead of) scraped on /metrics
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         histogram_view = View(
             instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)
         )
         self._meter_provider = MeterProvider(
-            resource=resource, metric_readers=[metric_reader], views=[histogram_view]
+            resource=resource, metric_readers=readers, views=[histogram_view]
         )
         meter = self._meter_provider.get_meter("modelyard")
         self.requests = meter.create_counter(_base(names.REQUESTS, "_total"), description="Routed calls")
@@ -222,9 +266,19 @@ class Telemetry:
         carrier = {m.key: m.value for m in metadata or () if m.key in TRACE_HEADERS}
         return _PROPAGATOR.extract(carrier) if carrier else None
 
-    def start_server_span(self, name: str, metadata: Sequence[Any] | None) -> Any:
+    def start_server_span(self, name: str, metadata: Sequence[Any] | None, *, service: str = "") -> Any:
+        """A server span for the gRPC method `name` of `service`, named and described as OpenTelemetry's
+        RPC conventions say (`inference.GRPCInferenceService/ModelInfer`, rpc.system/service/method)."""
         assert self.tracer is not None
-        return self.tracer.start_as_current_span(name, context=self.extract(metadata), kind=SpanKind.SERVER)
+        attributes = {"rpc.system": "grpc", "rpc.method": name}
+        if service:
+            attributes["rpc.service"] = service
+        return self.tracer.start_as_current_span(
+            f"{service}/{name}" if service else name,
+            context=self.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
 
     @staticmethod
     def inject() -> list[tuple[str, str]]:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,7 +93,10 @@ def test_a_routed_call_is_one_trace_from_client_to_container(traced: TracedFleet
     with grpcclient.InferenceServerClient(traced.router.address) as client:
         out = client.infer("m", [tensor], headers=headers).as_numpy("OUTPUT")
     np.testing.assert_allclose(out, [2.0, 6.0])
-    spans = [s for s in traced.spans.get_finished_spans() if s.name == "ModelInfer"]
+    # OpenTelemetry's RPC conventions: the span is named service/method and says so in rpc.* attributes.
+    spans = [
+        s for s in traced.spans.get_finished_spans() if s.name == "inference.GRPCInferenceService/ModelInfer"
+    ]
     by_service = {s.resource.attributes["service.name"]: s for s in spans}
     router_span, container_span = by_service["router"], by_service["container"]
     assert f"{router_span.context.trace_id:032x}" == TRACE_ID == f"{container_span.context.trace_id:032x}"
@@ -102,7 +109,11 @@ def test_a_routed_call_is_one_trace_from_client_to_container(traced: TracedFleet
     assert router_span.attributes["modelyard.tenant"] == "acme"
     assert router_span.attributes["modelyard.container"] == "box"
     assert router_span.attributes["modelyard.retries"] == 0
-    assert router_span.attributes["rpc.grpc.status_code"] == "OK"
+    for span in (router_span, container_span):
+        assert span.attributes["rpc.system"] == "grpc"
+        assert span.attributes["rpc.service"] == "inference.GRPCInferenceService"
+        assert span.attributes["rpc.method"] == "ModelInfer"
+    assert router_span.attributes["rpc.grpc.status_code"] == 0  # the number: OK
 
 
 def test_a_failed_call_records_its_status_on_the_span(traced: TracedFleet) -> None:
@@ -120,7 +131,7 @@ def test_a_failed_call_records_its_status_on_the_span(traced: TracedFleet) -> No
     ):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert failed[0].attributes["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert failed[0].attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0] == 5
     assert failed[0].resource.attributes["service.name"] == "router"
 
 
@@ -295,3 +306,43 @@ def test_our_container_serves_its_memory_on_metrics(tmp_path: Path) -> None:
         assert memory == {"capacity": 1_000_000, "used": 4}  # one float32 factor
     finally:
         stop_process(process)  # type: ignore[arg-type]
+
+
+class Collector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP metrics receiver on loopback: what an OpenTelemetry Collector would be sent."""
+
+    def __init__(self) -> None:
+        self.received: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+        self.arrived = threading.Event()
+
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
+        self.received.append(request)
+        self.arrived.set()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def test_with_an_otlp_endpoint_metrics_are_pushed_under_otel_service_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collector = Collector()
+    server = grpc.server(ThreadPoolExecutor(2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "router-eu-1")
+    telemetry = Telemetry("modelyard-router")  # no --metrics-port: OTLP alone turns metrics on
+    try:
+        assert telemetry.metrics and telemetry.metrics_port is None
+        telemetry.requests.add(1, {"method": "ModelInfer", "model": "m", "tenant": "acme", "code": "OK"})
+        assert collector.arrived.wait(30), "nothing exported within 30 s"
+    finally:
+        telemetry.shutdown()
+        server.stop(None)
+    request = collector.received[0]
+    resource = {a.key: a.value.string_value for a in request.resource_metrics[0].resource.attributes}
+    assert resource["service.name"] == "router-eu-1"
+    exported = {m.name for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert names.REQUESTS.removesuffix("_total") in exported

@@ -87,7 +87,7 @@ def _unary(fn: Unary[H]) -> Unary[H]:
     async def wrapper(self: H, request: Any, context: grpc.aio.ServicerContext) -> Any:
         telemetry = self.telemetry
         span_context: Any = (
-            telemetry.start_server_span(fn.__name__, context.invocation_metadata())
+            telemetry.start_server_span(fn.__name__, context.invocation_metadata(), service=KSERVE_SERVICE)
             if telemetry is not None and telemetry.tracing
             else contextlib.nullcontext()
         )
@@ -99,10 +99,13 @@ def _unary(fn: Unary[H]) -> Unary[H]:
             except Exception as exc:
                 code, message = status_of(exc)
                 if span is not None:
-                    span.set_attribute("rpc.grpc.status_code", code.name)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
         await context.abort(code, message)
 
     return wrapper
+
+
+KSERVE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
