@@ -7,9 +7,10 @@ What stands in for the cluster: Secrets and ConfigMaps mounted as volumes become
 their keys as files and emptyDirs empty temporary folders (their mount paths rewritten in args, env and
 mounted files); the names in MODELYARD_STORE (etcd-0.etcd, ...) resolve, through the namespace's own hosts
 file, to an etcd started on its loopback; POD_IP is 127.0.0.1. Needs root (network namespaces: CI and
-./dev test run as root); skipped otherwise. Not run: the etcd StatefulSet (not modelyard's image: its three
-members only elect a leader together) and the Triton pod (NVIDIA's GPU image; the agent's Triton side is
-covered by tests/test_up.py).
+./dev test run as root); skipped otherwise. Triton's image is NVIDIA's GPU one: the CPU tritonserver the
+nvidia-pytriton wheel bundles stands in for it, with the backend folder and libraries that image has in
+place (TritonInstall). Not run: the etcd StatefulSet (not modelyard's image; its three members only elect
+a leader together).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import missing
+from tests.conftest import missing, require_triton
 from tests.deploy_render import SAMPLE_SECRETS, pod_template, render, workloads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +205,10 @@ class PodRun:
                 env[var["name"]] = data_of(secrets[ref["name"]])[ref["key"]]
         env = {k: self.rewrite(v, container) for k, v in env.items()}
         env.update(PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(self.workdir))
+        if container.get("command") == ["tritonserver"]:  # the libraries NVIDIA's image has installed
+            install = require_triton()
+            libdir = sysconfig.get_config_var("LIBDIR") or ""
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.library_dir), libdir) if p)
         if os.environ.get("PYTHONPATH"):  # this checkout's modelyard (the image has its own installed)
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         return env
@@ -210,8 +216,13 @@ class PodRun:
     def command(self, container: dict[str, Any], env: dict[str, str]) -> list[str]:
         entrypoint = container.get("command", ["modelyard"])  # the image's ENTRYPOINT
         args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container.get("args", [])]
+        args = [self.rewrite(a, container) for a in args]
+        if entrypoint == ["tritonserver"]:  # NVIDIA's image: the bundled CPU build, its backends in place
+            install = require_triton()
+            backends = install.backend_directory(self.workdir / "triton-backends")
+            return [str(install.binary), *args, f"--backend-directory={backends}"]
         program = shutil.which(entrypoint[0], path=str(BIN)) or entrypoint[0]
-        return [program, *entrypoint[1:], *(self.rewrite(a, container) for a in args)]
+        return [program, *entrypoint[1:], *args]
 
     def start(self) -> None:
         for container in self.template["spec"]["containers"]:
@@ -249,7 +260,7 @@ def netns(tmp_path: Path) -> Iterator[Netns]:
         yield namespace
 
 
-@pytest.mark.parametrize("workload", ["router", "controller", "custom", "mlserver"])
+@pytest.mark.parametrize("workload", ["router", "controller", "custom", "mlserver", "triton"])
 def test_each_workloads_command_line_starts_and_its_probes_pass(
     rendered: list[dict[str, Any]], workload: str, netns: Netns, tmp_path: Path
 ) -> None:
