@@ -61,6 +61,14 @@ class Netns:
         self.processes: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def __enter__(self) -> Netns:
+        try:
+            self._setup()
+        except BaseException:
+            self.__exit__()  # the namespace, its /etc folder and etcd go even when setting up failed
+            raise
+        return self
+
+    def _setup(self) -> None:
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         self.etc.mkdir(parents=True)
         (self.etc / "hosts").write_text("127.0.0.1 localhost etcd-0.etcd etcd-1.etcd etcd-2.etcd\n")
@@ -74,7 +82,6 @@ class Netns:
             cwd=self.workdir,
         )  # fmt: skip
         self.wait("etcd store", lambda: self.probe("httpGet", 2379, "/health"))
-        return self
 
     def exec(self, *command: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *command]
