@@ -30,7 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from opentelemetry.context import Context
-from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -49,6 +49,8 @@ from modelyard import metric_names as names
 TRACE_HEADERS = ("traceparent", "tracestate")
 # Seconds: from sub-millisecond hops to multi-second loads.
 DURATION_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# How long an evicted copy had been loaded: from a thrashing second to a day.
+AGE_BUCKETS_S = (1, 10, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -161,12 +163,27 @@ class Telemetry:
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-        histogram_view = View(
-            instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)
-        )
-        self._meter_provider = MeterProvider(
-            resource=resource, metric_readers=readers, views=[histogram_view]
-        )
+        # Buckets per histogram (a histogram two views matched would be exported twice).
+        age = _base(names.EVICTION_AGE, "_seconds")
+        views = [
+            View(instrument_name=age, aggregation=ExplicitBucketHistogramAggregation(AGE_BUCKETS_S)),
+            *(
+                View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S))
+                for name in (
+                    _base(n, "_seconds")
+                    for n in (
+                        names.REQUEST_DURATION,
+                        names.LAZY_LOAD_DURATION,
+                        names.PIPELINE_STEP_DURATION,
+                        names.AGENT_LOAD_DURATION,
+                        names.MODEL_LOAD,
+                        names.COLD_CALL_WAIT,
+                        names.RECONCILE,
+                    )
+                )
+            ),
+        ]
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
         meter = self._meter_provider.get_meter("modelyard")
         self.requests = meter.create_counter(_base(names.REQUESTS, "_total"), description="Routed calls")
         self.duration = meter.create_histogram(
