@@ -268,6 +268,7 @@ def up(
     from modelyard.local import LocalFleet, run_up
     from modelyard.placement.store import StoreError
     from modelyard.router.server import RouterStartError
+    from modelyard.telemetry import MetricsPortError
 
     if not is_loopback(host):
         fail(
@@ -308,7 +309,7 @@ def up(
         reuse_large_buffers(DEFAULT_MAX_MESSAGE_BYTES)  # the router runs in this process
         if not asyncio.run(run_up(fleet)):
             sys.exit(1)
-    except (*startup_errors, StoreError, TimeoutError, ArchiveError) as exc:
+    except (*startup_errors, StoreError, TimeoutError, ArchiveError, MetricsPortError) as exc:
         fail(str(exc))
 
 
@@ -407,7 +408,7 @@ def serve(
     from modelyard.router.identity import Authenticator, IdentityConfigError, IdentityFile
     from modelyard.router.server import RouterServer, RouterStartError
     from modelyard.router.workers import run_workers
-    from modelyard.telemetry import Telemetry
+    from modelyard.telemetry import MetricsPortError, Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
 
     url = store_url or default_store_url()
@@ -495,7 +496,7 @@ def serve(
     reuse_large_buffers(max_message_bytes)
     try:
         run_event_loop(run())
-    except (RouterStartError, StoreError) as exc:
+    except (RouterStartError, StoreError, MetricsPortError) as exc:
         fail(str(exc))
 
 
@@ -640,7 +641,7 @@ def agent(
     from modelyard.containers.triton.adapter import TritonAdapter
     from modelyard.placement.model import Container
     from modelyard.placement.store import StoreError, default_store_url, open_store
-    from modelyard.telemetry import Telemetry
+    from modelyard.telemetry import MetricsPortError, Telemetry
 
     if backend in ("triton", "mlserver", "sagemaker") and repository is None:
         fail(f"--repository is required for a {backend} container (its model repository folder)")
@@ -686,7 +687,7 @@ def agent(
 
     try:
         asyncio.run(run())
-    except StoreError as exc:
+    except (StoreError, MetricsPortError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
@@ -717,7 +718,7 @@ def controller(
     from modelyard.placement.controller import PlacementController
     from modelyard.placement.metrics import register_controller_gauges
     from modelyard.placement.store import StoreError, default_store_url, open_store
-    from modelyard.telemetry import Telemetry
+    from modelyard.telemetry import MetricsPortError, Telemetry
 
     async def run() -> None:
         telemetry = Telemetry("modelyard-controller", metrics_port=metrics_port)
@@ -737,7 +738,7 @@ def controller(
 
     try:
         asyncio.run(run())
-    except StoreError as exc:
+    except (StoreError, MetricsPortError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass

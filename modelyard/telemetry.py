@@ -322,6 +322,10 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in progress does not hold up the process's exit
 
 
+class MetricsPortError(OSError):
+    """The metrics port cannot be listened on (in use, no permission): a user's error, said in one line."""
+
+
 class MetricsServer:
     """The plaintext HTTP port of a modelyard process, in a daemon thread: /metrics for Prometheus and
     /healthz, /readyz for the kubelet (whose gRPC probes cannot present a client certificate)."""
@@ -331,9 +335,12 @@ class MetricsServer:
 
         self.ready: Callable[[], bool] | None = None
         self._metrics = make_wsgi_app(REGISTRY)
-        self._server: WSGIServer = make_server(
-            host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
-        )
+        try:
+            self._server: WSGIServer = make_server(
+                host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
+            )
+        except OSError as exc:
+            raise MetricsPortError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import threading
@@ -346,3 +347,22 @@ def test_with_an_otlp_endpoint_metrics_are_pushed_under_otel_service_name(
     assert resource["service.name"] == "router-eu-1"
     exported = {m.name for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
     assert names.REQUESTS.removesuffix("_total") in exported
+
+
+@pytest.mark.parametrize("command", [["controller"], ["serve", "--port", "0"]])
+def test_a_metrics_port_in_use_ends_the_command_with_one_clear_line(
+    command: list[str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "modelyard", *command, "--store", str(tmp_path / "store"),
+             "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot serve metrics on 127.0.0.1:{port}"), result.stderr
+    assert "Traceback" not in result.stderr
