@@ -95,7 +95,10 @@ def _unary(fn: Unary[H]) -> Unary[H]:
             if span is not None:
                 span.set_attribute("modelyard.model", getattr(request, "model_name", ""))
             try:
-                return await fn(self, request, context)
+                response = await fn(self, request, context)
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                return response
             except Exception as exc:
                 code, message = status_of(exc)
                 if span is not None:
