@@ -14,8 +14,8 @@ import yaml
 from tests.deploy_render import pod_template, render, workloads
 
 # The oldest Kubernetes release the manifests promise to work on (autoscaling/v2 and policy/v1 are GA there;
-# grpc probes are GA from 1.27). kubernetes-validate ships the schemas of every release.
-KUBERNETES_VERSION = "1.29.0"
+# grpc probes are GA from 1.27), and the newest whose schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 ROOT = Path(__file__).resolve().parents[1]
 PART_OF = {"app.kubernetes.io/part-of": "modelyard"}
 
@@ -30,14 +30,15 @@ def monitoring(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     return render(tmp_path_factory.mktemp("render"), "monitoring")
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_rendered_object_is_valid_against_the_kubernetes_schemas(
-    rendered: list[dict[str, Any]],
+    rendered: list[dict[str, Any]], version: str
 ) -> None:
     kinds = set()
     for obj in rendered:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{where}: {exc.message} at {'.'.join(map(str, exc.path))}")
         kinds.add(obj["kind"])
