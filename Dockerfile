@@ -6,14 +6,16 @@
 #   docker build --target triton -t modelyard-triton:0.1.0 .       NVIDIA Triton (GPU) + modelyard for the agent
 #   docker build --build-arg TRITON_IMAGE=nvcr.io/nvidia/tritonserver:<tag>-py3 --target triton ...
 #       another Triton release: it must ship Python >= 3.11 (24.12 and later: Ubuntu 24.04 with Python 3.12)
-# Run:
-#   docker run -p 8001:8001 -p 9464:9464 -e MODELYARD_STORE=etcd://etcd:2379 modelyard:0.1.0
-#   docker run -p 8101:8101 -e MODELYARD_HEALTH_ADDRESS=127.0.0.1:8101 modelyard:0.1.0 \
-#       container --host 0.0.0.0 --memory-bytes 8589934592
+# Run (the router identifies callers by bearer token: mount a tenant-token file, as deploy/k8s does):
+#   docker run -p 8001:8001 -p 9464:9464 -e MODELYARD_STORE=etcd://etcd:2379 \
+#       -v "$PWD/tenant-tokens:/etc/modelyard/tenants/tokens:ro" modelyard:0.1.0
+#   docker run -p 8101:8101 -e MODELYARD_HEALTH_URL=http://127.0.0.1:9465/readyz modelyard:0.1.0 \
+#       container --host 0.0.0.0 --memory-bytes 8589934592 --metrics-port 9465
 # Kubernetes manifests using both images: deploy/k8s/ (kubectl apply -k deploy/k8s).
 #
 # No Docker engine runs on this project's development or CI machines, so neither image is built there;
-# tests/test_deploy.py checks this file's structure (targets, non-root user, health check, ports) instead.
+# tests/test_deploy.py checks this file's structure (targets, non-root user, health check, ports) and runs the
+# default command line (ENTRYPOINT + CMD with this file's ENV) as a process, as the image would.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.12-py3
@@ -61,16 +63,20 @@ FROM ${PYTHON_IMAGE} AS modelyard
 RUN useradd --create-home --uid 10001 --user-group modelyard
 COPY --from=build /opt/modelyard /opt/modelyard
 # Metrics listen on every interface in a container (the code's default, 127.0.0.1, is for one machine).
-ENV PATH=/opt/modelyard/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MODELYARD_METRICS_HOST=0.0.0.0
+# The router's callers are identified by the bearer tokens in MODELYARD_TENANT_TOKENS ('sha256:<hex> TENANT'
+# lines, re-read when the file changes): the Secret modelyard-tenants is mounted there in deploy/k8s.
+ENV PATH=/opt/modelyard/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MODELYARD_METRICS_HOST=0.0.0.0 \
+    MODELYARD_TENANT_TOKENS=/etc/modelyard/tenants/tokens
 USER 10001
 WORKDIR /home/modelyard
 # 8001: router (KServe v2 gRPC + modelyard.v1), 8101: our container, 9464: /metrics
 EXPOSE 8001 8101 9464
-# The router and our container serve grpc.health.v1 on their gRPC port: SERVING once the router has its
-# routing table (and while the store is away: it keeps routing). Point MODELYARD_HEALTH_ADDRESS at 8101 for
-# `container`; the agent and the controller serve no gRPC, so run them with --no-healthcheck under Docker.
-# (Kubernetes ignores HEALTHCHECK: the manifests declare grpc probes.)
+# Every modelyard process answers /readyz on its plaintext metrics port (--metrics-port): 200 once the router
+# has its routing table (and while the store is away: it keeps routing), once an agent has registered its
+# container, once a controller follows the store. Plaintext, so it works when the gRPC port requires client
+# certificates. Point MODELYARD_HEALTH_URL at the port another command uses. (Kubernetes ignores HEALTHCHECK:
+# the manifests declare the same probes.)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; a = os.environ.get('MODELYARD_HEALTH_ADDRESS', '127.0.0.1:8001'); sys.exit(0 if g.HealthStub(grpc.insecure_channel(a)).Check(h.HealthCheckRequest(), timeout=2).status == h.HealthCheckResponse.SERVING else 1)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('MODELYARD_HEALTH_URL', 'http://127.0.0.1:9464/readyz'), timeout=2)"]
 ENTRYPOINT ["modelyard"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "9464"]

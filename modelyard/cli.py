@@ -246,6 +246,14 @@ def _metrics_port_option(command: F) -> F:
     type=click.IntRange(0, 64),
     help="Number of MLServer containers (scikit-learn models; with one or more, the example `iris`).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="One /metrics (and /healthz, /readyz) for the router, the controller and the agents; 0: a free "
+    "port, printed at start.",
+)
 @_autoscale_options
 @_max_inflight_option
 def up(
@@ -258,6 +266,7 @@ def up(
     port: int,
     model_store: str | None,
     mlserver_containers: int,
+    metrics_port: int,
     copy_target_rps: float,
     scale_down_after_s: float,
     max_inflight: int,
@@ -273,6 +282,7 @@ def up(
     from modelyard.local import LocalFleet, run_up
     from modelyard.placement.store import StoreError
     from modelyard.router.server import RouterStartError
+    from modelyard.telemetry import MetricsPortError
 
     if not is_loopback(host):
         fail(
@@ -292,6 +302,7 @@ def up(
         copy_target_rps=copy_target_rps,
         scale_down_after_s=scale_down_after_s,
         max_inflight=max_inflight,
+        metrics_port=metrics_port,
     )
     if model_store and not model_store.startswith("s3://"):
         fleet.model_store = Path(model_store)  # our containers load uploads from there too
@@ -313,7 +324,7 @@ def up(
         reuse_large_buffers(DEFAULT_MAX_MESSAGE_BYTES)  # the router runs in this process
         if not asyncio.run(run_up(fleet)):
             sys.exit(1)
-    except (*startup_errors, StoreError, TimeoutError, ArchiveError) as exc:
+    except (*startup_errors, StoreError, TimeoutError, ArchiveError, MetricsPortError) as exc:
         fail(str(exc))
 
 
@@ -412,7 +423,7 @@ def serve(
     from modelyard.router.identity import Authenticator, IdentityConfigError, IdentityFile
     from modelyard.router.server import RouterServer, RouterStartError
     from modelyard.router.workers import run_workers
-    from modelyard.telemetry import Telemetry
+    from modelyard.telemetry import MetricsPortError, Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
 
     url = store_url or default_store_url()
@@ -500,7 +511,7 @@ def serve(
     reuse_large_buffers(max_message_bytes)
     try:
         run_event_loop(run())
-    except (RouterStartError, StoreError) as exc:
+    except (RouterStartError, StoreError, MetricsPortError) as exc:
         fail(str(exc))
 
 
@@ -640,14 +651,14 @@ def agent(
 
     from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
     from modelyard.containers.adapter import ContainerAdapter
-    from modelyard.containers.agent import Agent
+    from modelyard.containers.agent import Agent, register_agent_gauges
     from modelyard.containers.custom.adapter import CustomAdapter
     from modelyard.containers.mlserver.adapter import MLServerAdapter, find_mlserver_pid
     from modelyard.containers.sagemaker.adapter import SageMakerAdapter
     from modelyard.containers.triton.adapter import TritonAdapter
     from modelyard.placement.model import Container
     from modelyard.placement.store import StoreError, default_store_url, open_store
-    from modelyard.telemetry import Telemetry
+    from modelyard.telemetry import MetricsPortError, Telemetry
 
     if backend in ("triton", "mlserver", "sagemaker") and repository is None:
         fail(f"--repository is required for a {backend} container (its model repository folder)")
@@ -683,15 +694,18 @@ def agent(
         adapter = FetchingAdapter(adapter, cache)
         try:
             telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
-            telemetry.serve_metrics()
-            await Agent(store, container, adapter, telemetry=telemetry).run()
+            the_agent = Agent(store, container, adapter, telemetry=telemetry)
+            register_agent_gauges(telemetry, [the_agent])
+            # /readyz: ready once its container is registered in the store (it answers and has a lease).
+            telemetry.serve_metrics(ready=lambda: the_agent.registered)
+            await the_agent.run()
         finally:
             await adapter.close()
             await store.close()
 
     try:
         asyncio.run(run())
-    except StoreError as exc:
+    except (StoreError, MetricsPortError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
@@ -708,27 +722,41 @@ def agent(
     help="Seconds a rebalance waits for new copies before keeping the old ones.",
 )
 @_autoscale_options
+@_metrics_port_option
 def controller(
-    store_url: str | None, ready_timeout_s: float, copy_target_rps: float, scale_down_after_s: float
+    store_url: str | None,
+    ready_timeout_s: float,
+    copy_target_rps: float,
+    scale_down_after_s: float,
+    metrics_port: int | None,
 ) -> None:
     """Run the placement controller: place new models, re-place lost copies, fill new containers."""
     import asyncio
 
     from modelyard.placement.controller import PlacementController
+    from modelyard.placement.metrics import register_controller_gauges
     from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.telemetry import MetricsPortError, Telemetry
 
     async def run() -> None:
+        telemetry = Telemetry("modelyard-controller", metrics_port=metrics_port)
         async with open_store(store_url or default_store_url()) as store:
-            await PlacementController(
+            the_controller = PlacementController(
                 store,
                 ready_timeout_s=ready_timeout_s,
                 copy_target_rps=copy_target_rps,
                 scale_down_after_s=scale_down_after_s,
-            ).run()
+                telemetry=telemetry,
+            )
+            if telemetry.metrics:
+                register_controller_gauges(telemetry, the_controller)
+                # /readyz: ready once it follows the store (leading or standing by to take over).
+                telemetry.serve_metrics(ready=the_controller.follower.loaded.is_set)
+            await the_controller.run()
 
     try:
         asyncio.run(run())
-    except StoreError as exc:
+    except (StoreError, MetricsPortError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass

@@ -24,7 +24,7 @@ from modelyard.catalog.examples import (
     install_example,
 )
 from modelyard.containers.adapter import ContainerAdapter
-from modelyard.containers.agent import Agent
+from modelyard.containers.agent import Agent, register_agent_gauges
 from modelyard.containers.custom.adapter import CustomAdapter
 from modelyard.containers.custom.process import CustomContainerProcess
 from modelyard.containers.mlserver.adapter import (
@@ -42,9 +42,11 @@ from modelyard.containers.triton.server import TritonServer
 from modelyard.placement import registry
 from modelyard.placement.controller import PlacementController
 from modelyard.placement.follow import StoreFollower
+from modelyard.placement.metrics import register_controller_gauges
 from modelyard.placement.model import Container, ModelVersion
 from modelyard.placement.store import Store, open_store
 from modelyard.router.server import RouterServer
+from modelyard.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from modelyard.catalog.s3store import ArtifactCache
@@ -97,6 +99,10 @@ class LocalFleet:
     # then fetch them into WORKDIR/artifact-cache, which our containers may load from).
     artifact_store: str | None = None
     artifact_cache_bytes: int = 10 * 1024**3
+    # One /metrics for the router, the controller and every agent of this process (0: a free port; None:
+    # no metrics). Agents' series carry their container's id; the controller's fleet gauges, its lead.
+    metrics_port: int | None = None
+    telemetry: Telemetry | None = None
     _store: Store | None = None
     _artifact_cache: ArtifactCache | None = None
     _follower: StoreFollower | None = None
@@ -133,6 +139,8 @@ class LocalFleet:
     async def start_store_and_models(self, *, examples: bool = True) -> list[ModelVersion]:
         """Opens the store and registers the example models (Triton ones, and custom ones if any)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.metrics_port is not None and self.telemetry is None:
+            self.telemetry = Telemetry("modelyard-up", metrics_port=self.metrics_port)
         self._store = store = open_store(self.store_url)
         # One follower of the store for the router, the controller and every agent of this process.
         self._follower = StoreFollower(store, name="local fleet")
@@ -282,11 +290,14 @@ class LocalFleet:
                 self.fetching(adapter),
                 lease_ttl_s=self.lease_ttl_s,
                 follower=self.follower,
+                telemetry=self.telemetry,
             )
             self.agents.append(agent)
             # An agent whose loop crashes (a bug) runs again, keeping its lease and its loaded models.
             task = restart_on_failure(f"agent {container.id}", agent.run)
             self._tasks.append(asyncio.create_task(task, name=f"agent-{container.id}"))
+        if self.telemetry is not None and self.telemetry.metrics:
+            register_agent_gauges(self.telemetry, self.agents)
         return [container for container, _ in adapters]
 
     def supervise_containers(self) -> None:
@@ -381,15 +392,24 @@ class LocalFleet:
             follower=self.follower,
             copy_target_rps=self.copy_target_rps,
             scale_down_after_s=self.scale_down_after_s,
+            telemetry=self.telemetry,
         )
+        if self.telemetry is not None and self.telemetry.metrics:
+            register_controller_gauges(self.telemetry, controller)
         task = restart_on_failure("placement controller", controller.run)
         self._tasks.append(asyncio.create_task(task, name="placement-controller"))
         return controller
 
     async def start_router(self) -> None:
         # Tenants from the x-tenant-id header as sent: loopback development (run_up says so).
+        # With metrics, the router starts the one /metrics endpoint (telemetry.metrics_port once started).
         self.router = RouterServer(
-            self.store, self.host, self.port, fleet_secret=self.fleet_secret, follower=self.follower
+            self.store,
+            self.host,
+            self.port,
+            self.telemetry,
+            fleet_secret=self.fleet_secret,
+            follower=self.follower,
         )
         await self.router.start()
 
@@ -447,6 +467,8 @@ class LocalFleet:
             await step("the store follower", self._follower.stop())
         if self._store is not None:
             await step("the store", self._store.close())
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
         return clean
 
 
@@ -549,6 +571,11 @@ async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
         print(f"model {model.key:<12} ready on {copies}")
     print()
     print(f"router ready on {fleet.router.address} (KServe v2 gRPC and modelyard.v1.Router)")
+    if fleet.telemetry is not None and fleet.telemetry.metrics_port is not None:
+        print(
+            f"metrics on http://{fleet.host}:{fleet.telemetry.metrics_port}/metrics "
+            "(router, controller and agents)"
+        )
     print(
         "tenants: x-tenant-id is trusted as sent (local development; `modelyard serve` identifies "
         "callers by token or client certificate)"

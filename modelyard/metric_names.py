@@ -20,14 +20,24 @@ PIPELINE_STEP_DURATION = "modelyard_router_pipeline_step_duration_seconds"  # hi
 SHARD_MAP_GENERATION = "modelyard_shard_map_generation"  # gauge
 WATCH_LAG = "modelyard_watch_lag_seconds"  # gauge: age of the newest store event applied
 STORE_REACHABLE = "modelyard_store_reachable"  # gauge: 1 or 0
-# fleet, as the router sees it in the store
+COLD_CALL_WAIT = "modelyard_cold_call_wait_seconds"  # histogram: what a call waited for a copy (no labels)
+CACHE_HITS = "modelyard_cache_hits_total"  # calls that found a ready copy
+CACHE_MISSES = "modelyard_cache_misses_total"  # calls that had to wait for a copy (a cold call)
+# fleet, as the leading placement controller sees it in the store (the other controllers export none)
 COPIES = "modelyard_copies"  # gauge; labels: state (loading|ready|failed|unloading|lost)
 UNPLACED_MODELS = "modelyard_unplaced_models"  # gauge: registered models with fewer live copies than replicas
-CONTAINER_MEMORY_USED = "modelyard_container_memory_used_bytes"  # gauge; labels: container
-CONTAINER_MEMORY_CAPACITY = "modelyard_container_memory_capacity_bytes"  # gauge; labels: container
+CONTAINER_MEMORY = "modelyard_container_memory_bytes"  # gauge; labels: container, kind (used|capacity)
+# placement controller
+CONTROLLER_LEADER = "modelyard_controller_leader"  # gauge: 1 on the leading controller, 0 on the others
+PLACEMENT_FAILURES = "modelyard_placement_failures_total"  # models a pass could not place, copies not ready
+RECONCILE = "modelyard_reconcile_seconds"  # histogram; labels: pass (incremental|full)
 # agents and our container
+AGENT_REGISTERED = "modelyard_agent_registered"  # gauge; labels: container (1 while registered in the store)
 AGENT_LOADS = "modelyard_agent_loads_total"  # labels: container, outcome (ready|failed)
 AGENT_LOAD_DURATION = "modelyard_agent_load_duration_seconds"  # histogram; labels: container
+MODEL_LOAD = "modelyard_model_load_seconds"  # histogram; labels: backend (successful loads)
+EVICTIONS = "modelyard_evictions_total"  # copies an agent unloaded after they were ready; labels: backend
+EVICTION_AGE = "modelyard_eviction_age_seconds"  # histogram: how long an evicted copy had been loaded
 
 ALL = (
     REQUESTS,
@@ -44,10 +54,19 @@ ALL = (
     SHARD_MAP_GENERATION,
     WATCH_LAG,
     STORE_REACHABLE,
+    COLD_CALL_WAIT,
+    CACHE_HITS,
+    CACHE_MISSES,
     COPIES,
     UNPLACED_MODELS,
-    CONTAINER_MEMORY_USED,
-    CONTAINER_MEMORY_CAPACITY,
+    CONTAINER_MEMORY,
+    CONTROLLER_LEADER,
+    PLACEMENT_FAILURES,
+    RECONCILE,
+    AGENT_REGISTERED,
     AGENT_LOADS,
     AGENT_LOAD_DURATION,
+    MODEL_LOAD,
+    EVICTIONS,
+    EVICTION_AGE,
 )

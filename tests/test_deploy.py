@@ -349,8 +349,11 @@ def test_router_listens_probes_and_is_served_on_the_routers_default_port() -> No
     assert int(option(c["args"], "--port")) == port
     assert option(c["args"], "--host") == "0.0.0.0"
     assert container_ports(c)["grpc"] == port
+    # Probes on the plaintext metrics port: the kubelet's gRPC probe presents no client certificate.
+    metrics = int(option(c["args"], "--metrics-port"))
     for kind in PROBES:
-        assert resolve_port(c[kind]["grpc"]["port"], c) == port
+        assert resolve_port(c[kind]["httpGet"]["port"], c) == metrics
+        assert c[kind]["httpGet"]["path"] == ("/healthz" if kind == "livenessProbe" else "/readyz")
     service = by_kind("Service")["router"]
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
@@ -366,7 +369,7 @@ def test_router_runs_at_least_two_replicas_scaled_on_cpu_by_the_hpa() -> None:
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", "router")
-    assert router["spec"]["replicas"] >= 2 and hpa["spec"]["minReplicas"] >= 2
+    assert "replicas" not in router["spec"] and hpa["spec"]["minReplicas"] >= 2
     assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     # CPU utilization is measured against the request.
@@ -495,7 +498,9 @@ def test_etcd_runs_three_members_behind_a_headless_service_that_publishes_unread
 def test_two_controllers_run_for_failover_and_a_rebalance_runs_every_hour() -> None:
     controller = by_kind("Deployment")["controller"]
     assert controller["spec"]["replicas"] == 2  # one leads via its lease (tests/placement/test_controller.py)
-    assert container(controller, "controller")["args"] == ["controller"]
+    c = container(controller, "controller")
+    assert c["args"][0] == "controller"
+    assert resolve_port(c["readinessProbe"]["httpGet"]["port"], c) == int(option(c["args"], "--metrics-port"))
     cron = by_kind("CronJob")["rebalance"]
     minute, *rest = cron["spec"]["schedule"].split()
     assert minute.isdigit() and rest == ["*", "*", "*", "*"]
@@ -543,10 +548,32 @@ SUBJECTS = {
         r"modelyard_router_request_duration_seconds_bucket\b.*\)\s*>\s*1$",
         None,
     ),
-    "unplaced models for 10m": (metric_names.UNPLACED_MODELS, r"modelyard_unplaced_models\)?\s*>\s*0", "10m"),
+    "under-replicated models for 5m": (
+        metric_names.UNPLACED_MODELS,
+        r"modelyard_unplaced_models\)?\s*>\s*0",
+        "5m",
+    ),
+    "copies failed for 5m": (metric_names.COPIES, r'modelyard_copies\{state="failed"\}\)?\s*>\s*0', "5m"),
     "containers near their budget": (
-        metric_names.CONTAINER_MEMORY_USED,
-        r"modelyard_container_memory_used_bytes\s*/\s*modelyard_container_memory_capacity_bytes\s*\)\s*>\s*0\.9",
+        metric_names.CONTAINER_MEMORY,
+        r'modelyard_container_memory_bytes\{kind="used"\}\)\s*/\s*max by \(container\) \('
+        r'modelyard_container_memory_bytes\{kind="capacity"\}\)\s*>\s*0\.9',
+        None,
+    ),
+    "no leading controller": (
+        metric_names.CONTROLLER_LEADER,
+        r"^max\(modelyard_controller_leader\) < 1$",
+        None,
+    ),
+    "cold-call wait p99 high": (
+        metric_names.COLD_CALL_WAIT,
+        r"histogram_quantile\(0\.99, sum by \(le\) \("
+        r"rate\(modelyard_cold_call_wait_seconds_bucket\[5m\]\)\)\) > 10",
+        None,
+    ),
+    "evictions per minute high": (
+        metric_names.EVICTIONS,
+        r"sum\(rate\(modelyard_evictions_total\[\d+m\]\)\) \* 60 > \d+",
         None,
     ),
     "store unreachable for 1m": (metric_names.STORE_REACHABLE, r"modelyard_store_reachable\s*==\s*0", "1m"),
@@ -557,11 +584,54 @@ SUBJECTS = {
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_each_alert_subject_has_a_rule_with_its_threshold(subject: str) -> None:
     metric, pattern, duration = SUBJECTS[subject]
-    rules = [r for r in alert_rules() if metric in r["expr"]]
+    rules = [r for r in alert_rules() if metric in r["expr"] and not r["expr"].startswith("absent(")]
     assert len(rules) == 1, subject
     assert re.search(pattern, " ".join(rules[0]["expr"].split()), re.DOTALL), rules[0]["expr"]
     if duration:
         assert rules[0]["for"] == duration
+
+
+@pytest.mark.parametrize(
+    ("component", "metric"),
+    [
+        ("router", metric_names.STORE_REACHABLE),
+        ("controller", metric_names.CONTROLLER_LEADER),
+        ("agents", metric_names.AGENT_REGISTERED),
+    ],
+)
+def test_an_alert_fires_when_a_component_reports_no_metrics(component: str, metric: str) -> None:
+    # Each is a gauge its component always exports (not a counter that appears on first use).
+    assert any(" ".join(r["expr"].split()) == f"absent({metric})" for r in alert_rules()), component
+
+
+def prometheus_rule_document() -> str:
+    """deploy/k8s/monitoring/prometheusrule.yaml: alerts.yml's groups as a PrometheusRule."""
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "modelyard", "namespace": "modelyard"},
+        "spec": {"groups": yaml.safe_load(ALERTS.read_text())["groups"]},
+    }
+    return (
+        "# deploy/prometheus/alerts.yml as a PrometheusRule: the same groups (tests/test_deploy.py fails "
+        "when they differ).\n# After editing alerts.yml: python -m tests.test_deploy > "
+        "deploy/k8s/monitoring/prometheusrule.yaml\n"
+        + yaml.dump(rule, Dumper=Dumper, sort_keys=False, width=110)
+    )
+
+
+def test_the_prometheus_rule_is_the_alert_file_as_written() -> None:
+    assert (K8S / "monitoring" / "prometheusrule.yaml").read_text() == prometheus_rule_document(), (
+        "stale: python -m tests.test_deploy > deploy/k8s/monitoring/prometheusrule.yaml"
+    )
 
 
 def test_the_latency_threshold_is_a_bucket_boundary_of_the_duration_histogram() -> None:
@@ -619,8 +689,10 @@ def test_dockerfile_default_target_runs_the_router_on_its_default_port_with_a_he
     healthcheck = instruction(stage, "HEALTHCHECK")[-1]
     probe = json.loads(healthcheck.split("CMD", 1)[1])
     assert probe[:2] == ["python", "-c"]
-    compile(probe[2], "HEALTHCHECK", "exec")  # the check is valid Python
-    assert "HealthStub" in probe[2] and "'127.0.0.1:8001'" in probe[2]
+    compile(
+        probe[2], "HEALTHCHECK", "exec"
+    )  # the check is valid Python (tests/test_deploy_processes.py runs it)
+    assert f"'http://127.0.0.1:{values['metrics_port']}/readyz'" in probe[2]
 
 
 def test_dockerfile_build_stage_copies_every_file_the_wheel_is_built_from() -> None:
@@ -642,3 +714,7 @@ def test_the_dashboard_queries_only_exported_metrics_and_covers_the_fleet() -> N
     assert used <= set(metric_names.ALL)
     assert used >= set(metric_names.ALL) - {metric_names.LAZY_LOAD_DURATION, metric_names.AGENT_LOADS}
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+if __name__ == "__main__":
+    print(prometheus_rule_document(), end="")

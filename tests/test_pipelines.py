@@ -265,7 +265,12 @@ def test_the_issue_s_fan_pipeline_runs_across_triton_and_our_container(fleet: Pi
 
     # One trace: the call's span and one child span per step; the two independent steps overlapped.
     spans = fleet.spans.get_finished_spans()
-    call = next(s for s in spans if s.name == "ModelInfer" and s.attributes.get("modelyard.model") == "fan")
+    call = next(
+        s
+        for s in spans
+        if s.name == "inference.GRPCInferenceService/ModelInfer"
+        and s.attributes.get("modelyard.model") == "fan"
+    )
     steps = {s.attributes["modelyard.step"]: s for s in spans if s.name.startswith("pipeline step ")}
     assert set(steps) == {"thrice", "twice", "sum"}
     for span in steps.values():

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,7 +94,10 @@ def test_a_routed_call_is_one_trace_from_client_to_container(traced: TracedFleet
     with grpcclient.InferenceServerClient(traced.router.address) as client:
         out = client.infer("m", [tensor], headers=headers).as_numpy("OUTPUT")
     np.testing.assert_allclose(out, [2.0, 6.0])
-    spans = [s for s in traced.spans.get_finished_spans() if s.name == "ModelInfer"]
+    # OpenTelemetry's RPC conventions: the span is named service/method and says so in rpc.* attributes.
+    spans = [
+        s for s in traced.spans.get_finished_spans() if s.name == "inference.GRPCInferenceService/ModelInfer"
+    ]
     by_service = {s.resource.attributes["service.name"]: s for s in spans}
     router_span, container_span = by_service["router"], by_service["container"]
     assert f"{router_span.context.trace_id:032x}" == TRACE_ID == f"{container_span.context.trace_id:032x}"
@@ -102,7 +110,15 @@ def test_a_routed_call_is_one_trace_from_client_to_container(traced: TracedFleet
     assert router_span.attributes["modelyard.tenant"] == "acme"
     assert router_span.attributes["modelyard.container"] == "box"
     assert router_span.attributes["modelyard.retries"] == 0
-    assert router_span.attributes["rpc.grpc.status_code"] == "OK"
+    for span in (router_span, container_span):
+        assert span.attributes["rpc.system"] == "grpc"
+        assert span.attributes["rpc.service"] == "inference.GRPCInferenceService"
+        assert span.attributes["rpc.method"] == "ModelInfer"
+    assert (
+        router_span.attributes["rpc.grpc.status_code"]
+        == container_span.attributes["rpc.grpc.status_code"]
+        == 0
+    )
 
 
 def test_a_failed_call_records_its_status_on_the_span(traced: TracedFleet) -> None:
@@ -120,7 +136,7 @@ def test_a_failed_call_records_its_status_on_the_span(traced: TracedFleet) -> No
     ):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert failed[0].attributes["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert failed[0].attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0] == 5
     assert failed[0].resource.attributes["service.name"] == "router"
 
 
@@ -219,22 +235,53 @@ def test_metrics_endpoint_reports_requests_latency_and_the_fleet(served_router) 
     assert buckets == sorted(buckets) and buckets[-1] == 5
     assert metrics[names.SHARD_MAP_GENERATION][0][1] >= 1
     assert metrics[names.STORE_REACHABLE][0][1] == 1
-    assert dict((s["state"], v) for s, v in metrics[names.COPIES])["ready"] == 1
-    assert metrics[names.UNPLACED_MODELS][0][1] == 0
-    assert [s["container"] for s, _ in metrics[names.CONTAINER_MEMORY_CAPACITY]] == ["custom-0"]
-    router_metrics = set(names.ALL) - {names.AGENT_LOADS, names.AGENT_LOAD_DURATION}
+    assert metrics[names.CACHE_HITS][0][1] >= 5  # the model was ready before the first call
+    # Fleet-wide gauges come from the leading controller only (placement/metrics.py), not from each router.
+    fleet_gauges = {names.COPIES, names.UNPLACED_MODELS, names.CONTAINER_MEMORY, names.CONTROLLER_LEADER}
+    assert not fleet_gauges & set(metrics)
+    router_metrics = {
+        names.REQUESTS,
+        names.REQUEST_DURATION,
+        names.IN_FLIGHT,
+        names.SHARD_MAP_GENERATION,
+        names.WATCH_LAG,
+        names.STORE_REACHABLE,
+        names.CACHE_HITS,
+        names.CACHE_MISSES,
+    }
     present = {name.removesuffix("_bucket") for name in metrics} | set(metrics)
     missing = {n for n in router_metrics if n not in present and n + "_bucket" not in metrics}
-    assert missing <= {
-        names.RETRIES,
-        names.LAZY_LOADS,
-        names.LAZY_LOAD_DURATION,
-        names.STREAMS_OPEN,
-        names.PIPELINE_STEP_DURATION,  # no pipeline called here (tests/test_pipelines.py checks it)
-        names.REFUSED,  # no tenant limited, no container at its bound here (tests/test_tenant_limits.py)
-        names.QUEUE_WAIT,
-        names.QUEUE_DEPTH,
-    }  # not yet used
+    assert not missing
+    with urllib.request.urlopen(url.replace("/metrics", "/readyz"), timeout=5) as response:
+        assert response.status == 200  # its routing table is loaded
+
+
+def test_a_standby_controller_reports_it_does_not_lead_and_no_fleet_gauges(served_router) -> None:  # type: ignore[no-untyped-def]
+    _, _, thread = served_router  # its fleet runs the leading controller in process
+    metrics_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelyard", "controller", "--store", thread.fleet.store_url,
+         "--metrics-port", str(metrics_port)],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{metrics_port}"
+        deadline = time.monotonic() + 30
+        while True:  # /readyz: 200 once it follows the store
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        metrics = scrape(base + "/metrics")
+        assert [v for _, v in metrics[names.CONTROLLER_LEADER]] == [0.0]
+        fleet_gauges = {names.COPIES, names.UNPLACED_MODELS, names.CONTAINER_MEMORY}
+        assert not fleet_gauges & set(metrics)
+    finally:
+        stop_process(process)  # type: ignore[arg-type]
 
 
 def test_our_container_serves_its_memory_on_metrics(tmp_path: Path) -> None:
@@ -260,7 +307,66 @@ def test_our_container_serves_its_memory_on_metrics(tmp_path: Path) -> None:
 
         asyncio.run(load())
         metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-        assert [v for _, v in metrics[names.CONTAINER_MEMORY_CAPACITY]] == [1_000_000]
-        assert [v for _, v in metrics[names.CONTAINER_MEMORY_USED]] == [4]  # one float32 factor
+        memory = {s["kind"]: v for s, v in metrics[names.CONTAINER_MEMORY]}
+        assert memory == {"capacity": 1_000_000, "used": 4}  # one float32 factor
     finally:
         stop_process(process)  # type: ignore[arg-type]
+
+
+class Collector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP metrics receiver on loopback: what an OpenTelemetry Collector would be sent."""
+
+    def __init__(self) -> None:
+        self.received: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+        self.arrived = threading.Event()
+
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
+        self.received.append(request)
+        self.arrived.set()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def test_with_an_otlp_endpoint_metrics_are_pushed_under_otel_service_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collector = Collector()
+    server = grpc.server(ThreadPoolExecutor(2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "router-eu-1")
+    telemetry = Telemetry("modelyard-router")  # no --metrics-port: OTLP alone turns metrics on
+    try:
+        assert telemetry.metrics and telemetry.metrics_port is None
+        telemetry.requests.add(1, {"method": "ModelInfer", "model": "m", "tenant": "acme", "code": "OK"})
+        assert collector.arrived.wait(30), "nothing exported within 30 s"
+    finally:
+        telemetry.shutdown()
+        server.stop(None)
+    request = collector.received[0]
+    resource = {a.key: a.value.string_value for a in request.resource_metrics[0].resource.attributes}
+    assert resource["service.name"] == "router-eu-1"
+    exported = {m.name for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert names.REQUESTS.removesuffix("_total") in exported
+
+
+@pytest.mark.parametrize("command", [["controller"], ["serve", "--port", "0"]])
+def test_a_metrics_port_in_use_ends_the_command_with_one_clear_line(
+    command: list[str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "modelyard", *command, "--store", str(tmp_path / "store"),
+             "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot serve metrics on 127.0.0.1:{port}"), result.stderr
+    assert "Traceback" not in result.stderr

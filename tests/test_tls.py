@@ -313,3 +313,46 @@ def test_the_token_file_is_reloaded_when_it_changes(fleet: SecureFleet, pki: PKI
         np.testing.assert_allclose(infer(address, "m", beta, **token_tls(pki)), [2.0, 4.0])
     finally:
         fleet.tokens.write_text(original)
+
+
+def test_with_mutual_tls_the_plaintext_health_port_still_answers_the_kubelets_probes(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """The kubelet's gRPC probe presents no client certificate, so a router requiring one fails it; the
+    probes of deploy/k8s/router.yaml go to /readyz and /healthz on the plaintext metrics port instead."""
+    import sys
+    import urllib.request
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from modelyard.containers.triton.server import free_port
+    from tests.conftest import stop_process
+
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelyard", "serve", "--store", str(tmp_path / "store"),
+         "--port", str(port), "--metrics-port", str(metrics_port),
+         "--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]),
+         "--tls-client-ca", str(pki["ca.pem"]), "--tenant-certs", str(pki["tenant-certs"])],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # as the kubelet's readinessProbe: every period until it passes
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=3) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=3) as response:
+            assert response.status == 200
+        # What a gRPC probe would see on the TLS port: no client certificate, no answer.
+        credentials = grpc.ssl_channel_credentials(pki["ca.pem"].read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        stop_process(process)  # type: ignore[arg-type]

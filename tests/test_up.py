@@ -39,9 +39,10 @@ def read_lines(stream, sink: queue.Queue[str]) -> None:  # type: ignore[no-untyp
 class Up:
     """`modelyard up` as a real process in `cwd`, its output read line by line."""
 
-    def __init__(self, cwd: Path, port: int) -> None:
+    def __init__(self, cwd: Path, port: int, *options: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "modelyard", "up", "--port", str(port)],  # default, relative ./.modelyard
+            # The default workdir, relative: ./.modelyard
+            [sys.executable, "-m", "modelyard", "up", "--port", str(port), *options],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

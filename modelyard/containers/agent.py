@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from modelyard import metric_names as names
 from modelyard.containers.adapter import ContainerAdapter, ContainerFull, LoadError
 from modelyard.placement import registry
 from modelyard.placement.follow import StoreFollower
@@ -54,6 +56,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def register_agent_gauges(telemetry: Telemetry, agents: Sequence[Agent]) -> None:
+    """`modelyard_agent_registered{container}` for the agents of this process (one gauge for all of them:
+    `modelyard up` runs several), so an alert can tell agents that stopped reporting (absent())."""
+    telemetry.gauge(
+        names.AGENT_REGISTERED,
+        lambda: [(1.0 if a.registered else 0.0, {"container": a.container.id}) for a in agents],
+        "1 while the agent's container is registered in the store",
+    )
+
+
 class Agent:
     def __init__(
         self,
@@ -83,6 +95,7 @@ class Agent:
         self.unload_calls = 0
         self.registrations = 0  # leases granted to this container, for tests and metrics
         self._measured: dict[str, int] = {}
+        self._loaded_at: dict[str, float] = {}  # monotonic time each copy became ready, for eviction age
         self._load_backoff: dict[str, _Backoff] = {}
         self._unload_backoff: dict[str, _Backoff] = {}
         self._load_slots = asyncio.Semaphore(max_parallel_loads)
@@ -355,7 +368,9 @@ class Agent:
         for key in [k for k in self.loaded if k not in held]:
             self.loaded.pop(key)
             self._measured.pop(key, None)
+            self._loaded_at.pop(key, None)  # lost by the container (a restart), not evicted
         for key in held - self.loaded.keys():
+            self._loaded_at[key] = time.monotonic()  # loaded before this agent knew: its age starts now
             if key in models:
                 self.loaded[key] = models[key]
                 continue
@@ -490,15 +505,17 @@ class Agent:
             self._observe_load("ready", started)
             self._load_backoff.pop(model.key, None)
             self.loaded[model.key] = model
+            self._loaded_at[model.key] = time.monotonic()
             measured = self._measured[model.key] = await self._measure(model)
             await self._report(model.key, CopyState("ready", measured_bytes=measured))
 
     def _observe_load(self, outcome: str, started: float) -> None:
         if self.telemetry is not None and self.telemetry.metrics:
             self.telemetry.agent_loads.add(1, {"container": self.container.id, "outcome": outcome})
-            self.telemetry.agent_load_duration.record(
-                time.monotonic() - started, {"container": self.container.id}
-            )
+            took_s = time.monotonic() - started
+            self.telemetry.agent_load_duration.record(took_s, {"container": self.container.id})
+            if outcome == "ready":
+                self.telemetry.model_load.record(took_s, {"backend": self.container.backend})
 
     async def _measure(self, model: ModelVersion) -> int:
         """The copy's real footprint (declared sizes lie); 0 when the container cannot tell."""
@@ -533,6 +550,11 @@ class Agent:
         self._unload_backoff.pop(key, None)
         self.loaded.pop(key, None)
         self._measured.pop(key, None)
+        loaded_at = self._loaded_at.pop(key, None)
+        if loaded_at is not None and self.telemetry is not None and self.telemetry.metrics:
+            backend = {"backend": self.container.backend}
+            self.telemetry.evictions.add(1, backend)
+            self.telemetry.eviction_age.record(time.monotonic() - loaded_at, backend)
         with contextlib.suppress(Exception):
             await registry.delete_copy_state(self.store, cid, key)
         await self._clear_full_marks()  # memory was freed: the container may take a model again

@@ -87,7 +87,7 @@ def _unary(fn: Unary[H]) -> Unary[H]:
     async def wrapper(self: H, request: Any, context: grpc.aio.ServicerContext) -> Any:
         telemetry = self.telemetry
         span_context: Any = (
-            telemetry.start_server_span(fn.__name__, context.invocation_metadata())
+            telemetry.start_server_span(fn.__name__, context.invocation_metadata(), service=KSERVE_SERVICE)
             if telemetry is not None and telemetry.tracing
             else contextlib.nullcontext()
         )
@@ -95,14 +95,20 @@ def _unary(fn: Unary[H]) -> Unary[H]:
             if span is not None:
                 span.set_attribute("modelyard.model", getattr(request, "model_name", ""))
             try:
-                return await fn(self, request, context)
+                response = await fn(self, request, context)
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                return response
             except Exception as exc:
                 code, message = status_of(exc)
                 if span is not None:
-                    span.set_attribute("rpc.grpc.status_code", code.name)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
         await context.abort(code, message)
 
     return wrapper
+
+
+KSERVE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -419,12 +425,14 @@ async def run_container(
     await container.start(host, port)
     if telemetry is not None and telemetry.metrics:
         # The host name: a pod's name on Kubernetes, which is also its agent's container id there.
-        label = {"container": socket.gethostname()}
+        host = socket.gethostname()
         telemetry.gauge(
-            names.CONTAINER_MEMORY_USED, lambda: [(float(container.used_bytes), label)], "Bytes loaded"
-        )
-        telemetry.gauge(
-            names.CONTAINER_MEMORY_CAPACITY, lambda: [(float(container.memory_bytes), label)], "Memory budget"
+            names.CONTAINER_MEMORY,
+            lambda: [
+                (float(container.used_bytes), {"container": host, "kind": "used"}),
+                (float(container.memory_bytes), {"container": host, "kind": "capacity"}),
+            ],
+            "Bytes loaded (used) and the memory budget (capacity), as this container counts them",
         )
         telemetry.serve_metrics()
     stopping = asyncio.Event()

@@ -30,6 +30,7 @@ from modelyard.placement.rebalance import apply_rebalance, plan_rebalance, snaps
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import Lease, Store, StoreError
 from modelyard.placement.store.base import MAX_TXN_OPS
+from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ class PlacementController:
         follower: StoreFollower | None = None,
         copy_target_rps: float = 0.0,
         scale_down_after_s: float = 300.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         """`follower`: a store follower shared with other components of this process (else its own).
         `copy_target_rps`: calls/s per copy above which a model gets another copy (0: copies do not follow
         load); extra copies go after the rate stayed low for `scale_down_after_s` (placement/autoscale.py)."""
         self.store = store
+        self.telemetry = telemetry  # pass durations and placement failures (placement/metrics.py: gauges)
         self.debounce_s = debounce_s
         self.ready_timeout_s = ready_timeout_s
         self.retry_s = retry_s
@@ -196,6 +199,7 @@ class PlacementController:
         """Places the given models' missing copies around everything else; returns models changed."""
         keys = set(keys)
         async with self.writer.locked():
+            started = time.monotonic()
             fleet = self.follower.fleet
             changes, unplaced = incremental_changes(
                 fleet, keys, copies_to_place(fleet, keys), self.autoscaler.held_bytes()
@@ -220,6 +224,7 @@ class PlacementController:
                 await self.store.apply({}, done[start : start + MAX_TXN_OPS])
             if reasons:
                 await self.store.apply(reasons)
+            self._observe_pass("incremental", started, len(unplaced))
             if unplaced:
                 sample = "; ".join(f"{k}: {why}" for k, why in sorted(unplaced.items())[:3])
                 log.warning(
@@ -253,6 +258,7 @@ class PlacementController:
             )
             log.debug("placement controller: planned in %.3f s", time.monotonic() - started)
             if not proposal.moves:
+                self._observe_pass("full", started, 0)
                 return False
             log.info("placement controller: applying %d moves", len(proposal.moves))
             result = await apply_rebalance(
@@ -262,6 +268,7 @@ class PlacementController:
                 writer=self.writer,
                 ready_timeout_s=self.ready_timeout_s,
             )
+            self._observe_pass("full", started, len(result.failed))
         self.rounds += 1
         if result.failed:
             sample = ", ".join(
@@ -273,6 +280,12 @@ class PlacementController:
                 sample,
             )
         return True
+
+    def _observe_pass(self, kind: str, started: float, failures: int) -> None:
+        if self.telemetry is not None and self.telemetry.metrics:
+            self.telemetry.reconcile.record(time.monotonic() - started, {"pass": kind})
+            if failures:
+                self.telemetry.placement_failures.add(failures)
 
 
 def _settled(fleet: Fleet, key: str) -> bool:

@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 
 from modelyard.router.errors import RoutingError, UpstreamFailed
-from modelyard.telemetry import CURRENT_CALL, CallInfo, Telemetry
+from modelyard.telemetry import CURRENT_CALL, CallInfo, Telemetry, status_code_number
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,9 +76,14 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
 
 
 def _observed(
-    fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]], telemetry: Telemetry, *, stream: bool
+    fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]],
+    telemetry: Telemetry,
+    *,
+    stream: bool,
+    service: str,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]]:
-    """A server span and the request metrics around one call (unary, or a whole stream)."""
+    """A server span (`service/method`, OpenTelemetry's RPC conventions) and the request metrics around one
+    call (unary, or a whole stream)."""
     method = fn.__name__
 
     @functools.wraps(fn)
@@ -87,7 +92,7 @@ def _observed(
         token = CURRENT_CALL.set(call)
         start = time.perf_counter()
         span_context: Any = (
-            telemetry.start_server_span(method, context.invocation_metadata())
+            telemetry.start_server_span(method, context.invocation_metadata(), service=service)
             if telemetry.tracing
             else contextlib.nullcontext()
         )
@@ -117,7 +122,7 @@ def _span_attributes(call: CallInfo) -> dict[str, str | int]:
         "modelyard.tenant": call.tenant,
         "modelyard.container": call.container,
         "modelyard.retries": call.retries,
-        "rpc.grpc.status_code": call.code,
+        "rpc.grpc.status_code": status_code_number(call.code),
     }
 
 
@@ -130,25 +135,30 @@ def _record(telemetry: Telemetry, call: CallInfo, seconds: float) -> None:
         telemetry.retries.add(call.retries, {"model": model})
 
 
-def bytes_handler(fn: Unary[bytes], telemetry: Telemetry | None = None) -> grpc.RpcMethodHandler:
-    """A unary handler that receives and returns serialized messages untouched."""
+def bytes_handler(
+    fn: Unary[bytes], telemetry: Telemetry | None = None, *, service: str = ""
+) -> grpc.RpcMethodHandler:
+    """A unary handler that receives and returns serialized messages untouched; `service` names its gRPC
+    service in spans."""
     handler = unary_errors(fn)
     if telemetry is not None and telemetry.enabled:
-        handler = _observed(handler, telemetry, stream=False)
+        handler = _observed(handler, telemetry, stream=False, service=service)
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def bidi_bytes_handler(fn: StreamBehaviour, telemetry: Telemetry | None = None) -> grpc.RpcMethodHandler:
+def bidi_bytes_handler(
+    fn: StreamBehaviour, telemetry: Telemetry | None = None, *, service: str = ""
+) -> grpc.RpcMethodHandler:
     handler = stream_errors(fn)
     if telemetry is not None and telemetry.enabled:
-        handler = _observed(handler, telemetry, stream=True)
+        handler = _observed(handler, telemetry, stream=True, service=service)
     return grpc.stream_stream_rpc_method_handler(handler)
 
 
 def server_stream_bytes_handler(
-    fn: StreamBehaviour, telemetry: Telemetry | None = None
+    fn: StreamBehaviour, telemetry: Telemetry | None = None, *, service: str = ""
 ) -> grpc.RpcMethodHandler:
     handler = stream_errors(fn)
     if telemetry is not None and telemetry.enabled:
-        handler = _observed(handler, telemetry, stream=True)
+        handler = _observed(handler, telemetry, stream=True, service=service)
     return grpc.unary_stream_rpc_method_handler(handler)

@@ -108,6 +108,6 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
             await relay(router, requests, context)
 
     telemetry = router.telemetry
-    methods = {name: bytes_handler(fn, telemetry) for name, fn in handlers.items()}
-    methods["ModelStreamInfer"] = bidi_bytes_handler(ModelStreamInfer, telemetry)
+    methods = {name: bytes_handler(fn, telemetry, service=SERVICE) for name, fn in handlers.items()}
+    methods["ModelStreamInfer"] = bidi_bytes_handler(ModelStreamInfer, telemetry, service=SERVICE)
     return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -31,10 +31,12 @@ class LazyLoader:
         self.telemetry = telemetry
         self.table = table
         self.placements = 0  # wanted-keys written (requests to the controller), for tests and metrics
+        self.misses = 0  # calls that found no ready copy and waited here (cache misses, on /metrics)
         self._asking: dict[str, asyncio.Task[int]] = {}
 
     async def ready_copies(self, model: ModelVersion, wait_s: float | None) -> tuple[Container, ...]:
         started = time.monotonic()
+        self.misses += 1
         deadline = started + (wait_s if wait_s is not None else DEFAULT_WAIT_S)
         outcome = "timeout"
         try:
@@ -47,7 +49,9 @@ class LazyLoader:
         finally:
             if self.telemetry is not None and self.telemetry.metrics:
                 self.telemetry.lazy_loads.add(1, {"model": model.name, "outcome": outcome})
-                self.telemetry.lazy_load_duration.record(time.monotonic() - started, {"model": model.name})
+                waited_s = time.monotonic() - started
+                self.telemetry.lazy_load_duration.record(waited_s, {"model": model.name})
+                self.telemetry.cold_call_wait.record(waited_s)
 
     async def _wait(self, model: ModelVersion, deadline: float, has_deadline: bool) -> tuple[Container, ...]:
         key = model.key

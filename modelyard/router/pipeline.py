@@ -353,7 +353,7 @@ class PipelineRunner:
             except StepFailed as exc:
                 if span is not None:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
-                    span.set_attribute("rpc.grpc.status_code", exc.code.name)
+                    span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
                 raise
             finally:
                 if telemetry is not None and telemetry.metrics:

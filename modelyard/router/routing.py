@@ -124,6 +124,7 @@ class Router:
         self.lazy = LazyLoader(store, self.table, telemetry)
         self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
+        self.cache_hits = 0  # calls that found a ready copy (misses: self.lazy.misses), on /metrics
         self._metadata: dict[str | None, grpc.aio.Metadata] = {}  # upstream metadata by tenant
         # Tenant limits and fair sharing of saturated containers (router/admission.py, container_queue.py)
         admission_on = os.environ.get(ADMISSION_ENV, "on").lower() != "off"
@@ -236,6 +237,8 @@ class Router:
             container = self.channels.pick(self.table.ready_copies(model.key))
             if container is None:
                 container = await self._load_copy(model, context, lazy_load)
+            else:
+                self.cache_hits += 1
             timeout = self.upstream_timeout(context)
             deadline = time.monotonic() + timeout
             metadata = self.upstream_metadata(*caller)
@@ -334,6 +337,8 @@ class Router:
         container = self.channels.pick(self.table.ready_copies(model.key))
         if container is None:
             container = await self._load_copy(model, context, lazy_load)
+        else:
+            self.cache_hits += 1
         call = CURRENT_CALL.get()
         if call is not None:
             call.container = container.id

@@ -88,7 +88,8 @@ class RouterServer:
         await self.health.start()
         if self.telemetry is not None and self.telemetry.metrics:
             register_fleet_gauges(self.telemetry, self.router)
-            self.telemetry.serve_metrics()
+            # /readyz: ready once the routing table is loaded (as grpc.health.v1 says on the gRPC port).
+            self.telemetry.serve_metrics(ready=self.router.follower.first_load.is_set)
         await server.start()
         self.server = server
 

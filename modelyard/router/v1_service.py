@@ -110,10 +110,13 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
             table.unwatch(watch)
 
     telemetry = router.telemetry
-    methods = {n: bytes_handler(fn, telemetry) for n, fn in {"Infer": Infer, "WhereIs": WhereIs}.items()}
-    methods["InferStream"] = server_stream_bytes_handler(InferStream, telemetry)
+    methods = {
+        n: bytes_handler(fn, telemetry, service=SERVICE)
+        for n, fn in {"Infer": Infer, "WhereIs": WhereIs}.items()
+    }
+    methods["InferStream"] = server_stream_bytes_handler(InferStream, telemetry, service=SERVICE)
     methods["WatchRoutes"] = server_stream_bytes_handler(WatchRoutes)
-    methods["InferSession"] = bidi_bytes_handler(InferSession, telemetry)
+    methods["InferSession"] = bidi_bytes_handler(InferSession, telemetry, service=SERVICE)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
