@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[int, re.Pattern[str]], ...] = (
     (
         0,
         re.compile(
-            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|memory|__init__)$"
+            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|memory|fleet_secret|__init__)$"
         ),
     ),
     (0, re.compile(r"^modelyard\.placement\.(model|units|store(\..*)?)$")),

@@ -39,7 +39,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelyard import metric_names as names
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from modelyard.numpy_container.conversion import (
     config_tensors,

@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.router.errors import RoutingError
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
 from modelyard.router.errors import (
     ContainerStreamError,
