@@ -22,7 +22,7 @@ from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, S3ModelSto
 from modelyard.containers.custom.adapter import CustomAdapter
 from modelyard.containers.custom.process import CustomContainerProcess
 from modelyard.placement.model import ModelVersion
-from tests.backends.test_s3store import numpy_model
+from tests.catalog.test_s3store import numpy_model
 from tests.s3 import MotoServer, aws_environment
 
 MiB = 1 << 20

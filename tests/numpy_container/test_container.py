@@ -80,7 +80,7 @@ class ContainerProcess:
 
     def start(self, timeout_s: float = 30.0) -> None:
         code = (
-            "import asyncio; from backends.container import run_container; "
+            "import asyncio; from modelyard.numpy_container.container import run_container; "
             f"asyncio.run(run_container('127.0.0.1', 0, {self.memory_bytes}))"
         )
         with self.log.open("wb") as log:
