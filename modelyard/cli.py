@@ -251,7 +251,8 @@ def up(
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
 
-    from modelyard.catalog.modelstore import ArchiveError, open_model_store
+    from modelyard.catalog.modelstore import ArchiveError
+    from modelyard.catalog.stores import open_model_store
     from modelyard.containers.custom.process import ContainerStartError
     from modelyard.containers.mlserver.process import MLServerStartError
     from modelyard.containers.sagemaker.process import SageMakerNotInstalled, SageMakerStartError
@@ -621,10 +622,11 @@ def agent(
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
 
-    from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
+    from modelyard.catalog.s3store import ArtifactCache, is_s3_uri
     from modelyard.containers.adapter import ContainerAdapter
     from modelyard.containers.agent import Agent
     from modelyard.containers.custom.adapter import CustomAdapter
+    from modelyard.containers.fetching import FetchingAdapter
     from modelyard.containers.mlserver.adapter import MLServerAdapter, find_mlserver_pid
     from modelyard.containers.sagemaker.adapter import SageMakerAdapter
     from modelyard.containers.triton.adapter import TritonAdapter

@@ -17,15 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from modelyard.catalog.examples import (
-    CUSTOM_EXAMPLE_NAMES,
-    EXAMPLE_NAMES,
-    install_custom_example,
-    install_example,
-)
+from modelyard.catalog.examples import EXAMPLE_NAMES, install_example
 from modelyard.containers.adapter import ContainerAdapter
 from modelyard.containers.agent import Agent
 from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.custom.archive import CUSTOM_EXAMPLE_NAMES, install_custom_example
 from modelyard.containers.custom.process import CustomContainerProcess
 from modelyard.containers.mlserver.adapter import (
     MLSERVER_EXAMPLE_NAMES,
@@ -73,7 +69,7 @@ class LocalFleet:
     custom_memory_bytes: int = 1024**3
     mlserver_containers: int = 0
     mlserver_memory_bytes: int = 1024**3
-    sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (backends/sagemaker*)
+    sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (containers/sagemaker/)
     sagemaker_memory_bytes: int = 1024**3
     lease_ttl_s: float = 10.0
     copy_target_rps: float = 0.0  # copies follow load above this many calls/s per copy (0: off)
@@ -167,8 +163,9 @@ class LocalFleet:
 
     async def store_artifact(self, model: ModelVersion) -> ModelVersion:
         """The model with its artifact put in the fleet's artifact store (S3), for the agents to fetch."""
-        from modelyard.catalog.modelstore import file_path, open_model_store
+        from modelyard.catalog.modelstore import file_path
         from modelyard.catalog.s3store import S3ModelStore
+        from modelyard.catalog.stores import open_model_store
 
         artifacts = open_model_store(self.artifact_store or str(self.artifacts_dir))
         source = file_path(model.artifact_uri)
@@ -180,7 +177,8 @@ class LocalFleet:
     def fetching(self, adapter: ContainerAdapter) -> ContainerAdapter:
         """The adapter, handed S3 artifacts as verified local copies from the fleet's one cache: those of
         an S3 artifact store, and those of models uploaded to S3 later (`file://` ones pass as they are)."""
-        from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter
+        from modelyard.catalog.s3store import ArtifactCache
+        from modelyard.containers.fetching import FetchingAdapter
 
         if self._artifact_cache is None:
             store = self.artifact_store or ""

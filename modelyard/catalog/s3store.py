@@ -1,8 +1,9 @@
-"""The S3 model store (`s3://BUCKET/PREFIX`) and the agents' local cache of its artifacts.
+"""The S3 model store (`s3://BUCKET/PREFIX`) and the local cache of its artifacts (the agents' and the
+catalog's; containers/fetching.py hands the agents' copies to containers).
 
 Each artifact is one object, `PREFIX/<sha256>.tar`: an uncompressed tar of the model version's files,
 written once (an object already there is not written again) and named by the content hash of those
-files (`backends.examples.tree_sha256`, computed streaming), so what is read back is verified against
+files (`catalog.modelstore.tree_sha256`, computed streaming), so what is read back is verified against
 its own name after unpacking. Large archives go up and come down in parts (boto3's TransferConfig), from
 and to disk, never whole in memory.
 
@@ -16,8 +17,6 @@ boto3 is blocking: callers on an event loop run these methods in a thread (`asyn
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import hashlib
 import logging
 import os
@@ -32,8 +31,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from modelyard.catalog.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, CheckedArchive, ModelStore
-from modelyard.containers.adapter import ContainerAdapter, LoadError
-from modelyard.placement.model import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +150,7 @@ def _files(root: Path) -> Iterator[Path]:
 
 
 def tree_sha256_streamed(root: Path) -> str:
-    """`backends.examples.tree_sha256`, reading each file in chunks rather than whole."""
+    """`catalog.modelstore.tree_sha256`, reading each file in chunks rather than whole."""
     digest = hashlib.sha256()
     for path in _files(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
@@ -392,42 +389,3 @@ class ArtifactCache:
             with self._lock(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
             total -= size
-
-
-class FetchingAdapter:
-    """A container adapter that hands the container a local, verified copy of an S3 artifact.
-
-    The agent keeps the registered model (its `s3://` URI); only the container sees `file://` paths into
-    the cache, so Triton, our container and MLServer load from S3 without knowing of it.
-    """
-
-    def __init__(self, inner: ContainerAdapter, cache: ArtifactCache) -> None:
-        self.inner = inner
-        self.cache = cache
-
-    async def local(self, model: ModelVersion) -> ModelVersion:
-        if not is_s3_uri(model.artifact_uri):
-            return model
-        try:
-            path = await asyncio.to_thread(self.cache.fetch, model.artifact_uri)
-        except S3StoreError as exc:
-            raise LoadError(f"{model.key}: {exc}") from exc
-        return dataclasses.replace(model, artifact_uri=path.resolve().as_uri())
-
-    async def live(self) -> bool:
-        return await self.inner.live()
-
-    async def load(self, model: ModelVersion) -> None:
-        await self.inner.load(await self.local(model))
-
-    async def unload(self, model: ModelVersion) -> None:
-        await self.inner.unload(model)
-
-    async def footprint(self, model: ModelVersion) -> int:
-        return await self.inner.footprint(model)
-
-    async def ready_versions(self) -> set[str]:
-        return await self.inner.ready_versions()
-
-    async def close(self) -> None:
-        await self.inner.close()

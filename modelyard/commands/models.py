@@ -18,15 +18,18 @@ from modelyard.catalog.modelstore import (
     MAX_ARCHIVE_BYTES_ENV,
     ArchiveError,
     ModelStore,
-    open_model_store,
 )
 from modelyard.catalog.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.catalog.stores import open_model_store
 from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
+from modelyard.containers.archives import register_archive_checks
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion, split_model_key
 from modelyard.placement.rates import ModelRate
 from modelyard.placement.store import Store
 from modelyard.placement.units import format_bytes
+
+register_archive_checks()  # upload and import check archives: every backend's check, before any is read
 
 REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
 MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"

@@ -45,8 +45,9 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
     """
     import os
 
-    from modelyard.catalog.modelstore import ArchiveError, open_model_store
+    from modelyard.catalog.modelstore import ArchiveError
     from modelyard.catalog.registration import AlreadyRegistered
+    from modelyard.catalog.stores import open_model_store
     from modelyard.commands.models import DEFAULT_MODEL_STORE, MODEL_STORE_ENV
     from modelyard.placement.pipeline import PipelineError, parse_yaml
 
