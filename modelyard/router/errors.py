@@ -1,4 +1,4 @@
-"""Routing errors and the one place that maps them to gRPC status codes."""
+"""Routing errors, each with its gRPC status code on the class (handlers.py turns them into statuses)."""
 
 from __future__ import annotations
 
