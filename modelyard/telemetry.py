@@ -57,6 +57,8 @@ class CallInfo:
     tenant_label: str = ""
 
 
+OTHER_LABEL = "other"  # the metric label of every model and tenant the router does not know
+
 CURRENT_CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("modelyard_call", default=None)
 
 

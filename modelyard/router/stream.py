@@ -35,7 +35,6 @@ import asyncio
 import itertools
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -340,7 +339,8 @@ class Upstream:
 
 
 class StreamPool:
-    """The router's upstream streams, per (container, model version)."""
+    """The router's upstream streams, per (container, model version): made by the Router, closed when it
+    stops (no upstream stream outlives it)."""
 
     def __init__(
         self, channels: ContainerChannels, fleet_secret: str | None = None, router: Router | None = None
@@ -349,8 +349,7 @@ class StreamPool:
         self.fleet_secret = fleet_secret
         self.upstreams: dict[tuple[str, str], list[Upstream]] = {}
         self._ids = itertools.count(1)
-        # The router (for the copies to fail over to); weak: the router owns the pool.
-        self._router = weakref.ref(router) if router is not None else None
+        self._router = router  # its owner: the copies to fail over to
         self._failovers: set[asyncio.Task[None]] = set()
         self.failed_over = 0  # requests sent to another copy after theirs failed before any response
 
@@ -393,7 +392,7 @@ class StreamPool:
         name = model.name if model.backend in PER_VERSION_NAME_BACKENDS else None
         upstream_id = str(next(self._ids))
         data = with_stream_request_id(routed, upstream_id)
-        router = self._router() if self._router is not None else None
+        router = self._router
         budget = timeout_s if timeout_s is not None else (router.default_deadline_s if router else 60.0)
         deadline = time.monotonic() + budget
         request = _Request(upstream_id, caller_id, name, swallow_final, sink, model, data, deadline)
@@ -438,7 +437,7 @@ class StreamPool:
         task.add_done_callback(self._failovers.discard)
 
     async def _fail_over(self, request: _Request, failed: Container, error: UpstreamFailed) -> None:
-        router = self._router() if self._router is not None else None
+        router = self._router
         try:
             if router is None:
                 raise error
@@ -504,6 +503,7 @@ class StreamPool:
             request.failover.cancel()
 
     async def close(self) -> None:
+        """Cancels every upstream stream and failover and waits for their readers to end."""
         for task in list(self._failovers):
             task.cancel()
         upstreams = [u for streams in self.upstreams.values() for u in streams]
@@ -511,17 +511,6 @@ class StreamPool:
         for upstream in upstreams:
             upstream.call.cancel()
         await asyncio.gather(*(u.reader for u in upstreams), return_exceptions=True)
-
-
-_POOLS: weakref.WeakKeyDictionary[Router, StreamPool] = weakref.WeakKeyDictionary()
-
-
-def pool_of(router: Router) -> StreamPool:
-    """The router's stream pool (one per router, made on first use)."""
-    pool = _POOLS.get(router)
-    if pool is None:
-        pool = _POOLS[router] = StreamPool(router.channels, getattr(router, "fleet_secret", None), router)
-    return pool
 
 
 def _caller_id(request: bytes) -> str:
@@ -547,7 +536,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
     container = await router.choose_copy(model, context)
     sink = Sink()
     caller_id = _caller_id(request)
-    pending = await pool_of(router).submit(
+    pending = await router.streams.submit(
         container,
         model,
         routed,
@@ -571,7 +560,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
                 if info.final:
                     return
     finally:
-        pool_of(router).abandon(pending)
+        router.streams.abandon(pending)
         sink.close(asyncio.CancelledError())
 
 
@@ -587,7 +576,7 @@ async def relay(
 
     The stream ends when the client has half-closed and every request it sent is over.
     """
-    pool = pool_of(router)
+    pool = router.streams
     sink = Sink()
     timeout_s = context.time_remaining()  # the session's deadline, if the caller set one
     slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)
