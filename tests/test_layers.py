@@ -5,7 +5,7 @@ The wheel claims one top-level name, `modelyard`, and no module still imports th
 
 Layers, from the foundations up (a module's layer is the first rule that names it):
   0 foundations: generated protos, telemetry, metric names, TLS, logs, gRPC options, console helpers,
-    the fleet secret's header, the data model and store client of placement;
+    the fleet secret's header, the error family, the data model and store client of placement;
   1 placement; 2 catalog (registration, import, model stores, pipelines' registration);
   3 our numpy container's server; 4 the container side (agent, process supervision, a subpackage per
   backend); 5 router;
@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[int, re.Pattern[str]], ...] = (
     (
         0,
         re.compile(
-            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|memory|fleet_secret|__init__)$"
+            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|memory|fleet_secret|errors|__init__)$"
         ),
     ),
     (0, re.compile(r"^modelyard\.placement\.(model|units|store(\..*)?)$")),

@@ -14,7 +14,8 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
-from modelyard.router.errors import NotReady, RoutingError, parse_request
+from modelyard.errors import ModelyardError
+from modelyard.router.errors import NotReady, parse_request
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler
 from modelyard.router.identity import PermissionDenied, Unauthenticated
 from modelyard.router.pipeline import pipeline_name
@@ -55,7 +56,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         try:
             path = f"/{SERVICE}/ModelReady"
             return await router.forward_unary(path, request, context, lazy_load=False)
-        except RoutingError as exc:
+        except ModelyardError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT or isinstance(
                 exc, (NotReady, Unauthenticated, PermissionDenied)
             ):

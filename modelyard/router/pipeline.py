@@ -28,13 +28,13 @@ import grpc.aio
 from opentelemetry.trace import Status, StatusCode
 from tritonclient.grpc import service_pb2 as kserve
 
+from modelyard.errors import ModelyardError, Unimplemented
 from modelyard.placement.pipeline import Pipeline, Step, shapes_match
 from modelyard.router.errors import (
     BadRequest,
     ContainerStreamError,
     DeadlineExceeded,
     ModelNotFound,
-    RoutingError,
     UpstreamFailed,
     parse_request,
 )
@@ -51,16 +51,15 @@ PLATFORM = "modelyard_pipeline"
 _FINAL = "triton_final_response"
 
 
-class StepFailed(RoutingError):
+class StepFailed(ModelyardError):
     """A step's call failed: the pipeline's call fails with the step's status."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
-class NotForPipelines(RoutingError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+class NotForPipelines(Unimplemented):
+    """A call a pipeline cannot answer as a model would."""
 
 
 @dataclass(frozen=True)
@@ -371,7 +370,7 @@ class PipelineRunner:
             request = self._step_request(step, request_id, tensors).SerializeToString()
             try:
                 answer = await self.router.forward_unary(MODEL_INFER, request, context)
-            except RoutingError as exc:
+            except ModelyardError as exc:
                 raise self._failed(pipeline, step, exc.code, str(exc)) from exc
             except grpc.aio.AioRpcError as exc:
                 raise self._failed(pipeline, step, exc.code(), exc.details() or exc.code().name) from exc
@@ -459,7 +458,7 @@ class PipelineRunner:
                     swallow_final=False,
                     timeout_s=router.upstream_timeout(context),
                 )
-            except RoutingError as exc:
+            except ModelyardError as exc:
                 raise self._failed(pipeline, step, exc.code, str(exc)) from exc
             except UpstreamFailed as exc:
                 raise self._failed(pipeline, step, exc.code, exc.details) from exc
@@ -470,7 +469,7 @@ class PipelineRunner:
                         items = await sink.take()
                     except UpstreamFailed as exc:
                         raise self._failed(pipeline, step, exc.code, exc.details) from exc
-                    except RoutingError as exc:
+                    except ModelyardError as exc:
                         raise self._failed(pipeline, step, exc.code, str(exc)) from exc
                     for item in items:
                         assert isinstance(item, tuple)

@@ -1,6 +1,7 @@
 """The routing core: from a call's header fields and metadata to a ready copy, and forwarding to it.
 
-Servicers stay thin: they hand bytes and the call context here and get bytes back or a RoutingError.
+Servicers stay thin: they hand bytes and the call context here and get bytes back or an error of the
+one family (modelyard/errors.py).
 """
 
 from __future__ import annotations

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
+from modelyard.errors import ModelyardError
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
 from modelyard.router.errors import (
     ContainerStreamError,
-    RoutingError,
     UpstreamFailed,
     stream_error_code,
 )
@@ -476,7 +476,7 @@ class StreamPool:
                 request.sink = None
                 if request.timer is not None:
                     request.timer.cancel()
-                sink.fail(exc if isinstance(exc, RoutingError) else error)
+                sink.fail(exc if isinstance(exc, ModelyardError) else error)
         finally:
             request.failover = None
 
@@ -591,7 +591,7 @@ async def relay(
                     container = await router.choose_copy(model, context)
                     caller_id = _caller_id(raw)
                     swallow = not wants_empty_final_response(raw)
-                except (RoutingError, WireError) as exc:
+                except (ModelyardError, WireError) as exc:
                     slots.release()
                     if not in_stream_errors:
                         raise
