@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from modelyard import settings
 from modelyard.console import fail
 
 
@@ -38,15 +39,12 @@ class LazyGroup(click.Group):
         return command
 
 
-EVENT_LOOP_ENV = "MODELYARD_EVENT_LOOP"  # "asyncio": the router runs on asyncio's own loop, not uvloop
-
-
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Runs the router's `main` on uvloop where it is installed (measured: about a tenth less CPU per
     call than asyncio's own loop), else, or with MODELYARD_EVENT_LOOP=asyncio, on asyncio's loop."""
     import asyncio
 
-    if os.environ.get(EVENT_LOOP_ENV, "uvloop") != "asyncio":
+    if settings.get("MODELYARD_EVENT_LOOP") != "asyncio":
         try:
             import uvloop
         except ImportError:
@@ -292,7 +290,8 @@ def up(
     )
     try:
         if model_store:
-            open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
+            # A missing bucket or credentials: one line, now.
+            open_model_store(model_store, cache_dir=settings.artifact_cache_dir()).check()
         from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES
         from modelyard.memory import reuse_large_buffers
 
@@ -394,14 +393,14 @@ def serve(
     import asyncio
     import signal
 
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
     from modelyard.router.identity import Authenticator, IdentityConfigError, IdentityFile
     from modelyard.router.server import RouterServer, RouterStartError
     from modelyard.router.workers import run_workers
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
 
-    url = store_url or default_store_url()
+    url = settings.store_url(store_url)
     try:
         server_tls = _server_tls(tls_cert, tls_key, tls_client_ca)
         upstream_tls = (
@@ -457,12 +456,17 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        store = open_store(url)
+        store = settings.open_configured_store(url)
         server = RouterServer(
             store,
             host,
             port,
-            Telemetry("modelyard-router", traces=traces, metrics_port=metrics_port),
+            Telemetry(
+                "modelyard-router",
+                traces=settings.traces(traces),
+                metrics_port=settings.metrics_port(metrics_port),
+                metrics_host=settings.metrics_host(),
+            ),
             server_credentials=server_tls,
             upstream_credentials=upstream_tls,
             default_deadline_s=default_deadline_s,
@@ -538,7 +542,12 @@ def container(
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError
 
-    telemetry = Telemetry("modelyard-container", traces=traces, metrics_port=metrics_port)
+    telemetry = Telemetry(
+        "modelyard-container",
+        traces=settings.traces(traces),
+        metrics_port=settings.metrics_port(metrics_port),
+        metrics_host=settings.metrics_host(),
+    )
     # S3 artifacts reach it as the agent's verified copies in the shared cache folder.
     load_from = artifact_cache if model_store.startswith("s3://") else Path(model_store)
     try:
@@ -631,7 +640,7 @@ def agent(
     from modelyard.containers.sagemaker.adapter import SageMakerAdapter
     from modelyard.containers.triton.adapter import TritonAdapter
     from modelyard.placement.model import Container
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
     from modelyard.telemetry import Telemetry
 
     if backend in ("triton", "mlserver", "sagemaker") and repository is None:
@@ -640,7 +649,7 @@ def agent(
     secret = read_fleet_secret(fleet_secret_file)
 
     async def run() -> None:
-        store = open_store(store_url or default_store_url())
+        store = settings.open_configured_store(store_url)
         container = Container(
             id=container_id,
             address=advertise or address,
@@ -666,7 +675,11 @@ def agent(
         )
         adapter = FetchingAdapter(adapter, cache)
         try:
-            telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
+            telemetry = Telemetry(
+                f"modelyard-agent-{container_id}",
+                metrics_port=settings.metrics_port(metrics_port),
+                metrics_host=settings.metrics_host(),
+            )
             telemetry.serve_metrics()
             await Agent(store, container, adapter, telemetry=telemetry).run()
         finally:
@@ -699,10 +712,10 @@ def controller(
     import asyncio
 
     from modelyard.placement.controller import PlacementController
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
 
     async def run() -> None:
-        async with open_store(store_url or default_store_url()) as store:
+        async with settings.open_configured_store(store_url) as store:
             await PlacementController(
                 store,
                 ready_timeout_s=ready_timeout_s,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from modelyard import settings
 from modelyard.catalog.examples import EXAMPLE_NAMES, install_example
 from modelyard.containers.adapter import ContainerAdapter
 from modelyard.containers.agent import Agent
@@ -128,7 +129,7 @@ class LocalFleet:
     async def start_store_and_models(self, *, examples: bool = True) -> list[ModelVersion]:
         """Opens the store and registers the example models (Triton ones, and custom ones if any)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._store = store = open_store(self.store_url)
+        self._store = store = open_store(self.store_url, settings.etcd_access())
         # One follower of the store for the router, the controller and every agent of this process.
         self._follower = StoreFollower(store, name="local fleet")
         self._follower.start()
@@ -167,7 +168,9 @@ class LocalFleet:
         from modelyard.catalog.s3store import S3ModelStore
         from modelyard.catalog.stores import open_model_store
 
-        artifacts = open_model_store(self.artifact_store or str(self.artifacts_dir))
+        artifacts = open_model_store(
+            self.artifact_store or str(self.artifacts_dir), cache_dir=settings.artifact_cache_dir()
+        )
         source = file_path(model.artifact_uri)
         if not isinstance(artifacts, S3ModelStore) or source is None:
             return model
@@ -384,7 +387,12 @@ class LocalFleet:
     async def start_router(self) -> None:
         # Tenants from the x-tenant-id header as sent: loopback development (run_up says so).
         self.router = RouterServer(
-            self.store, self.host, self.port, fleet_secret=self.fleet_secret, follower=self.follower
+            self.store,
+            self.host,
+            self.port,
+            fleet_secret=self.fleet_secret,
+            follower=self.follower,
+            rate_period_s=settings.rate_period_s(),
         )
         await self.router.start()
 

@@ -12,7 +12,6 @@ in one test process. With traces and metrics off, a call costs one attribute che
 from __future__ import annotations
 
 import contextvars
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,12 +82,13 @@ class Telemetry:
         span_exporter: SpanExporter | None = None,
         metrics_port: int | None = None,
         metric_reader: MetricReader | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
-        traces = (traces or os.environ.get("MODELYARD_TRACES") or "none").lower()
+        """`traces`: none, console or otlp; `metrics_port`: serve /metrics there (None: not at all)."""
+        traces = (traces or "none").lower()
         if traces not in ("none", "console", "otlp"):
             raise ValueError(f"MODELYARD_TRACES must be none, console or otlp, got {traces!r}")
-        if metrics_port is None and os.environ.get("MODELYARD_METRICS_PORT"):
-            metrics_port = int(os.environ["MODELYARD_METRICS_PORT"])
+        self.metrics_host = metrics_host
         resource = Resource.create({"service.name": service})
         self.tracing = span_exporter is not None or traces != "none"
         self.tracer: Tracer | None = None
@@ -168,9 +168,7 @@ class Telemetry:
             return None
         from prometheus_client import start_http_server
 
-        start_http_server(
-            self.metrics_port, addr=host or os.environ.get("MODELYARD_METRICS_HOST", "127.0.0.1")
-        )
+        start_http_server(self.metrics_port, addr=host or self.metrics_host)
         return self.metrics_port
 
     # -- tracing helpers ----------------------------------------------------------------------------

@@ -4,12 +4,13 @@ The wheel claims one top-level name, `modelyard`, and no module still imports th
 (`router`, `placement`, `backends`), which would load a second copy.
 
 Layers, from the foundations up (a module's layer is the first rule that names it):
-  0 foundations: generated protos, telemetry, metric names, TLS, logs, gRPC options, console helpers,
+  0 foundations: generated protos, telemetry, metric names, TLS, logs, gRPC options,
     the fleet secret's header, the error family, the data model and store client of placement;
   1 placement; 2 catalog (registration, import, model stores, pipelines' registration);
   3 our numpy container's server; 4 the container side (agent, process supervision, a subpackage per
   backend); 5 router;
-  6 applications: the command line (`cli`, `commands`), `up` (local), the client.
+  6 applications: the command line (`cli`, `commands`, its console helpers and `settings`, the one reader
+    of MODELYARD_* variables), `up` (local), the client.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ PACKAGE = ROOT / "modelyard"
 OLD_NAMES = ("router", "placement", "backends")
 
 LAYERS: tuple[tuple[int, re.Pattern[str]], ...] = (
-    (6, re.compile(r"^modelyard\.(cli|commands(\..*)?|local|client|__main__)$")),
+    (6, re.compile(r"^modelyard\.(cli|commands(\..*)?|console|settings|local|client|__main__)$")),
     (
         0,
         re.compile(
-            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|memory|fleet_secret|errors|__init__)$"
+            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|memory|fleet_secret|errors|__init__)$"
         ),
     ),
     (0, re.compile(r"^modelyard\.placement\.(model|units|store(\..*)?)$")),

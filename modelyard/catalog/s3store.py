@@ -42,6 +42,7 @@ MULTIPART_CHUNK_BYTES = 16 * MIB
 TRANSFER_THREADS = 4
 RETRY_ATTEMPTS = 5  # botocore's attempts per request (throttling, 5xx, dropped connections), with backoff
 DEFAULT_CACHE_BYTES = 10 * 1024**3
+DEFAULT_CACHE_DIR = Path(".modelyard/artifact-cache")
 _CHUNK_BYTES = MIB
 
 
@@ -189,11 +190,20 @@ def unpack(archive: Path, target: Path, max_bytes: int) -> None:
 class S3ModelStore(ModelStore):
     """Artifacts as `s3://BUCKET/PREFIX/<sha256>.tar` objects; `local_path` downloads through a cache."""
 
-    def __init__(self, uri: str, *, client: Any = None, cache: ArtifactCache | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        client: Any = None,
+        cache: ArtifactCache | None = None,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+    ) -> None:
+        """`cache_dir`: where `local_path` keeps its verified copies (unless `cache` is given)."""
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._client = client
         self._cache = cache
+        self._cache_dir = cache_dir
         self._checked = False  # the bucket answered once: an import of thousands of archives asks once
 
     @property
@@ -205,7 +215,7 @@ class S3ModelStore(ModelStore):
     @property
     def cache(self) -> ArtifactCache:
         if self._cache is None:
-            self._cache = ArtifactCache(default_cache_dir(), client=self.client, model_store=self.uri)
+            self._cache = ArtifactCache(self._cache_dir, client=self.client, model_store=self.uri)
         return self._cache
 
     def key(self, sha256: str) -> str:
@@ -275,10 +285,6 @@ class S3ModelStore(ModelStore):
 
     def local_path(self, uri: str) -> Path:
         return self.cache.fetch(uri)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MODELYARD_ARTIFACT_CACHE", ".modelyard/artifact-cache"))
 
 
 class ArtifactCache:

@@ -7,12 +7,12 @@ import failed; 3 `name@version` already exists with another artifact or other se
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from modelyard import settings
 from modelyard.catalog.modelstore import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     MAX_ARCHIVE_BYTES_ENV,
@@ -52,7 +52,9 @@ _max_archive_bytes_option = click.option(
 
 def _open_artifacts(model_store: str | None) -> ModelStore:
     try:
-        artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+        artifacts = open_model_store(
+            settings.model_store(model_store), cache_dir=settings.artifact_cache_dir()
+        )
         artifacts.check()  # a missing bucket or credentials: one line before any archive is read
         return artifacts
     except ArchiveError as exc:

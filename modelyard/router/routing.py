@@ -99,8 +99,10 @@ class Router:
         identity: Authenticator | None = None,
         fleet_secret: str | None = None,
         follower: StoreFollower | None = None,
+        rate_period_s: float | None = None,
     ) -> None:
-        """`follower`: a store follower shared with other components of this process (else its own)."""
+        """`follower`: a store follower shared with other components of this process (else its own);
+        `rate_period_s`: seconds between reports of the call rates (None: the default)."""
         self.store = store
         # Without a configured identity the x-tenant-id header is trusted (tests, loopback `up`).
         self.identity = identity or Authenticator.trusting_header(fleet_secret)
@@ -115,7 +117,8 @@ class Router:
         self.channels = ContainerChannels(upstream_credentials)
         self.sagemaker = SageMakerForwarder()  # HTTP to SageMaker containers: one pooled client
         self.lazy = LazyLoader(store, self.table, telemetry)
-        self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
+        # Calls per model, reported for copies that follow load.
+        self.rates = RateCounter(store, period_s=rate_period_s)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
         self.streams = StreamPool(self.channels, fleet_secret, self)  # pooled upstream streams
         self.pipelines = PipelineRunner(self)
