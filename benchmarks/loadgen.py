@@ -41,7 +41,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.client import Client
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 
 OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 _KSERVE_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.conftest import Verdict
+from modelyard.errors import ModelyardError
 from modelyard.placement import registry
 from modelyard.placement.autoscale import ModelLoad, Policy, Room, Timers, plan_autoscale
 from modelyard.placement.controller import PlacementController
@@ -37,7 +38,6 @@ from modelyard.placement.model import Container, CopyState, ModelVersion
 from modelyard.placement.planner import Capacity, Demand, plan
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import Store, open_store
-from modelyard.router.errors import RoutingError
 from modelyard.router.lazy import LazyLoader
 from modelyard.router.rates import RateCounter
 from modelyard.router.table import RoutingTable
@@ -154,7 +154,7 @@ async def _cache_run(url: str, models: int, slots: int, duration_s: float, worke
                 try:
                     await lazy.ready_copies(model, 30.0)
                     cold.append(time.perf_counter() - started)
-                except RoutingError as exc:
+                except ModelyardError as exc:
                     why = "no room" if "cannot be placed" in str(exc) else type(exc).__name__
                     failed[why] = failed.get(why, 0) + 1
 

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from tests.backends.test_container import ContainerProcess, Repository, linear_model, tensor
+from tests.numpy_container.test_container import ContainerProcess, Repository, linear_model, tensor
 
 MiB = 1 << 20
 LOADS = 300

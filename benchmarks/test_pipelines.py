@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from benchmarks.conftest import Verdict
 from benchmarks.test_router_hop import LoadGen, Target, _serve, p50, rotated, spread
 from modelyard.containers.triton.adapter import triton_model_name
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from tests.conftest import require_triton, stop_process

@@ -32,7 +32,8 @@ import grpc
 import pytest
 
 from modelyard.containers.triton.adapter import triton_model_name
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER, free_port
+from modelyard.containers.triton.server import free_port
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from tests.conftest import EtcdServer, require_triton, stop_process

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from modelyard.catalog.modelstore import checked
-from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, S3ModelStore
+from modelyard.catalog.s3store import ArtifactCache, S3ModelStore
 from modelyard.containers.custom.adapter import CustomAdapter
 from modelyard.containers.custom.process import CustomContainerProcess
+from modelyard.containers.fetching import FetchingAdapter
 from modelyard.placement.model import ModelVersion
-from tests.backends.test_s3store import numpy_model
+from tests.catalog.test_s3store import numpy_model
 from tests.s3 import MotoServer, aws_environment
 
 MiB = 1 << 20

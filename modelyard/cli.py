@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from modelyard import settings
 from modelyard.console import fail
 
 
@@ -38,15 +39,12 @@ class LazyGroup(click.Group):
         return command
 
 
-EVENT_LOOP_ENV = "MODELYARD_EVENT_LOOP"  # "asyncio": the router runs on asyncio's own loop, not uvloop
-
-
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Runs the router's `main` on uvloop where it is installed (measured: about a tenth less CPU per
     call than asyncio's own loop), else, or with MODELYARD_EVENT_LOOP=asyncio, on asyncio's loop."""
     import asyncio
 
-    if os.environ.get(EVENT_LOOP_ENV, "uvloop") != "asyncio":
+    if settings.get("MODELYARD_EVENT_LOOP") != "asyncio":
         try:
             import uvloop
         except ImportError:
@@ -274,7 +272,8 @@ def up(
     """Start a local fleet: Triton and custom containers, example models, agents, controller and router."""
     import asyncio
 
-    from modelyard.catalog.modelstore import ArchiveError, open_model_store
+    from modelyard.catalog.modelstore import ArchiveError
+    from modelyard.catalog.stores import open_model_store
     from modelyard.containers.custom.process import ContainerStartError
     from modelyard.containers.mlserver.process import MLServerStartError
     from modelyard.containers.sagemaker.process import SageMakerNotInstalled, SageMakerStartError
@@ -317,7 +316,8 @@ def up(
     )
     try:
         if model_store:
-            open_model_store(model_store).check()  # a missing bucket or credentials: one line, now
+            # A missing bucket or credentials: one line, now.
+            open_model_store(model_store, cache_dir=settings.artifact_cache_dir()).check()
         from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES
         from modelyard.memory import reuse_large_buffers
 
@@ -419,14 +419,14 @@ def serve(
     import asyncio
     import signal
 
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
     from modelyard.router.identity import Authenticator, IdentityConfigError, IdentityFile
     from modelyard.router.server import RouterServer, RouterStartError
     from modelyard.router.workers import run_workers
     from modelyard.telemetry import MetricsPortError, Telemetry
     from modelyard.tls import TLSConfigError, channel_credentials
 
-    url = store_url or default_store_url()
+    url = settings.store_url(store_url)
     try:
         server_tls = _server_tls(tls_cert, tls_key, tls_client_ca)
         upstream_tls = (
@@ -482,18 +482,25 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        store = open_store(url)
+        store = settings.open_configured_store(url)
         server = RouterServer(
             store,
             host,
             port,
-            Telemetry("modelyard-router", traces=traces, metrics_port=metrics_port),
+            Telemetry(
+                "modelyard-router",
+                traces=settings.traces(traces),
+                metrics_port=settings.metrics_port(metrics_port),
+                metrics_host=settings.metrics_host(),
+            ),
             server_credentials=server_tls,
             upstream_credentials=upstream_tls,
             default_deadline_s=default_deadline_s,
             identity=identity,
             fleet_secret=fleet_secret,
             max_message_bytes=max_message_bytes,
+            rate_period_s=settings.rate_period_s(),
+            admission=settings.admission(),
         )
         try:
             await server.start()
@@ -563,7 +570,12 @@ def container(
     from modelyard.telemetry import Telemetry
     from modelyard.tls import TLSConfigError
 
-    telemetry = Telemetry("modelyard-container", traces=traces, metrics_port=metrics_port)
+    telemetry = Telemetry(
+        "modelyard-container",
+        traces=settings.traces(traces),
+        metrics_port=settings.metrics_port(metrics_port),
+        metrics_host=settings.metrics_host(),
+    )
     # S3 artifacts reach it as the agent's verified copies in the shared cache folder.
     load_from = artifact_cache if model_store.startswith("s3://") else Path(model_store)
     try:
@@ -649,15 +661,16 @@ def agent(
     """Run the agent of one container: load and unload models to match the shard map."""
     import asyncio
 
-    from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter, is_s3_uri
+    from modelyard.catalog.s3store import ArtifactCache, is_s3_uri
     from modelyard.containers.adapter import ContainerAdapter
     from modelyard.containers.agent import Agent, register_agent_gauges
     from modelyard.containers.custom.adapter import CustomAdapter
+    from modelyard.containers.fetching import FetchingAdapter
     from modelyard.containers.mlserver.adapter import MLServerAdapter, find_mlserver_pid
     from modelyard.containers.sagemaker.adapter import SageMakerAdapter
     from modelyard.containers.triton.adapter import TritonAdapter
     from modelyard.placement.model import Container
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
     from modelyard.telemetry import MetricsPortError, Telemetry
 
     if backend in ("triton", "mlserver", "sagemaker") and repository is None:
@@ -666,7 +679,7 @@ def agent(
     secret = read_fleet_secret(fleet_secret_file)
 
     async def run() -> None:
-        store = open_store(store_url or default_store_url())
+        store = settings.open_configured_store(store_url)
         container = Container(
             id=container_id,
             address=advertise or address,
@@ -693,7 +706,11 @@ def agent(
         )
         adapter = FetchingAdapter(adapter, cache)
         try:
-            telemetry = Telemetry(f"modelyard-agent-{container_id}", metrics_port=metrics_port)
+            telemetry = Telemetry(
+                f"modelyard-agent-{container_id}",
+                metrics_port=settings.metrics_port(metrics_port),
+                metrics_host=settings.metrics_host(),
+            )
             the_agent = Agent(store, container, adapter, telemetry=telemetry)
             register_agent_gauges(telemetry, [the_agent])
             # /readyz: ready once its container is registered in the store (it answers and has a lease).
@@ -735,12 +752,16 @@ def controller(
 
     from modelyard.placement.controller import PlacementController
     from modelyard.placement.metrics import register_controller_gauges
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
     from modelyard.telemetry import MetricsPortError, Telemetry
 
     async def run() -> None:
-        telemetry = Telemetry("modelyard-controller", metrics_port=metrics_port)
-        async with open_store(store_url or default_store_url()) as store:
+        telemetry = Telemetry(
+            "modelyard-controller",
+            metrics_port=settings.metrics_port(metrics_port),
+            metrics_host=settings.metrics_host(),
+        )
+        async with settings.open_configured_store(store_url) as store:
             the_controller = PlacementController(
                 store,
                 ready_timeout_s=ready_timeout_s,

@@ -31,7 +31,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import TRITON_SERVER_NAME, triton_model_name
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.placement.model import RouteRule
 from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version

@@ -37,10 +37,11 @@ def run_on_store(
     EXIT_REFUSED, `exists` errors with one line and EXIT_EXISTS."""
     import asyncio
 
-    from modelyard.placement.store import StoreError, default_store_url, open_store
+    from modelyard.placement.store import StoreError
+    from modelyard.settings import open_configured_store
 
     async def main() -> T:
-        async with open_store(store_url or default_store_url()) as store:
+        async with open_configured_store(store_url) as store:
             return await work(store)
 
     refusals: tuple[type[Exception], ...] = (StoreError, *errors)

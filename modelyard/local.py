@@ -17,15 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from modelyard.catalog.examples import (
-    CUSTOM_EXAMPLE_NAMES,
-    EXAMPLE_NAMES,
-    install_custom_example,
-    install_example,
-)
+from modelyard import settings
+from modelyard.catalog.examples import EXAMPLE_NAMES, install_example
 from modelyard.containers.adapter import ContainerAdapter
 from modelyard.containers.agent import Agent, register_agent_gauges
 from modelyard.containers.custom.adapter import CustomAdapter
+from modelyard.containers.custom.archive import CUSTOM_EXAMPLE_NAMES, install_custom_example
 from modelyard.containers.custom.process import CustomContainerProcess
 from modelyard.containers.mlserver.adapter import (
     MLSERVER_EXAMPLE_NAMES,
@@ -75,7 +72,7 @@ class LocalFleet:
     custom_memory_bytes: int = 1024**3
     mlserver_containers: int = 0
     mlserver_memory_bytes: int = 1024**3
-    sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (backends/sagemaker*)
+    sagemaker_containers: int = 0  # AWS's multi-model-server with sagemaker-inference (containers/sagemaker/)
     sagemaker_memory_bytes: int = 1024**3
     max_inflight: int = 0  # calls each container runs at once (0: its backend's default)
     lease_ttl_s: float = 10.0
@@ -140,8 +137,10 @@ class LocalFleet:
         """Opens the store and registers the example models (Triton ones, and custom ones if any)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.metrics_port is not None and self.telemetry is None:
-            self.telemetry = Telemetry("modelyard-up", metrics_port=self.metrics_port)
-        self._store = store = open_store(self.store_url)
+            self.telemetry = Telemetry(
+                "modelyard-up", metrics_port=self.metrics_port, metrics_host=settings.metrics_host()
+            )
+        self._store = store = open_store(self.store_url, settings.etcd_access())
         # One follower of the store for the router, the controller and every agent of this process.
         self._follower = StoreFollower(store, name="local fleet")
         self._follower.start()
@@ -176,10 +175,13 @@ class LocalFleet:
 
     async def store_artifact(self, model: ModelVersion) -> ModelVersion:
         """The model with its artifact put in the fleet's artifact store (S3), for the agents to fetch."""
-        from modelyard.catalog.modelstore import file_path, open_model_store
+        from modelyard.catalog.modelstore import file_path
         from modelyard.catalog.s3store import S3ModelStore
+        from modelyard.catalog.stores import open_model_store
 
-        artifacts = open_model_store(self.artifact_store or str(self.artifacts_dir))
+        artifacts = open_model_store(
+            self.artifact_store or str(self.artifacts_dir), cache_dir=settings.artifact_cache_dir()
+        )
         source = file_path(model.artifact_uri)
         if not isinstance(artifacts, S3ModelStore) or source is None:
             return model
@@ -189,7 +191,8 @@ class LocalFleet:
     def fetching(self, adapter: ContainerAdapter) -> ContainerAdapter:
         """The adapter, handed S3 artifacts as verified local copies from the fleet's one cache: those of
         an S3 artifact store, and those of models uploaded to S3 later (`file://` ones pass as they are)."""
-        from modelyard.catalog.s3store import ArtifactCache, FetchingAdapter
+        from modelyard.catalog.s3store import ArtifactCache
+        from modelyard.containers.fetching import FetchingAdapter
 
         if self._artifact_cache is None:
             store = self.artifact_store or ""
@@ -410,6 +413,8 @@ class LocalFleet:
             self.telemetry,
             fleet_secret=self.fleet_secret,
             follower=self.follower,
+            rate_period_s=settings.rate_period_s(),
+            admission=settings.admission(),
         )
         await self.router.start()
 

@@ -71,6 +71,8 @@ class CallInfo:
     tenant_label: str = ""
 
 
+OTHER_LABEL = "other"  # the metric label of every model and tenant the router does not know
+
 CURRENT_CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("modelyard_call", default=None)
 
 
@@ -119,16 +121,15 @@ class Telemetry:
         span_exporter: SpanExporter | None = None,
         metrics_port: int | None = None,
         metric_reader: MetricReader | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
-        traces = (
-            traces or os.environ.get("MODELYARD_TRACES") or os.environ.get("OTEL_TRACES_EXPORTER") or "none"
-        ).lower()
+        """`traces`: none, console or otlp; `metrics_port`: serve /metrics there (None: not at all)."""
+        traces = (traces or "none").lower()
         if traces not in ("none", "console", "otlp"):
             raise ValueError(
                 f"MODELYARD_TRACES (or OTEL_TRACES_EXPORTER) must be none, console or otlp, got {traces!r}"
             )
-        if metrics_port is None and os.environ.get("MODELYARD_METRICS_PORT"):
-            metrics_port = int(os.environ["MODELYARD_METRICS_PORT"])
+        self.metrics_host = metrics_host
         resource = _resource(service)
         self.tracing = span_exporter is not None or traces != "none"
         self.tracer: Tracer | None = None
@@ -277,9 +278,7 @@ class Telemetry:
         it). Returns the port it listens on (a free one for port 0)."""
         if self.metrics_port is None:
             return None
-        self.http = MetricsServer(
-            host or os.environ.get("MODELYARD_METRICS_HOST", "127.0.0.1"), self.metrics_port
-        )
+        self.http = MetricsServer(host or self.metrics_host, self.metrics_port)
         self.http.ready = ready
         self.metrics_port = self.http.port
         return self.metrics_port

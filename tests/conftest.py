@@ -17,11 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from modelyard.containers.archives import register_archive_checks
 from modelyard.containers.process import stop_process_group
 from modelyard.containers.triton.server import TritonInstall, TritonNotInstalled, free_port
 from modelyard.placement.store import open_store
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# The tests check archives in-process (upload, import) as `modelyard models` does: register every backend.
+register_archive_checks()
 
 
 def missing(component: str, hint: str) -> None:

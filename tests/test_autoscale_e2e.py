@@ -22,7 +22,6 @@ import tritonclient.grpc as grpcclient
 from modelyard.numpy_container.numpy_model import write_model_dir
 from modelyard.placement.model import ModelVersion
 from modelyard.placement.registry import Fleet
-from modelyard.router.rates import PERIOD_ENV
 from tests.fleet import FleetThread, start_custom_fleet
 
 SCALE_BYTES = 4  # a `scale` model's weights: one float32
@@ -74,7 +73,7 @@ def infer(address: str, name: str, x: np.ndarray, timeout_s: float = 30) -> np.n
 
 @pytest.fixture
 def short_rate_period(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(PERIOD_ENV, "0.5")
+    monkeypatch.setenv("MODELYARD_RATE_PERIOD_S", "0.5")  # read by `up` (local.py), as a user sets it
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from modelyard.containers.triton.server import free_port
 from modelyard.placement.model import ModelVersion
-from tests.backends.test_container import ContainerProcess, Repository, infer_request, linear_model
 from tests.conftest import stop_process
 from tests.fleet import FleetThread, start_custom_fleet
+from tests.numpy_container.test_container import ContainerProcess, Repository, infer_request, linear_model
 
 MiB = 1 << 20
 ROWS, N = 2048, 4096  # 2048x4096 @ 4096x4096: ~2 s of math on one core, 32 MiB each way

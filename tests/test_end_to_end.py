@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import triton_model_name
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as kserve
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.v1 import router_pb2
 from tests.fleet import FleetThread, start_custom_fleet
 from tests.test_lazy_load import scale_model

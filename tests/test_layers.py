@@ -1,14 +1,16 @@
 """The package's layers, read from the source: every module imports only from its own layer or below, and
-module-level imports form no cycle. The wheel claims one top-level name, `modelyard`, and no module still
-imports the old top-level names (`router`, `placement`, `backends`), which would load a second copy.
+imports form no cycle, counting imports inside functions too (and, for the layer order, under TYPE_CHECKING).
+The wheel claims one top-level name, `modelyard`, and no module still imports the old top-level names
+(`router`, `placement`, `backends`), which would load a second copy.
 
 Layers, from the foundations up (a module's layer is the first rule that names it):
-  0 foundations: generated protos, telemetry, metric names, TLS, logs, gRPC options, console helpers,
-    the data model and store client of placement;
+  0 foundations: generated protos, telemetry, metric names, TLS, logs, gRPC options,
+    the fleet secret's header, the error family, the data model and store client of placement;
   1 placement; 2 catalog (registration, import, model stores, pipelines' registration);
   3 our numpy container's server; 4 the container side (agent, process supervision, a subpackage per
   backend); 5 router;
-  6 applications: the command line (`cli`, `commands`), `up` (local), the client.
+  6 applications: the command line (`cli`, `commands`, its console helpers and `settings`, the one reader
+    of MODELYARD_* variables), `up` (local), the client.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ PACKAGE = ROOT / "modelyard"
 OLD_NAMES = ("router", "placement", "backends")
 
 LAYERS: tuple[tuple[int, re.Pattern[str]], ...] = (
-    (6, re.compile(r"^modelyard\.(cli|commands(\..*)?|local|client|__main__)$")),
+    (6, re.compile(r"^modelyard\.(cli|commands(\..*)?|console|settings|local|client|__main__)$")),
     (
         0,
         re.compile(
-            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|console|memory|__init__)$"
+            r"^modelyard\.(v1(\..*)?|telemetry|metric_names|tls|logs|grpc_options|datatypes|memory|fleet_secret|errors|__init__)$"
         ),
     ),
     (0, re.compile(r"^modelyard\.placement\.(model|units|store(\..*)?)$")),
@@ -64,33 +66,51 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Our modules `path` imports when it is imported (not under TYPE_CHECKING, not inside functions)."""
+def imports(path: Path, name: str, known: set[str], *, type_checking: bool = True) -> set[str]:
+    """Our modules `path` imports anywhere: at module level and inside functions and classes (a
+    function-level import is a dependency all the same: it runs when the function does); under
+    TYPE_CHECKING too unless `type_checking` is False."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    skipped = {
+        id(inner)
+        for node in ast.walk(tree)
+        if not type_checking and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
     out: set[str] = set()
-
-    def visit(nodes: list[ast.stmt]) -> None:
-        for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            if isinstance(node, (ast.If, ast.Try)):
-                visit(node.body)
-                visit(getattr(node, "orelse", []))
-                for handler in getattr(node, "handlers", []):
-                    visit(handler.body)
-            elif isinstance(node, ast.Import):
-                out.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*parent, base] if base else parent)
-                out.add(base)
-                out.update(f"{base}.{a.name}" for a in node.names)
-
-    visit(tree.body)
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
     return {m for m in out if m in known and m != name}
+
+
+def test_imports_are_found_inside_functions_and_under_type_checking(tmp_path: Path) -> None:
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from modelyard.router import errors\n"
+        "def load():\n"
+        "    from ..containers import agent\n"
+        "class Lazy:\n"
+        "    def run(self):\n"
+        "        import modelyard.local\n"
+    )
+    known = {"modelyard.router.errors", "modelyard.containers.agent", "modelyard.local"}
+    assert imports(source, "modelyard.catalog.probe", known) == known
+    assert imports(source, "modelyard.catalog.probe", known, type_checking=False) == known - {
+        "modelyard.router.errors"
+    }
 
 
 def test_the_wheel_claims_only_the_modelyard_name() -> None:
@@ -120,16 +140,19 @@ def test_no_module_imports_from_a_layer_above_its_own() -> None:
     upward = [
         f"{name} (layer {layer(name)}) imports {imported} (layer {layer(imported)})"
         for name, path in found.items()
-        for imported in module_level_imports(path, name, known)
+        for imported in imports(path, name, known)
         if layer(imported) > layer(name)
     ]
     assert not upward, "\n".join(sorted(upward))
 
 
-def test_module_level_imports_form_no_cycle() -> None:
+def test_imports_form_no_cycle() -> None:
     found = modules()
     known = set(found)
-    graph = {name: module_level_imports(path, name, known) for name, path in found.items()}
+    # TYPE_CHECKING imports are left out here (not from the layer order): they never run, so they cannot
+    # make import order matter, and they let a helper name its owner in annotations (the Router's stream
+    # pool and pipeline runner name the Router that creates them) while the code depends one way only.
+    graph = {name: imports(path, name, known, type_checking=False) for name, path in found.items()}
     # A package's __init__ importing its own submodules is how packages work, not a cycle.
     graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
     state: dict[str, int] = {}

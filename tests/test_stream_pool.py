@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import grpc.aio
 import numpy as np
 import pytest
 
@@ -16,7 +17,8 @@ from modelyard.catalog.examples import install_example
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion
-from modelyard.router.stream import Upstream, pool_of
+from modelyard.router.server import RouterServer
+from modelyard.router.stream import Upstream
 from modelyard.v1 import inference_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
@@ -92,7 +94,7 @@ def upstreams(fleet: FleetThread, model: str) -> list[Upstream]:
     assert router is not None
 
     async def read() -> list[Upstream]:
-        return list(pool_of(router.router).upstreams.get(("triton-0", MODELS[model].key), []))
+        return list(router.router.streams.upstreams.get(("triton-0", MODELS[model].key), []))
 
     return fleet.call(read())
 
@@ -198,3 +200,35 @@ def test_a_caller_that_stops_reading_does_not_hold_up_another_on_the_same_stream
         assert [floats(a) for a in other] == [[7.0], [8.0], []]
         assert upstreams(fleet, "stream") == [shared]  # it went on the same stream
         slow.cancel()
+
+
+def test_a_stopped_router_leaves_no_upstream_stream_or_channel_open(fleet: FleetThread) -> None:
+    local = fleet.fleet
+
+    async def run() -> None:
+        # A second router on the fleet's follower: its table is current at once, and stopping it leaves
+        # the fleet's own router serving the other tests.
+        server = RouterServer(
+            local.store, "127.0.0.1", 0, fleet_secret=local.fleet_secret, follower=local.follower
+        )
+        await server.start()
+        router = server.router
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                session = router_pb2_grpc.RouterStub(channel).InferSession(timeout=60)
+                await session.write(request("scale", [1.0], "r1"))
+                answer = await session.read()
+                assert floats(answer.infer_response) == [2.0]
+                await session.done_writing()
+                assert await session.read() == grpc.aio.EOF
+            # The client stream is over; the pooled upstream stream stays open for the next caller.
+            upstreams = [u for streams in router.streams.upstreams.values() for u in streams]
+            channels = list(router.channels._channels.values())
+            assert upstreams and not any(u.call.done() for u in upstreams) and channels
+        finally:
+            await server.stop()
+        assert router.streams.upstreams == {}
+        assert all(u.call.done() and u.reader.done() for u in upstreams)
+        assert all(c.get_state() == grpc.ChannelConnectivity.SHUTDOWN for c in channels)
+
+    fleet.call(run())

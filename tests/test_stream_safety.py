@@ -27,7 +27,6 @@ from modelyard.placement import registry
 from modelyard.placement.model import Container, CopyState
 from modelyard.placement.store import open_store
 from modelyard.router.server import RouterServer
-from modelyard.router.stream import pool_of
 from modelyard.v1 import inference_pb2, router_pb2_grpc
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
@@ -239,7 +238,7 @@ def test_streams_whose_copy_refuses_them_fail_over_to_the_other_copy(fleet: Flee
     right, through the other copy, and the router must count those it moved."""
     router = fleet.fleet.router
     assert router is not None
-    pool = pool_of(router.router)
+    pool = router.router.streams
     moved_before = pool.failed_over
     with grpc.insecure_channel(fleet.address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)

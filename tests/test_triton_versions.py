@@ -22,7 +22,8 @@ import tritonclient.grpc.aio as triton_aio
 from modelyard.catalog.examples import EXAMPLES_DIR, install_example, install_model_dir
 from modelyard.client import Client
 from modelyard.containers.triton.adapter import TritonAdapter, triton_model_name
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER, TritonServer
+from modelyard.containers.triton.server import TritonServer
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion, RouteRule

@@ -28,7 +28,8 @@ from tritonclient.grpc import service_pb2 as kserve
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
 from modelyard.catalog.examples import install_example
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER, free_port
+from modelyard.containers.triton.server import free_port
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.v1 import router_pb2

@@ -17,6 +17,10 @@ An archive (`.tar.gz`, `.tgz`, `.tar` or a directory) holds a model version's fi
 - mlserver: `model-settings.json` and the model file it names (scikit-learn, XGBoost), for MLServer
   (containers/mlserver/adapter.py checks them).
 
+The catalog imports no backend: each backend's check is registered here (`register_archive_check`, done
+for all of them by containers/archives.py), and an archive of a backend with no registered check is
+refused with `NoArchiveCheck`, never let through unchecked.
+
 Archives are checked completely before anything is written, then stored under their sha256 (the bytes of
 an archive file, or a hash of a directory's files): copied into a staging folder, every file and folder
 fsynced, then renamed into place (and the parent fsynced), so a store never holds half an artifact, not
@@ -32,25 +36,22 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from modelyard.catalog.examples import tree_sha256
 from modelyard.placement.units import format_bytes
 
 BACKENDS = ("triton", "custom", "mlserver", "sagemaker")
-_TRITON_TYPES = {
+TRITON_TYPES = {
     "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
     "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
     "TYPE_INT64": "INT64", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64",
     "TYPE_STRING": "BYTES", "TYPE_BF16": "BF16",
 }  # fmt: skip
-# A python-backend model runs in its own stub process (~20 MiB) whatever its files weigh.
-TRITON_PYTHON_MIN_BYTES = 32 * 1024 * 1024
 # Archives (packed, and their unpacked files) above this are refused: a typo'd path to a dataset, or a
 # decompression bomb, must not fill the artifact store's disk.
 DEFAULT_MAX_ARCHIVE_BYTES = 2 * 1024**3
@@ -59,6 +60,11 @@ MAX_ARCHIVE_BYTES_ENV = "MODELYARD_MAX_ARCHIVE_BYTES"
 
 class ArchiveError(ValueError):
     """An archive is refused; the message is one line naming what is wrong."""
+
+
+class NoArchiveCheck(RuntimeError):
+    """An archive's backend has no registered check: the program forgot to register the backends (a bug,
+    not a bad archive), so the archive is refused rather than stored unchecked."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,44 @@ class CheckedArchive:
     sha256: str
     manifest: Manifest
     memory_bytes: int  # declared, else estimated from the files
+
+
+ArchiveCheck = Callable[[Path, Manifest], int]
+"""A backend's check of an unpacked archive: raises ArchiveError (one line) or returns the estimated
+memory_bytes of the model."""
+_ARCHIVE_CHECKS: dict[str, ArchiveCheck] = {}
+
+
+def register_archive_check(backend: str, check: ArchiveCheck) -> None:
+    """Makes `check` the one that archives of `backend` must pass (registering again replaces it)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    _ARCHIVE_CHECKS[backend] = check
+
+
+def archive_check(backend: str) -> ArchiveCheck:
+    """The registered check of `backend`'s archives; NoArchiveCheck when none is."""
+    try:
+        return _ARCHIVE_CHECKS[backend]
+    except KeyError:
+        raise NoArchiveCheck(
+            f"no archive check registered for backend {backend!r}: the program must call "
+            "modelyard.containers.archives.register_archive_checks() before it checks archives"
+        ) from None
+
+
+def registered_archive_checks() -> frozenset[str]:
+    """The backends whose archives can be checked now."""
+    return frozenset(_ARCHIVE_CHECKS)
+
+
+def tree_sha256(root: Path) -> str:
+    """A content hash of a directory: relative paths and bytes of every file, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _signature(items: Any, where: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
@@ -126,45 +170,6 @@ def read_manifest(root: Path) -> Manifest:
     )
 
 
-def _check_triton(root: Path, manifest: Manifest) -> int:
-    # Imported here: protobuf and tritonclient cost ~0.2 s, and only Triton archives need them.
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    config_path = root / "config.pbtxt"
-    if not config_path.is_file() or not (root / "version").is_dir():
-        raise ArchiveError("a triton archive needs config.pbtxt and a version/ folder")
-    try:
-        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-    except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise ArchiveError(f"config.pbtxt does not parse: {exc}") from exc
-
-    def declared(tensors: Any) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-        return tuple(
-            (t.name, _TRITON_TYPES.get(model_config_pb2.DataType.Name(t.data_type), "?"), tuple(t.dims))
-            for t in tensors
-        )
-
-    for what, ours, theirs in (
-        ("inputs", manifest.inputs, declared(config.input)),
-        ("outputs", manifest.outputs, declared(config.output)),
-    ):
-        if sorted(ours) != sorted(theirs):
-            raise ArchiveError(f"manifest {what} {list(ours)} do not match config.pbtxt's {list(theirs)}")
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    return max(size, TRITON_PYTHON_MIN_BYTES) if config.backend == "python" else size
-
-
-def _check_custom(root: Path, manifest: Manifest) -> int:
-    from modelyard.numpy_container.numpy_model import ModelFormatError, load_model_dir
-
-    try:
-        model = load_model_dir(root)
-    except ModelFormatError as exc:
-        raise ArchiveError(str(exc)) from exc
-    return int(model.memory_bytes)
-
-
 def artifact_signature(root: Path) -> str:
     """The signature an artifact folder declares, as ModelVersion.signature stores it (`signature_json`):
     manifest.json's inputs and outputs (else config.pbtxt's, a batch dimension shown as -1); decoupled
@@ -190,7 +195,7 @@ def artifact_signature(root: Path) -> str:
             signature[what] = tuple(
                 (
                     t.name,
-                    _TRITON_TYPES.get(model_config_pb2.DataType.Name(t.data_type), "?"),
+                    TRITON_TYPES.get(model_config_pb2.DataType.Name(t.data_type), "?"),
                     batch + tuple(t.dims),
                 )
                 for t in tensors
@@ -310,18 +315,7 @@ def checked(
         manifest = read_manifest(root)
         if backend is not None and manifest.backend != backend:
             raise ArchiveError(f"manifest.json says backend {manifest.backend!r}, not {backend!r}")
-        if manifest.backend == "sagemaker":
-            from modelyard.containers.sagemaker.archive import check_archive as check_sagemaker
-
-            estimate = check_sagemaker(root, manifest)
-        elif manifest.backend == "mlserver":
-            from modelyard.containers.mlserver.adapter import check_archive
-
-            estimate = check_archive(root, manifest)
-        elif manifest.backend == "triton":
-            estimate = _check_triton(root, manifest)
-        else:
-            estimate = _check_custom(root, manifest)
+        estimate = archive_check(manifest.backend)(root, manifest)
         yield CheckedArchive(root, sha, manifest, manifest.memory_bytes or estimate)
 
 
@@ -408,16 +402,3 @@ class LocalModelStore(ModelStore):
         if path is None:
             raise ArchiveError(f"unsupported artifact URI {uri!r}")
         return path
-
-
-def open_model_store(uri: str) -> ModelStore:
-    path = file_path(uri)
-    if path is not None:
-        return LocalModelStore(path)
-    if uri.startswith("s3://"):
-        from modelyard.catalog.s3store import (
-            S3ModelStore,  # boto3 costs ~0.3 s to import: only for S3 stores
-        )
-
-        return S3ModelStore(uri)
-    raise ArchiveError(f"unsupported model store {uri!r}: a local directory, file:// or s3://BUCKET/PREFIX")

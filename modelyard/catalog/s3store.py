@@ -1,8 +1,9 @@
-"""The S3 model store (`s3://BUCKET/PREFIX`) and the agents' local cache of its artifacts.
+"""The S3 model store (`s3://BUCKET/PREFIX`) and the local cache of its artifacts (the agents' and the
+catalog's; containers/fetching.py hands the agents' copies to containers).
 
 Each artifact is one object, `PREFIX/<sha256>.tar`: an uncompressed tar of the model version's files,
 written once (an object already there is not written again) and named by the content hash of those
-files (`backends.examples.tree_sha256`, computed streaming), so what is read back is verified against
+files (`catalog.modelstore.tree_sha256`, computed streaming), so what is read back is verified against
 its own name after unpacking. Large archives go up and come down in parts (boto3's TransferConfig), from
 and to disk, never whole in memory.
 
@@ -16,8 +17,6 @@ boto3 is blocking: callers on an event loop run these methods in a thread (`asyn
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import hashlib
 import logging
 import os
@@ -32,8 +31,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from modelyard.catalog.modelstore import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, CheckedArchive, ModelStore
-from modelyard.containers.adapter import ContainerAdapter, LoadError
-from modelyard.placement.model import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +42,7 @@ MULTIPART_CHUNK_BYTES = 16 * MIB
 TRANSFER_THREADS = 4
 RETRY_ATTEMPTS = 5  # botocore's attempts per request (throttling, 5xx, dropped connections), with backoff
 DEFAULT_CACHE_BYTES = 10 * 1024**3
+DEFAULT_CACHE_DIR = Path(".modelyard/artifact-cache")
 _CHUNK_BYTES = MIB
 
 
@@ -153,7 +151,7 @@ def _files(root: Path) -> Iterator[Path]:
 
 
 def tree_sha256_streamed(root: Path) -> str:
-    """`backends.examples.tree_sha256`, reading each file in chunks rather than whole."""
+    """`catalog.modelstore.tree_sha256`, reading each file in chunks rather than whole."""
     digest = hashlib.sha256()
     for path in _files(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
@@ -192,11 +190,20 @@ def unpack(archive: Path, target: Path, max_bytes: int) -> None:
 class S3ModelStore(ModelStore):
     """Artifacts as `s3://BUCKET/PREFIX/<sha256>.tar` objects; `local_path` downloads through a cache."""
 
-    def __init__(self, uri: str, *, client: Any = None, cache: ArtifactCache | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        client: Any = None,
+        cache: ArtifactCache | None = None,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+    ) -> None:
+        """`cache_dir`: where `local_path` keeps its verified copies (unless `cache` is given)."""
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._client = client
         self._cache = cache
+        self._cache_dir = cache_dir
         self._checked = False  # the bucket answered once: an import of thousands of archives asks once
 
     @property
@@ -208,7 +215,7 @@ class S3ModelStore(ModelStore):
     @property
     def cache(self) -> ArtifactCache:
         if self._cache is None:
-            self._cache = ArtifactCache(default_cache_dir(), client=self.client, model_store=self.uri)
+            self._cache = ArtifactCache(self._cache_dir, client=self.client, model_store=self.uri)
         return self._cache
 
     def key(self, sha256: str) -> str:
@@ -278,10 +285,6 @@ class S3ModelStore(ModelStore):
 
     def local_path(self, uri: str) -> Path:
         return self.cache.fetch(uri)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MODELYARD_ARTIFACT_CACHE", ".modelyard/artifact-cache"))
 
 
 class ArtifactCache:
@@ -392,42 +395,3 @@ class ArtifactCache:
             with self._lock(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
             total -= size
-
-
-class FetchingAdapter:
-    """A container adapter that hands the container a local, verified copy of an S3 artifact.
-
-    The agent keeps the registered model (its `s3://` URI); only the container sees `file://` paths into
-    the cache, so Triton, our container and MLServer load from S3 without knowing of it.
-    """
-
-    def __init__(self, inner: ContainerAdapter, cache: ArtifactCache) -> None:
-        self.inner = inner
-        self.cache = cache
-
-    async def local(self, model: ModelVersion) -> ModelVersion:
-        if not is_s3_uri(model.artifact_uri):
-            return model
-        try:
-            path = await asyncio.to_thread(self.cache.fetch, model.artifact_uri)
-        except S3StoreError as exc:
-            raise LoadError(f"{model.key}: {exc}") from exc
-        return dataclasses.replace(model, artifact_uri=path.resolve().as_uri())
-
-    async def live(self) -> bool:
-        return await self.inner.live()
-
-    async def load(self, model: ModelVersion) -> None:
-        await self.inner.load(await self.local(model))
-
-    async def unload(self, model: ModelVersion) -> None:
-        await self.inner.unload(model)
-
-    async def footprint(self, model: ModelVersion) -> int:
-        return await self.inner.footprint(model)
-
-    async def ready_versions(self) -> set[str]:
-        return await self.inner.ready_versions()
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -7,26 +7,29 @@ import failed; 3 `name@version` already exists with another artifact or other se
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from modelyard import settings
 from modelyard.catalog.modelstore import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     MAX_ARCHIVE_BYTES_ENV,
     ArchiveError,
     ModelStore,
-    open_model_store,
 )
 from modelyard.catalog.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.catalog.stores import open_model_store
 from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
+from modelyard.containers.archives import register_archive_checks
 from modelyard.placement import registry
 from modelyard.placement.model import ModelVersion, split_model_key
 from modelyard.placement.rates import ModelRate
 from modelyard.placement.store import Store
 from modelyard.placement.units import format_bytes
+
+register_archive_checks()  # upload and import check archives: every backend's check, before any is read
 
 REFUSALS = (ArchiveError, RegistrationError)  # a user's archive or name refused: one line, exit 2
 MODEL_STORE_ENV = "MODELYARD_MODEL_STORE"
@@ -49,7 +52,9 @@ _max_archive_bytes_option = click.option(
 
 def _open_artifacts(model_store: str | None) -> ModelStore:
     try:
-        artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+        artifacts = open_model_store(
+            settings.model_store(model_store), cache_dir=settings.artifact_cache_dir()
+        )
         artifacts.check()  # a missing bucket or credentials: one line before any archive is read
         return artifacts
     except ArchiveError as exc:

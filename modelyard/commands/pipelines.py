@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from modelyard import settings
 from modelyard.console import STORE_HELP, fail, run_on_store
 
 if TYPE_CHECKING:
@@ -43,11 +44,9 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
     be registered with a signature that fits (names, datatypes, shapes). An invalid spec is refused with
     one line and nothing is registered.
     """
-    import os
-
-    from modelyard.catalog.modelstore import ArchiveError, open_model_store
+    from modelyard.catalog.modelstore import ArchiveError
     from modelyard.catalog.registration import AlreadyRegistered
-    from modelyard.commands.models import DEFAULT_MODEL_STORE, MODEL_STORE_ENV
+    from modelyard.catalog.stores import open_model_store
     from modelyard.placement.pipeline import PipelineError, parse_yaml
 
     try:
@@ -56,7 +55,9 @@ def register_command(spec: Path, store_url: str | None, model_store: str | None)
         fail(f"cannot read {spec}: {getattr(exc, 'strerror', None) or exc}")
     try:
         pipeline = parse_yaml(text)
-        artifacts = open_model_store(model_store or os.environ.get(MODEL_STORE_ENV) or DEFAULT_MODEL_STORE)
+        artifacts = open_model_store(
+            settings.model_store(model_store), cache_dir=settings.artifact_cache_dir()
+        )
     except (PipelineError, ArchiveError) as exc:
         fail(f"{spec}: {exc}")
 

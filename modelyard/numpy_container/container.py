@@ -4,7 +4,8 @@
 budget, loads (one per key however many callers, files read off the event loop), unloads that drain
 in-flight requests, and statistics. `KServeServicer` (here) is the thin `inference.GRPCInferenceService`
 front: conversion.py converts protobuf to numpy and back, and every error becomes a gRPC status in
-one place (`status_of`). `CustomContainer` and `run_container` serve it.
+one place (`status_of`: the one family of modelyard/errors.py by the status on its class).
+`CustomContainer` and `run_container` serve it.
 
 Load a model with `RepositoryModelLoad`: `model_name`, parameters `artifact_uri` (string, a `file://`
 model directory; required) and `version` (string, default "1"). `RepositoryModelUnload` takes an optional
@@ -39,7 +40,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelyard import metric_names as names
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.errors import BadRequest, ModelNotFound, ModelyardError
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from modelyard.numpy_container.conversion import (
     config_tensors,
@@ -51,13 +53,7 @@ from modelyard.numpy_container.conversion import (
     string_parameter,
     tensor_metadata,
 )
-from modelyard.numpy_container.hosting import (
-    DRAIN_TIMEOUT_S,
-    BadRequest,
-    ModelHost,
-    ModelNotFound,
-    status_of,
-)
+from modelyard.numpy_container.hosting import DRAIN_TIMEOUT_S, ModelHost
 from modelyard.numpy_container.numpy_model import (
     NumpyModel,
     TensorError,
@@ -78,6 +74,15 @@ _OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes (kubelet) call these with
 
 H = TypeVar("H", bound="KServeServicer")
 Unary = Callable[[H, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from errors to gRPC statuses, for unary calls and in-stream errors alike (call
+    from an except block)."""
+    if isinstance(exc, ModelyardError):
+        return exc.code, exc.details
+    log.exception("unexpected container error")
+    return grpc.StatusCode.INTERNAL, f"internal container error: {type(exc).__name__}: {exc}"
 
 
 def _unary(fn: Unary[H]) -> Unary[H]:

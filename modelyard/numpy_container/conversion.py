@@ -12,7 +12,8 @@ from tritonclient.grpc import model_config_pb2 as config_pb2
 from tritonclient.grpc import service_pb2 as pb
 
 from modelyard.datatypes import CONTENTS_FIELD, DTYPES
-from modelyard.numpy_container.hosting import BadRequest, LoadedVersion
+from modelyard.errors import BadRequest
+from modelyard.numpy_container.hosting import LoadedVersion
 from modelyard.numpy_container.numpy_model import (
     NumpyModel,
     TensorSpec,

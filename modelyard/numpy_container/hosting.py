@@ -1,5 +1,5 @@
 """Hosting model versions in our container: loaded versions, the memory budget, loads and drained unloads,
-statistics, and the errors the gRPC front turns into statuses (`status_of`)."""
+and statistics. Its errors are of the one family (modelyard/errors.py): the gRPC front maps them."""
 
 from __future__ import annotations
 
@@ -12,16 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
-import grpc.aio
-
 from modelyard.catalog.modelstore import file_path
-from modelyard.numpy_container.numpy_model import (
-    ModelFormatError,
-    NumpyModel,
-    TensorError,
-    load_model_dir,
-)
+from modelyard.errors import BadRequest, ModelNotFound, PermissionDenied, ResourceExhausted, Unavailable
+from modelyard.numpy_container.numpy_model import NumpyModel, load_model_dir
 from modelyard.placement.model import version_order
 
 log = logging.getLogger(__name__)
@@ -30,40 +23,8 @@ R = TypeVar("R")
 DRAIN_TIMEOUT_S = 30.0
 
 
-class ContainerError(Exception):
-    code = grpc.StatusCode.INTERNAL
-
-
-class BadRequest(ContainerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ModelNotFound(ContainerError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class PermissionDenied(ContainerError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class OverBudget(ContainerError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class Unavailable(ContainerError):
-    """The version is being unloaded: the request did not run, so another copy may take it."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The one mapping from errors to gRPC statuses (call from an except block)."""
-    if isinstance(exc, ContainerError):
-        return exc.code, str(exc)
-    if isinstance(exc, ModelFormatError | TensorError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    log.exception("unexpected container error")
-    return grpc.StatusCode.INTERNAL, f"internal container error: {type(exc).__name__}: {exc}"
+class OverBudget(ResourceExhausted):
+    """A load that would take the container over its memory budget."""
 
 
 def artifact_dir(artifact_uri: str) -> Path:

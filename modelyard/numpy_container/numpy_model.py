@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelyard.datatypes import DTYPES
+from modelyard.errors import BadRequest
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,11 +37,11 @@ WEIGHTS = "weights.npz"
 _FLOAT_TYPES = ("FP16", "FP32", "FP64")
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(BadRequest, ValueError):
     """A model directory that cannot be loaded; the message is one line saying why."""
 
 
-class TensorError(ValueError):
+class TensorError(BadRequest, ValueError):
     """Request tensors that do not match the model's signature (missing, wrong datatype or shape)."""
 
 

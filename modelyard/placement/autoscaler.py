@@ -20,16 +20,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 from modelyard.placement import registry
 from modelyard.placement.autoscale import Plan, Policy, Room, Timers, loads_of, plan_autoscale
+from modelyard.placement.mapwriter import MapWriter
 from modelyard.placement.rates import ModelRate, read_rates
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import StoreError
-
-if TYPE_CHECKING:
-    from modelyard.placement.controller import PlacementController
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +35,9 @@ DRAIN_GIVE_UP_S = 120.0  # a removed copy whose state never goes (agent gone) st
 
 
 class Autoscaler:
-    def __init__(self, controller: PlacementController, policy: Policy, *, period_s: float | None = None):
-        self.controller = controller
+    def __init__(self, writer: MapWriter, policy: Policy, *, period_s: float | None = None):
+        """`writer`: the controller's map writer (its store and follower are the ones it writes through)."""
+        self.writer = writer
         self.policy = policy
         # Often enough to act well within a scale-down period, rarely enough to cost nothing.
         self.period_s = period_s or min(5.0, max(0.5, policy.scale_down_after_s / 6))
@@ -122,8 +120,8 @@ class Autoscaler:
     async def tick(self) -> Plan:
         """One pass: rates, policy, map write, status."""
         wall = time.time()
-        rates = await read_rates(self.controller.store, wall)
-        writer = self.controller.writer
+        rates = await read_rates(self.writer.store, wall)
+        writer = self.writer
         async with writer.locked():
             fleet = writer.follower.fleet
             now = time.monotonic()
@@ -243,8 +241,8 @@ class Autoscaler:
 
     async def _answer(self, plan: Plan, said: bool) -> None:
         """Fails the calls no eviction can serve (the reason into their wanted keys); publishes status."""
-        store = self.controller.store
-        fleet = self.controller.follower.fleet
+        store = self.writer.store
+        fleet = self.writer.follower.fleet
         reasons = {
             registry.WANTED + key: self._reasons.pop(key, why).encode()
             for key, why in plan.blocked.items()

@@ -73,7 +73,7 @@ class PlacementController:
         self._incremental = asyncio.Event()
         self._full = asyncio.Event()
         self.autoscaler = Autoscaler(
-            self,
+            self.writer,
             Policy(
                 copy_target_rps=copy_target_rps,
                 scale_down_after_s=scale_down_after_s,

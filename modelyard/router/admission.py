@@ -18,11 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
+from modelyard.errors import ResourceExhausted
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.tenants import NO_LIMITS, PRIORITY_WEIGHTS, TenantLimits, share
-from modelyard.router.errors import RoutingError
 
 PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 MAX_TENANT_STATES = 4096  # tenants with a live state: anyone can name a tenant in a trusted header
@@ -31,10 +29,8 @@ MIN_PUSHBACK_MS = 1
 ANONYMOUS = "-"  # how callers without a tenant are named in messages and metrics
 
 
-class Overloaded(RoutingError):
+class Overloaded(ResourceExhausted):
     """A call refused because a limit is reached: the caller may retry after `pushback_ms` (None: no hint)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, pushback_ms: int | None = None, *, limit: str = "") -> None:
         super().__init__(message)

@@ -1,4 +1,5 @@
-"""Routing errors and the one place that maps them to gRPC status codes."""
+"""The router's own errors, of the one family in modelyard/errors.py (status on the class; handlers.py
+maps them at the servicer's edge), and the reading of a container's in-stream error message."""
 
 from __future__ import annotations
 
@@ -8,15 +9,10 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-
-class RoutingError(Exception):
-    code = grpc.StatusCode.INTERNAL
-    trailers: tuple[tuple[str, str], ...] = ()  # sent with the status (e.g. grpc-retry-pushback-ms)
-
-
-class BadRequest(RoutingError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
+from modelyard.errors import BadRequest as BadRequest
+from modelyard.errors import DeadlineExceeded as DeadlineExceeded
+from modelyard.errors import FailedPrecondition, ModelyardError, ResourceExhausted, Unavailable
+from modelyard.errors import ModelNotFound as ModelNotFound
 
 M = TypeVar("M", bound=Message)
 
@@ -29,45 +25,27 @@ def parse_request(message_type: type[M], data: bytes) -> M:
         raise BadRequest(f"malformed {message_type.__name__}: {exc}") from exc
 
 
-class ModelNotFound(RoutingError):
-    code = grpc.StatusCode.NOT_FOUND
+class NoReadyCopy(Unavailable):
+    """A model has no ready copy (and none became ready within the call's deadline)."""
 
 
-class NoReadyCopy(RoutingError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class NoController(RoutingError):
+class NoController(FailedPrecondition):
     """A model needs placing and no placement controller leads (nothing would ever place it)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
-
-class DeadlineExceeded(RoutingError):
-    """The call's deadline ran out while the model was being loaded for it (the load goes on)."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class NotReady(RoutingError):
+class NotReady(Unavailable):
     """The router has not loaded the routing table yet."""
 
-    code = grpc.StatusCode.UNAVAILABLE
 
-
-class UpstreamFailed(Exception):
+class UpstreamFailed(ModelyardError):
     """A container's stream failed; the router's stream ends with the same status."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+        super().__init__(details, code)
 
 
-class TooManyUpstreams(RoutingError):
+class TooManyUpstreams(ResourceExhausted):
     """One client stream asked for more upstream streams than the router keeps open for it."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # Containers answer a streamed request that fails with a bare `error_message`: Triton 2.51 puts no status
@@ -98,9 +76,8 @@ def stream_error_code(message: str) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class ContainerStreamError(RoutingError):
+class ContainerStreamError(ModelyardError):
     """A container answered a streamed request with an error message (no status code travels with it)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = stream_error_code(message)
+        super().__init__(message, stream_error_code(message))

@@ -1,8 +1,7 @@
-"""Forwarding calls as bytes to containers: one channel per container, least-outstanding copy choice.
+"""Channels to containers, one per address, and the copy choice (power of two choices by calls in flight).
 
-Requests and responses cross the router as serialized bytes (no tensor decoding). A unary call that fails
-with UNAVAILABLE is retried once on another copy: for a unary call UNAVAILABLE means the container did not
-accept the request (connection refused or closed, model not loaded there), so the model did not run.
+Requests and responses cross the router as serialized bytes (no tensor decoding). The forwarding itself,
+and its one retry on another copy when a call provably did not run, is in routing.py.
 """
 
 from __future__ import annotations

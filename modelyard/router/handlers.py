@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from modelyard.router.errors import RoutingError, UpstreamFailed
+from modelyard.errors import ModelyardError
 from modelyard.telemetry import CURRENT_CALL, CallInfo, Telemetry, status_code_number
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,26 @@ async def _abort(
     await context.abort(code, details, trailers)
 
 
+def _status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The one mapping from an error to the status (and trailers, e.g. grpc-retry-pushback-ms) a caller
+    gets, for unary and streaming methods."""
+    if isinstance(exc, ModelyardError):
+        return exc.code, exc.details, exc.trailers
+    if isinstance(exc, grpc.aio.AioRpcError):  # a container's status, passed on as it said it
+        return exc.code(), exc.details() or exc.code().name, ()
+    log.exception("unexpected error in %s", method)
+    return grpc.StatusCode.INTERNAL, f"internal router error in {method}", ()
+
+
 def unary_errors(fn: Unary[T]) -> Unary[T]:
-    """Routing errors -> their status; a container's error -> passed through as the container said it."""
+    """Our errors -> their status; a container's error -> passed through as the container said it."""
 
     @functools.wraps(fn)
     async def wrapper(request: bytes, context: grpc.aio.ServicerContext) -> T:
         try:
             return await fn(request, context)
-        except RoutingError as exc:
-            await _abort(context, exc.code, str(exc), exc.trailers)
-        except grpc.aio.AioRpcError as exc:
-            await _abort(context, exc.code(), exc.details() or exc.code().name)
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            await _abort(context, grpc.StatusCode.INTERNAL, f"internal router error in {fn.__name__}")
+        except Exception as exc:
+            await _abort(context, *_status(exc, fn.__name__))
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
@@ -62,15 +68,8 @@ def stream_errors(fn: StreamBehaviour) -> StreamBehaviour:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
             await fn(request, context)
-        except RoutingError as exc:
-            await _abort(context, exc.code, str(exc), exc.trailers)
-        except UpstreamFailed as exc:
-            await _abort(context, exc.code, exc.details)
-        except grpc.aio.AioRpcError as exc:
-            await _abort(context, exc.code(), exc.details() or exc.code().name)
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            await _abort(context, grpc.StatusCode.INTERNAL, f"internal router error in {fn.__name__}")
+        except Exception as exc:
+            await _abort(context, *_status(exc, fn.__name__))
 
     return wrapper
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
-from modelyard.router.errors import RoutingError
+from modelyard.errors import PermissionDenied, Unauthenticated
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,6 @@ _KEPT_HERE = CREDENTIAL_HEADERS | HOP_HEADERS
 Forwarded = tuple[tuple[str, str | bytes], ...]
 MAX_CACHED_TENANTS = 4096  # identities (and upstream metadata) kept per tenant named in a header
 RELOAD_CHECK_S = 2.0  # how often a token file / certificate map is checked for changes (one stat)
-
-
-class Unauthenticated(RoutingError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(RoutingError):
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class IdentityConfigError(ValueError):

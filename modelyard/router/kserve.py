@@ -14,11 +14,12 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as kserve
 
+from modelyard.errors import ModelyardError
 from modelyard.router.admission import Overloaded
-from modelyard.router.errors import NotReady, RoutingError, parse_request
+from modelyard.router.errors import NotReady, parse_request
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler
 from modelyard.router.identity import PermissionDenied, Unauthenticated
-from modelyard.router.pipeline import pipeline_name, runner_of
+from modelyard.router.pipeline import pipeline_name
 from modelyard.router.routing import Router
 from modelyard.router.stream import relay
 
@@ -33,7 +34,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             if pipeline_name(router, request) is not None:
-                return await runner_of(router).unary(method, request, context)
+                return await router.pipelines.unary(method, request, context)
             return await router.forward_unary(path, request, context)
 
         call.__name__ = method
@@ -52,11 +53,11 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
     async def ModelReady(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # Like Triton: an unknown or unloaded model is "not ready", not an error; asking loads nothing.
         if pipeline_name(router, request) is not None:
-            return await runner_of(router).unary("ModelReady", request, context)
+            return await router.pipelines.unary("ModelReady", request, context)
         try:
             path = f"/{SERVICE}/ModelReady"
             return await router.forward_unary(path, request, context, lazy_load=False)
-        except RoutingError as exc:
+        except ModelyardError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT or isinstance(
                 exc, (NotReady, Unauthenticated, PermissionDenied, Overloaded)
             ):
@@ -79,7 +80,7 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
                 if query.ready and not ready:
                     continue
                 answer.models.add(name=name, version=version, state="READY" if ready else "UNAVAILABLE")
-        runner = runner_of(router)
+        runner = router.pipelines
         for name, pipelines in sorted(table.fleet.pipelines_by_name.items()):
             for version, pipeline in sorted(pipelines.items()):
                 if not pipeline.visible_to(tenant) or name in table.fleet.by_name:

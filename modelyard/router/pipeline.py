@@ -19,47 +19,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 from opentelemetry.trace import Status, StatusCode
 from tritonclient.grpc import service_pb2 as kserve
 
+from modelyard.errors import ModelyardError, Unimplemented
 from modelyard.placement.pipeline import Pipeline, Step, shapes_match
 from modelyard.router.errors import (
     BadRequest,
     ContainerStreamError,
     DeadlineExceeded,
     ModelNotFound,
-    RoutingError,
     UpstreamFailed,
     parse_request,
 )
-from modelyard.router.routing import OTHER_LABEL, Router
-from modelyard.router.stream import Sink, _write, pool_of
+from modelyard.router.stream import Sink, _write
 from modelyard.router.versions import resolve_version
 from modelyard.router.wire import WireError, read_header
-from modelyard.telemetry import CURRENT_CALL, CallInfo
+from modelyard.telemetry import CURRENT_CALL, OTHER_LABEL, CallInfo
+
+if TYPE_CHECKING:
+    from modelyard.router.routing import Router  # the runner's owner, which imports this module
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 PLATFORM = "modelyard_pipeline"
 _FINAL = "triton_final_response"
 
 
-class StepFailed(RoutingError):
+class StepFailed(ModelyardError):
     """A step's call failed: the pipeline's call fails with the step's status."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
-class NotForPipelines(RoutingError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+class NotForPipelines(Unimplemented):
+    """A call a pipeline cannot answer as a model would."""
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,9 @@ def pipeline_name(router: Router, request: bytes) -> str | None:
     return name if name in fleet.pipelines_by_name and name not in fleet.by_name else None
 
 
-_RUNNERS: weakref.WeakKeyDictionary[Router, PipelineRunner] = weakref.WeakKeyDictionary()
-
-
-def runner_of(router: Router) -> PipelineRunner:
-    runner = _RUNNERS.get(router)
-    if runner is None:
-        runner = _RUNNERS[router] = PipelineRunner(router)
-    return runner
-
-
 class PipelineRunner:
+    """Runs the router's pipeline calls; made by the Router (it holds no resources of its own)."""
+
     def __init__(self, router: Router) -> None:
         self.router = router
 
@@ -380,7 +372,7 @@ class PipelineRunner:
             request = self._step_request(step, request_id, tensors).SerializeToString()
             try:
                 answer = await self.router.forward_unary(MODEL_INFER, request, context, admit=False)
-            except RoutingError as exc:
+            except ModelyardError as exc:
                 raise self._failed(pipeline, step, exc.code, str(exc)) from exc
             except grpc.aio.AioRpcError as exc:
                 raise self._failed(pipeline, step, exc.code(), exc.details() or exc.code().name) from exc
@@ -459,7 +451,7 @@ class PipelineRunner:
                 model, routed = router.route(request, context)
                 container = await router.choose_copy(model, context)
                 sink = Sink()
-                pending = await pool_of(router).submit(
+                pending = await router.streams.submit(
                     container,
                     model,
                     routed,
@@ -468,7 +460,7 @@ class PipelineRunner:
                     swallow_final=False,
                     timeout_s=router.upstream_timeout(context),
                 )
-            except RoutingError as exc:
+            except ModelyardError as exc:
                 raise self._failed(pipeline, step, exc.code, str(exc)) from exc
             except UpstreamFailed as exc:
                 raise self._failed(pipeline, step, exc.code, exc.details) from exc
@@ -479,7 +471,7 @@ class PipelineRunner:
                         items = await sink.take()
                     except UpstreamFailed as exc:
                         raise self._failed(pipeline, step, exc.code, exc.details) from exc
-                    except RoutingError as exc:
+                    except ModelyardError as exc:
                         raise self._failed(pipeline, step, exc.code, str(exc)) from exc
                     for item in items:
                         assert isinstance(item, tuple)
@@ -500,7 +492,7 @@ class PipelineRunner:
                         if info.final:
                             return
             finally:
-                pool_of(router).abandon(pending)
+                router.streams.abandon(pending)
                 sink.close(asyncio.CancelledError())
 
     @staticmethod

@@ -22,14 +22,13 @@ from modelyard.placement.store import Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PERIOD_S = 5.0
-PERIOD_ENV = "MODELYARD_RATE_PERIOD_S"  # seconds between reports (tests and quick demos use less)
+DEFAULT_PERIOD_S = 5.0  # seconds between reports ($MODELYARD_RATE_PERIOD_S: tests and quick demos use less)
 
 
 class RateCounter:
     def __init__(self, store: Store, *, period_s: float | None = None, router_id: str = "") -> None:
         self.store = store
-        self.period_s = period_s or float(os.environ.get(PERIOD_ENV) or DEFAULT_PERIOD_S)
+        self.period_s = period_s or DEFAULT_PERIOD_S
         self.router_id = router_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.key = RATES + self.router_id
         self.reports = 0  # reports written, for tests

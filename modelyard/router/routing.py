@@ -1,13 +1,13 @@
 """The routing core: from a call's header fields and metadata to a ready copy, and forwarding to it.
 
-Servicers stay thin: they hand bytes and the call context here and get bytes back or a RoutingError.
+Servicers stay thin: they hand bytes and the call context here and get bytes back or an error of the
+one family (modelyard/errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import time
 
 import grpc
@@ -35,9 +35,11 @@ from modelyard.router.identity import (
 )
 from modelyard.router.inputs import CHECKED_BACKENDS, check_inputs
 from modelyard.router.lazy import LazyLoader
+from modelyard.router.pipeline import PipelineRunner
 from modelyard.router.presence import RouterPresence
 from modelyard.router.rates import RateCounter
 from modelyard.router.sagemaker_forward import SageMakerForwarder
+from modelyard.router.stream import StreamPool
 from modelyard.router.table import RoutingTable
 from modelyard.router.wire import (
     WireError,
@@ -47,10 +49,9 @@ from modelyard.router.wire import (
     with_nested_name,
     with_version,
 )
-from modelyard.telemetry import CURRENT_CALL, TRACE_HEADERS, CallInfo, Telemetry
+from modelyard.telemetry import CURRENT_CALL, OTHER_LABEL, TRACE_HEADERS, CallInfo, Telemetry
 
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
-ADMISSION_ENV = "MODELYARD_ADMISSION"  # "off": no tenant limits, no container bounds (measuring their cost)
 _KSERVE = "/inference.GRPCInferenceService/"
 _MODEL_INFER = _KSERVE + "ModelInfer"
 _MODEL_METADATA = _KSERVE + "ModelMetadata"
@@ -92,9 +93,6 @@ def public_stream_response(model: ModelVersion, response: bytes) -> bytes:
     return with_nested_name(response, 2, model.name)
 
 
-OTHER_LABEL = "other"  # the metric label of every model and tenant the router does not know
-
-
 class Router:
     def __init__(
         self,
@@ -106,8 +104,11 @@ class Router:
         identity: Authenticator | None = None,
         fleet_secret: str | None = None,
         follower: StoreFollower | None = None,
+        rate_period_s: float | None = None,
+        admission: bool = True,
     ) -> None:
-        """`follower`: a store follower shared with other components of this process (else its own)."""
+        """`follower`: a store follower shared with other components of this process (else its own);
+        `rate_period_s`: seconds between reports of the call rates (None: the default)."""
         self.store = store
         # Without a configured identity the x-tenant-id header is trusted (tests, loopback `up`).
         self.identity = identity or Authenticator.trusting_header(fleet_secret)
@@ -122,12 +123,15 @@ class Router:
         self.channels = ContainerChannels(upstream_credentials)
         self.sagemaker = SageMakerForwarder()  # HTTP to SageMaker containers: one pooled client
         self.lazy = LazyLoader(store, self.table, telemetry)
-        self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
+        # Calls per model, reported for copies that follow load.
+        self.rates = RateCounter(store, period_s=rate_period_s)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
         self.cache_hits = 0  # calls that found a ready copy (misses: self.lazy.misses), on /metrics
+        self.streams = StreamPool(self.channels, fleet_secret, self)  # pooled upstream streams
+        self.pipelines = PipelineRunner(self)
         self._metadata: dict[str | None, grpc.aio.Metadata] = {}  # upstream metadata by tenant
         # Tenant limits and fair sharing of saturated containers (router/admission.py, container_queue.py)
-        admission_on = os.environ.get(ADMISSION_ENV, "on").lower() != "off"
+        admission_on = admission  # off (MODELYARD_ADMISSION=off): only to measure what admission costs
         metrics = telemetry is not None and telemetry.metrics
         refused = telemetry.refused if metrics and telemetry is not None else None
         self.admission = Admission(enabled=admission_on, refused_counter=refused)
@@ -160,6 +164,7 @@ class Router:
             await self.follower.stop()
         else:
             self.follower.unlisten(self.table.on_change)
+        await self.streams.close()  # before the channels they run on
         await self.channels.close()
         await self.sagemaker.close()
 

@@ -41,9 +41,10 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.containers.sagemaker.adapter import container_model_name, error_message, new_session
 from modelyard.datatypes import CONTENTS_FIELD, DTYPES
+from modelyard.errors import FailedPrecondition, Unimplemented
 from modelyard.placement.model import Container, ModelVersion
 from modelyard.placement.pipeline import ModelSignature
-from modelyard.router.errors import BadRequest, RoutingError
+from modelyard.router.errors import BadRequest
 
 NPY = "application/x-npy"
 _KSERVE = "/inference.GRPCInferenceService/"
@@ -51,12 +52,8 @@ _KSERVE = "/inference.GRPCInferenceService/"
 _DATATYPES = {(dtype.kind, dtype.itemsize): name for name, dtype in DTYPES.items()}
 
 
-class Unimplemented(RoutingError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-class SignatureUnavailable(RoutingError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class SignatureUnavailable(FailedPrecondition):
+    """A SageMaker model's signature cannot be read, so its tensors cannot be converted."""
 
 
 def upstream_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

@@ -42,6 +42,8 @@ class RouterServer:
         fleet_secret: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         follower: StoreFollower | None = None,
+        rate_period_s: float | None = None,
+        admission: bool = True,
     ) -> None:
         """`identity`: how callers are identified (None: the x-tenant-id header is trusted as sent);
         `fleet_secret`: sent to containers on every call, and makes a caller presenting it a route reader."""
@@ -56,6 +58,8 @@ class RouterServer:
             identity=identity,
             fleet_secret=fleet_secret,
             follower=follower,
+            rate_period_s=rate_period_s,
+            admission=admission,
         )
         self.health = RouterHealth(self.router.follower, (KSERVE_SERVICE, ROUTER_SERVICE))
         self.host = host

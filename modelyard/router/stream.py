@@ -35,7 +35,6 @@ import asyncio
 import itertools
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -43,11 +42,11 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.errors import ModelyardError
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.placement.model import PER_VERSION_NAME_BACKENDS, Container, ModelVersion
 from modelyard.router.errors import (
     ContainerStreamError,
-    RoutingError,
     UpstreamFailed,
     stream_error_code,
 )
@@ -342,7 +341,8 @@ class Upstream:
 
 
 class StreamPool:
-    """The router's upstream streams, per (container, model version)."""
+    """The router's upstream streams, per (container, model version): made by the Router, closed when it
+    stops (no upstream stream outlives it)."""
 
     def __init__(
         self, channels: ContainerChannels, fleet_secret: str | None = None, router: Router | None = None
@@ -351,15 +351,14 @@ class StreamPool:
         self.fleet_secret = fleet_secret
         self.upstreams: dict[tuple[str, str], list[Upstream]] = {}
         self._ids = itertools.count(1)
-        # The router (for the copies to fail over to); weak: the router owns the pool.
-        self._router = weakref.ref(router) if router is not None else None
+        self._router = router  # its owner: the copies to fail over to
         self._failovers: set[asyncio.Task[None]] = set()
         self.failed_over = 0  # requests sent to another copy after theirs failed before any response
 
     def slot_freed(self, container_id: str) -> None:
         """A request on a container ended: a unary call waiting for the container at its bound may go
         (router/container_queue.py; stream requests themselves do not wait there)."""
-        router = self._router() if self._router is not None else None
+        router = self._router
         if router is not None and container_id in router.queues.waiting:
             router.queues.release(container_id)
 
@@ -402,7 +401,7 @@ class StreamPool:
         name = model.name if model.backend in PER_VERSION_NAME_BACKENDS else None
         upstream_id = str(next(self._ids))
         data = with_stream_request_id(routed, upstream_id)
-        router = self._router() if self._router is not None else None
+        router = self._router
         budget = timeout_s if timeout_s is not None else (router.default_deadline_s if router else 60.0)
         deadline = time.monotonic() + budget
         request = _Request(upstream_id, caller_id, name, swallow_final, sink, model, data, deadline)
@@ -447,7 +446,7 @@ class StreamPool:
         task.add_done_callback(self._failovers.discard)
 
     async def _fail_over(self, request: _Request, failed: Container, error: UpstreamFailed) -> None:
-        router = self._router() if self._router is not None else None
+        router = self._router
         try:
             if router is None:
                 raise error
@@ -486,7 +485,7 @@ class StreamPool:
                 request.sink = None
                 if request.timer is not None:
                     request.timer.cancel()
-                sink.fail(exc if isinstance(exc, RoutingError) else error)
+                sink.fail(exc if isinstance(exc, ModelyardError) else error)
         finally:
             request.failover = None
 
@@ -513,6 +512,7 @@ class StreamPool:
             request.failover.cancel()
 
     async def close(self) -> None:
+        """Cancels every upstream stream and failover and waits for their readers to end."""
         for task in list(self._failovers):
             task.cancel()
         upstreams = [u for streams in self.upstreams.values() for u in streams]
@@ -520,17 +520,6 @@ class StreamPool:
         for upstream in upstreams:
             upstream.call.cancel()
         await asyncio.gather(*(u.reader for u in upstreams), return_exceptions=True)
-
-
-_POOLS: weakref.WeakKeyDictionary[Router, StreamPool] = weakref.WeakKeyDictionary()
-
-
-def pool_of(router: Router) -> StreamPool:
-    """The router's stream pool (one per router, made on first use)."""
-    pool = _POOLS.get(router)
-    if pool is None:
-        pool = _POOLS[router] = StreamPool(router.channels, getattr(router, "fleet_secret", None), router)
-    return pool
 
 
 def _caller_id(request: bytes) -> str:
@@ -556,7 +545,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
     container = await router.choose_copy(model, context)
     sink = Sink()
     caller_id = _caller_id(request)
-    pending = await pool_of(router).submit(
+    pending = await router.streams.submit(
         container,
         model,
         routed,
@@ -580,7 +569,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
                 if info.final:
                     return
     finally:
-        pool_of(router).abandon(pending)
+        router.streams.abandon(pending)
         sink.close(asyncio.CancelledError())
 
 
@@ -596,7 +585,7 @@ async def relay(
 
     The stream ends when the client has half-closed and every request it sent is over.
     """
-    pool = pool_of(router)
+    pool = router.streams
     sink = Sink()
     timeout_s = context.time_remaining()  # the session's deadline, if the caller set one
     slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)
@@ -611,7 +600,7 @@ async def relay(
                     container = await router.choose_copy(model, context)
                     caller_id = _caller_id(raw)
                     swallow = not wants_empty_final_response(raw)
-                except (RoutingError, WireError) as exc:
+                except (ModelyardError, WireError) as exc:
                     slots.release()
                     if not in_stream_errors:
                         raise

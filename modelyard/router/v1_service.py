@@ -13,7 +13,7 @@ from modelyard.router.errors import BadRequest, ModelNotFound, parse_request
 from modelyard.router.handlers import bidi_bytes_handler, bytes_handler, server_stream_bytes_handler
 from modelyard.router.identity import Identity
 from modelyard.router.kserve import SERVICE as KSERVE_SERVICE
-from modelyard.router.pipeline import pipeline_name, runner_of
+from modelyard.router.pipeline import pipeline_name
 from modelyard.router.routing import Router
 from modelyard.router.stream import infer_stream, relay
 from modelyard.router.table import RoutingTable
@@ -28,7 +28,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
     async def Infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # InferRequest/InferResponse are wire-compatible with KServe's: the bytes go to Triton as they are.
         if pipeline_name(router, request) is not None:
-            return await runner_of(router).infer(request, context)
+            return await router.pipelines.infer(request, context)
         return await router.forward_unary(_MODEL_INFER, request, context)
 
     async def WhereIs(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -67,7 +67,7 @@ def api_handler(router: Router) -> grpc.GenericRpcHandler:
         identity = router.identify(context)  # a caller without valid credentials: the stream ends at once
         # One request on a pooled upstream stream: an error ends the stream with its status.
         if pipeline_name(router, request) is not None:
-            await runner_of(router).infer_stream(request, context)  # admitted there, once
+            await router.pipelines.infer_stream(request, context)  # admitted there, once
             return
         with router.admission.admitted(identity.tenant):  # an open stream is a call in flight
             await infer_stream(router, request, context)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.placement.store import StoreError, open_store
+from modelyard.placement.store import StoreError
+from modelyard.settings import open_configured_store
 from tests.conftest import EtcdServer, missing
 
 
@@ -35,7 +36,8 @@ def etcd_with_auth(tmp_path: Path) -> Iterator[EtcdServer]:
 
 
 async def round_trip(url: str) -> bytes:
-    async with open_store(url) as store:
+    # As every command opens it: MODELYARD_ETCD_* read by modelyard/settings.py, passed to open_store.
+    async with open_configured_store(url) as store:
         await store.put("/t/auth", b"ok")
         item = await store.get("/t/auth")
         assert item is not None

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.placement.store import open_store
 from modelyard.router.identity import (
     MAX_CACHED_TENANTS,

@@ -12,7 +12,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelyard.containers.process import ServerProcess, free_port
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 
 
 class ContainerStartError(RuntimeError):

@@ -1,6 +1,6 @@
 """The SageMaker adapter: loads and unloads model versions on a container that speaks the SageMaker
-multi-model contract over HTTP (AWS's multi-model-server with sagemaker-inference; backends/
-sagemaker_process.py runs one).
+multi-model contract over HTTP (AWS's multi-model-server with sagemaker-inference;
+containers/sagemaker/process.py runs one).
 
 The contract: `GET /ping`; `POST /models` {"model_name", "url"} (409: already loaded, 507: no memory for
 it); `GET /models` (paginated: `nextPageToken`); `GET /models/{name}`; `DELETE /models/{name}`;

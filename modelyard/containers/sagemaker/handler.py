@@ -2,11 +2,11 @@
 Transformer calls the model's `code/inference.py`: `model_fn`, `input_fn`, `predict_fn`, `output_fn`,
 each with the toolkit's defaults when absent), behind the function entry point MMS calls.
 
-Why a function entry point (`backends.sagemaker_handler:handle`) rather than the class: MMS's loader
-calls a class service's `initialize` inside `except Exception` and logs what it raises, so a `model_fn`
-that fails (or runs out of memory) would leave a model reported loaded that fails every call. A function
-is called once with no data at load and what it raises propagates: MMS answers the load 507 for a
-MemoryError ("System out of memory", the contract's out-of-memory status) and 500 for anything else.
+Why a function entry point (`modelyard.containers.sagemaker.handler:handle`) rather than the class:
+MMS's loader calls a class service's `initialize` inside `except Exception` and logs what it raises, so a
+`model_fn` that fails (or runs out of memory) would leave a model reported loaded that fails every call.
+A function is called once with no data at load and what it raises propagates: MMS answers the load 507
+for a MemoryError ("System out of memory", the contract's out-of-memory status) and 500 for anything else.
 
 MMS runs each model in worker processes of its own, so one service per process is one service per model.
 This module runs inside those workers; it imports nothing of modelyard's beyond itself.

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelyard.catalog.modelstore import file_path
 from modelyard.containers.adapter import LoadError
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.placement.model import ModelVersion, model_key
 
 TRITON_SERVER_NAME = "triton"  # what Triton answers in ServerMetadata.name

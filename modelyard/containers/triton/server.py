@@ -12,12 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelyard.containers.process import ServerProcess, free_port
+from modelyard.fleet_secret import FLEET_SECRET_HEADER, FLEET_SECRET_KEY
 
-# The header carrying the fleet secret. Triton's `--grpc-restricted-protocol=...:KEY=VALUE` checks the
-# header `triton-grpc-protocol-KEY` (measured on 2.51: its refusal names it); our container and the
-# router check the same header, so one header serves every container.
-FLEET_SECRET_KEY = "modelyard-fleet-secret"
-FLEET_SECRET_HEADER = f"triton-grpc-protocol-{FLEET_SECRET_KEY}"
 # Every gRPC protocol Triton 2.51 can restrict (`tritonserver --help`): a caller without the secret gets
 # nothing (UNAVAILABLE), not even liveness or grpc.health.v1 (our readiness check below sends the header;
 # on Kubernetes, whose gRPC probes send no header, deploy/ leaves `health` open).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelyard.placement.store.base import (
@@ -15,34 +15,39 @@ from modelyard.placement.store.base import (
     StoreUnavailable,
 )
 
-DEFAULT_STORE_ENV = "MODELYARD_STORE"
 DEFAULT_STORE_DIR = ".modelyard/store"
 
 __all__ = [
-    "DEFAULT_STORE_ENV",
     "CompactedError",
+    "EtcdAccess",
     "Event",
     "KeyValue",
     "Lease",
     "Store",
     "StoreError",
     "StoreUnavailable",
-    "default_store_url",
     "open_store",
 ]
 
 
-def default_store_url() -> str:
-    """The store named by $MODELYARD_STORE, else the embedded store in ./.modelyard/store."""
-    return os.environ.get(DEFAULT_STORE_ENV) or DEFAULT_STORE_DIR
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd beyond its URL: RBAC user and password, TLS files (PEM paths); None: not used."""
+
+    username: str | None = None
+    password: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
 
-def open_store(url: str) -> Store:
-    """`etcd://host:port[,host:port...]` opens etcd; anything else is a directory for the embedded store."""
+def open_store(url: str, etcd: EtcdAccess | None = None) -> Store:
+    """`etcd://host:port[,host:port...]` opens etcd (with `etcd`'s credentials); anything else is a
+    directory for the embedded store."""
     if url.startswith("etcd://"):
         from modelyard.placement.store.etcd import EtcdStore
 
-        return EtcdStore.from_url(url)
+        return EtcdStore.from_url(url, etcd or EtcdAccess())
     if "://" in url and not url.startswith("file://"):
         raise StoreError(f"unsupported store URL {url!r}: use etcd://host:port or a directory")
     from modelyard.placement.store.embedded import EmbeddedStore

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import unquote
@@ -15,6 +14,7 @@ import aetcd.rpc
 import grpc
 import grpc.aio
 
+from modelyard.placement.store import EtcdAccess
 from modelyard.placement.store.base import (
     MAX_TXN_OPS,
     CompactedError,
@@ -51,9 +51,9 @@ def _translated(fn: F) -> F:
     return cast(F, wrapper)
 
 
-def _credentials_from_env() -> grpc.ChannelCredentials | None:
-    """TLS to etcd from $MODELYARD_ETCD_CA (and, for client certificates, $MODELYARD_ETCD_CERT/_KEY)."""
-    ca, cert, key = (os.environ.get(f"MODELYARD_ETCD_{name}") for name in ("CA", "CERT", "KEY"))
+def _credentials(access: EtcdAccess) -> grpc.ChannelCredentials | None:
+    """TLS to etcd from its CA file (and, for client certificates, its certificate and key files)."""
+    ca, cert, key = access.ca, access.cert, access.key
     if not (ca or cert or key):
         return None
     from modelyard.tls import TLSConfigError, channel_credentials
@@ -137,9 +137,9 @@ class EtcdStore(Store):
     ) -> None:
         if not endpoints:
             raise StoreError("etcd store needs at least one host:port")
-        self._username = username or os.environ.get("MODELYARD_ETCD_USER") or None
-        self._password = password or os.environ.get("MODELYARD_ETCD_PASSWORD") or None
-        self._credentials = credentials if credentials is not None else _credentials_from_env()
+        self._username = username or None
+        self._password = password or None
+        self._credentials = credentials
         # aetcd talks to one endpoint at a time; after a call finds it unreachable, the next uses the next.
         self.endpoints = list(endpoints)
         self._index = 0
@@ -147,9 +147,10 @@ class EtcdStore(Store):
         self._client = self._connect()
 
     @classmethod
-    def from_url(cls, url: str) -> EtcdStore:
-        """`etcd://[user:password@]host:port[,host:port...]` (credentials also from $MODELYARD_ETCD_USER and
-        $MODELYARD_ETCD_PASSWORD)."""
+    def from_url(cls, url: str, access: EtcdAccess | None = None) -> EtcdStore:
+        """`etcd://[user:password@]host:port[,host:port...]`; `access`: the user and password when the URL
+        names none, and the TLS files."""
+        access = access or EtcdAccess()
         rest = url.removeprefix("etcd://").strip("/")
         username = password = None
         if "@" in rest:
@@ -162,7 +163,12 @@ class EtcdStore(Store):
             if not sep or not host or not port.isdigit():
                 raise StoreError(f"bad etcd endpoint {part!r} in {url!r}: expected host:port")
             endpoints.append((host, int(port)))
-        return cls(endpoints, username=username or None, password=password or None)
+        return cls(
+            endpoints,
+            username=username or access.username,
+            password=password or access.password,
+            credentials=_credentials(access),
+        )
 
     @property
     def endpoint(self) -> str:
