@@ -24,8 +24,9 @@ class Context:
     def __init__(self) -> None:
         self.status: tuple[grpc.StatusCode, str] | None = None
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+    async def abort(self, code: grpc.StatusCode, details: str, trailers: object = ()) -> NoReturn:
         self.status = (code, details)
+        self.trailers = trailers
         raise asyncio.CancelledError  # as grpc.aio's abort ends the handler
 
 
