@@ -5,7 +5,7 @@
 - `verdict(what, figure, target, ok)` records one line: the figure, its target and PASS / FALLS SHORT
   (or "quick" in quick mode); `record(line)` records a figure without a target.
 - `--results DIR` writes every recorded line as a dated Markdown table DIR/YYYY-MM-DD-HHMM.md, and replaces
-  the table between the README's `<!-- bench-results -->` markers with it (`./dev bench` does both).
+  the table between docs/benchmarks.md's `<!-- bench-results -->` markers with it (`./dev bench` does both).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _ROWS: list[tuple[str, str, str, str, str]] = []  # test, what, figure, target, 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("modelyard benchmarks")
     group.addoption("--quick", action="store_true", help="run every benchmark once with tiny counts")
-    group.addoption("--results", metavar="DIR", help="write the dated results table into DIR and README")
+    group.addoption("--results", metavar="DIR", help="write the dated results table into DIR and docs/benchmarks.md")
 
 
 def is_quick(config: pytest.Config) -> bool:
@@ -103,11 +103,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     path = out / f"{started:%Y-%m-%d-%H%M}.md"
     path.write_text(table)
     terminalreporter.write_line(f"results: {path}")
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "benchmarks.md"  # the README links there
     text = readme.read_text()
     start, end = README_MARKERS
     if start in text and end in text:
         body = table.split("\n", 2)[2]  # without the title
-        link = f"Latest run ([{path.relative_to(ROOT)}]({path.relative_to(ROOT)})):\n\n"
+        link = f"Latest run ([{path.relative_to(ROOT)}](../{path.relative_to(ROOT)})):\n\n"
         pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
         readme.write_text(pattern.sub(lambda _: f"{start}\n{link}{body}{end}", text))
