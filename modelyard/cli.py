@@ -64,6 +64,8 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         "models": "modelyard.commands.models:models",
         "pipelines": "modelyard.commands.pipelines:pipelines",
         "routes": "modelyard.commands.router:routes",
+        "apply": "modelyard.commands.apply:apply_command",
+        "export": "modelyard.commands.apply:export_command",
     },
 )
 @click.option(
