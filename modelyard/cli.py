@@ -32,10 +32,68 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = self.lazy_groups.get(cmd_name)
         if target is None:
-            return super().get_command(ctx, cmd_name)
-        module, _, attribute = target.partition(":")
-        command: click.Command = getattr(importlib.import_module(module), attribute)
+            command = super().get_command(ctx, cmd_name)
+        else:
+            module, _, attribute = target.partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            from modelyard.commands.verbs import one_verb_family
+
+            one_verb_family(cmd_name, command)
+        if command is not None:
+            _log_options_everywhere(command)
         return command
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_log_level_type = click.Choice(LOG_LEVELS, case_sensitive=False)
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        import logging
+
+        logging.getLogger().setLevel(value.upper())
+
+
+def _set_log_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        import logging
+
+        from modelyard.logs import setup_logging
+
+        setup_logging(logging.getLevelName(logging.getLogger().level), True)
+
+
+def _log_options_everywhere(command: click.Command) -> None:
+    """--log-level and --log-json after a command's name as well as before it (`modelyard models list
+    --log-level DEBUG`), on every command and group, as the README says."""
+    if getattr(command, "_modelyard_log_options", False):
+        return
+    command._modelyard_log_options = True  # type: ignore[attr-defined]
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _log_options_everywhere(sub)
+    taken = {opt for p in command.params for opt in getattr(p, "opts", ())}
+    if "--log-level" not in taken:
+        command.params.append(
+            click.Option(
+                ["--log-level"],
+                type=_log_level_type,
+                expose_value=False,
+                callback=_set_log_level,
+                help="Python log level (also accepted before the command).",
+            )
+        )
+    if "--log-json" not in taken:
+        command.params.append(
+            click.Option(
+                ["--log-json"],
+                is_flag=True,
+                expose_value=False,
+                callback=_set_log_json,
+                help="One JSON object per log line (also accepted before the command).",
+            )
+        )
 
 
 EVENT_LOOP_ENV = "MODELYARD_EVENT_LOOP"  # "asyncio": the router runs on asyncio's own loop, not uvloop
@@ -68,9 +126,11 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         "export": "modelyard.commands.apply:export_command",
     },
 )
+@click.version_option(package_name="modelyard", prog_name="modelyard", message="%(prog)s %(version)s")
 @click.option(
     "--log-level",
     envvar="MODELYARD_LOG_LEVEL",
+    type=_log_level_type,
     default="WARNING",
     show_default=True,
     help="Python log level.",

@@ -28,6 +28,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "default_store_url",
+    "missing_store",
     "open_store",
 ]
 
@@ -48,3 +49,14 @@ def open_store(url: str) -> Store:
     from modelyard.placement.store.embedded import EmbeddedStore
 
     return EmbeddedStore(Path(url.removeprefix("file://")))
+
+
+def missing_store(url: str) -> Path | None:
+    """The embedded store's directory when `url` names one that holds no store yet (opening it would create
+    one), else None (an existing store, or etcd)."""
+    if url.startswith("etcd://") or ("://" in url and not url.startswith("file://")):
+        return None
+    directory = Path(url.removeprefix("file://"))
+    from modelyard.placement.store.embedded import STORE_FILE
+
+    return None if (directory / STORE_FILE).is_file() else directory
