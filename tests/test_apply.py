@@ -137,8 +137,16 @@ def test_dry_run_shows_the_diff_and_writes_nothing(work: Path) -> None:
         dry.stdout.splitlines()[-1]
         == "dry run: 4 to add, 0 to change, 0 to remove, 0 unchanged; nothing written"
     )
-    assert stored_keys(store) == {}
+    assert dry.stderr.strip() == f"note: no store at {store} yet: compared with an empty fleet"
+    assert not Path(store).exists()  # not even created
     assert not (work / ".modelyard" / "artifacts").exists()  # no artifact stored either
+    assert modelyard("apply", "-f", "fleet.yaml", "--store", store, cwd=work).returncode == 0
+    keys = stored_keys(store)
+    (work / "fleet.yaml").write_text(FLEET.replace("version: 2", "version: 3"))
+    dry = modelyard("apply", "-f", "fleet.yaml", "--dry-run", "--store", store, cwd=work)
+    assert dry.returncode == 0, dry.stderr
+    assert "+ model double@3 (custom, cpu, 4 B, replicas 2, acme)" in dry.stdout.splitlines()
+    assert stored_keys(store) == keys
 
 
 def test_a_replicas_change_is_shown_then_applied(work: Path) -> None:

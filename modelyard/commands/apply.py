@@ -87,7 +87,18 @@ def apply_command(
             await write(store, fleet_plan)
         return fleet_plan
 
-    fleet_plan = run_on_store(store_url, run, (FleetApplyError,), exists=(FleetConflict,))
+    from modelyard.placement.store import default_store_url, missing_store
+
+    url = store_url or default_store_url()
+    if dry_run and (path := missing_store(url)) is not None:
+        # Nothing to read, and a dry run creates nothing: compare with an empty store made for the run.
+        import tempfile
+
+        click.echo(f"note: no store at {path} yet: compared with an empty fleet", err=True)
+        with tempfile.TemporaryDirectory(prefix="modelyard-dry-run-") as empty:
+            fleet_plan = run_on_store(empty, run, (FleetApplyError,), exists=(FleetConflict,))
+    else:
+        fleet_plan = run_on_store(url, run, (FleetApplyError,), exists=(FleetConflict,))
     if fleet_plan.kept:
         click.echo(
             f"{len(fleet_plan.kept)} registered but not in the file, kept (--prune removes them)", err=True
@@ -108,7 +119,7 @@ def export_command(output: str, store_url: str | None) -> None:
     changes nothing."""
     from modelyard.catalog.fleet_apply import export
 
-    document, skipped = run_on_store(store_url, export)
+    document, skipped = run_on_store(store_url, export, read_only=True)
     if skipped:
         click.echo(f"warning: {skipped} store values do not parse and are left out", err=True)
     if output == "json":
