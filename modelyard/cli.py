@@ -124,6 +124,8 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         "routes": "modelyard.commands.router:routes",
         "apply": "modelyard.commands.apply:apply_command",
         "export": "modelyard.commands.apply:export_command",
+        "infer": "modelyard.commands.infer:infer",
+        "logs": "modelyard.commands.logs:logs",
     },
 )
 @click.version_option(package_name="modelyard", prog_name="modelyard", message="%(prog)s %(version)s")
@@ -327,6 +329,10 @@ def up(
             f"modelyard up trusts x-tenant-id as sent, so it serves on loopback only (not {host}); "
             "use modelyard serve with --tenant-tokens or --tenant-certs"
         )
+    from modelyard.commands.logs import UP_LOG
+    from modelyard.logs import also_log_to
+
+    also_log_to(workdir / UP_LOG)  # the router, agents and controller run here: `modelyard logs` reads it
     fleet = LocalFleet(
         workdir=workdir,
         store_url=store_url or str(workdir / "store"),

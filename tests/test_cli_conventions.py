@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import time
@@ -235,3 +236,81 @@ def test_commands_as_users_run_them(fleet: Path) -> None:
         assert result.returncode == 0, result.stderr
     print("; ".join(f"modelyard {name}: {seconds:.2f} s" for name, seconds in timings.items()))
     assert timings["--version"] < 5  # a shared 2-core machine; about 0.2 s when idle
+
+
+UP_LOG_LINES = """\
+2026-12-07 13:00:00,001 WARNING modelyard.router.lazy: scale@1: no copy ready, loading
+2026-12-07 13:00:00,002 ERROR modelyard.containers.agent: triton-0: load failed
+Traceback (most recent call last):
+  ValueError: bad
+2026-12-07 13:00:00,003 WARNING modelyard.router.routing: second router line
+2026-12-07 13:00:00,004 WARNING modelyard.placement.controller: placed 3 copies
+"""
+
+
+def test_logs_prints_a_component_of_up_by_its_logger_or_a_container_file(tmp_path: Path) -> None:
+    (tmp_path / "up.log").write_text(UP_LOG_LINES)
+    (tmp_path / "containers" / "triton-0").mkdir(parents=True)
+    (tmp_path / "containers" / "triton-0" / "tritonserver.log").write_text("one\ntwo\nthree\n")
+    workdir = ("--workdir", str(tmp_path))
+    router = modelyard("logs", "router", *workdir, cwd=tmp_path)
+    assert router.returncode == 0, router.stderr
+    assert [line.split()[3] for line in router.stdout.splitlines()] == [
+        "modelyard.router.lazy:",
+        "modelyard.router.routing:",
+    ]
+    agents = modelyard("logs", "agents", *workdir, cwd=tmp_path)
+    assert agents.stdout.splitlines()[1:] == ["Traceback (most recent call last):", "  ValueError: bad"]
+    assert modelyard("logs", "up", *workdir, cwd=tmp_path).stdout == UP_LOG_LINES
+    assert modelyard("logs", "triton-0", "-n", "2", *workdir, cwd=tmp_path).stdout == "two\nthree\n"
+    unknown = modelyard("logs", "triton-9", *workdir, cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().endswith("(known: up, router, controller, agents, triton-0)")
+    nowhere = modelyard("logs", "router", "--workdir", str(tmp_path / "nope"), cwd=tmp_path)
+    assert nowhere.returncode == 2 and "no " + str(tmp_path / "nope") in nowhere.stderr
+
+
+def test_infer_calls_a_model_through_a_running_up_whose_logs_are_readable(tmp_path: Path) -> None:
+    from modelyard.containers.triton.server import free_port
+    from tests.conftest import require_triton
+    from tests.test_up import Up
+
+    require_triton()
+    port = free_port()
+    up = Up(tmp_path, port)
+    router = ("--router", f"127.0.0.1:{port}")
+    try:
+        up.read_until("press Ctrl-C", 180)
+        table = modelyard("infer", "scale", "-i", "INPUT=[1, 2, 3]", *router, cwd=tmp_path)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines() == [
+            "output  datatype  shape  data",
+            "OUTPUT  FP32      [3]    [2.0, 4.0, 6.0]",
+        ]
+        answer = json.loads(
+            modelyard("infer", "scale", "-i", "INPUT=[4]", "-o", "json", *router, cwd=tmp_path).stdout
+        )
+        assert answer == {
+            "model": "scale",
+            "version": "1",
+            "outputs": {"OUTPUT": {"datatype": "FP32", "shape": [1], "data": [8.0]}},
+        }
+        missing = modelyard("infer", "nosuch", "-i", "INPUT=[1]", *router, cwd=tmp_path)
+        assert (missing.returncode, missing.stderr.strip()) == (
+            1,
+            "error: nosuch: NOT_FOUND: model 'nosuch' is not registered",
+        )
+        for bad, why in (("INPUT=[1,", "input INPUT: not JSON"), ("WRONG=[1]", "scale has no input WRONG")):
+            refused = modelyard("infer", "scale", "-i", bad, *router, cwd=tmp_path)
+            assert refused.returncode == 2 and refused.stderr.startswith(f"error: {why}"), refused.stderr
+        holder = re.search(r"^model scale@1\s+ready on (triton-\d+)", "".join(up.output), re.MULTILINE)
+        assert holder is not None, "".join(up.output)
+        logs = modelyard("logs", holder.group(1), cwd=tmp_path)
+        assert logs.returncode == 0 and "successfully loaded 'scale@1'" in logs.stdout, logs.stderr
+        assert modelyard("logs", "router", cwd=tmp_path).returncode == 0  # up.log exists (maybe empty)
+    finally:
+        up.stop()
+    unreachable = modelyard("infer", "scale", "-i", "INPUT=[1]", *router, cwd=tmp_path)
+    assert (
+        unreachable.returncode == 2 and f"cannot reach the router at 127.0.0.1:{port}" in unreachable.stderr
+    )
