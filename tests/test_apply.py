@@ -194,6 +194,10 @@ BAD_FILES = [
     ("pipelines: [{name: p, version: 1, inputs: [], outputs: [], steps: []}]", "pipelines[0]: inputs must"),
     ("models: {name: x", "bad.yaml:2:1: not valid YAML"),
     ("kind: Fleet", "Additional properties are not allowed ('kind' was unexpected)"),
+    (
+        "models: [{name: d, version: 1, replicas: 1, replicas: 2}]",
+        "not valid YAML: key 'replicas' is given twice",
+    ),
 ]
 
 
@@ -228,6 +232,23 @@ def test_changing_an_immutable_version_is_refused_with_exit_3(work: Path) -> Non
     assert result.returncode == 3
     assert "models[1]: double@2 is registered with other settings" in result.stderr
     assert stored_keys(store) == before
+
+
+def test_an_artifact_must_be_the_model_store_s_copy_of_its_hash(work: Path) -> None:
+    store = ("--store", str(work / "store"))
+    assert modelyard("apply", "-f", "fleet.yaml", *store, cwd=work).returncode == 0
+    sha = json.loads(stored_keys(str(work / "store"))[registry.MODELS + "double@1"])["sha256"]
+    stored = (work / ".modelyard" / "artifacts" / sha).resolve().as_uri()
+    for uri, ok in ((stored, True), ((work / "double").resolve().as_uri(), False)):
+        (work / "more.yaml").write_text(
+            f"models: [{{name: double, version: 5, artifact: '{uri}', sha256: {sha}}}]"
+        )
+        result = modelyard("apply", "-f", "more.yaml", "--dry-run", *store, cwd=work)
+        assert (result.returncode == 0) == ok, result.stderr
+        if not ok:
+            assert (
+                f"models[0]: artifact: the model store holds sha256 {sha[:12]}… at {stored}" in result.stderr
+            )
 
 
 def test_tenant_limits_are_refused_not_ignored(work: Path) -> None:
@@ -415,7 +436,21 @@ def fleets(draw: st.DrawFn) -> dict[str, Any]:
         if split:
             rule["split"] = split
         routes.append(rule)
-    return {"models": models, "routes": routes}
+    pipelines = []
+    if models and draw(st.booleans()):
+        model = draw(st.sampled_from(models))
+        step = {"name": "s", "model": f"{model['name']}@{model['version']}", "inputs": {"INPUT": "X"}}
+        pipelines.append(
+            {
+                "name": "pipe",
+                "version": draw(VERSIONS),
+                "tenants": draw(TENANTS),
+                "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1]}],
+                "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1]}],
+                "steps": [{**step, "outputs": {"OUTPUT": "Y"}}],
+            }
+        )
+    return {"models": models, "pipelines": pipelines, "routes": routes}
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -438,9 +473,11 @@ def test_apply_of_export_changes_nothing_for_any_fleet(
             # the export says what the file said
             assert len(exported["models"]) == len(fleet["models"])
             assert len(exported["routes"]) == len(fleet["routes"])
+            assert len(exported["pipelines"]) == len(fleet["pipelines"])
             text = yaml.safe_dump(exported, sort_keys=False)
             again = await fleet_apply.plan(store, parse_data(yaml.safe_load(text), "export", work), artifacts)
-            assert not again.changes and again.unchanged == len(fleet["models"]) + len(fleet["routes"])
+            listed = len(fleet["models"]) + len(fleet["pipelines"]) + len(fleet["routes"])
+            assert not again.changes and again.unchanged == listed
             assert (await fleet_apply.export(store))[0] == exported
 
     asyncio.run(run())

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from modelyard.placement.model import BACKENDS, MODEL_KINDS, ModelVersion, RouteRule, version_order
 from modelyard.placement.pipeline import Pipeline, PipelineError, parse_pipeline
 
@@ -116,12 +118,30 @@ def _version(value: Any) -> str:
     return str(value)
 
 
+class _FleetLoader(yaml.SafeLoader):
+    """YAML's safe loader (plain data only) that refuses a key given twice in one mapping: plain YAML keeps
+    the last one silently, and a fleet file's second `replicas:` must not hide its first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse(text: str, origin: str, base: Path) -> FleetSpec:
     """The fleet in `text` (YAML or JSON; `origin` names it in errors), archive paths relative to `base`."""
-    import yaml
-
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_FleetLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark is not None else origin

@@ -35,6 +35,7 @@ from modelyard.catalog.fleet import FleetSpec, ModelEntry, fleet_document, norma
 from modelyard.catalog.modelstore import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     ArchiveError,
+    LocalModelStore,
     ModelStore,
     artifact_signature,
     checked,
@@ -191,12 +192,17 @@ def _wanted_model(
         else:
             if not model_store.has(entry.sha256):
                 raise ArchiveError(f"no artifact with sha256 {entry.sha256[:12]}… in the model store")
+            stored = _stored_uri(model_store, entry.sha256)
+            if stored is not None and entry.artifact != stored:
+                # The registration must point at the files whose hash was checked, not elsewhere.
+                raise ArchiveError(f"artifact: the model store holds sha256 {entry.sha256[:12]}… at {stored}")
             root = model_store.local_path(entry.artifact)
             manifest = read_manifest(root)
             backend, signature = manifest.backend, artifact_signature(root)  # type: ignore[assignment]
-            if entry.memory_bytes is None and manifest.memory_bytes is None:
-                raise ArchiveError("memory_bytes is needed: the artifact's manifest declares none")
-            memory = manifest.memory_bytes or 0
+            memory = entry.memory_bytes or manifest.memory_bytes or 0
+            if not memory:  # estimated from its files, as `models add` does (the copy's hash is not used)
+                with checked(root, max_bytes=max_archive_bytes) as artifact:
+                    memory = artifact.memory_bytes
         if entry.backend and entry.backend != backend:
             raise ArchiveError(f"the artifact is for backend {backend!r}, not {entry.backend!r}")
         check_name(entry.name, entry.version, backend)
@@ -216,6 +222,14 @@ def _wanted_model(
     except (ArchiveError, RegistrationError, OSError) as exc:
         text = getattr(exc, "strerror", None) if isinstance(exc, OSError) else None
         raise FleetApplyError(f"{entry.where}: {text or exc}") from None
+
+
+def _stored_uri(model_store: ModelStore, sha256: str) -> str | None:
+    """The URI under which `model_store` keeps the artifact `sha256` (None: a store that does not say)."""
+    if isinstance(model_store, LocalModelStore):
+        return (model_store.root / sha256).resolve().as_uri()
+    artifact_uri = getattr(model_store, "artifact_uri", None)  # the S3 store
+    return str(artifact_uri(sha256)) if callable(artifact_uri) else None
 
 
 def _model_change(entry: ModelEntry, wanted: ModelVersion, existing: ModelVersion | None) -> Change | None:
