@@ -335,10 +335,12 @@ def many_models(model_dir: Path, artifacts: LocalModelStore, count: int) -> Flee
     )
 
 
-def test_a_store_failing_mid_way_through_a_large_apply_is_undone(tmp_path: Path, model_dir: Path) -> None:
+def test_a_store_failing_mid_way_through_a_large_apply_is_undone(
+    tmp_path: Path, model_dir: Path, store_url: str
+) -> None:
     artifacts = LocalModelStore(tmp_path / "artifacts")
     spec = many_models(model_dir, artifacts, 3 * MAX_TXN_OPS)
-    url = str(tmp_path / "store")
+    url = store_url
 
     async def run() -> None:
         async with open_store(url) as real:
@@ -365,10 +367,12 @@ def test_a_store_failing_mid_way_through_a_large_apply_is_undone(tmp_path: Path,
     asyncio.run(run())
 
 
-def test_an_apply_interrupted_for_good_is_finished_by_the_next(tmp_path: Path, model_dir: Path) -> None:
+def test_an_apply_interrupted_for_good_is_finished_by_the_next(
+    tmp_path: Path, model_dir: Path, store_url: str
+) -> None:
     artifacts = LocalModelStore(tmp_path / "artifacts")
     spec = many_models(model_dir, artifacts, 2 * MAX_TXN_OPS)
-    url = str(tmp_path / "store")
+    url = store_url
 
     async def run() -> None:
         async with open_store(url) as real:
@@ -384,13 +388,15 @@ def test_an_apply_interrupted_for_good_is_finished_by_the_next(tmp_path: Path, m
     asyncio.run(run())
 
 
-def test_of_two_applies_planned_at_once_the_second_writes_nothing(tmp_path: Path, model_dir: Path) -> None:
+def test_of_two_applies_planned_at_once_the_second_writes_nothing(
+    tmp_path: Path, model_dir: Path, store_url: str
+) -> None:
     artifacts = LocalModelStore(tmp_path / "artifacts")
     one = many_models(model_dir, artifacts, 2)
     other = FleetSpec(models=(dataclasses.replace(one.models[0], name="n"),))
 
     async def run() -> None:
-        async with open_store(str(tmp_path / "store")) as store:
+        async with open_store(store_url) as store:
             first = await fleet_apply.plan(store, one, artifacts)
             second = await fleet_apply.plan(store, other, artifacts)
             await fleet_apply.write(store, first)
@@ -479,5 +485,55 @@ def test_apply_of_export_changes_nothing_for_any_fleet(
             listed = len(fleet["models"]) + len(fleet["pipelines"]) + len(fleet["routes"])
             assert not again.changes and again.unchanged == listed
             assert (await fleet_apply.export(store))[0] == exported
+
+    asyncio.run(run())
+
+
+# -- the tenant-limits hook: what the tenant-limits work plugs in ---------------------------------------
+
+TENANTS_PREFIX = registry.ROOT + "tenants/"
+
+
+def limits_section() -> fleet_apply.Section:
+    """A stand-in for tenant limits: one key per tenant holding its limits as JSON."""
+
+    def to_keys(entries: list[dict[str, Any]]) -> dict[str, bytes]:
+        keys = {}
+        for entry in entries:
+            if not isinstance(entry.get("max_in_flight"), int):
+                raise ValueError(f"{entry['name']}: max_in_flight must be an integer")
+            keys[TENANTS_PREFIX + entry["name"]] = json.dumps(entry, sort_keys=True).encode()
+        return keys
+
+    def to_entries(stored: dict[str, bytes]) -> list[dict[str, Any]]:
+        return [json.loads(value) for _, value in sorted(stored.items())]
+
+    return fleet_apply.Section(TENANTS_PREFIX, to_keys, to_entries)
+
+
+def test_tenant_limits_join_the_fleet_once_the_hook_returns_a_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_apply, "tenant_limits_section", limits_section)
+    artifacts = LocalModelStore(tmp_path / "artifacts")
+    wanted = {"tenants": [{"name": "acme", "max_in_flight": 8}, {"name": "beta", "max_in_flight": 2}]}
+
+    async def run() -> None:
+        async with open_store(str(tmp_path / "store")) as store:
+            plan = await fleet_apply.plan(store, parse_data(wanted, "fleet.yaml", tmp_path), artifacts)
+            assert [c.line() for c in plan.ordered()] == ["+ tenant acme", "+ tenant beta"]
+            await fleet_apply.write(store, plan)
+            exported, _ = await fleet_apply.export(store)
+            assert exported["tenants"] == wanted["tenants"]
+            again = await fleet_apply.plan(store, parse_data(exported, "export", tmp_path), artifacts)
+            assert not again.changes and again.unchanged == 2
+            fewer = parse_data({"tenants": [{"name": "acme", "max_in_flight": 4}]}, "fleet.yaml", tmp_path)
+            kept = await fleet_apply.plan(store, fewer, artifacts)
+            assert [c.line() for c in kept.ordered()] == ["~ tenant acme"] and kept.kept == ["tenant beta"]
+            pruned = await fleet_apply.plan(store, fewer, artifacts, prune=True)
+            assert [c.line() for c in pruned.ordered()] == ["~ tenant acme", "- tenant beta"]
+            bad = parse_data({"tenants": [{"name": "acme", "max_in_flight": "lots"}]}, "fleet.yaml", tmp_path)
+            with pytest.raises(fleet_apply.FleetApplyError, match="tenants: acme: max_in_flight must be"):
+                await fleet_apply.plan(store, bad, artifacts)
 
     asyncio.run(run())
