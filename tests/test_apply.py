@@ -537,3 +537,21 @@ def test_tenant_limits_join_the_fleet_once_the_hook_returns_a_section(
                 await fleet_apply.plan(store, bad, artifacts)
 
     asyncio.run(run())
+
+
+def test_a_version_whose_registration_does_not_parse_is_not_overwritten(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    artifacts = LocalModelStore(tmp_path / "artifacts")
+    spec = many_models(model_dir, artifacts, 1)
+
+    async def run() -> None:
+        async with open_store(str(tmp_path / "store")) as store:
+            await store.put(registry.MODELS + "m@1", b"{not json")
+            with pytest.raises(
+                fleet_apply.FleetConflict, match="m@1 is registered, but its registration does"
+            ):
+                await fleet_apply.plan(store, spec, artifacts)
+            assert (await store.get(registry.MODELS + "m@1")).value == b"{not json"  # type: ignore[union-attr]
+
+    asyncio.run(run())

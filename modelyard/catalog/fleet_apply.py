@@ -309,6 +309,11 @@ async def plan(
     after: dict[str, ModelVersion] = {} if prune else dict(fleet.models)
     for entry in spec.models:
         existing = fleet.models.get(entry.key)
+        if existing is None and registry.MODELS + entry.key in fleet.unparsable:
+            raise FleetConflict(
+                f"{entry.where}: {entry.key} is registered, but its registration does not parse; "
+                f"remove it first (modelyard models remove {entry.key})"
+            )
         wanted = await asyncio.to_thread(
             _wanted_model,
             entry,
