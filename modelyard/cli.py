@@ -332,7 +332,10 @@ def up(
     from modelyard.commands.logs import UP_LOG
     from modelyard.logs import also_log_to
 
-    also_log_to(workdir / UP_LOG)  # the router, agents and controller run here: `modelyard logs` reads it
+    try:
+        also_log_to(workdir / UP_LOG)  # the router, agents and controller run here: `modelyard logs` reads it
+    except OSError as exc:
+        fail(f"cannot write {workdir / UP_LOG}: {exc.strerror or exc}")
     fleet = LocalFleet(
         workdir=workdir,
         store_url=store_url or str(workdir / "store"),
