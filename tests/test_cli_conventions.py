@@ -314,3 +314,13 @@ def test_infer_calls_a_model_through_a_running_up_whose_logs_are_readable(tmp_pa
     assert (
         unreachable.returncode == 2 and f"cannot reach the router at 127.0.0.1:{port}" in unreachable.stderr
     )
+
+
+def test_up_refuses_a_workdir_where_it_cannot_keep_its_log(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    result = modelyard("up", "--workdir", str(tmp_path / "a-file" / "w"), "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: cannot write {tmp_path / 'a-file' / 'w' / 'up.log'}: Not a directory"
+    )
