@@ -59,7 +59,7 @@ def _open_artifacts(model_store: str | None) -> ModelStore:
 
 @click.group()
 def models() -> None:
-    """Upload, list, show and remove model versions."""
+    """Add, import, list, show, set and remove model versions."""
 
 
 @models.command("upload")

@@ -29,7 +29,7 @@ MODEL_STORE_HELP = (
 
 @click.group()
 def pipelines() -> None:
-    """Register, list, show and remove pipelines (steps over models, callable by name)."""
+    """Add, list, show and remove pipelines (steps over models, callable by name)."""
 
 
 @pipelines.command("register")
