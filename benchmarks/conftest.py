@@ -27,7 +27,11 @@ _ROWS: list[tuple[str, str, str, str, str]] = []  # test, what, figure, target, 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("modelyard benchmarks")
     group.addoption("--quick", action="store_true", help="run every benchmark once with tiny counts")
-    group.addoption("--results", metavar="DIR", help="write the dated results table into DIR and docs/benchmarks.md")
+    group.addoption(
+        "--results",
+        metavar="DIR",
+        help="write the dated results table into DIR and docs/benchmarks.md",
+    )
 
 
 def is_quick(config: pytest.Config) -> bool:

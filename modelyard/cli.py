@@ -33,10 +33,68 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = self.lazy_groups.get(cmd_name)
         if target is None:
-            return super().get_command(ctx, cmd_name)
-        module, _, attribute = target.partition(":")
-        command: click.Command = getattr(importlib.import_module(module), attribute)
+            command = super().get_command(ctx, cmd_name)
+        else:
+            module, _, attribute = target.partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            from modelyard.commands.verbs import one_verb_family
+
+            one_verb_family(cmd_name, command)
+        if command is not None:
+            _log_options_everywhere(command)
         return command
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_log_level_type = click.Choice(LOG_LEVELS, case_sensitive=False)
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        import logging
+
+        logging.getLogger().setLevel(value.upper())
+
+
+def _set_log_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        import logging
+
+        from modelyard.logs import setup_logging
+
+        setup_logging(logging.getLevelName(logging.getLogger().level), True)
+
+
+def _log_options_everywhere(command: click.Command) -> None:
+    """--log-level and --log-json after a command's name as well as before it (`modelyard models list
+    --log-level DEBUG`), on every command and group, as the README says."""
+    if getattr(command, "_modelyard_log_options", False):
+        return
+    command._modelyard_log_options = True  # type: ignore[attr-defined]
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _log_options_everywhere(sub)
+    taken = {opt for p in command.params for opt in getattr(p, "opts", ())}
+    if "--log-level" not in taken:
+        command.params.append(
+            click.Option(
+                ["--log-level"],
+                type=_log_level_type,
+                expose_value=False,
+                callback=_set_log_level,
+                help="Python log level (also accepted before the command).",
+            )
+        )
+    if "--log-json" not in taken:
+        command.params.append(
+            click.Option(
+                ["--log-json"],
+                is_flag=True,
+                expose_value=False,
+                callback=_set_log_json,
+                help="One JSON object per log line (also accepted before the command).",
+            )
+        )
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -63,11 +121,17 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         "pipelines": "modelyard.commands.pipelines:pipelines",
         "routes": "modelyard.commands.router:routes",
         "tenants": "modelyard.commands.tenants:tenants",
+        "apply": "modelyard.commands.apply:apply_command",
+        "export": "modelyard.commands.apply:export_command",
+        "infer": "modelyard.commands.infer:infer",
+        "logs": "modelyard.commands.logs:logs",
     },
 )
+@click.version_option(package_name="modelyard", prog_name="modelyard", message="%(prog)s %(version)s")
 @click.option(
     "--log-level",
     envvar="MODELYARD_LOG_LEVEL",
+    type=_log_level_type,
     default="WARNING",
     show_default=True,
     help="Python log level.",
@@ -80,9 +144,11 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 )
 def main(log_level: str, log_json: bool) -> None:
     """modelyard: serve thousands of ML models from a fleet of shared inference containers."""
+    from modelyard.containers.archives import register_archive_checks
     from modelyard.logs import setup_logging
 
     setup_logging(log_level, log_json)
+    register_archive_checks()  # every command that reads an archive (upload, import, apply, up) checks it
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -288,6 +354,13 @@ def up(
             f"modelyard up trusts x-tenant-id as sent, so it serves on loopback only (not {host}); "
             "use modelyard serve with --tenant-tokens or --tenant-certs"
         )
+    from modelyard.commands.logs import UP_LOG
+    from modelyard.logs import also_log_to
+
+    try:
+        also_log_to(workdir / UP_LOG)  # the router, agents and controller run here: `modelyard logs` reads it
+    except OSError as exc:
+        fail(f"cannot write {workdir / UP_LOG}: {exc.strerror or exc}")
     fleet = LocalFleet(
         workdir=workdir,
         store_url=store_url or str(workdir / "store"),

@@ -32,16 +32,23 @@ def run_on_store(
     errors: tuple[type[Exception], ...] = (),
     *,
     exists: tuple[type[Exception], ...] = (),
+    read_only: bool = False,
 ) -> T:
     """Runs `work` against the store; store errors (and `errors`) end the command with one line and
-    EXIT_REFUSED, `exists` errors with one line and EXIT_EXISTS."""
+    EXIT_REFUSED, `exists` errors with one line and EXIT_EXISTS. A `read_only` command refuses an embedded
+    store that does not exist yet, naming its path, rather than creating an empty one (a mistyped --store)."""
     import asyncio
 
-    from modelyard.placement.store import StoreError
+    from modelyard.placement.store import StoreError, missing_store
     from modelyard.settings import open_configured_store
+    from modelyard.settings import store_url as configured_store_url
+
+    url = configured_store_url(store_url)
+    if read_only and (path := missing_store(url)) is not None:
+        fail(f"no store at {path}: give --store (or $MODELYARD_STORE) naming an existing store")
 
     async def main() -> T:
-        async with open_configured_store(store_url) as store:
+        async with open_configured_store(url) as store:
             return await work(store)
 
     refusals: tuple[type[Exception], ...] = (StoreError, *errors)

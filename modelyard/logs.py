@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,3 +42,14 @@ def setup_logging(level: str, json_format: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def also_log_to(path: Path) -> None:
+    """Every log line also goes to `path` (appended), formatted as on stderr: `modelyard up` keeps the log of
+    the router, agents and controller it runs there, for `modelyard logs`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    if root.handlers:
+        handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)

@@ -21,6 +21,7 @@ from modelyard.catalog.modelstore import (
 )
 from modelyard.catalog.registration import AlreadyRegistered, RegistrationError, remove, upload
 from modelyard.catalog.stores import open_model_store
+from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
 from modelyard.containers.archives import register_archive_checks
 from modelyard.placement import registry
@@ -63,7 +64,7 @@ def _open_artifacts(model_store: str | None) -> ModelStore:
 
 @click.group()
 def models() -> None:
-    """Upload, list, show and remove model versions."""
+    """Add, import, list, show, set and remove model versions."""
 
 
 @models.command("upload")
@@ -217,20 +218,16 @@ def import_command(
 
 @models.command("list")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-@click.option("--json", "as_json", is_flag=True)
-def list_command(store_url: str | None, as_json: bool) -> None:
+@output_option
+def list_command(store_url: str | None, output: str) -> None:
     """Registered model versions with their ready copies."""
-    fleet = run_on_store(store_url, registry.load_fleet)
+    fleet = run_on_store(store_url, registry.load_fleet, read_only=True)
     rows = sorted(fleet.models.values(), key=lambda m: (m.name, m.version))
-    if as_json:
-        click.echo(json.dumps([json.loads(m.to_json()) for m in rows], indent=2))
+    if chosen(output) != "table":
+        emit_data(chosen(output), [json.loads(m.to_json()) for m in rows])
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table()
-    for column in ("model", "backend", "kind", "memory", "replicas", "ready", "tenants"):
-        table.add_column(column)
+    table = Table(("model", "backend", "kind", "memory", "replicas", "ready", "tenants"))
+    table.right = frozenset({"memory", "replicas", "ready"})
     for m in rows:
         ready = sum(
             1
@@ -239,31 +236,37 @@ def list_command(store_url: str | None, as_json: bool) -> None:
             and (s := fleet.states.get((cid, m.key)))
             and s.phase == "ready"
         )
-        table.add_row(
-            m.key,
-            m.backend,
-            m.kind,
-            format_bytes(m.memory_bytes),
-            str(m.replicas),
-            str(ready),
-            ",".join(m.tenants) or "public",
+        table.rows.append(
+            (
+                m.key,
+                m.backend,
+                m.kind,
+                format_bytes(m.memory_bytes),
+                str(m.replicas),
+                str(ready),
+                ",".join(m.tenants) or "public",
+            )
         )
-    Console().print(table)
+    print_table(table)
 
 
 @models.command("show")
 @click.argument("model")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-def show_command(model: str, store_url: str | None) -> None:
+@output_option
+def show_command(model: str, store_url: str | None, output: str) -> None:
     """MODEL as NAME (every version) or NAME@VERSION: registration, memory declared/measured, copies."""
     name, _, version = model.partition("@")
-    fleet, rates = run_on_store(store_url, _fleet_and_rates)
+    fleet, rates = run_on_store(store_url, _fleet_and_rates, read_only=True)
     found: list[ModelVersion] = sorted(
         (m for m in fleet.models.values() if m.name == name and (not version or m.version == version)),
         key=lambda m: m.version,
     )
     if not found:
         fail(f"{model} is not registered")
+    if chosen(output) != "table":
+        emit_data(chosen(output), [_shown(m, fleet, rates) for m in found])
+        return
     for m in found:
         measured = [
             s.measured_bytes for (_, key), s in fleet.states.items() if key == m.key and s.measured_bytes
@@ -293,6 +296,26 @@ def show_command(model: str, store_url: str | None) -> None:
             if alive and phase == "ready" and ready_copies:
                 per_copy = f", {(rate.rate if rate else 0.0) / ready_copies:.1f} calls/s"
             click.echo(f"  copy on {cid}: {phase if alive else 'lost'}{per_copy}{note}")
+
+
+def _shown(model: ModelVersion, fleet: registry.Fleet, rates: dict[str, ModelRate]) -> dict[str, object]:
+    """What `models show` says about one version, as data (-o json|yaml)."""
+    data: dict[str, object] = json.loads(model.to_json())
+    data["signature"] = json.loads(model.signature) if model.signature else None
+    rate = rates.get(model.key)
+    data["calls_per_s"] = rate.rate if rate else 0.0
+    data["budget_bytes"] = fleet.budget_bytes(model)
+    data["copies"] = [
+        {
+            "container": cid,
+            "phase": (state.phase if state else "assigned") if cid in fleet.containers else "lost",
+            "measured_bytes": state.measured_bytes if state else 0,
+            "message": state.message if state else "",
+        }
+        for cid in fleet.assignments.get(model.key, ())
+        for state in [fleet.states.get((cid, model.key))]
+    ]
+    return data
 
 
 def _echo_signature(model: ModelVersion) -> None:

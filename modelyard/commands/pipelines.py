@@ -6,13 +6,13 @@ store); 3 NAME@VERSION already exists with another spec.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from modelyard import settings
+from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ MODEL_STORE_HELP = (
 
 @click.group()
 def pipelines() -> None:
-    """Register, list, show and remove pipelines (steps over models, callable by name)."""
+    """Add, list, show and remove pipelines (steps over models, callable by name)."""
 
 
 @pipelines.command("register")
@@ -88,34 +88,42 @@ async def _register(
 
 @pipelines.command("list")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-@click.option("--json", "as_json", is_flag=True)
-def list_command(store_url: str | None, as_json: bool) -> None:
+@output_option
+def list_command(store_url: str | None, output: str) -> None:
     """Registered pipelines."""
     from modelyard.catalog.pipelines import load_pipelines
 
-    found = run_on_store(store_url, load_pipelines)
-    if as_json:
-        click.echo(json.dumps([p.to_dict() for p in found], indent=2))
+    found = run_on_store(store_url, load_pipelines, read_only=True)
+    if chosen(output) != "table":
+        emit_data(chosen(output), [p.to_dict() for p in found])
         return
+    table = Table(("pipeline", "tenants", "calls", "steps"))
     for p in found:
         steps = ", ".join(f"{s.name}={s.model}" for s in p.steps)
         tenants = ",".join(p.tenants) or "public"
-        click.echo(f"{p.key:<24} {tenants:<12} {'stream' if p.streaming else 'unary':<6} {steps}")
+        table.rows.append((p.key, tenants, "stream" if p.streaming else "unary", steps))
+    print_table(table)
 
 
 @pipelines.command("show")
 @click.argument("name")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-def show_command(name: str, store_url: str | None) -> None:
+@output_option
+def show_command(name: str, store_url: str | None, output: str) -> None:
     """NAME (every version) or NAME@VERSION: tensors and steps."""
     from modelyard.catalog.pipelines import load_pipelines
 
     base, _, version = name.partition("@")
     found = [
-        p for p in run_on_store(store_url, load_pipelines) if p.name == base and version in ("", p.version)
+        p
+        for p in run_on_store(store_url, load_pipelines, read_only=True)
+        if p.name == base and version in ("", p.version)
     ]
     if not found:
         fail(f"pipeline {name} is not registered")
+    if chosen(output) != "table":
+        emit_data(chosen(output), [p.to_dict() for p in found])
+        return
     for p in found:
         click.echo(f"pipeline {p.key} ({', '.join(p.tenants) or 'public'})")
         for what, tensors in (("inputs", p.inputs), ("outputs", p.outputs)):

@@ -7,7 +7,6 @@ commands import the store, the registry and rich when they run.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 from modelyard.placement.inputs import InputError, format_map, read_containers, read_map, read_models
 from modelyard.placement.planner import Capacity, Demand, Plan, plan
@@ -143,12 +143,9 @@ def _spread(rows: Sequence[ContainerUsage]) -> tuple[float, float]:
 
 @placement.command()
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(store_url: str | None, as_json: bool) -> None:
+@output_option
+def show(store_url: str | None, output: str) -> None:
     """Per container: memory used / capacity, copies; and what is unplaced or lost."""
-    from rich.console import Console
-    from rich.table import Table
-
     from modelyard.placement.autoscale import resident_and_evictable
     from modelyard.placement.autoscaler import STATUS, read_status
     from modelyard.placement.registry import ConcurrentPlanError, load_fleet
@@ -159,59 +156,58 @@ def show(store_url: str | None, as_json: bool) -> None:
         status = await store.get(STATUS)
         return fleet, read_status(status.value if status else None)
 
-    fleet, autoscale = run_on_store(store_url, read, (ConcurrentPlanError,))
+    fleet, autoscale = run_on_store(store_url, read, (ConcurrentPlanError,), read_only=True)
     resident, evictable = resident_and_evictable(fleet)
     rows = usage(fleet, fleet.assignments)
     short = under_replicated(fleet)
     lost = lost_copies(fleet)
     copies = sum(len(ids) for ids in fleet.assignments.values())
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "generation": fleet.generation,
-                    "models": len(fleet.models),
-                    "copies": copies,
-                    "containers": [
-                        {
-                            "id": r.id,
-                            "kind": r.kind,
-                            "live": r.live,
-                            "used_bytes": r.used_bytes,
-                            "capacity_bytes": r.capacity_bytes,
-                            "copies": r.copies,
-                        }
-                        for r in rows
-                    ],
-                    "unplaced": len(short),
-                    "under_replicated": short,
-                    "lost": [{"model": m, "container": c} for m, c in lost],
-                    "resident_copies": resident,
-                    "evictable_copies": evictable,
-                    "autoscale": autoscale,
-                },
-                indent=2,
-                sort_keys=True,
-            )
+    if chosen(output) != "table":
+        emit_data(
+            chosen(output),
+            {
+                "generation": fleet.generation,
+                "models": len(fleet.models),
+                "copies": copies,
+                "containers": [
+                    {
+                        "id": r.id,
+                        "kind": r.kind,
+                        "live": r.live,
+                        "used_bytes": r.used_bytes,
+                        "capacity_bytes": r.capacity_bytes,
+                        "copies": r.copies,
+                    }
+                    for r in rows
+                ],
+                "unplaced": len(short),
+                "under_replicated": short,
+                "lost": [{"model": m, "container": c} for m, c in lost],
+                "resident_copies": resident,
+                "evictable_copies": evictable,
+                "autoscale": autoscale,
+            },
         )
         return
-    table = Table(title=f"shard map generation {fleet.generation}")
-    for column in ("container", "kind", "used", "capacity", "", "util", "copies"):
-        table.add_column(
-            column, justify="right" if column in ("used", "capacity", "util", "copies") else "left"
-        )
+    table = Table(
+        ("container", "kind", "used", "capacity", "", "util", "copies"),
+        title=f"shard map generation {fleet.generation}",
+        right=frozenset({"used", "capacity", "util", "copies"}),
+    )
     for r in rows:
         state = "" if r.live else " (lost)"
-        table.add_row(
-            r.id + state,
-            r.kind,
-            format_bytes(r.used_bytes),
-            format_bytes(r.capacity_bytes) if r.live else "-",
-            _bar(r.utilization) if r.live else "",
-            f"{r.utilization:.0%}" if r.live else "-",
-            str(r.copies),
+        table.rows.append(
+            (
+                r.id + state,
+                r.kind,
+                format_bytes(r.used_bytes),
+                format_bytes(r.capacity_bytes) if r.live else "-",
+                _bar(r.utilization) if r.live else "",
+                f"{r.utilization:.0%}" if r.live else "-",
+                str(r.copies),
+            )
         )
-    Console().print(table)
+    print_table(table)
     mean, top = _spread(rows)
     click.echo(
         f"{len(fleet.models)} models, {copies} copies on {sum(r.live for r in rows)} live containers; "
@@ -288,21 +284,18 @@ def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> N
 
 
 def _print_moves(proposal: RebalancePlan) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     if proposal.moves:
-        table = Table(title="moves")
-        for column in ("model", "from", "to", "bytes"):
-            table.add_column(column, justify="right" if column == "bytes" else "left")
+        table = Table(("model", "from", "to", "bytes"), title="moves", right=frozenset({"bytes"}))
         for move in proposal.moves:
-            table.add_row(
-                move.model,
-                move.source or "(new)",
-                move.target or "(dropped)",
-                format_bytes(move.memory_bytes),
+            table.rows.append(
+                (
+                    move.model,
+                    move.source or "(new)",
+                    move.target or "(dropped)",
+                    format_bytes(move.memory_bytes),
+                )
             )
-        Console().print(table)
+        print_table(table)
     before_mean, before_max = _spread(proposal.usage_before)
     after_mean, after_max = _spread(proposal.usage_after)
     click.echo(

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 from modelyard.placement import registry
 from modelyard.placement.model import RouteRule
@@ -61,13 +62,24 @@ def set_command(
 
 
 @routes.command("show")
+@click.argument("model", required=False)
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
-def show_command(store_url: str | None) -> None:
-    """Every route rule, as JSON."""
-    fleet = run_on_store(store_url, registry.load_fleet)
-    click.echo(
-        json.dumps({name: json.loads(r.to_json()) for name, r in sorted(fleet.routes.items())}, indent=2)
-    )
+@output_option
+def show_command(model: str | None, store_url: str | None, output: str) -> None:
+    """Every route rule (or MODEL's): default version, tenant pins, weighted split."""
+    fleet = run_on_store(store_url, registry.load_fleet, read_only=True)
+    rules = sorted((r for r in fleet.routes.values() if model in (None, r.model)), key=lambda r: r.model)
+    if model is not None and not rules:
+        fail(f"model '{model}' has no route rule")
+    if chosen(output) != "table":
+        emit_data(chosen(output), {r.model: json.loads(r.to_json()) for r in rules})
+        return
+    table = Table(("model", "default", "pins", "split"))
+    for r in rules:
+        pins = ",".join(f"{t}={v}" for t, v in r.tenant_versions) or "-"
+        split = ",".join(f"{v}={w}" for v, w in r.weights) or "-"
+        table.rows.append((r.model, r.default_version or "(highest)", pins, split))
+    print_table(table)
 
 
 @routes.command("clear")

@@ -26,6 +26,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "missing_store",
     "open_store",
 ]
 
@@ -53,3 +54,14 @@ def open_store(url: str, etcd: EtcdAccess | None = None) -> Store:
     from modelyard.placement.store.embedded import EmbeddedStore
 
     return EmbeddedStore(Path(url.removeprefix("file://")))
+
+
+def missing_store(url: str) -> Path | None:
+    """The embedded store's directory when `url` names one that holds no store yet (opening it would create
+    one), else None (an existing store, or etcd)."""
+    if url.startswith("etcd://") or ("://" in url and not url.startswith("file://")):
+        return None
+    directory = Path(url.removeprefix("file://"))
+    from modelyard.placement.store.embedded import STORE_FILE
+
+    return None if (directory / STORE_FILE).is_file() else directory

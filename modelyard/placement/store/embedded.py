@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY AUTOINCREMENT, ttl_s R
 INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
 """
 
+STORE_FILE = "store.sqlite3"  # the one file of a store directory
 # The change log keeps this many revisions for watchers that fall behind; older ones are compacted.
 _LOG_KEEP_REVISIONS = 10_000
 T = TypeVar("T")
@@ -104,7 +105,7 @@ class EmbeddedStore(Store):
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(
-                directory / "store.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
+                directory / STORE_FILE, check_same_thread=False, isolation_level=None, timeout=10
             )
             self._set_up(directory)
         except (OSError, sqlite3.Error) as exc:
@@ -351,7 +352,7 @@ class EmbeddedStore(Store):
         an idle watch wakes only for those and for lease deadlines. Elsewhere it looks every
         `poll_interval_s`, with one cheap PRAGMA and no thread hop when nothing changed."""
         next_revision = start_revision
-        probe = sqlite3.connect(self.directory / "store.sqlite3", check_same_thread=False, timeout=0.05)
+        probe = sqlite3.connect(self.directory / STORE_FILE, check_same_thread=False, timeout=0.05)
         written = _DirectoryWrites.open(self.directory)
         try:
             seen: int | None = None
