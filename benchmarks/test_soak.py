@@ -33,8 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 FULL_S, QUICK_S = 600.0, 20.0
 FULL_PERIOD_S, QUICK_PERIOD_S = 30.0, 8.0
 RSS_GROWTH_MAX = 0.05
-# deploy/k8s/etcd.yaml keeps 1 h of history; the soak keeps less so that compaction happens while it runs.
-FULL_RETENTION, QUICK_RETENTION = "1m", "5s"
+# deploy/k8s/etcd.yaml keeps 1 h of history; the soak keeps a tenth of its duration (1 min in the full run,
+# at least 5 s), so that etcd compacts about ten times while it runs.
+COMPACTIONS = 10
+
+
+def soak_duration_s(quick: bool) -> float:
+    return float(os.environ.get("MODELYARD_SOAK_S", QUICK_S if quick else FULL_S))
+
+
+def retention(duration_s: float) -> str:
+    """etcd's --auto-compaction-retention for a soak of `duration_s`."""
+    return f"{max(5, int(duration_s / COMPACTIONS))}s"
+
+
 Verdict = Callable[[str, str, str, bool], None]
 KILLED = ("custom-0", "custom-1")  # custom-2 is never killed: its RSS is the containers' leak check
 
@@ -70,7 +82,7 @@ def compacted_past(etcd: EtcdServer, revision: int) -> bool:
 @pytest.fixture
 def soak_fleet(tmp_path: Path, quick: bool) -> Iterator[tuple[FleetThread, EtcdServer]]:
     (tmp_path / "etcd").mkdir()
-    etcd = EtcdServer(tmp_path / "etcd", compaction_retention=QUICK_RETENTION if quick else FULL_RETENTION)
+    etcd = EtcdServer(tmp_path / "etcd", compaction_retention=retention(soak_duration_s(quick)))
     etcd.start()
     try:
         fleet = start_fault_fleet(tmp_path, etcd.url)
@@ -98,7 +110,7 @@ def test_soak_under_kills_and_rebalances(
     soak_fleet: tuple[FleetThread, EtcdServer], tmp_path: Path, quick: bool, verdict: Verdict
 ) -> None:
     fleet, etcd = soak_fleet
-    duration_s = float(os.environ.get("MODELYARD_SOAK_S", QUICK_S if quick else FULL_S))
+    duration_s = soak_duration_s(quick)
     period_s = QUICK_PERIOD_S if quick else FULL_PERIOD_S
     local = fleet.fleet
     assert etcd.process is not None
