@@ -4,8 +4,11 @@
   figures print but mean nothing and no verdict is given (`.ci/run` runs this).
 - `verdict(what, figure, target, ok)` records one line: the figure, its target and PASS / FALLS SHORT
   (or "quick" in quick mode); `record(line)` records a figure without a target.
-- `--results DIR` writes every recorded line as a dated Markdown table DIR/YYYY-MM-DD-HHMM.md, and replaces
-  the table between docs/benchmarks.md's `<!-- bench-results -->` markers with it (`./dev bench` does both).
+- `--results DIR` writes every recorded line as a dated Markdown table DIR/YYYY-MM-DD-HHMM.md, and, when
+  every benchmark ran (no -k, -m or single file), replaces the table between docs/benchmarks.md's
+  `<!-- bench-results -->` markers with it (`./dev bench` does both).
+- Outside quick mode a figure that FALLS SHORT of its target fails the run (exit status 1), so `./dev bench`
+  exits non-zero, even where the test itself passed (most benchmarks record figures, few assert them).
 """
 
 from __future__ import annotations
@@ -84,9 +87,34 @@ def _markdown(started: datetime.datetime) -> str:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_STARTED] = datetime.datetime.now()
+    session.config.stash[_DESELECTED] = 0
 
 
 _STARTED = pytest.StashKey[datetime.datetime]()
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        config = items[0].config
+        config.stash[_DESELECTED] = config.stash.get(_DESELECTED, 0) + len(items)
+
+
+def _every_benchmark_ran(config: pytest.Config) -> bool:
+    """No benchmark left out by -k / -m, and the whole benchmarks/ folder asked for (not one file)."""
+    folder = Path(__file__).resolve().parent
+    asked = {Path(arg.split("::")[0]).resolve() for arg in config.args}
+    return config.stash.get(_DESELECTED, 0) == 0 and asked == {folder}
+
+
+def _short(config: pytest.Config) -> list[tuple[str, str, str, str, str]]:
+    return [] if is_quick(config) else [row for row in _ROWS if row[4] == "FALLS SHORT"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _short(session.config) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
@@ -97,6 +125,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     for name, what, figure, target, judged in _ROWS:
         tail = f"  {figure}  target {target}  {judged}" if target else ""
         terminalreporter.write_line(f"{name:<{width}}  {what}{tail}")
+    short = _short(config)
+    if short:
+        terminalreporter.write_line(
+            f"{len(short)} figure(s) FALL SHORT of their targets: the run fails", red=True, bold=True
+        )
     results = config.getoption("--results")
     if not results or is_quick(config):
         return
@@ -107,6 +140,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     path = out / f"{started:%Y-%m-%d-%H%M}.md"
     path.write_text(table)
     terminalreporter.write_line(f"results: {path}")
+    if not _every_benchmark_ran(config):
+        terminalreporter.write_line("docs/benchmarks.md table left as it was: only some benchmarks ran")
+        return
     readme = ROOT / "docs" / "benchmarks.md"  # the README links there
     text = readme.read_text()
     start, end = README_MARKERS

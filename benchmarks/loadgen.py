@@ -42,6 +42,7 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.client import Client
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
+from modelyard.memory import reuse_large_buffers
 
 OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 _KSERVE_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -236,6 +237,9 @@ def stream(command: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    # Every client here (direct, zero-hop, through a hop) then reuses its large buffers alike: without it
+    # glibc's moving mmap threshold makes 1 MiB calls cost what the calls before them happened to free.
+    reuse_large_buffers(64 * 1024**2)
     operations = {"unary": unary, "interleaved": interleaved, "chain": chain, "stream": stream}
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -8,6 +8,11 @@ table, tenancy, retries, renaming or telemetry: the router cannot be cheaper tha
 Containers take only calls carrying the fleet secret: with SECRET, every upstream call carries it (one
 constant header, as the router sends its own).
 
+It runs as tuned as `modelyard serve` runs the router, so the router is compared with the best Python hop,
+not a handicapped one: the same event loop (`run_event_loop`: uvloop unless MODELYARD_EVENT_LOOP=asyncio),
+the same malloc settings (`reuse_large_buffers` for the same largest message) and the same gRPC server and
+channel options (message limits; the channel's reconnect backoff).
+
 Run: python benchmarks/minimal_proxy.py LISTEN UPSTREAM [SECRET]
 """
 
@@ -20,7 +25,13 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
-OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+from modelyard.cli import run_event_loop
+from modelyard.grpc_options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    container_channel_options,
+    message_size_options,
+)
+from modelyard.memory import reuse_large_buffers
 
 
 class PassThrough(grpc.GenericRpcHandler):
@@ -58,14 +69,19 @@ class PassThrough(grpc.GenericRpcHandler):
 
 
 async def main(listen: str, upstream: str, secret: str | None) -> None:
-    channel = grpc.aio.insecure_channel(upstream, options=OPTIONS)
-    server = grpc.aio.server(options=OPTIONS)
+    channel = grpc.aio.insecure_channel(upstream, options=container_channel_options())
+    server = grpc.aio.server(options=message_size_options(DEFAULT_MAX_MESSAGE_BYTES))
     server.add_generic_rpc_handlers((PassThrough(channel, secret),))
     server.add_insecure_port(listen)
     await server.start()
-    print("proxy ready", flush=True)
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    print(f"proxy ready (event loop: {loop}, malloc tuned: {TUNED_MALLOC})", flush=True)
     await server.wait_for_termination()
 
 
+TUNED_MALLOC = False
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
+    # As `modelyard serve` does for the router (modelyard/cli.py), before any large buffer is allocated.
+    TUNED_MALLOC = reuse_large_buffers(DEFAULT_MAX_MESSAGE_BYTES)
+    run_event_loop(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))

@@ -197,16 +197,19 @@ def test_memory_as_a_cache(
         server.stop()
     calls, elapsed = f["calls"], f["elapsed_s"]
     print(f"\n{models} load-on-demand models, room for {slots}, Zipf a=1.1, {calls} calls in {elapsed:.0f} s")
+    # Simulated agents, no containers and no inference: a warm "call" is the router's table lookup of a
+    # ready copy, a cold one the control path a lazy load waits on (loads take LOAD_S by construction).
     record(
-        f"{models} models / {slots} slots, Zipf 1.1: hit rate {f['hit_rate']:.1%}; "
-        f"warm p50 {f['warm_p50_ms']:.3f} p99 {f['warm_p99_ms']:.3f} ms (router to a ready copy); "
-        f"cold p50 {f['cold_p50_ms']:.0f} p99 {f['cold_p99_ms']:.0f} ms "
-        f"(wanted -> evict -> drain {DRAIN_S * 1e3:.0f} ms -> place -> load {LOAD_S * 1e3:.0f} ms); "
-        f"{f['evictions_per_min']:.0f} evictions/min"
+        f"SIMULATED agents (no containers, no inference calls): {models} models / {slots} slots, Zipf 1.1: "
+        f"hit rate {f['hit_rate']:.1%}; warm p50 {f['warm_p50_ms']:.3f} p99 {f['warm_p99_ms']:.3f} ms "
+        f"(a routing-table lookup, not a call); cold p50 {f['cold_p50_ms']:.0f} p99 {f['cold_p99_ms']:.0f} "
+        f"ms (wanted -> evict -> drain {DRAIN_S * 1e3:.0f} ms -> place -> simulated load "
+        f"{LOAD_S * 1e3:.0f} ms); {f['evictions_per_min']:.0f} evictions/min"
     )
     print(
-        f"  hit rate {f['hit_rate']:.1%}; warm p50/p99 {f['warm_p50_ms']:.3f}/{f['warm_p99_ms']:.3f} ms; "
-        f"cold p50/p99 {f['cold_p50_ms']:.0f}/{f['cold_p99_ms']:.0f} ms; "
+        f"  simulated agents: hit rate {f['hit_rate']:.1%}; warm p50/p99 {f['warm_p50_ms']:.3f}/"
+        f"{f['warm_p99_ms']:.3f} ms (table lookup, no call); cold p50/p99 {f['cold_p50_ms']:.0f}/"
+        f"{f['cold_p99_ms']:.0f} ms (simulated {LOAD_S * 1e3:.0f} ms loads); "
         f"{f['evictions_per_min']:.0f} evictions/min"
     )
     verdict(
@@ -317,24 +320,30 @@ def test_copies_follow_load(quick: bool, verdict: Verdict, record: Callable[[str
     rate = 0.6 * 4 / SERVICE_S  # 60% of the fleet's capacity (1,200 calls/s)
     fixed = _simulate(False, duration_s, rate, seed=3)
     follow = _simulate(True, duration_s, rate, seed=3)
-    print(f"\nZipf 1.1 over 200 models, 4 containers of 500 calls/s, {rate:.0f} calls/s, {duration_s:.0f} s")
-    print(f"  {'':14} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8} {'changes/min':>12}")
+    # The simulation queues every call until served: calls/s equals the arrival rate by construction, so it
+    # is shown as the offered load, never as a measured throughput.
+    print(
+        f"\nSIMULATION: Zipf 1.1 over 200 models, 4 containers of 500 calls/s, {rate:.0f} calls/s offered "
+        f"(all served by construction), {duration_s:.0f} s simulated"
+    )
+    print(f"  {'':14} {'p50 ms':>8} {'p99 ms':>8} {'changes/min':>12}")
     for name, f in (("fixed copies", fixed), ("follow load", follow)):
-        figures = f"{f['p50_ms']:8.1f} {f['p99_ms']:8.1f} {f['throughput']:8.0f} {f['changes_per_min']:12.1f}"
+        figures = f"{f['p50_ms']:8.1f} {f['p99_ms']:8.1f} {f['changes_per_min']:12.1f}"
         print(f"  {name:14} {figures}")
         record(
-            f"{name}: p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, {f['throughput']:.0f} calls/s, "
-            f"{f['changes_per_min']:.1f} copy changes/min ({f['late_changes_per_min']:.1f} after warm-up)"
+            f"SIMULATED {name}: p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms at {rate:.0f} calls/s "
+            f"offered (every call served by construction), {f['changes_per_min']:.1f} copy changes/min "
+            f"({f['late_changes_per_min']:.1f} after warm-up)"
         )
     ratio = fixed["p99_ms"] / follow["p99_ms"]
     verdict(
-        "p99 fixed / follow-load at the same throughput",
+        "simulated p99 fixed / follow-load, same arrivals",
         f"{ratio:.1f}x ({fixed['p99_ms']:.1f} vs {follow['p99_ms']:.1f} ms)",
         ">= 2x",
-        ratio >= 2 and abs(fixed["throughput"] - follow["throughput"]) <= 0.02 * fixed["throughput"],
+        ratio >= 2,
     )
     verdict(
-        "copy changes per model per scale-down period after warm-up (most)",
+        "simulated copy changes per model per scale-down period after warm-up (most)",
         f"{follow['late_max_changes_per_model_period']} "
         f"(during ramp-up: {follow['max_changes_per_model_period']})",
         "<= 1",

@@ -64,13 +64,20 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> N
 
 class EtcdServer:
     def __init__(
-        self, workdir: Path, *, tls: tuple[Path, Path] | None = None, client_ca: Path | None = None
+        self,
+        workdir: Path,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
+        compaction_retention: str | None = None,
     ) -> None:
         """`tls`: (certificate, key) to serve clients over TLS only; `client_ca`: with `tls`, accept only
-        clients holding a certificate signed by this CA."""
+        clients holding a certificate signed by this CA; `compaction_retention`: periodic auto-compaction
+        (as deploy/k8s/etcd.yaml runs etcd) keeping this much history, e.g. "1m"."""
         self.workdir = workdir
         self.tls = tls
         self.client_ca = client_ca
+        self.compaction_retention = compaction_retention
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -88,6 +95,11 @@ class EtcdServer:
         tls = [f"--cert-file={self.tls[0]}", f"--key-file={self.tls[1]}"] if self.tls else []
         if self.client_ca is not None:
             tls += ["--client-cert-auth", f"--trusted-ca-file={self.client_ca}"]
+        compaction = (
+            ["--auto-compaction-mode=periodic", f"--auto-compaction-retention={self.compaction_retention}"]
+            if self.compaction_retention
+            else []
+        )
         log = self.workdir / "etcd.log"
         self.process = subprocess.Popen(
             [
@@ -100,6 +112,7 @@ class EtcdServer:
                 f"--initial-cluster=default={peer}",
                 "--log-level=warn",
                 *tls,
+                *compaction,
             ],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

@@ -38,6 +38,7 @@ class Load:
         self.wrong = 0
         self.failures: list[list[Any]] = []
         self.answered: set[str] = set()
+        self.right = 0  # calls answered, and answered right
 
     def request(self, model: str, seq: int) -> tuple[Any, Any]:
         import numpy as np
@@ -67,6 +68,7 @@ class Load:
                     self.failures.append([time.time(), model, kind, "WRONG", f"{out} != {expected}"])
             else:
                 self.answered.add(model)
+                self.right += 1
 
     def unary(self, model: str, stop: threading.Event) -> None:
         import grpc
@@ -141,19 +143,33 @@ class Loader:
             self.process.kill()
             raise AssertionError(f"the caller never had an answer from every model: {line}")
 
+    def progress(self) -> tuple[int, int]:
+        """Calls made and calls answered right so far (as of the last tenth of a second)."""
+        path = Path(str(self.stop_file) + ".calls")
+        if not path.exists():
+            return 0, 0
+        made, right = path.read_text().split()
+        return int(made), int(right)
+
     def calls(self) -> int:
         """Calls made so far (as of the last tenth of a second)."""
-        path = Path(str(self.stop_file) + ".calls")
-        return int(path.read_text()) if path.exists() else 0
+        return self.progress()[0]
 
     def wait_for_more_calls(self, count: int, ceiling_s: float = 30.0) -> None:
         """Waits until `count` more calls have been made: the load went on past the fault's recovery."""
-        target = self.calls() + count
+        self._wait_for(0, count, "calls", ceiling_s)
+
+    def wait_for_more_answers(self, count: int, ceiling_s: float = 30.0) -> None:
+        """Waits until `count` more calls have been answered right (e.g. the caller reconnected)."""
+        self._wait_for(1, count, "right answers", ceiling_s)
+
+    def _wait_for(self, which: int, count: int, what: str, ceiling_s: float) -> None:
+        target = self.progress()[which] + count
         started = time.monotonic()
-        while self.calls() < target:
+        while self.progress()[which] < target:
             assert self.process.poll() is None, "the caller process exited"
-            assert time.monotonic() - started < ceiling_s, f"fewer than {count} calls in {ceiling_s:.0f} s"
-            time.sleep(0.1)
+            assert time.monotonic() - started < ceiling_s, f"fewer than {count} {what} in {ceiling_s:.0f} s"
+            time.sleep(0.1)  # the caller writes its progress every tenth of a second
 
     def stop(self) -> dict[str, Any]:
         if self.figures is None:
@@ -195,8 +211,8 @@ def main(argv: list[str]) -> None:
     while not Path(stop_file).exists():
         # Calls made so far, for callers that wait for more calls after a fault (written whole, then renamed).
         with load.lock:
-            made = sum(load.calls.values())
-        progress.with_suffix(".tmp").write_text(str(made))
+            made, right = sum(load.calls.values()), load.right
+        progress.with_suffix(".tmp").write_text(f"{made} {right}")
         progress.with_suffix(".tmp").replace(progress)
         time.sleep(0.1)  # a file, not a signal: the caller reads the figures after its own assertions
     stop.set()

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import triton_model_name
@@ -166,6 +167,20 @@ def test_tensor_shape_mismatch_returns_invalid_argument(client: grpcclient.Infer
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
+def test_a_tritons_error_names_the_model_as_the_caller_sent_it_not_its_internal_name(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """Triton knows the version as 'scale@1' and says so; the caller asked for 'scale' (version 1)."""
+    wrong_type = grpcclient.InferInput("INPUT", [3], "INT32")
+    wrong_type.set_data_from_numpy(np.array([1, 2, 3], dtype=np.int32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("scale", [wrong_type], request_id="caller-7")
+    message = caught.value.message()
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "'scale' version '1'" in message and "data-type is 'INT32'" in message, message
+    assert "scale@1" not in message and "[request id: caller-7]" in message
+
+
 def test_bytes_that_are_not_a_request_return_invalid_argument(fleet: FleetThread) -> None:
     with grpc.insecure_channel(fleet.address) as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -305,6 +320,45 @@ def test_an_unknown_model_in_a_stream_is_an_in_stream_error_and_the_stream_goes_
     results = [result for result, error in got if error is None]
     assert len(errors) == 1 and "no_such_model" in str(errors[0])
     np.testing.assert_array_equal(results[0].as_numpy("OUTPUT"), x)
+
+
+def _stream_infer_int32(
+    fleet: FleetThread, model: str, request_id: str
+) -> kserve_pb.ModelStreamInferResponse:
+    """One ModelStreamInfer request with an INT32 input (the models take FP32): Triton's in-stream error."""
+    request = kserve_pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="INPUT", datatype="INT32", shape=[3])
+    request.raw_input_contents.append(np.array([1, 2, 3], dtype=np.int32).tobytes())
+    with grpc.insecure_channel(fleet.address) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=kserve_pb.ModelInferRequest.SerializeToString,
+            response_deserializer=kserve_pb.ModelStreamInferResponse.FromString,
+        )
+        responses = stream(iter([request]), timeout=30)
+        first: kserve_pb.ModelStreamInferResponse = next(responses)
+        responses.cancel()
+        return first
+
+
+def test_an_in_stream_error_carries_the_callers_request_id_and_the_public_model_name(
+    fleet: FleetThread,
+) -> None:
+    """The router sends each streamed request up under an id of its own (streams are shared); Triton's
+    error quotes that id and its internal name. The caller reads its own id and the name it sent."""
+    answer = _stream_infer_int32(fleet, "scale", "caller-7")
+    message = answer.error_message
+    assert message.startswith("[request id: caller-7] "), message
+    assert "'scale' version '1'" in message and "data-type is 'INT32'" in message, message
+    assert "scale@1" not in message
+    assert answer.infer_response.id == "caller-7"
+    anonymous = _stream_infer_int32(fleet, "scale", "").error_message  # no id sent: none quoted
+    assert "request id" not in anonymous and "'scale' version '1'" in anonymous, anonymous
+
+
+def test_an_unroutable_request_in_a_stream_answers_with_the_callers_request_id(fleet: FleetThread) -> None:
+    answer = _stream_infer_int32(fleet, "no_such_model", "caller-8")
+    assert "no_such_model" in answer.error_message and answer.infer_response.id == "caller-8"
 
 
 # -- modelyard.v1 from stubs generated out of protos/ alone --------------------------------------------

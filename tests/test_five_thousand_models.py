@@ -34,7 +34,13 @@ CONTAINERS = 4
 PRIVATE = "acme"  # every tenth model is private to this tenant
 OTHER = "globex"
 WARM_FACTOR = 3.0
-WARM_MAX_S = 1.0  # a warm call slower than this is a stall
+# A stall is the warm model's calls held up by the import's work (a loop blocked per registration, a load
+# queued ahead of a loaded model): it shows in every call while it lasts, so in the p99 as much as in the
+# slowest call. The bounds leave room for a loaded CI machine: over four runs on 2 shared CPUs the p99 was
+# 110-370 ms and the slowest call 0.4-2.2 s (over 1 s only while the load average was above 10, where the
+# scheduler alone holds a process that long); each bound is above twice the worst seen.
+WARM_P99_MAX_S = 1.0
+WARM_MAX_S = 5.0
 X = [1.0, 2.0, -4.0]
 
 
@@ -272,6 +278,7 @@ def test_random_models_of_5000_imported_answer_per_tenant_while_a_warm_model_nev
         f"{len(latencies_ms)} calls p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {latencies_ms[-1]:.0f} ms"
     )
     assert figures["errors"] == []
+    assert p99 < WARM_P99_MAX_S * 1000, f"the warm model stalled: p99 {p99:.0f} ms"
     assert latencies_ms[-1] < WARM_MAX_S * 1000, f"the warm model stalled: {latencies_ms[-1]:.0f} ms"
     copies = {a.container.id: len(a.loaded) for a in fleet.fleet.agents}
     assert sum(copies.values()) == COUNT + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,3 +182,38 @@ def test_a_cold_model_too_big_for_every_container_fails_with_the_controllers_rea
     assert caught.value.status() == "StatusCode.UNAVAILABLE"
     assert "cannot be placed" in str(caught.value)
     assert fleet.fleet.agents[0].load_calls == 0
+
+
+def test_a_cold_call_while_the_only_container_is_down_says_no_container_is_up(
+    fleet: FleetThread, tmp_path: Path
+) -> None:
+    """Not "no custom container can make room for N bytes": there is room, and nothing to hold it."""
+    router, controller = fleet.fleet.router, fleet.fleet.controller
+    assert router is not None and controller is not None
+
+    def registered() -> set[str]:
+        """The containers both the router and the controller know (each follows the store)."""
+        return set(router.router.table.fleet.containers) & set(controller.follower.fleet.containers)
+
+    def wait_until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"{what}: not within 30 s"
+            time.sleep(0.05)
+
+    wait_until(lambda: registered() == {"custom-0"}, "the container registered")
+    process = fleet.fleet.customs[0].process
+    assert process is not None
+    os.kill(process.pid, signal.SIGKILL)
+    # Its agent finds it gone and withdraws it; seen by the router and by the controller.
+    wait_until(lambda: not router.router.table.fleet.containers, "the router seeing it withdrawn")
+    wait_until(lambda: not controller.follower.fleet.containers, "the controller seeing it withdrawn")
+    register(fleet, scale_model(tmp_path / "models", "cold", 3.0))
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as caught:
+        infer(fleet.address, "cold", np.ones(2, dtype=np.float32), timeout_s=20)
+    message = caught.value.message()
+    assert time.monotonic() - started < 10  # said, not waited out
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    assert "model 'cold' version '1' cannot be placed: no custom container is up" in message, message
+    assert "make room" not in message

@@ -161,6 +161,11 @@ def _evictable(victim: ModelLoad, policy: Policy) -> bool:
     )
 
 
+def no_container_up(backend: str, kind: str) -> str:
+    """Why nothing can be placed when no live container of the backend (and kind) exists at all."""
+    return f"no {backend} container{'' if kind == 'any' else f' of kind {kind}'} is up"
+
+
 def make_room(
     load: ModelLoad, rooms: Sequence[Room], loads: Iterable[ModelLoad], policy: Policy
 ) -> tuple[str, list[ModelLoad]] | Literal["wait", "never"]:
@@ -250,7 +255,13 @@ def plan_autoscale(
         live = [by_key[k] for k in by_key if k not in changes]
         found = make_room(load, list(free.values()), live, policy)
         if found == "never":
-            why = f"no {load.backend} container can make room for {load.cost_bytes} bytes"
+            kinds = {r.kind for r in rooms if r.backend == load.backend}
+            if not kinds:
+                why = no_container_up(load.backend, "any")
+            elif load.kind != "any" and load.kind not in kinds:
+                why = no_container_up(load.backend, load.kind)
+            else:
+                why = f"no {load.backend} container can make room for {load.cost_bytes} bytes"
             if load.wanted and not load.copies:
                 blocked[load.key] = why
             decisions.append(Decision("no room", load.key, "", why))

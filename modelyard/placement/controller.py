@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from modelyard.placement import registry
-from modelyard.placement.autoscale import Policy, copies_to_place
+from modelyard.placement.autoscale import Policy, copies_to_place, no_container_up
 from modelyard.placement.autoscaler import Autoscaler
 from modelyard.placement.follow import StoreFollower
 from modelyard.placement.mapwriter import MapWriter
@@ -369,6 +369,9 @@ def incremental_changes(
             if new != fleet.assignments.get(m.key, ()):
                 changes[m.key] = new
             if m.key in result.unplaced or not placed:
+                if not capacities:  # not a matter of room: nothing of this backend is up to hold it
+                    unplaced[m.key] = no_container_up(backend, "any")
+                    continue
                 why = result.unplaced.get(m.key, "no live container")
                 unplaced[m.key] = f"{why} (among {backend} containers)"
     return changes, unplaced

@@ -93,6 +93,35 @@ def public_stream_response(model: ModelVersion, response: bytes) -> bytes:
     return with_nested_name(response, 2, model.name)
 
 
+def public_error(
+    model: ModelVersion, message: str, upstream_id: str | None = None, caller_id: str = ""
+) -> str:
+    """A container's error message as the caller should read it: the model as the caller names it (Triton
+    and MLServer quote their internal name, 'scale@1'), and on a pooled stream the caller's request id,
+    not the one the router sent up in its place (Triton starts the message with "[request id: ID] ")."""
+    if upstream_id is not None:
+        sent = f"[request id: {upstream_id}] "
+        if message.startswith(sent):
+            message = (f"[request id: {caller_id}] " if caller_id else "") + message[len(sent) :]
+    if model.backend in PER_VERSION_NAME_BACKENDS:
+        internal = triton_model_name(model.name, model.version)
+        if internal in message:
+            message = message.replace(f"'{internal}'", f"'{model.name}' version '{model.version}'")
+            message = message.replace(internal, f"{model.name} version {model.version}")
+    return message
+
+
+def _public_rpc_error(model: ModelVersion, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """`exc` with its details as the caller should read them (public_error); the same error if unchanged."""
+    details = exc.details() or ""
+    public = public_error(model, details)
+    if public == details:
+        return exc
+    return grpc.aio.AioRpcError(
+        exc.code(), exc.initial_metadata(), exc.trailing_metadata(), public, exc.debug_error_string()
+    )
+
+
 class Router:
     def __init__(
         self,
@@ -275,13 +304,13 @@ class Router:
                     # (restarted at its address, or unloaded it for a move) before the store said so. The
                     # request did not run there either, so it is resent like an UNAVAILABLE one.
                     if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-                        raise
+                        raise _public_rpc_error(model, exc) from None
                     refused.add(copy)
                     others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
                     retry_on = self.channels.pick(others)
                     if retry_on is None:
                         if not lazy_load:
-                            raise
+                            raise _public_rpc_error(model, exc) from None
                         retry_on = await self.wait_for_replacement(model, container, refused, deadline)
                     container = retry_on
                     timeout = self.upstream_timeout(context)

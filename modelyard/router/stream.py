@@ -51,6 +51,7 @@ from modelyard.router.errors import (
     stream_error_code,
 )
 from modelyard.router.forward import ContainerChannels
+from modelyard.router.routing import public_error
 from modelyard.router.sagemaker_forward import reject_stream
 from modelyard.router.wire import (
     StreamResponse,
@@ -65,6 +66,12 @@ from modelyard.router.wire import (
 
 if TYPE_CHECKING:
     from modelyard.router.routing import Router
+
+
+def _public_error(request: _Request, message: str) -> str:
+    """A container's in-stream error as the request's caller should read it (routing.public_error)."""
+    return public_error(request.model, message, request.upstream_id, request.caller_id)
+
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +322,8 @@ class Upstream:
             # The copy is stale (the container dropped the model before the store said so) or not ready:
             # the request did not run there, so it goes to another copy, as a unary call's NOT_FOUND does.
             if self._detach(request):
-                self.pool.fail_over(
-                    request, self.container, UpstreamFailed(stream_error_code(info.error), info.error)
-                )
+                error = UpstreamFailed(stream_error_code(info.error), _public_error(request, info.error))
+                self.pool.fail_over(request, self.container, error)
             return
         if info.error is not None or info.final:
             self._finish(request)
@@ -527,6 +533,17 @@ def _caller_id(request: bytes) -> str:
     return read_header(request)[2]
 
 
+def _routing_error(request: bytes, message: str) -> bytes:
+    """The in-stream error answering a request the router could not route, with the caller's request id
+    (when its bytes name one) so that the caller can tell which of its requests failed."""
+    try:
+        caller_id = read_header(request)[2]
+    except WireError:
+        caller_id = ""
+    error = stream_error(message)
+    return error + nested(2, response_fields(None, caller_id)) if caller_id else error
+
+
 async def _write(context: grpc.aio.ServicerContext, data: bytes) -> None:
     """`context.write`; a client that went away ends the handler as a cancellation, not as an error."""
     try:
@@ -561,7 +578,8 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
                 assert isinstance(item, tuple)
                 response, info, _ = item
                 if info.error is not None:
-                    raise ContainerStreamError(info.error)
+                    error = public_error(model, info.error, pending.upstream_id, caller_id)
+                    raise ContainerStreamError(error)
                 if info.inner is None:
                     raise UpstreamFailed(grpc.StatusCode.INTERNAL, "container sent an empty stream response")
                 start, stop = info.inner
@@ -604,7 +622,7 @@ async def relay(
                     slots.release()
                     if not in_stream_errors:
                         raise
-                    sink.push(stream_error(str(exc)))
+                    sink.push(_routing_error(raw, str(exc)))
                     continue
                 await pool.submit(
                     container, model, routed, caller_id, sink=sink, swallow_final=swallow, timeout_s=timeout_s
@@ -631,7 +649,11 @@ async def relay(
                     if response:
                         name = None if info.error is not None else request.name
                         inner = response_fields(name, request.caller_id)
-                        await _write(context, response + nested(2, inner))  # one copy
+                        if info.error is not None:  # appended, its error_message wins over the container's
+                            inner = stream_error(_public_error(request, info.error)) + nested(2, inner)
+                            await _write(context, response + inner)
+                        else:
+                            await _write(context, response + nested(2, inner))  # one copy
             if half_closed and not sink.requests and not sink.items:
                 return
     finally:

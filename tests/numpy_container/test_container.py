@@ -554,15 +554,29 @@ def _host_with_model(tmp_path: Path, **options: Any) -> tuple[ModelHost, str]:
     return ModelHost(MiB, **options), scale_model(tmp_path / "s", 2.0).resolve().as_uri()
 
 
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Yields to the event loop until `condition()` holds: the tasks under test run meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        await asyncio.sleep(0)
+
+
+def _callers_of(host: ModelHost, name: str, version: str) -> int:
+    """Loads and unloads of one version holding or waiting for its lock."""
+    entry = host._locks.get((name, version))
+    return entry.users if entry is not None else 0
+
+
 def test_unload_waits_for_in_flight_requests_and_new_ones_get_unavailable(tmp_path: Path) -> None:
     async def scenario() -> None:
         host, uri = _host_with_model(tmp_path)
         await host.load("s", "1", uri)
         with host.serving("s", "1"):  # a request still running
             unload = asyncio.create_task(host.unload("s", "1"))
-            await asyncio.sleep(0.1)
+            # Marked unloading, and from then on waiting for the request to end.
+            await _until(lambda: host.index() == [("s", "1", "UNLOADING")], "the unload beginning")
             assert not unload.done()
-            assert host.index() == [("s", "1", "UNLOADING")]
             with pytest.raises(Unavailable, match="being unloaded"), host.serving("s", ""):
                 pass
         assert await asyncio.wait_for(unload, 1.0) == ["1"]
@@ -577,9 +591,9 @@ def test_load_during_an_unload_waits_for_it_and_then_loads_again(tmp_path: Path)
         await host.load("s", "1", uri)
         with host.serving("s", "1"):
             unload = asyncio.create_task(host.unload("s", "1"))
-            await asyncio.sleep(0.05)
+            await _until(lambda: host.index() == [("s", "1", "UNLOADING")], "the unload beginning")
             load = asyncio.create_task(host.load("s", "1", uri))
-            await asyncio.sleep(0.05)
+            await _until(lambda: _callers_of(host, "s", "1") == 2, "the load waiting behind the unload")
             assert not load.done()
         await asyncio.wait_for(asyncio.gather(unload, load), 5.0)
         assert host.load_count == 2
@@ -609,55 +623,68 @@ def test_fifty_concurrent_loads_of_one_model_share_one_load(
 ) -> None:
     reads: list[Path] = []
 
-    def slow_loader(path: Path) -> NumpyModel:
+    def held_loader(path: Path) -> NumpyModel:
+        """The first read is held until all 50 load calls have reached the container (each one holding or
+        waiting for the model's lock): every one of them arrives while a load runs."""
         reads.append(path)
-        time.sleep(0.3)  # long enough that all 50 calls arrive while the first load runs
+        deadline = time.monotonic() + 30
+        while sum(entry.users for entry in list(host._locks.values())) < 50:
+            assert time.monotonic() < deadline, "fewer than 50 load calls reached the container in 30 s"
+            time.sleep(0.01)
         return load_model_dir(path)
 
-    thread = start_container(loader=slow_loader)
+    thread = start_container(loader=held_loader)
+    host = thread.container.models
     path, _, _ = linear_model(tmp_path / "lin")
     repos = [Repository(thread.address) for _ in range(5)]
     try:
-        started = time.monotonic()
         with ThreadPoolExecutor(50) as pool:
             results = list(pool.map(lambda i: repos[i % 5].load("lin", path), range(50)))
-        elapsed_s = time.monotonic() - started
     finally:
         for r in repos:
             r.close()
     assert results == [None] * 50
     assert len(reads) == 1 and thread.container.load_count == 1
-    assert elapsed_s < 3.0  # 50 serialized loads would take 15 s
     assert thread.container.used_bytes == 40
 
 
 def test_loads_read_files_off_the_event_loop(
     tmp_path: Path, start_container: Callable[..., ContainerThread]
 ) -> None:
-    def slow_loader(path: Path) -> NumpyModel:
-        time.sleep(0.5)
+    reading = threading.Condition()
+    readers = 0
+    release = threading.Event()
+
+    def held_loader(path: Path) -> NumpyModel:
+        """A read that lasts until the test releases it (a slow disk), counted while it runs."""
+        nonlocal readers
+        with reading:
+            readers += 1
+            reading.notify_all()
+        assert release.wait(30), "the test never released the reads"
         return load_model_dir(path)
 
-    thread = start_container(loader=slow_loader)
+    thread = start_container(loader=held_loader)
     paths = [scale_model(tmp_path / str(i), 1.0) for i in range(4)]
     repo = Repository(thread.address)
     try:
         with ThreadPoolExecutor(5) as pool, grpcclient.InferenceServerClient(thread.address) as client:
-            started = time.monotonic()
             loads = [pool.submit(repo.load, f"m{i}", path) for i, path in enumerate(paths)]
-            time.sleep(0.1)
-            live_started = time.monotonic()
-            assert client.is_server_live()
-            live_s = time.monotonic() - live_started
-            states = {m.name: m.state for m in client.get_model_repository_index().models}
+            try:
+                with reading:  # different models load in parallel: all four reads run at once
+                    assert reading.wait_for(lambda: readers == 4, 30), f"{readers} of 4 reads running at once"
+                live_started = time.monotonic()
+                assert client.is_server_live(client_timeout=5)
+                live_s = time.monotonic() - live_started
+                states = {m.name: m.state for m in client.get_model_repository_index().models}
+            finally:
+                release.set()
             for load in loads:
                 load.result()
-            total_s = time.monotonic() - started
     finally:
         repo.close()
-    assert live_s < 0.3  # the loop answered while four loads slept in threads
+    assert live_s < 0.3  # the loop answered while four reads were held in threads
     assert states == {f"m{i}": "LOADING" for i in range(4)}  # loads in progress are announced
-    assert total_s < 1.5  # and different models load in parallel (serialized: 2 s)
 
 
 def infer_request(model: str, x: np.ndarray) -> bytes:

@@ -228,6 +228,22 @@ def test_room_held_by_floors_only_fails_the_call_with_a_reason() -> None:
     assert plan.changes == {} and "new@1" in plan.blocked
 
 
+def test_room_held_by_floors_says_no_container_can_make_room() -> None:
+    wanted = load("new@1", copies=(), ready=0, replicas=0, most_copies=1, wanted=True)
+    floors = [load("a@1", copies=("c0",)), load("b@1", copies=("c1",))]
+    plan = plan_autoscale([wanted, *floors], rooms(0, 0), POLICY, Timers(), 0.0)
+    assert plan.blocked == {"new@1": f"no custom container can make room for {GiB} bytes"}
+
+
+def test_with_no_container_of_its_backend_up_a_wanted_model_is_told_so_not_about_room() -> None:
+    wanted = load("new@1", copies=(), ready=0, replicas=0, most_copies=1, wanted=True)
+    none_up = plan_autoscale([wanted], rooms(8, backend="triton"), POLICY, Timers(), 0.0)
+    assert none_up.blocked == {"new@1": "no custom container is up"}
+    gpu_only = [Room("g0", "custom", "gpu", 8 * GiB)]
+    no_cpu = plan_autoscale([wanted], gpu_only, POLICY, Timers(), 0.0)  # the model is for cpu containers
+    assert no_cpu.blocked == {"new@1": "no custom container of kind cpu is up"}
+
+
 def test_unclaimed_draining_room_is_claimed_instead_of_evicting_more() -> None:
     wanted = load("new@1", copies=(), ready=0, replicas=0, most_copies=1, wanted=True)
     idle = on_demand("idle@1", "c0", idle_s=900)

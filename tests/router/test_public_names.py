@@ -8,7 +8,7 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.placement.model import ModelVersion
 from modelyard.router.errors import ContainerStreamError, stream_error_code
-from modelyard.router.routing import public_response, public_stream_response
+from modelyard.router.routing import public_error, public_response, public_stream_response
 from modelyard.router.wire import stream_error
 
 ON_TRITON = ModelVersion("scale", "2", backend="triton")
@@ -78,3 +78,15 @@ def test_a_container_s_in_stream_error_gets_the_code_of_its_cause(
 ) -> None:
     assert stream_error_code(message) == code
     assert ContainerStreamError(message).code == code
+
+
+def test_a_containers_error_names_the_public_model_and_the_callers_request_id() -> None:
+    said = "[request id: 17] inference input 'INPUT' data-type is 'INT32', but model 'scale@2' expects 'FP32'"
+    assert public_error(ON_TRITON, said, "17", "mine") == (
+        "[request id: mine] inference input 'INPUT' data-type is 'INT32', but model 'scale' version '2' "
+        "expects 'FP32'"
+    )
+    assert public_error(ON_TRITON, said, "17", "").startswith("inference input")  # the caller sent no id
+    assert public_error(ON_TRITON, said, "18", "mine").startswith("[request id: 17]")  # not ours: kept
+    assert public_error(ON_TRITON, "Model scale@2 is not ready") == "Model scale version 2 is not ready"
+    assert public_error(ON_CUSTOM, "model 'scale@2' is odd") == "model 'scale@2' is odd"  # its own words
