@@ -92,6 +92,13 @@ def start_custom_fleet(
             async with asyncio.timeout(60):
                 while not table.fleet.leader:
                     await table.wait_changed(registry.LEADER, 1.0)
+        # ... and every container registered: a model registered by the test must find room at once (else
+        # the controller answers its cold call "no custom container is up", UNAVAILABLE).
+        assert fleet.router is not None
+        table = fleet.router.router.table
+        async with asyncio.timeout(60):
+            while len(table.fleet.containers) < containers:
+                await table.wait_changed(registry.CONTAINERS, 1.0)
         if models:
             await fleet.wait_ready(models, timeout_s=60)
 

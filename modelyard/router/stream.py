@@ -51,7 +51,7 @@ from modelyard.router.errors import (
     stream_error_code,
 )
 from modelyard.router.forward import ContainerChannels
-from modelyard.router.routing import public_error
+from modelyard.router.public_names import public_error
 from modelyard.router.sagemaker_forward import reject_stream
 from modelyard.router.wire import (
     StreamResponse,

@@ -8,7 +8,7 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.placement.model import ModelVersion
 from modelyard.router.errors import ContainerStreamError, stream_error_code
-from modelyard.router.routing import public_error, public_response, public_stream_response
+from modelyard.router.public_names import public_error, public_response, public_stream_response
 from modelyard.router.wire import stream_error
 
 ON_TRITON = ModelVersion("scale", "2", backend="triton")
