@@ -105,7 +105,7 @@ def test_a_tar_gz_of_a_model_directory_registers_like_the_folder(tmp_path: Path)
     assert again.stdout.count("already registered, unchanged:") == 2
 
 
-@pytest.mark.parametrize("example", ["add_sub", "scale", "identity", "stream"])
+@pytest.mark.parametrize("example", ["add_sub", "scale", "identity", "stream", "accumulate"])
 def test_every_example_uploads_as_documented(example: str, tmp_path: Path) -> None:
     done = modelyard("models", "upload", str(EXAMPLES_DIR / example), "--version", "1", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr

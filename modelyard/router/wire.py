@@ -254,6 +254,26 @@ def wants_empty_final_response(request: bytes) -> bool:
     return wanted
 
 
+def parameter_fields(request: bytes) -> bytes:
+    """Every `parameters` map entry (field 4) of a request, tag and length included, as one message's
+    bytes (b"" without any); tensors and every other field are skipped unread."""
+    found = b""
+    pos = 0
+    end = len(request)
+    while pos < end:
+        start = pos
+        tag, pos = _varint(request, pos)
+        if tag == 0x22:
+            length, pos = _varint(request, pos)
+            if pos + length > end:
+                raise WireError("field 4 runs past the end of the message")
+            pos += length
+            found += request[start:pos]
+        else:
+            pos = _skip(request, pos, tag, end)
+    return found
+
+
 def with_stream_request_id(request: bytes, request_id: str) -> bytes:
     """The request with its `id` set and an explicit final response asked for (so its end is known)."""
     raw_key = _EMPTY_FINAL_REQUEST
