@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as kserve
 from tritonclient.utils import InferenceServerException
 
 from modelyard.catalog.examples import install_example
@@ -244,3 +247,37 @@ def test_a_sequence_stays_on_one_copy_through_two_routers_and_dies_with_it(fleet
     assert by_rest(fleet, kept, 7.0) == sum(range(1, 8))
     assert by_rest(fleet, lost, 10.0, start=True) == 10.0
     assert by_grpc(fleet, lost, 1.0) == 11.0
+
+
+parameter_values = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=8),
+)
+
+
+@given(
+    parameters=st.dictionaries(
+        st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "priority", "x" * 200]),
+        parameter_values,
+        max_size=4,
+    ),
+    tensor_bytes=st.integers(0, 300),
+)
+def test_the_sequence_read_from_bytes_is_what_protobuf_reads(parameters: dict, tensor_bytes: int) -> None:
+    request = kserve.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * tensor_bytes])
+    for key, value in parameters.items():
+        field = {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[key], field, value)
+    expected = None
+    sequence_id = parameters.get("sequence_id")
+    if sequence_id is not None and not isinstance(sequence_id, bool) and sequence_id not in (0, ""):
+        start = parameters.get("sequence_start")
+        expected = SequenceCall(str(sequence_id), start is True)
+    assert read_sequence(request.SerializeToString()) == expected
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_give_a_sequence_or_none_and_never_raise(data: bytes) -> None:
+    found = read_sequence(data)
+    assert found is None or isinstance(found, SequenceCall)

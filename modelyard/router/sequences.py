@@ -15,17 +15,17 @@ sequence; the client starts it again (`sequence_start`). A copy added while a se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from tritonclient.grpc import service_pb2 as kserve
 
 from modelyard.placement.model import Container, ModelVersion
 from modelyard.router.errors import RoutingError
-from modelyard.router.wire import WireError, parameter_fields
+from modelyard.router.wire import WireError, read_sequence_parameters
 
 # Triton's sequence batcher, for a call without START whose sequence it does not hold.
 _UNKNOWN_SEQUENCE = re.compile(r"must specify the START flag")
@@ -47,39 +47,29 @@ class SequenceLost(RoutingError):
 
 def read_sequence(request: bytes) -> SequenceCall | None:
     """The sequence a serialized ModelInferRequest belongs to, or None. Reads only its `parameters` map
-    entries (every other field is skipped unread); bytes that do not parse are no sequence (the container
-    refuses them)."""
+    entries; bytes that do not parse are of no sequence (the container refuses them)."""
     try:
-        fields = parameter_fields(request)
+        found = read_sequence_parameters(request)
     except WireError:
         return None
-    if not fields:
-        return None
-    try:
-        parameters = kserve.ModelInferRequest.FromString(fields).parameters
-    except Exception:  # protobuf's DecodeError
-        return None
-    if "sequence_id" not in parameters:
-        return None
-    value = parameters["sequence_id"]
-    kind = value.WhichOneof("parameter_choice")
-    if kind in ("int64_param", "uint64_param"):
-        number = getattr(value, kind)
-        if number == 0:
-            return None
-        sequence_id = str(number)
-    elif kind == "string_param":
-        if not value.string_param:
-            return None
-        sequence_id = value.string_param
-    else:
-        return None
-    start = parameters["sequence_start"].bool_param if "sequence_start" in parameters else False
-    return SequenceCall(sequence_id, start)
+    return None if found is None else SequenceCall(*found)
 
 
-def _score(sequence_id: str, container_id: str) -> bytes:
-    return hashlib.blake2b(f"{sequence_id}\0{container_id}".encode(), digest_size=8).digest()
+_MASK_64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=65536)
+def _digest(text: str) -> int:
+    """64 bits of BLAKE2b: the same on every router (Python's own str hash is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _score(sequence: int, container: int) -> int:
+    """splitmix64's finalizer over both digests: a well-mixed score per (sequence, copy) pair."""
+    x = sequence ^ container
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return x ^ (x >> 31)
 
 
 def sticky_copy(sequence_id: str, copies: Sequence[Container]) -> Container | None:
@@ -88,7 +78,8 @@ def sticky_copy(sequence_id: str, copies: Sequence[Container]) -> Container | No
         return None
     if len(copies) == 1:
         return copies[0]
-    return max(copies, key=lambda c: (_score(sequence_id, c.id), c.id))
+    sequence = _digest(sequence_id)
+    return max(copies, key=lambda c: (_score(sequence, _digest(c.id)), c.id))
 
 
 def lost_sequence(
