@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from modelyard.router.routing import Router
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # a refusal's advice to wait (tenant limits): Retry-After here
 # Headers that travel from HTTP into the call's metadata: credentials and trace context. Nothing else
 # (Host, Content-Length, ...) means anything to a gRPC hop.
 _METADATA_HEADERS = (AUTHORIZATION_HEADER, TENANT_HEADER, FLEET_SECRET_HEADER, "traceparent", "tracestate")
@@ -74,6 +76,7 @@ class _Aborted(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+        self.headers: dict[str, str] = {}
 
 
 class HttpCallContext:
@@ -104,7 +107,11 @@ class HttpCallContext:
         self.trailing_metadata = tuple(metadata)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
-        raise _Aborted(code, details)
+        aborted = _Aborted(code, details)
+        for key, value in self.trailing_metadata:
+            if key == PUSHBACK_HEADER and str(value).isdigit():  # gRPC's retry pushback, in HTTP's words
+                aborted.headers["Retry-After"] = str(max(1, math.ceil(int(value) / 1000)))
+        raise aborted
 
 
 def _certificate_names(peer: dict[str, Any]) -> dict[str, list[bytes]]:
@@ -456,7 +463,7 @@ class RestFront:
         except RestError as exc:
             return _error(exc.status, str(exc))
         except _Aborted as exc:
-            return _error(HTTP_STATUS.get(exc.code, 500), exc.details or exc.code.name)
+            return _error(HTTP_STATUS.get(exc.code, 500), exc.details or exc.code.name, exc.headers)
         except web.HTTPRequestEntityTooLarge as exc:
             return _error(
                 413, f"request body over the router's limit of {self.max_body_bytes} bytes ({exc.text})"
