@@ -10,6 +10,7 @@ refused with one line naming the model.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,15 @@ def model_name(model_dir: Path, config: Any) -> str:
     return model_dir.name
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link where the file system allows one (staging reads the files once more, never writes
+    them), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def stage_version(model_dir: Path, version: str, into: Path) -> Path:
     """One version of a Triton model directory in our artifact layout, under `into` (a new folder):
     config.pbtxt as it is and `version/` holding the version folder's files. Blocking file I/O."""
@@ -125,8 +135,13 @@ def stage_version(model_dir: Path, version: str, into: Path) -> Path:
         raise TritonRepoError(f"model '{model_dir.name}' has no version folder {version}/")
     target = into / f"{model_dir.name}@{version}"
     target.mkdir(parents=True)
-    shutil.copy2(model_dir / CONFIG, target / CONFIG)
-    shutil.copytree(source, target / VERSION_FILES, ignore=shutil.ignore_patterns("__pycache__"))
+    _link_or_copy(str(model_dir / CONFIG), str(target / CONFIG))
+    shutil.copytree(
+        source,
+        target / VERSION_FILES,
+        ignore=shutil.ignore_patterns("__pycache__"),
+        copy_function=_link_or_copy,
+    )
     return target
 
 
