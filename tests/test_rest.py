@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelyard.catalog import pipelines
 from modelyard.catalog.examples import install_example
+from modelyard.catalog.triton_repo import ensemble_pipeline, read_config
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.pipeline import parse_pipeline
@@ -28,18 +29,9 @@ from modelyard.router.identity import Authenticator, IdentityFile, token_key
 from modelyard.router.server import RouterServer
 from tests.conftest import require_triton, stop_process
 from tests.fleet import FleetThread
+from tests.test_triton_repos import ENSEMBLE_CONFIG
 
 MAX_BODY_BYTES = 1024 * 1024
-DOUBLE_TWICE = {
-    "name": "double_twice",
-    "version": "1",
-    "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1]}],
-    "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1]}],
-    "steps": [
-        {"name": "first", "model": "scale", "inputs": {"INPUT": "X"}, "outputs": {"OUTPUT": "twice"}},
-        {"name": "second", "model": "scale", "inputs": {"INPUT": "twice"}, "outputs": {"OUTPUT": "Y"}},
-    ],
-}
 
 
 class RestFleet(FleetThread):
@@ -49,8 +41,8 @@ class RestFleet(FleetThread):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestFleet]:
     """The example models on two Tritons and `linear` on our container; `secret` (identity) private to
-    acme; `lazy` (scale) loaded on demand; the pipeline double_twice. A second router over the same store
-    identifies callers by bearer token only."""
+    acme; `lazy` (scale) loaded on demand; double_twice, a Triton ensemble (scale twice) as a pipeline.
+    A second router over the same store identifies callers by bearer token only."""
     require_triton()
     workdir = tmp_path_factory.mktemp("rest")
     thread = RestFleet(workdir, str(workdir / "store"), containers=2)
@@ -72,7 +64,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestFleet]:
         fleet.start_controller()
         await fleet.start_router()
         await fleet.wait_ready([*models, secret], timeout_s=120)
-        await pipelines.register(fleet.store, parse_pipeline(DOUBLE_TWICE))
+        # A Triton ensemble's config.pbtxt, registered as `models import --triton-repo` registers it.
+        ensemble = workdir / "double_twice"
+        ensemble.mkdir()
+        (ensemble / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
+        spec = ensemble_pipeline("double_twice", "1", read_config(ensemble), ())
+        await pipelines.register(fleet.store, parse_pipeline(spec))
         identity = Authenticator(tokens=IdentityFile(tokens, "token file"))
         thread.token_router = RouterServer(
             fleet.store, port=0, identity=identity, fleet_secret=fleet.fleet_secret, http_port=0,
