@@ -467,6 +467,8 @@ def serve(
                 os.environ[name] = value
         if port == 0:
             fail("--workers needs a fixed --port: the workers share it")
+        if http_port == 0:
+            fail("--workers needs a fixed --http-port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
         sys.exit(
             run_workers(
