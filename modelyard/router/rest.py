@@ -106,9 +106,9 @@ class HttpCallContext:
     def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.trailing_metadata = tuple(metadata)
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         aborted = _Aborted(code, details)
-        for key, value in self.trailing_metadata:
+        for key, value in (*self.trailing_metadata, *(trailing_metadata or ())):
             if key == PUSHBACK_HEADER and str(value).isdigit():  # gRPC's retry pushback, in HTTP's words
                 aborted.headers["Retry-After"] = str(max(1, math.ceil(int(value) / 1000)))
         raise aborted

@@ -114,3 +114,9 @@ def test_the_call_context_carries_only_credentials_and_turns_pushback_into_retry
         asyncio.run(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit"))
     assert aborted.value.headers == {"Retry-After": "2"}
     assert HTTP_STATUS[aborted.value.code] == 429
+    fresh = HttpCallContext(request)  # pushback given with the abort itself, as grpc.aio allows
+    with pytest.raises(_Aborted) as aborted:
+        asyncio.run(
+            fresh.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "over", (("grpc-retry-pushback-ms", "200"),))
+        )
+    assert aborted.value.headers == {"Retry-After": "1"}
