@@ -184,6 +184,17 @@ def test_every_example_answers_rest_as_it_answers_grpc(
         ]
 
 
+def test_model_config_and_statistics_answer_as_on_grpc(
+    rest: httpclient.InferenceServerClient, grpc_client: grpcclient.InferenceServerClient
+) -> None:
+    config = rest.get_model_config("scale")
+    assert config["name"] == "scale" == grpc_client.get_model_config("scale").config.name
+    assert [i["name"] for i in config["input"]] == ["INPUT"]
+    http_infer(rest, "scale", True)
+    stats = rest.get_inference_statistics("scale")["model_stats"]
+    assert [s["name"] for s in stats] == ["scale"] and int(stats[0]["inference_count"]) >= 1
+
+
 def test_a_version_in_the_path_is_used_and_an_unknown_one_is_not_found(
     rest: httpclient.InferenceServerClient,
 ) -> None:

@@ -404,7 +404,7 @@ class RestFront:
         self._handlers: dict[str, Handler] = {}
         for method in (
             "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
-            "ModelInfer", "RepositoryIndex",
+            "ModelStatistics", "ModelInfer", "RepositoryIndex",
         ):  # fmt: skip
             handler = generic.service(_CallDetails(f"/{SERVICE}/{method}"))
             assert handler is not None and handler.unary_unary is not None, method
@@ -427,6 +427,7 @@ class RestFront:
             app.router.add_get(prefix, self.model_metadata)
             app.router.add_get(prefix + "/ready", self.model_ready)
             app.router.add_get(prefix + "/config", self.model_config)
+            app.router.add_get(prefix + "/stats", self.model_statistics)
             app.router.add_post(prefix + "/infer", self.infer)
         return app
 
@@ -527,6 +528,13 @@ class RestFront:
         answer, _ = await self._call("ModelConfig", message, request)
         config = kserve.ModelConfigResponse.FromString(answer).config
         return web.json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+    async def model_statistics(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        message = kserve.ModelStatisticsRequest(name=name, version=version)
+        answer, _ = await self._call("ModelStatistics", message, request)
+        statistics = kserve.ModelStatisticsResponse.FromString(answer)
+        return web.json_response(json_format.MessageToDict(statistics, preserving_proto_field_name=True))
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], request.match_info.get("version", "")
