@@ -297,6 +297,13 @@ def _metrics_port_option(command: F) -> F:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Router listen address.")
 @click.option("--port", default=8001, show_default=True, type=int, help="Router port (0: any free port).")
 @click.option(
+    "--http-port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Router KServe v2 REST port (0: any free port).",
+)
+@click.option(
     "--model-store",
     envvar="MODELYARD_MODEL_STORE",
     default=None,
@@ -328,6 +335,7 @@ def up(
     sagemaker_containers: int,
     host: str,
     port: int,
+    http_port: int,
     model_store: str | None,
     mlserver_containers: int,
     metrics_port: int,
@@ -369,6 +377,7 @@ def up(
         sagemaker_containers=sagemaker_containers,
         host=host,
         port=port,
+        http_port=http_port,
         artifact_store=model_store,
         mlserver_containers=mlserver_containers,
         copy_target_rps=copy_target_rps,
@@ -405,6 +414,13 @@ def up(
 @click.option("--store", "store_url", default=None, help="Store URL (etcd://host:port) or directory.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True, type=int)
+@click.option(
+    "--http-port",
+    envvar="MODELYARD_HTTP_PORT",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Also serve KServe v2 REST on this port (same identity, TLS and routing; 0: any free port).",
+)
 @click.option(
     "--workers",
     default=1,
@@ -466,6 +482,7 @@ def serve(
     store_url: str | None,
     host: str,
     port: int,
+    http_port: int | None,
     workers: int,
     metrics_port: int | None,
     traces: str | None,
@@ -502,12 +519,17 @@ def serve(
     url = settings.store_url(store_url)
     try:
         server_tls = _server_tls(tls_cert, tls_key, tls_client_ca)
+        http_ssl = None
+        if http_port is not None and tls_cert and tls_key:
+            from modelyard.router.rest import server_ssl_context
+
+            http_ssl = server_ssl_context(tls_cert, tls_key, tls_client_ca)
         upstream_tls = (
             channel_credentials(upstream_ca, upstream_cert, upstream_key)
             if upstream_ca or upstream_cert or upstream_key
             else None
         )
-    except TLSConfigError as exc:
+    except (TLSConfigError, OSError) as exc:  # OSError: ssl.SSLError from the REST port's context
         fail(str(exc))
     if tenant_certs and not tls_client_ca:
         fail("--tenant-certs needs --tls-client-ca: the router must verify client certificates")
@@ -538,11 +560,14 @@ def serve(
             ("MODELYARD_INSECURE_TRUST_TENANT_HEADER", "1" if insecure_trust_tenant_header else None),
             ("MODELYARD_FLEET_SECRET_FILE", fleet_secret_file),
             ("MODELYARD_MAX_MESSAGE_BYTES", str(max_message_bytes)),
+            ("MODELYARD_HTTP_PORT", None if http_port is None else str(http_port)),
         ):
             if value:
                 os.environ[name] = value
         if port == 0:
             fail("--workers needs a fixed --port: the workers share it")
+        if http_port == 0:
+            fail("--workers needs a fixed --http-port: the workers share it")
         click.echo(f"router: {workers} workers on {host}:{port}")
         sys.exit(
             run_workers(
@@ -574,11 +599,15 @@ def serve(
             max_message_bytes=max_message_bytes,
             rate_period_s=settings.rate_period_s(),
             admission=settings.admission(),
+            http_port=http_port,
+            http_ssl=http_ssl,
         )
         try:
             await server.start()
             loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
             click.echo(f"router listening on {server.address} (pid {os.getpid()}, event loop: {loop_name})")
+            if server.rest_address is not None:
+                click.echo(f"router REST on {server.rest_address}")
             await stop.wait()
         finally:
             await server.stop(grace_s=drain_s)  # calls in flight finish; new ones are refused

@@ -80,6 +80,7 @@ class LocalFleet:
     scale_down_after_s: float = 300.0
     host: str = "127.0.0.1"
     port: int = 8001
+    http_port: int | None = None  # KServe v2 REST on the router (None: none; 0: any free port)
     tritons: list[TritonServer] = field(default_factory=list)
     customs: list[CustomContainerProcess] = field(default_factory=list)
     mlservers: list[MLServerProcess] = field(default_factory=list)
@@ -415,6 +416,7 @@ class LocalFleet:
             follower=self.follower,
             rate_period_s=settings.rate_period_s(),
             admission=settings.admission(),
+            http_port=self.http_port,
         )
         await self.router.start()
 
@@ -532,6 +534,12 @@ def iris_call(address: str) -> str:
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
 
+def rest_example_call(address: str, model: str = "scale") -> str:
+    """A curl command that calls `model` (FP32 INPUT -> OUTPUT) through the router's REST port."""
+    body = '{"inputs":[{"name":"INPUT","shape":[3],"datatype":"FP32","data":[1,2,3]}]}'
+    return f"curl -s http://{address}/v2/models/{model}/infer -d '{body}'"
+
+
 async def run_up(fleet: LocalFleet) -> bool:
     """Starts the fleet, prints how to call it, and stops it at Ctrl-C (SIGINT) or SIGTERM. Returns whether
     everything stopped within its time."""
@@ -581,6 +589,8 @@ async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
             f"metrics on http://{fleet.host}:{fleet.telemetry.metrics_port}/metrics "
             "(router, controller and agents)"
         )
+    if fleet.router.rest_address is not None:
+        print(f"router REST on {fleet.router.rest_address} (KServe v2 REST)")
     print(
         "tenants: x-tenant-id is trusted as sent (local development; `modelyard serve` identifies "
         "callers by token or client certificate)"
@@ -588,6 +598,8 @@ async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
     print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
     print("try it:")
     print(f"  {example_call(fleet.router.address)}")
+    if fleet.router.rest_address is not None:
+        print(f"  {rest_example_call(fleet.router.rest_address)}")
     if fleet.sagemakers:
         print(f"  {example_call(fleet.router.address, 'sagemaker_scale')}")
         print(f"  curl http://{fleet.sagemakers[0].address}/ping   # and /models: the SageMaker contract")

@@ -907,7 +907,8 @@ def test_up_with_a_sagemaker_container_serves_sagemaker_scale(tmp_path: Path) ->
     except SageMakerNotInstalled as exc:
         missing("Java", str(exc))
     command = [sys.executable, "-m", "modelyard", "up", "--sagemaker-containers", "1", "--containers", "1"]
-    command += ["--custom-containers", "0", "--port", str(free_port()), "--workdir", str(tmp_path / "wd")]
+    command += ["--custom-containers", "0", "--port", str(free_port()), "--http-port", "0"]
+    command += ["--workdir", str(tmp_path / "wd")]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

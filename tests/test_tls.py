@@ -4,7 +4,10 @@ from client certificates and from bearer tokens (router/identity.py)."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from modelyard.numpy_container.container import CustomContainer
 from modelyard.placement import registry
 from modelyard.placement.model import Container
 from modelyard.router.identity import Authenticator, IdentityFile, token_key
+from modelyard.router.rest import server_ssl_context
 from modelyard.router.server import RouterServer
 from modelyard.tls import channel_credentials, server_credentials
 from tests.fleet import FleetThread
@@ -133,6 +137,8 @@ def fleet(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure
             server_credentials=server_credentials(pki["server.pem"], pki["server.key"], pki["ca.pem"]),
             upstream_credentials=channel_credentials(pki["ca.pem"]),
             identity=Authenticator(certificates=IdentityFile(pki["tenant-certs"], "certificate map")),
+            http_port=0,
+            http_ssl=server_ssl_context(str(pki["server.pem"]), str(pki["server.key"]), str(pki["ca.pem"])),
         )  # fmt: skip
         plain = RouterServer(fleet.store, port=0)
         tokens.write_text(f"{token_key(ACME_TOKEN)} acme  # the acme team\n")
@@ -356,3 +362,32 @@ def test_with_mutual_tls_the_plaintext_health_port_still_answers_the_kubelets_pr
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     finally:
         stop_process(process)  # type: ignore[arg-type]
+
+
+def rest_infer(address: str, model: str, client: str | None, pki: PKI) -> tuple[int, dict[str, object]]:
+    """A KServe v2 REST infer call over TLS to the router's REST port, with `client`'s certificate."""
+    context = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+    if client is not None:
+        context.load_cert_chain(str(pki[f"{client}.pem"]), str(pki[f"{client}.key"]))
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    body = {"inputs": [{"name": "INPUT", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}
+    try:
+        connection.request("POST", f"/v2/models/{model}/infer", body=json.dumps(body))
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_rest_over_mtls_takes_the_tenant_from_the_client_certificate(fleet: SecureFleet, pki: PKI) -> None:
+    address = fleet.mtls_router.rest_address
+    assert address is not None
+    status, answer = rest_infer(address, "p", "client", pki)  # CN=client: acme, whose private model p is
+    assert status == 200 and answer["outputs"][0]["data"] == [3.0, 6.0]  # type: ignore[index]
+    status, answer = rest_infer(address, "p", "beta", pki)  # beta: p does not exist
+    assert status == 404 and "'p'" in str(answer["error"])
+    status, answer = rest_infer(address, "m", "stranger", pki)
+    assert status == 401 and "CN=stranger maps to no tenant" in str(answer["error"])
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # no certificate: the handshake fails
+        rest_infer(address, "m", None, pki)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -39,10 +40,21 @@ def read_lines(stream, sink: queue.Queue[str]) -> None:  # type: ignore[no-untyp
 class Up:
     """`modelyard up` as a real process in `cwd`, its output read line by line."""
 
-    def __init__(self, cwd: Path, port: int, *options: str) -> None:
+    def __init__(self, cwd: Path, port: int, *options: str, http_port: int | None = None) -> None:
+        self.http_port = free_port() if http_port is None else http_port
         self.process = subprocess.Popen(
             # The default workdir, relative: ./.modelyard
-            [sys.executable, "-m", "modelyard", "up", "--port", str(port), *options],
+            [
+                sys.executable,
+                "-m",
+                "modelyard",
+                "up",
+                "--port",
+                str(port),
+                "--http-port",
+                str(self.http_port),
+                *options,
+            ],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -98,6 +110,7 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
         up.read_until("press Ctrl-C", 180)
         text = "".join(up.output)
         assert f"router ready on 127.0.0.1:{port}" in text
+        assert f"router REST on 127.0.0.1:{up.http_port}" in text
         pids = [int(m) for m in re.findall(r"^(?:triton|custom)-\d+\s+\S+\s+(\d+)", text, re.MULTILINE)]
         assert len(pids) == 3 and all(alive(pid) for pid in pids)
 
@@ -106,6 +119,10 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
         assert result.returncode == 0, result.stderr
         printed = np.array([float(v) for v in re.findall(r"-?\d+\.?\d*", result.stdout)])
         np.testing.assert_allclose(printed, np.array([1, 2, 3]) * 2.0)
+        curl = up.output[up.output.index("try it:\n") + 2].strip()
+        assert curl.startswith(f"curl -s http://127.0.0.1:{up.http_port}/v2/models/scale/infer"), curl
+        answer = json.loads(run_example(curl).stdout)
+        assert answer["outputs"][0]["data"] == [2.0, 4.0, 6.0]
 
         status, rest = up.ctrl_c()
         assert status == 0, rest
@@ -166,7 +183,18 @@ def test_up_on_a_busy_port_fails_with_one_clear_line(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "modelyard", "up", "--port", str(port), "--workdir", str(tmp_path / "f")],
+            [
+                sys.executable,
+                "-m",
+                "modelyard",
+                "up",
+                "--port",
+                str(port),
+                "--http-port",
+                "0",
+                "--workdir",
+                str(tmp_path / "f"),
+            ],
             capture_output=True,
             text=True,
             timeout=180,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,12 @@ class ImportReport:
     skipped: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (line number, one-line reason)
     seconds: float = 0.0
+    pipelines: int = 0  # Triton ensembles registered as pipelines
 
     def summary(self) -> str:
+        pipelines = f", {self.pipelines} ensembles as pipelines" if self.pipelines else ""
         return (
-            f"imported {self.imported}, skipped {self.skipped}, failed {len(self.failed)} "
+            f"imported {self.imported}{pipelines}, skipped {self.skipped}, failed {len(self.failed)} "
             f"in {self.seconds:.1f} s"
         )
 
@@ -190,8 +192,23 @@ async def import_models(
     Raises OSError when the file cannot be read and StoreError when the store fails (the lines written
     so far stay registered; running the import again skips them).
     """
+    return await import_lines(
+        store, model_store, _chunks(path), path.parent, max_archive_bytes=max_archive_bytes, on_line=on_line
+    )
+
+
+async def import_lines(
+    store: Store,
+    model_store: ModelStore,
+    chunks: Iterable[list[tuple[int, str]]],
+    folder: Path,
+    *,
+    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    on_line: Callable[[int, str | None], None] = lambda number, error: None,
+) -> ImportReport:
+    """`import_models` over lines already read: (number, JSON text) in chunks, archives relative to
+    `folder`. The one bulk path, for a JSONL file and a Triton repository alike."""
     started = time.perf_counter()
-    folder = path.parent
     archives = ArchiveCache(model_store, max_archive_bytes)
     report = ImportReport()
     # What the store holds for each key this import has met (None: a value that does not parse), so a
@@ -212,7 +229,7 @@ async def import_models(
         report.failed.append((number, error))
         on_line(number, error)
 
-    for chunk in _chunks(path):
+    for chunk in chunks:
         wanted: dict[str, tuple[int, ModelVersion]] = {}
         repeats: list[tuple[int, ModelVersion]] = []
         for number, text in chunk:

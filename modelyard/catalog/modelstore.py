@@ -43,15 +43,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from modelyard.catalog.triton_repo import (
+    TRITON_TYPES,
+    TritonRepoError,
+    manifest_from_config,
+    read_config,
+)
 from modelyard.placement.units import format_bytes
 
 BACKENDS = ("triton", "custom", "mlserver", "sagemaker")
-TRITON_TYPES = {
-    "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
-    "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
-    "TYPE_INT64": "INT64", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64",
-    "TYPE_STRING": "BYTES", "TYPE_BF16": "BF16",
-}  # fmt: skip
 # Archives (packed, and their unpacked files) above this are refused: a typo'd path to a dataset, or a
 # decompression bomb, must not fill the artifact store's disk.
 DEFAULT_MAX_ARCHIVE_BYTES = 2 * 1024**3
@@ -143,13 +143,24 @@ def _signature(items: Any, where: str) -> tuple[tuple[str, str, tuple[int, ...]]
 
 
 def read_manifest(root: Path) -> Manifest:
+    """manifest.json; without one, a Triton model's config.pbtxt says the same (Triton users bring no
+    manifest: `config.pbtxt` + `version/`, the layout Triton model directories are staged into)."""
     path = root / "manifest.json"
     if not path.is_file():
-        raise ArchiveError("archive has no manifest.json at its top level")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchiveError(f"manifest.json is not valid JSON: {exc}") from exc
+        if (root / "config.pbtxt").is_file() and (root / "version").is_dir():
+            try:
+                raw = manifest_from_config(read_config(root))
+            except TritonRepoError as exc:
+                raise ArchiveError(str(exc).replace(str(root) + "/", "")) from exc
+        else:
+            raise ArchiveError(
+                "archive has neither manifest.json nor a Triton model's config.pbtxt at its top level"
+            )
+    else:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArchiveError(f"manifest.json is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ArchiveError("manifest.json must be a JSON object")
     backend = raw.get("backend")

@@ -19,7 +19,13 @@ from modelyard.catalog.modelstore import (
     ArchiveError,
     ModelStore,
 )
-from modelyard.catalog.registration import AlreadyRegistered, RegistrationError, remove, upload
+from modelyard.catalog.registration import (
+    AlreadyRegistered,
+    Registration,
+    RegistrationError,
+    remove,
+    upload,
+)
 from modelyard.catalog.stores import open_model_store
 from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import EXIT_REFUSED, STORE_HELP, fail, run_on_store
@@ -69,8 +75,13 @@ def models() -> None:
 
 @models.command("upload")
 @click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--name", required=True, help="Model name.")
-@click.option("--version", required=True, help="Version (Triton models: a positive integer).")
+@click.option("--name", default=None, help="Model name; a Triton model's default: its config.pbtxt name.")
+@click.option(
+    "--version",
+    default=None,
+    help="Version (Triton models: a positive integer). A Triton model directory: the version folder to "
+    "register (default: every one).",
+)
 @click.option("--tenant", "tenants", multiple=True, help="Tenant allowed to call it (repeat); none: public.")
 @click.option("--memory-bytes", type=int, default=None, help="Declared footprint; default from the archive.")
 @click.option(
@@ -107,8 +118,8 @@ def models() -> None:
 @_max_archive_bytes_option
 def upload_command(
     archive: Path,
-    name: str,
-    version: str,
+    name: str | None,
+    version: str | None,
     tenants: tuple[str, ...],
     memory_bytes: int | None,
     replicas: int,
@@ -123,10 +134,25 @@ def upload_command(
 ) -> None:
     """Check ARCHIVE, store it by sha256 and register it as NAME@VERSION.
 
+    ARCHIVE is a Triton model directory as Triton keeps it (config.pbtxt and numeric version folders; each
+    folder registers as that version), a .tar.gz of one, or an archive with our manifest.json.
     Versions are immutable: if NAME@VERSION exists with another artifact or other settings, nothing
     changes and the exit status is 3; the same archive and settings again is a no-op.
     """
+    from modelyard.catalog.triton_import import is_triton_model
+
     artifacts = _open_artifacts(model_store)
+    if is_triton_model(archive):
+        _upload_triton_model(
+            archive, name, version, tenants, memory_bytes, replicas, max_replicas, kind, expected_sha256,
+            backend, manifest_file, store_url, artifacts, max_archive_bytes,
+        )  # fmt: skip
+        return
+    if name is None:
+        name = _config_name(archive)
+    if name is None or version is None:
+        fail("give --name and --version (only a Triton model directory's own config.pbtxt and version "
+             "folders name them)")  # fmt: skip
     result = run_on_store(
         store_url,
         lambda store: upload(
@@ -148,6 +174,10 @@ def upload_command(
         errors=REFUSALS,
         exists=(AlreadyRegistered,),
     )
+    _echo_registration(result)
+
+
+def _echo_registration(result: Registration) -> None:
     model = result.model
     click.echo(
         f"{'registered' if result.created else 'already registered, unchanged:'} {model.key} "
@@ -155,23 +185,139 @@ def upload_command(
     )
 
 
+def _config_name(archive: Path) -> str | None:
+    """The model name a folder in our Triton layout (config.pbtxt + version/) declares, if any."""
+    from modelyard.catalog.triton_repo import TritonRepoError, read_config
+
+    if not (archive.is_dir() and (archive / "config.pbtxt").is_file()):
+        return None
+    try:
+        return read_config(archive).name or archive.name
+    except TritonRepoError:
+        return archive.name  # the upload itself reports the config
+
+
+def _upload_triton_model(
+    archive: Path,
+    name: str | None,
+    version: str | None,
+    tenants: tuple[str, ...],
+    memory_bytes: int | None,
+    replicas: int,
+    max_replicas: int,
+    kind: str,
+    expected_sha256: str | None,
+    backend: str | None,
+    manifest_file: Path | None,
+    store_url: str | None,
+    artifacts: ModelStore,
+    max_archive_bytes: int,
+) -> None:
+    from modelyard.catalog.triton_import import upload_model_dir
+    from modelyard.catalog.triton_repo import TritonRepoError
+
+    if backend not in (None, "triton"):
+        fail(f"{archive} is a Triton model directory, not a {backend} archive")
+    if manifest_file is not None:
+        fail(
+            f"{archive} is a Triton model directory: its config.pbtxt is the signature, leave out --manifest"
+        )
+    results = run_on_store(
+        store_url,
+        lambda store: upload_model_dir(
+            store,
+            artifacts,
+            archive,
+            name=name,
+            version=version,
+            tenants=tenants,
+            memory_bytes=memory_bytes,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            kind=kind,
+            expected_sha256=expected_sha256,
+            max_archive_bytes=max_archive_bytes,
+        ),
+        errors=(*REFUSALS, TritonRepoError),
+        exists=(AlreadyRegistered,),
+    )
+    for result in results:
+        _echo_registration(result)
+
+
 @models.command("import")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--triton-repo",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A Triton model repository (folder or .tar.gz): every model and version folder in it.",
+)
+@click.option(
+    "--tenants",
+    "tenant_lists",
+    multiple=True,
+    help="With --triton-repo: tenants allowed to call its models, comma-separated (repeat); none: public.",
+)
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 @_model_store_option
 @_max_archive_bytes_option
 def import_command(
-    file: Path, store_url: str | None, model_store: str | None, max_archive_bytes: int
+    file: Path | None,
+    triton_repo: Path | None,
+    tenant_lists: tuple[str, ...],
+    store_url: str | None,
+    model_store: str | None,
+    max_archive_bytes: int,
 ) -> None:
-    """Register every model version listed in FILE (JSONL), skipping those already registered.
+    """Register every model version listed in FILE (JSONL), or found in a Triton repository, skipping
+    those already registered.
 
     One JSON object per line: name, version, archive (path relative to FILE's folder), optional tenants
     (list), memory_bytes, replicas, kind. Each archive is checked and stored once. A bad line is reported
     with its number and registers nothing; the others go on. Exit status 2 if any line failed.
+
+    --triton-repo REPO: each REPO/MODEL/config.pbtxt with numeric version folders registers as MODEL@N;
+    ensembles become pipelines (after their step models), or are refused with one line naming them.
     """
+    if (file is None) == (triton_repo is None):
+        fail("give FILE (JSONL) or --triton-repo REPO, one of them")
+    tenants = tuple(sorted({t.strip() for item in tenant_lists for t in item.split(",") if t.strip()}))
+    if tenant_lists and file is not None:
+        fail("--tenants goes with --triton-repo; a JSONL line names its own tenants")
+    artifacts = _open_artifacts(model_store)
+    if triton_repo is not None:
+        _import_triton_repo(triton_repo, tenants, store_url, artifacts, max_archive_bytes)
+        return
+    assert file is not None
+    _import_jsonl(file, store_url, artifacts, max_archive_bytes)
+
+
+def _import_triton_repo(
+    repo: Path, tenants: tuple[str, ...], store_url: str | None, artifacts: ModelStore, max_archive_bytes: int
+) -> None:
+    from modelyard.catalog.triton_import import import_repository
+    from modelyard.catalog.triton_repo import TritonRepoError
+
+    def report(label: str, error: str | None) -> None:
+        if error is not None:
+            click.echo(f"{repo}: {label}: {error}", err=True)
+
+    outcome = run_on_store(
+        store_url,
+        lambda store: import_repository(
+            store, artifacts, repo, tenants=tenants, max_archive_bytes=max_archive_bytes, on_entry=report
+        ),
+        errors=(OSError, TritonRepoError, ArchiveError),
+    )
+    click.echo(outcome.summary())
+    if outcome.failed:
+        sys.exit(EXIT_REFUSED)
+
+
+def _import_jsonl(file: Path, store_url: str | None, artifacts: ModelStore, max_archive_bytes: int) -> None:
     from modelyard.catalog.bulk_import import count_lines, import_models
 
-    artifacts = _open_artifacts(model_store)
     try:
         total = count_lines(file)
     except OSError as exc:

@@ -39,6 +39,7 @@ from modelyard.router.presence import RouterPresence
 from modelyard.router.public_names import public_response, public_rpc_error
 from modelyard.router.rates import RateCounter
 from modelyard.router.sagemaker_forward import SageMakerForwarder
+from modelyard.router.sequences import lost_sequence, read_sequence, sticky_copy
 from modelyard.router.stream import StreamPool
 from modelyard.router.table import RoutingTable
 from modelyard.router.wire import (
@@ -209,7 +210,11 @@ class Router:
         ticket = admission.enter(tenant) if admit and admission.active else None
         try:
             self.rates.count(model.key)
-            container = self.channels.pick(self.table.ready_copies(model.key))
+            copies = self.table.ready_copies(model.key)
+            # A call of a Triton sequence goes where its sequence is (router/sequences.py); read only when
+            # there is a choice to make, and on failures.
+            sequence = read_sequence(request) if len(copies) > 1 and method == _MODEL_INFER else None
+            container = sticky_copy(sequence.id, copies) if sequence else self.channels.pick(copies)
             if container is None:
                 container = await self._load_copy(model, context, lazy_load)
             else:
@@ -241,6 +246,12 @@ class Router:
                         )
                     return public_response(model, method, response)
                 except grpc.aio.AioRpcError as exc:
+                    if method == _MODEL_INFER:
+                        sequence = sequence or read_sequence(request)
+                        if sequence is not None:  # never resent elsewhere once its state may be gone
+                            lost = lost_sequence(sequence, model, copy, exc.code(), exc.details() or "")
+                            if lost is not None:
+                                raise lost from exc
                     # NOT_FOUND from a copy the table lists as ready: the container lost or dropped the model
                     # (restarted at its address, or unloaded it for a move) before the store said so. The
                     # request did not run there either, so it is resent like an UNAVAILABLE one.
@@ -248,7 +259,7 @@ class Router:
                         raise public_rpc_error(model, exc) from None
                     refused.add(copy)
                     others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
-                    retry_on = self.channels.pick(others)
+                    retry_on = sticky_copy(sequence.id, others) if sequence else self.channels.pick(others)
                     if retry_on is None:
                         if not lazy_load:
                             raise public_rpc_error(model, exc) from None
@@ -303,13 +314,21 @@ class Router:
         return identity
 
     async def choose_copy(
-        self, model: ModelVersion, context: grpc.aio.ServicerContext, *, lazy_load: bool = True
+        self,
+        model: ModelVersion,
+        context: grpc.aio.ServicerContext,
+        *,
+        lazy_load: bool = True,
+        request: bytes | None = None,
     ) -> Container:
         """The ready copy a call goes to (the one choice, for unary calls and streams alike): of the
-        model's ready copies, the less busy of two; with `lazy_load`, a model with none is loaded first,
-        within the call's deadline. (`forward_unary` makes the same choice inline.)"""
+        model's ready copies, the less busy of two, or the sequence's own copy for a `request` of a Triton
+        sequence; with `lazy_load`, a model with none is loaded first, within the call's deadline.
+        (`forward_unary` makes the same choice inline.)"""
         self.rates.count(model.key)
-        container = self.channels.pick(self.table.ready_copies(model.key))
+        copies = self.table.ready_copies(model.key)
+        sequence = read_sequence(request) if request is not None and len(copies) > 1 else None
+        container = sticky_copy(sequence.id, copies) if sequence else self.channels.pick(copies)
         if container is None:
             container = await self._load_copy(model, context, lazy_load)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,6 +17,7 @@ from modelyard.router.identity import Authenticator
 from modelyard.router.kserve import SERVICE as KSERVE_SERVICE
 from modelyard.router.kserve import kserve_handler
 from modelyard.router.metrics import register_fleet_gauges
+from modelyard.router.rest import RestFront
 from modelyard.router.routing import DEFAULT_DEADLINE_S, Router
 from modelyard.router.v1_service import SERVICE as ROUTER_SERVICE
 from modelyard.router.v1_service import api_handler
@@ -44,9 +47,12 @@ class RouterServer:
         follower: StoreFollower | None = None,
         rate_period_s: float | None = None,
         admission: bool = True,
+        http_port: int | None = None,
+        http_ssl: ssl.SSLContext | None = None,
     ) -> None:
         """`identity`: how callers are identified (None: the x-tenant-id header is trusted as sent);
-        `fleet_secret`: sent to containers on every call, and makes a caller presenting it a route reader."""
+        `fleet_secret`: sent to containers on every call, and makes a caller presenting it a route reader;
+        `http_port`: also serve KServe v2 REST there (router/rest.py; 0: any free port), over `http_ssl`."""
         self.telemetry = telemetry
         self.server_credentials = server_credentials
         self.max_message_bytes = max_message_bytes
@@ -65,6 +71,11 @@ class RouterServer:
         self.host = host
         self.port = port
         self.server: grpc.aio.Server | None = None
+        self.rest: RestFront | None = None
+        if http_port is not None:
+            self.rest = RestFront(
+                self.router, host, http_port, ssl_context=http_ssl, max_body_bytes=max_message_bytes
+            )
 
     @property
     def address(self) -> str:
@@ -96,9 +107,21 @@ class RouterServer:
             self.telemetry.serve_metrics(ready=self.router.follower.first_load.is_set)
         await server.start()
         self.server = server
+        if self.rest is not None:
+            try:
+                await self.rest.start()
+            except OSError as exc:
+                await self.stop(0)
+                raise RouterStartError(str(exc)) from exc
+
+    @property
+    def rest_address(self) -> str | None:
+        return self.rest.address if self.rest is not None else None
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.health.stop()
+        if self.rest is not None:
+            await self.rest.stop()
         if self.server is not None:
             await self.server.stop(grace_s)
             self.server = None

@@ -559,7 +559,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
     when empty: it says the stream is complete). Errors end the stream with their status."""
     model, routed = router.route(request, context)
     reject_stream(model)
-    container = await router.choose_copy(model, context)
+    container = await router.choose_copy(model, context, request=request)
     sink = Sink()
     caller_id = _caller_id(request)
     pending = await router.streams.submit(
@@ -615,7 +615,7 @@ async def relay(
                 try:
                     model, routed = router.route(raw, context)
                     reject_stream(model)
-                    container = await router.choose_copy(model, context)
+                    container = await router.choose_copy(model, context, request=raw)
                     caller_id = _caller_id(raw)
                     swallow = not wants_empty_final_response(raw)
                 except (ModelyardError, WireError) as exc:

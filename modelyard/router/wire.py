@@ -254,6 +254,113 @@ def wants_empty_final_response(request: bytes) -> bool:
     return wanted
 
 
+_SEQUENCE_ID = b"sequence_id"
+_SEQUENCE_START = b"sequence_start"
+
+
+def read_sequence_parameters(data: bytes) -> tuple[str, bool] | None:
+    """Triton's `sequence_id` request parameter (as text: an int64, uint64 or string; 0 and "" are no
+    sequence) and `sequence_start` (bool), or None when the request is of no sequence. Scans the
+    top-level fields like `read_header`, reading only `parameters` map entries (a later entry wins)."""
+    sequence: str | None = None
+    start = False
+    pos = 0
+    end = len(data)
+    while pos < end:
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos)
+        wire_type = tag & 7
+        if wire_type == 2:
+            if pos < end and data[pos] < 0x80:
+                length = data[pos]
+                pos += 1
+            else:
+                length, pos = _varint(data, pos)
+            stop = pos + length
+            if stop > end:
+                raise WireError(f"field {tag >> 3} runs past the end of the message")
+            # Field 4, a `parameters` map entry; only the two keys wanted are read further (a key of
+            # under 128 bytes written first, as protobuf writes it, is checked without a call).
+            if tag == 0x22 and not (
+                length > 2
+                and data[pos] == 0x0A
+                and data[pos + 1] < 0x80
+                and data[pos + 2 : pos + 2 + data[pos + 1]] not in (_SEQUENCE_ID, _SEQUENCE_START)
+            ):
+                key, value_start, value_stop = _map_entry(data, pos, stop)
+                if key == _SEQUENCE_ID:
+                    kind, sequence = _parameter(data, value_start, value_stop)
+                    if kind == 0x08:
+                        sequence = ""  # a bool is no sequence id (Triton refuses it)
+                elif key == _SEQUENCE_START:
+                    kind, text = _parameter(data, value_start, value_stop)
+                    start = kind == 0x08 and text == "True"
+            pos = stop
+        elif wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wire_type} for field {tag >> 3}")
+    if pos > end:
+        raise WireError("truncated message")
+    if not sequence or sequence == "0":
+        return None
+    return sequence, start
+
+
+def _map_entry(data: bytes, pos: int, stop: int) -> tuple[bytes, int, int]:
+    """A `map<string, InferParameter>` entry at data[pos:stop]: its key and its value's span."""
+    key = b""
+    value_start = value_stop = pos
+    while pos < stop:
+        tag, pos = _varint(data, pos)
+        if tag & 7 != 2:
+            pos = _skip(data, pos, tag, stop)
+            continue
+        length, pos = _varint(data, pos)
+        if pos + length > stop:
+            raise WireError("parameter entry runs past its message")
+        if tag == 0x0A:
+            key = data[pos : pos + length]
+        elif tag == 0x12:
+            value_start, value_stop = pos, pos + length
+        pos += length
+    return key, value_start, value_stop
+
+
+def _parameter(data: bytes, pos: int, stop: int) -> tuple[int, str]:
+    """An InferParameter's kind (the tag of its bool, int64, uint64 or string field; 0 for another) and
+    value as text."""
+    text = ""
+    kind = 0
+    while pos < stop:
+        tag, pos = _varint(data, pos)
+        kind = tag
+        if tag in (0x08, 0x10, 0x28):  # bool_param, int64_param, uint64_param
+            number, pos = _varint(data, pos)
+            if tag == 0x08:
+                text = str(bool(number))
+            else:
+                text = str(number - (1 << 64) if tag == 0x10 and number >= 1 << 63 else number)
+        elif tag == 0x1A:  # string_param
+            length, pos = _varint(data, pos)
+            try:
+                text = data[pos : pos + length].decode()
+            except UnicodeDecodeError as exc:
+                raise WireError("string parameter is not UTF-8") from exc
+            pos += length
+        else:
+            text, kind = "", 0
+            pos = _skip(data, pos, tag, stop)
+    return kind, text
+
+
 def with_stream_request_id(request: bytes, request_id: str) -> bytes:
     """The request with its `id` set and an explicit final response asked for (so its end is known)."""
     raw_key = _EMPTY_FINAL_REQUEST

@@ -68,10 +68,26 @@ def test_a_good_archive_is_stored_by_hash_and_registered(tmp_path: Path) -> None
     assert fleet.models == {"scale@3": model}
 
 
+def test_a_triton_archive_without_manifest_registers_with_its_config_signature(tmp_path: Path) -> None:
+    model, _ = register(tmp_path, triton_archive(tmp_path, None), name="scale", version="1")
+    assert model.backend == "triton"
+    assert '"name":"INPUT"' in model.signature and '"name":"OUTPUT"' in model.signature
+
+
+def test_an_archive_with_neither_manifest_nor_config_is_refused(tmp_path: Path) -> None:
+    archive = triton_archive(tmp_path, None)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if not m.name.endswith("config.pbtxt")]
+        (tmp_path / "bare").mkdir()
+        tar.extractall(tmp_path / "bare", members=members, filter="data")
+    with pytest.raises(ArchiveError, match=r"neither manifest\.json nor a Triton model.s config\.pbtxt"):
+        register(tmp_path, tmp_path / "bare", name="scale", version="1")
+    assert registered(tmp_path) == {}
+
+
 @pytest.mark.parametrize(
     "manifest, message",
     [
-        (None, "no manifest.json"),
         ({"backend": "onnx", **SIGNATURE}, "unknown backend 'onnx'"),
         ({"backend": "triton", **SIGNATURE, "memory_bytes": -5}, "memory_bytes must be a positive integer"),
         (
@@ -87,7 +103,7 @@ def test_a_good_archive_is_stored_by_hash_and_registered(tmp_path: Path) -> None
             "inputs must be a non-empty list",
         ),
     ],
-    ids=["no-manifest", "unknown-backend", "negative-memory", "signature-mismatch", "no-inputs"],
+    ids=["unknown-backend", "negative-memory", "signature-mismatch", "no-inputs"],
 )
 def test_bad_archives_are_refused_and_nothing_is_registered_or_stored(
     tmp_path: Path, manifest, message

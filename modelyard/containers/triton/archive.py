@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from modelyard.catalog.modelstore import TRITON_TYPES, ArchiveError, Manifest
+from modelyard.catalog.modelstore import ArchiveError, Manifest
+from modelyard.catalog.triton_repo import TRITON_TYPES
 
 # A python-backend model runs in its own stub process (~20 MiB) whatever its files weigh.
 TRITON_PYTHON_MIN_BYTES = 32 * 1024 * 1024
