@@ -52,6 +52,7 @@ SETTINGS = (
     Setting("MODELYARD_FLEET_SECRET_FILE", None, "file holding the fleet secret containers require"),
     Setting("MODELYARD_MAX_MESSAGE_BYTES", str(64 * 1024**2), "largest gRPC request or response"),
     Setting("MODELYARD_RATE_PERIOD_S", "5.0", "seconds between a router's reports of its call rates"),
+    Setting("MODELYARD_HTTP_PORT", None, "the router's KServe v2 REST port (serve; off when unset)"),
     Setting("MODELYARD_ROUTER", "127.0.0.1:8001", "the router `modelyard infer` calls"),
     Setting("MODELYARD_TOKEN", None, "bearer token `modelyard infer` presents"),
     Setting("MODELYARD_ADMISSION", "on", "off: no tenant limits nor container bounds (to measure them)"),
