@@ -70,7 +70,7 @@ ENV PATH=/opt/modelyard/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 M
 USER 10001
 WORKDIR /home/modelyard
 # 8001: router (KServe v2 gRPC + modelyard.v1), 8101: our container, 9464: /metrics
-EXPOSE 8001 8101 9464
+EXPOSE 8000 8001 8101 9464
 # Every modelyard process answers /readyz on its plaintext metrics port (--metrics-port): 200 once the router
 # has its routing table (and while the store is away: it keeps routing), once an agent has registered its
 # container, once a controller follows the store. Plaintext, so it works when the gRPC port requires client
@@ -79,4 +79,4 @@ EXPOSE 8001 8101 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('MODELYARD_HEALTH_URL', 'http://127.0.0.1:9464/readyz'), timeout=2)"]
 ENTRYPOINT ["modelyard"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "9464"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8001", "--http-port", "8000", "--metrics-port", "9464"]
