@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelyard.containers.process import ServerProcess, free_port
+from modelyard.grpc_options import MIN_PING_INTERVAL_MS
 
 # The header carrying the fleet secret. Triton's `--grpc-restricted-protocol=...:KEY=VALUE` checks the
 # header `triton-grpc-protocol-KEY` (measured on 2.51: its refusal names it); our container and the
@@ -110,9 +111,18 @@ class TritonServer(ServerProcess):
         return f"{self.host}:{self.grpc_port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        install = TritonInstall.find()
         self.repository.mkdir(parents=True, exist_ok=True)
-        backends = install.backend_directory(self.workdir / "backends")
+        command, env = self.command(), self.environment()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
+        )
+        log.close()
+        self._wait_ready(timeout_s)
+
+    def environment(self) -> dict[str, str]:
+        """The environment tritonserver runs in: the bundled libraries and this interpreter's."""
+        install = TritonInstall.find()
         env = dict(os.environ)
         # The bundled libraries, and this interpreter's libpython for the python backend stub.
         python_libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -121,6 +131,12 @@ class TritonServer(ServerProcess):
         )
         # The python backend stub runs `python` models with the interpreter found first on PATH.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def command(self) -> list[str]:
+        """The tritonserver command line (run in `workdir`)."""
+        install = TritonInstall.find()
+        backends = install.backend_directory(self.workdir / "backends")
         command = [
             str(install.binary),
             f"--model-repository={self.repository}",
@@ -133,6 +149,10 @@ class TritonServer(ServerProcess):
             "--disable-auto-complete-config",
             "--exit-timeout-secs=5",
             "--log-verbose=0",
+            # Routers ping their connections every second or two while calls are in flight, to notice a
+            # container that went silent (grpc_options.py); gRPC's default would answer that with GOAWAY.
+            f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}",
+            "--grpc-http2-max-ping-strikes=0",
         ]
         if self.fleet_secret:
             # On the command line (Triton reads it nowhere else): visible to this machine's users in ps.
@@ -140,12 +160,7 @@ class TritonServer(ServerProcess):
                 f"--grpc-restricted-protocol={','.join(RESTRICTED_PROTOCOLS)}:"
                 f"{FLEET_SECRET_KEY}={self.fleet_secret}"
             )
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
-        )
-        log.close()
-        self._wait_ready(timeout_s)
+        return command
 
     def _wait_ready(self, timeout_s: float) -> None:
         import tritonclient.grpc as grpcclient
