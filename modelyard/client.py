@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import TRITON_SERVER_NAME, triton_model_name
 from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.grpc_options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
 from modelyard.placement.model import RouteRule
 from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version
@@ -237,7 +238,17 @@ class Client:
     def _container(self, address: str) -> grpcclient.InferenceServerClient:
         client = self._containers.get(address)
         if client is None:
-            client = self._containers[address] = grpcclient.InferenceServerClient(address, **self._tls)
+            # Pings while calls are in flight, as the router's channels do: a container that went silent
+            # (its host cut off) fails the call (UNAVAILABLE, sent on to the router) within seconds instead
+            # of at its deadline.
+            keepalive = grpcclient.KeepAliveOptions(
+                keepalive_time_ms=KEEPALIVE_MS,
+                keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
+                http2_max_pings_without_data=0,
+            )
+            client = self._containers[address] = grpcclient.InferenceServerClient(
+                address, keepalive_options=keepalive, **self._tls
+            )
         return client
 
     def _is_triton(self, address: str) -> bool:
