@@ -328,6 +328,24 @@ class Cluster:
                 return next(h for h in ETCD_HOSTS if self.net.address(h, "store") in endpoint)
         return None
 
+    def move_etcd_leader(self, host: str) -> None:
+        """Makes `host`'s member the etcd leader (etcdctl move-leader, asked of the current leader)."""
+        leader = self.etcd_leader()
+        if leader == host:
+            return
+        assert leader is not None, "no etcd leader"
+        status = json.loads(self.etcdctl("endpoint", "status", "-w", "json").stdout)
+        member = next(
+            s["Status"]["header"]["member_id"]
+            for s in status
+            if self.net.address(host, "store") in s["Endpoint"]
+        )
+        moved = self.etcdctl(
+            "move-leader", f"{member:x}", endpoints=f"http://{self.net.address(leader, 'store')}:2379"
+        )
+        assert moved.returncode == 0, moved.stderr
+        self.wait_for(lambda: self.etcd_leader() == host, f"{host}'s etcd member leads", 30)
+
     def controller_leader(self) -> str | None:
         """The host of the leading placement controller, from the store's leader key (holder names pid)."""
         holder = self.ask("leader") or ""
@@ -361,7 +379,7 @@ class Cluster:
                     self.wait_listening(self.data_address(self.procs[name].host))
 
     def close(self) -> None:
-        for proc in self.procs.values():
+        for proc in sorted(self.procs.values(), key=lambda p: p.name.startswith("etcd")):  # etcd last
             proc.stop(5)
         if self.probe is not None:
             self.probe.close()

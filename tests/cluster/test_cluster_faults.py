@@ -120,39 +120,37 @@ def hold(seconds: float) -> None:
 
 
 def test_etcd_leader_killed_and_restarted(cluster: Cluster) -> None:
+    """The leader is moved to h1 first, the member every client dials first: the hard case."""
     timings: dict[str, float] = {}
 
     def fault(load: ClusterLoader) -> tuple[float, str]:
-        leader = cluster.etcd_leader()
-        assert leader is not None
-        cluster.procs[f"etcd-{leader}"].kill()
+        cluster.move_etcd_leader("h1")
+        cluster.procs["etcd-h1"].kill()
         killed = time.monotonic()
-        # The other two members elect a leader: store health stays or comes back at once, and a model
-        # uploaded now becomes callable.
-        timings["health"] = cluster.wait_for(
-            lambda: all(cluster.ask("store_health", router=r) == "SERVING" for r in cluster.routers),
-            "both routers' store health SERVING",
-            30,
-        )
+        # Right away: a new model uploaded, the routers' store health watched. Each router's follower probes
+        # the store every 5 s (3-s timeout), so 9 s show whatever it was going to notice.
         model = upload(cluster, f"late{int(killed)}", 7.0)
-        timings["callable"] = cluster.wait_for(
-            lambda: all(
+        down_since: dict[str, float] = {}
+        timings["health"] = 0.0
+        while time.monotonic() - killed < 9 or "callable" not in timings:
+            assert time.monotonic() - killed < 60, f"{model.name} not callable within 60 s"
+            for router in cluster.routers:
+                if cluster.ask("store_health", router=router) != "SERVING":
+                    down_since.setdefault(router, time.monotonic())
+                elif router in down_since:
+                    timings["health"] = max(timings["health"], time.monotonic() - down_since.pop(router))
+            if "callable" not in timings and all(
                 cluster.ask("infer", router=r, model=model.name, factor=7.0) == "ok" for r in cluster.routers
-            ),
-            f"{model.name} callable through both routers",
-            30,
-        )
+            ):
+                timings["callable"] = time.monotonic() - killed
+            time.sleep(0.1)
+        assert not down_since, f"store health still NOT_SERVING on {sorted(down_since)}"
         hold(max(0.0, FAULT_S - (time.monotonic() - killed)))
-        cluster.restart(f"etcd-{leader}")
-        restarted = time.monotonic()
-        timings["health_after_restart"] = cluster.wait_for(
-            lambda: all(cluster.ask("store_health", router=r) == "SERVING" for r in cluster.routers),
-            "store health after the restart",
-            30,
-        )
-        return restarted, (
-            f"leader {leader} killed: store health back {timings['health']:.1f} s after the kill, a new "
-            f"upload callable {timings['callable']:.1f} s after it; restarted after {FAULT_S:.0f} s"
+        cluster.restart("etcd-h1")
+        return time.monotonic(), (
+            f"leader h1 killed: store health NOT_SERVING for {timings['health']:.1f} s at most, a model "
+            f"uploaded at the kill callable through both routers {timings['callable']:.1f} s after it; "
+            f"restarted after {FAULT_S:.0f} s"
         )
 
     result = run(cluster, "1. etcd leader kill -9, restarted", fault)
