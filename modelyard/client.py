@@ -28,11 +28,12 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import TRITON_SERVER_NAME, triton_model_name
 from modelyard.containers.triton.server import FLEET_SECRET_HEADER
-from modelyard.grpc_options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
+from modelyard.grpc_options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, keepalive_options
 from modelyard.placement.model import RouteRule
 from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version
@@ -241,13 +242,13 @@ class Client:
             # Pings while calls are in flight, as the router's channels do: a container that went silent
             # (its host cut off) fails the call (UNAVAILABLE, sent on to the router) within seconds instead
             # of at its deadline.
-            keepalive = grpcclient.KeepAliveOptions(
-                keepalive_time_ms=KEEPALIVE_MS,
-                keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
-                http2_max_pings_without_data=0,
-            )
+            options = [
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                *keepalive_options(KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS),
+            ]
             client = self._containers[address] = grpcclient.InferenceServerClient(
-                address, keepalive_options=keepalive, **self._tls
+                address, channel_args=options, **self._tls
             )
         return client
 

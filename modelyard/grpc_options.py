@@ -38,8 +38,19 @@ def container_channel_options() -> tuple[tuple[str, int], ...]:
         *message_size_options(NO_LIMIT),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        *keepalive_options(KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS),
+    )
+
+
+def keepalive_options(time_ms: int, timeout_ms: int) -> tuple[tuple[str, int], ...]:
+    """A channel that pings its server every `time_ms` while calls are in flight and closes the connection
+    (its calls fail UNAVAILABLE) when a ping is unanswered for `timeout_ms`. On gRPC 1.85 the wait for an
+    answer is `grpc.http2.ping_timeout_ms` (default one minute): without it `keepalive_timeout_ms` alone
+    let a call to a stopped server sit out its whole deadline (measured)."""
+    return (
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.http2.max_pings_without_data", 0),
     )
 

@@ -16,6 +16,7 @@ import aetcd.rpc
 import grpc
 import grpc.aio
 
+from modelyard.grpc_options import keepalive_options
 from modelyard.placement.store.base import (
     MAX_TXN_OPS,
     CompactedError,
@@ -244,9 +245,7 @@ class EtcdStore(Store):
                 "grpc.max_receive_message_length": _MAX_RESPONSE_BYTES,
                 # A member cut off without a reset leaves a watch silent: pings find out. etcd refuses pings
                 # more often than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
-                "grpc.keepalive_time_ms": 6000,
-                "grpc.keepalive_timeout_ms": 3000,
-                "grpc.http2.max_pings_without_data": 0,
+                **dict(keepalive_options(6000, 3000)),
             },
         )
         if self._credentials is not None:
