@@ -114,7 +114,7 @@ class Router:
             follower.listen(self.table.on_change)
         self.channels = ContainerChannels(upstream_credentials)
         self.sagemaker = SageMakerForwarder()  # HTTP to SageMaker containers: one pooled client
-        self.lazy = LazyLoader(store, self.table, telemetry)
+        self.lazy = LazyLoader(store, self.table, telemetry, store_down=lambda: self.follower.degraded)
         self.rates = RateCounter(store)  # calls per model, reported for copies that follow load
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
         self._metadata: dict[str | None, grpc.aio.Metadata] = {}  # upstream metadata by tenant
