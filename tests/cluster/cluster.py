@@ -435,13 +435,14 @@ class ClusterLoader:
         self.stop()
 
 
-def upload(cluster: Cluster, name: str, factor: float) -> ModelVersion:
+def upload(cluster: Cluster, name: str, factor: float, memory_bytes: int = 1024) -> ModelVersion:
     """A new model of ours (a `scale` by `factor`) in the artifacts folder, registered through the probe."""
     path = write_model_dir(
         cluster.workdir / "artifacts" / name, "scale", {"factor": np.array([factor], dtype=np.float32)},
         inputs=[{"name": "INPUT", "datatype": "FP32", "shape": [-1]}],
         outputs=[{"name": "OUTPUT", "datatype": "FP32", "shape": [-1]}],
     )  # fmt: skip
-    model = ModelVersion(name, "1", backend="custom", memory_bytes=1024, artifact_uri=path.resolve().as_uri())
+    uri = path.resolve().as_uri()
+    model = ModelVersion(name, "1", backend="custom", memory_bytes=memory_bytes, artifact_uri=uri)
     cluster.ask("put", key=registry.MODELS + model.key, value=model.to_json().decode())
     return model

@@ -72,6 +72,8 @@ class Probe:
         ready: dict[str, list[str]] = {}
         for key, model in fleet.models.items():
             live = [c for c in fleet.containers.values() if c.backend == model.backend]
+            if all(fleet.budget_bytes(model) > c.memory_bytes for c in live):
+                continue  # too big for every container: no copy is the right answer
             wanted = min(model.replicas, len(live))
             on = sorted(fleet.ready_on(key))
             ready[key] = on
@@ -96,15 +98,15 @@ class Probe:
                     found.append(f"router {router}: {key} ready on {seen.get(key, [])}, store says {on}")
         return found
 
-    async def infer(self, router: str, model: str, factor: float) -> str:
-        """One call through `router` (2-s deadline): "ok", "wrong" or the status code's name."""
+    async def infer(self, router: str, model: str, factor: float, deadline_s: float = 2.0) -> str:
+        """One call through `router`: "ok", "wrong" or the status code's name."""
         x = np.array([1.0, 2.0], dtype=np.float32)
         request = inference_pb2.InferRequest(model_name=model)
         request.inputs.add(name="INPUT", datatype="FP32", shape=[x.size])
         request.raw_input_contents.append(x.tobytes())
         stub = router_pb2_grpc.RouterStub(self.channels[router])
         try:
-            response = await stub.Infer(request, timeout=2.0)
+            response = await stub.Infer(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as exc:
             return str(exc.code().name)
         out = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
@@ -123,6 +125,8 @@ class Probe:
                 return sock.connect_ex((host, int(port))) == 0
         if op == "put":
             return await self.store.put(request["key"], request["value"].encode())
+        if op == "delete":
+            return await self.store.delete(request["key"])
         if op == "get":
             item = await self.store.get(request["key"])
             return None if item is None else item.value.decode(errors="replace")
@@ -130,7 +134,8 @@ class Probe:
             item = await self.store.get(registry.LEADER)
             return None if item is None else item.value.decode()
         if op == "infer":
-            return await self.infer(request["router"], request["model"], float(request["factor"]))
+            deadline_s = float(request.get("deadline_s", 2.0))
+            return await self.infer(request["router"], request["model"], float(request["factor"]), deadline_s)
         if op == "revision":
             _, revision = await self.store.get_prefix(registry.GENERATION)
             return revision

@@ -194,15 +194,25 @@ def test_a_container_host_partitioned_from_etcd_only(cluster: Cluster) -> None:
 
 
 def test_a_router_host_partitioned_from_etcd(cluster: Cluster) -> None:
-    health: list[str] = []
+    """Warm models keep being served from the router's last table; a cold one (registered, no copy: too big
+    for any container) gets UNAVAILABLE at once, since asking for a load needs the store."""
+    cold = upload(cluster, "cold", 13.0, memory_bytes=64 * 1024**3)
+    router = cluster.routers[0]
+    cluster.wait_for(
+        lambda: cluster.ask("infer", router=router, model="cold", factor=13.0) != "NOT_FOUND",
+        "h4's router knows the cold model",
+        30,
+    )
+    answers: dict[str, tuple[str, float]] = {}
 
     def fault(load: ClusterLoader) -> tuple[float, str]:
         cluster.net.partition("h4", ("store",))
-        router = cluster.routers[0]
         cluster.wait_for(
             lambda: cluster.ask("store_health", router=router) == "NOT_SERVING", "NOT_SERVING", 15
         )
-        health.append("NOT_SERVING")
+        asked = time.monotonic()
+        answers["cold"] = (cluster.ask("infer", router=router, model="cold", factor=13.0, deadline_s=8.0),
+                           time.monotonic() - asked)  # fmt: skip
         hold(FAULT_S)
         cluster.net.heal("h4")
         healed = time.monotonic()
@@ -210,10 +220,17 @@ def test_a_router_host_partitioned_from_etcd(cluster: Cluster) -> None:
         return (
             healed,
             f"h4's router: store health NOT_SERVING while cut, SERVING {time.monotonic() - healed:.1f} s "
-            "after the heal",
+            f"after the heal; a cold model answered {answers['cold'][0]} in {answers['cold'][1]:.1f} s",
         )
 
-    assert_goals(run(cluster, "5. router host cut from etcd", fault))
+    try:
+        result = run(cluster, "5. router host cut from etcd", fault)
+    finally:
+        cluster.ask("delete", key=f"/modelyard/models/{cold.key}")
+        cluster.ask("delete", key=f"/modelyard/wanted/{cold.key}")
+    assert_goals(result)
+    code, took_s = answers["cold"]
+    assert code == "UNAVAILABLE" and took_s < 2.0, answers
 
 
 def test_a_router_host_killed(cluster: Cluster) -> None:
