@@ -28,10 +28,12 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import TRITON_SERVER_NAME, triton_model_name
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
+from modelyard.grpc_options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, keepalive_options
 from modelyard.placement.model import RouteRule
 from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version
@@ -237,7 +239,17 @@ class Client:
     def _container(self, address: str) -> grpcclient.InferenceServerClient:
         client = self._containers.get(address)
         if client is None:
-            client = self._containers[address] = grpcclient.InferenceServerClient(address, **self._tls)
+            # Pings while calls are in flight, as the router's channels do: a container that went silent
+            # (its host cut off) fails the call (UNAVAILABLE, sent on to the router) within seconds instead
+            # of at its deadline.
+            options = [
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                *keepalive_options(KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS),
+            ]
+            client = self._containers[address] = grpcclient.InferenceServerClient(
+                address, channel_args=options, **self._tls
+            )
         return client
 
     def _is_triton(self, address: str) -> bool:

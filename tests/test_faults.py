@@ -248,6 +248,31 @@ def test_streams_to_a_killed_container_fail_over_before_their_first_response(fau
     assert_no_failures(figures)
 
 
+def test_a_container_gone_silent_fails_no_call_to_a_replicated_model(faults: Faults) -> None:
+    """A container that stops answering without closing anything (SIGSTOP: the kernel still holds its
+    connections open, as on a host cut off by dropped packets): the router's keepalive pings notice within
+    seconds, and the calls sent there move to the other copy well within their 10-s deadline."""
+    converged_within(faults.fleet, time.monotonic())
+    replicated = holders(faults.fleet, f"{REPLICATED}@1")
+    only_rep = [c for c in replicated if c not in holders(faults.fleet, f"{SINGLE}@1")]
+    victim = only_rep[0] if only_rep else replicated[0]
+    local = faults.fleet.fleet
+    index = next(i for i, a in enumerate(local.agents) if a.container.id == victim)
+    process = local.customs[index].process
+    assert process is not None
+    with Loader(faults.fleet.address, faults.folder, {REPLICATED: FACTORS[REPLICATED]}, streams=True) as load:
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            hold_fault(OUTAGE_S)
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        recovered_s = converged_within(faults.fleet, time.monotonic())
+        load.wait_for_more_calls(CALLS_AFTER)
+    figures = load.stop()
+    report(f"{victim} SIGSTOP {OUTAGE_S:.0f} s (replicated copy)", figures, recovered_s)
+    assert_no_failures(figures)
+
+
 def test_a_hung_store_fails_no_call(faults: Faults) -> None:
     converged_within(faults.fleet, time.monotonic())
     process = faults.etcd.process

@@ -42,7 +42,11 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelyard import metric_names as names
 from modelyard.errors import BadRequest, ModelNotFound, ModelyardError
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
-from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+from modelyard.grpc_options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    container_server_options,
+    message_size_options,
+)
 from modelyard.numpy_container.conversion import (
     config_tensors,
     decode_inputs,
@@ -366,7 +370,7 @@ class CustomContainer:
         return self.models.load_count
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        options = message_size_options(self.max_message_bytes)
+        options = (*message_size_options(self.max_message_bytes), *container_server_options())
         interceptors = [FleetSecretCheck(self.fleet_secret)] if self.fleet_secret else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(

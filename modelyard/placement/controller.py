@@ -153,6 +153,7 @@ class PlacementController:
             await self.follower.wait_changed(self.lease_ttl_s, seen)
 
     async def _lead(self, lease: Lease) -> None:
+        self.writer.new_term()  # the first full pass fences out the previous leader (MapWriter.fence)
         self._full.set()
         tasks = [
             asyncio.create_task(self._keep_lease(lease), name="controller-lease"),
@@ -250,6 +251,7 @@ class PlacementController:
     async def reconcile(self) -> bool:
         """One full rebalance if the fleet needs one; True when it applied moves."""
         async with self.writer.locked():
+            await self.writer.fence()
             started = time.monotonic()
             # Off the event loop: at 100k models a plan takes seconds, and under `modelyard up` this loop also
             # serves the router and the agents.

@@ -168,6 +168,12 @@ class StoreFollower:
         async with self._changed:
             self._changed.notify_all()
 
+    def _restart(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._watching = False
+        self._task = asyncio.create_task(self._run(), name=f"store-follower-{self.name}")
+
     async def _probe(self) -> None:
         while True:
             await asyncio.sleep(self.probe_s)
@@ -182,6 +188,9 @@ class StoreFollower:
                         "%s: store does not answer (%s); keeping the last view", self.name, exc or "timeout"
                     )
                 self._set_healthy(False)
+                # The watch may be as silent as the probe (its member cut off, or left without a leader):
+                # start over, from a snapshot, through whichever endpoint the store answers on now.
+                self._restart()
             else:
                 if self._watching and not self.healthy:
                     log.info("%s: store answers again", self.name)

@@ -32,6 +32,7 @@ class MapWriter:
         self.holder = holder
         self.lock_ttl_s = lock_ttl_s
         self.writes = 0  # generations written, for tests and metrics
+        self.fenced = True  # a term starts unfenced (`new_term`)
         self._depth = 0
         self._entering = asyncio.Lock()
         self._writing = asyncio.Lock()
@@ -52,15 +53,30 @@ class MapWriter:
             if self._depth == 0:
                 await self._release()
 
-    async def update(self, changes: Mapping[str, Sequence[str]]) -> int:
-        """Writes `changes` (model key -> container ids; empty: unassigned) as one new generation."""
+    async def update(self, changes: Mapping[str, Sequence[str]], *, bump: bool = False) -> int:
+        """Writes `changes` (model key -> container ids; empty: unassigned) as one new generation (with
+        `bump`, even when nothing changes)."""
         assert self._depth > 0, "MapWriter.update outside locked()"
         async with self._writing:
             await self._caught_up()
-            generation = await registry.update_shard_map(self.store, changes, base=self.follower.fleet)
+            generation = await registry.update_shard_map(
+                self.store, changes, base=self.follower.fleet, writer=self.holder, bump=bump
+            )
             await self._caught_up(generation)
             self.writes += 1
+            self.fenced = True
             return generation
+
+    def new_term(self) -> None:
+        """This writer starts a new term (a controller became leader): `fence` will write a generation."""
+        self.fenced = False
+
+    async def fence(self) -> None:
+        """Commits a generation of this term's own unless this term wrote one already: a write the
+        previous writer still has in flight (a deposed leader, cut off mid-write) compares against an
+        older generation and fails, whatever else changes or not."""
+        if not self.fenced:
+            await self.update({}, bump=True)
 
     async def _caught_up(self, generation: int | None = None, timeout_s: float = 30.0) -> None:
         """Waits until the followed view shows the store's committed generation (or `generation`).
@@ -69,6 +85,8 @@ class MapWriter:
         has seen every assignment of it: writing against that view is writing against the store.
         """
         target = generation if generation is not None else await registry.read_generation(self.store)
+        if target is None:  # garbage in the generation key: the write compares against it, as read
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:

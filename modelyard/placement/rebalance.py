@@ -228,7 +228,8 @@ async def _apply(
 ) -> ApplyResult:
     follower = writer.follower
     async with writer.locked():
-        if await registry.read_generation(writer.store) != rebalance.generation:
+        stored = await registry.read_generation(writer.store)
+        if stored is not None and stored != rebalance.generation:
             raise ConcurrentPlanError("the shard map changed since this plan was made; plan again")
         changed = set(rebalance.before) | set(rebalance.after)
         union = {

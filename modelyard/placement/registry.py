@@ -7,6 +7,7 @@ transaction beyond etcd's limits, and watchers receive small incremental events:
     /modelyard/containers/{id}                  Container (JSON), under the container's lease
     /modelyard/map/generation                   committed shard map generation: "G", or "G:TOKEN" while a
                                                 writer stages generation G+1 (the writers' CAS guard)
+    /modelyard/map/writer                       the writer of the last map write (in its transaction)
     /modelyard/map/assign/{name}@{version}      {"ids": [...], "gen": G, "prev": [...]}: see below
     /modelyard/state/{container}/{name}@{version}  CopyState (JSON), written by that container's agent
     /modelyard/routes/{name}                    RouteRule (JSON): default version, tenant pins, split
@@ -43,6 +44,7 @@ ROOT = "/modelyard/"
 MODELS = ROOT + "models/"
 CONTAINERS = ROOT + "containers/"
 GENERATION = ROOT + "map/generation"
+MAP_WRITER = ROOT + "map/writer"  # who wrote the map last: put in every map write's transaction
 ASSIGN = ROOT + "map/assign/"
 STATE = ROOT + "state/"
 ROUTES = ROOT + "routes/"
@@ -165,6 +167,8 @@ class Fleet:
     tenant_default: TenantLimits | None = None  # for tenants without an entry
     routers: set[str] = field(default_factory=set)  # live routers (their ids)
     generation: int = 0
+    generation_read: bool = False  # a readable generation key was seen (else `generation` is inferred)
+    unreadable_generation: bytes | None = None  # the generation key's value while it does not parse
     staging: str = ""  # token of a writer staging generation + 1, if any
     revision: int = 0
     # indexes
@@ -385,10 +389,31 @@ class Fleet:
                 self.routers.discard(key[len(ROUTERS) :])
             changes.tenants = True
         elif key == GENERATION:
-            generation, token = parse_generation(event.value) if put else (0, "")
+            self.unreadable_generation = None
+            if put:
+                try:
+                    generation, token = parse_generation(event.value)
+                except (ValueError, UnicodeDecodeError):
+                    self._unreadable_generation(event.value, changes)
+                    raise  # skipped with its log line, like any value that does not parse
+                self.generation_read = True
+            else:
+                generation, token = 0, ""
             self.staging = token
             if generation != self.generation:
                 self._commit(generation, changes)
+
+    def _unreadable_generation(self, value: bytes, changes: Changes) -> None:
+        """The generation key holds garbage. One bad key is never "no map": a reader that read a good
+        generation before keeps it; a fresh one takes the newest generation its assignments carry (each
+        was committed, or staged by a writer the garbage has fenced out: nothing can commit past garbage).
+        Writers compare against the garbage itself, so the next map write repairs the key."""
+        self.unreadable_generation = value
+        self.staging = ""
+        if not self.generation_read:
+            newest = max((a.gen for a in self.raw_assignments.values()), default=0)
+            if newest != self.generation:
+                self._commit(newest, changes)
 
     def _commit(self, generation: int, changes: Changes) -> None:
         """The committed generation moved: staged assignments up to it take effect (or, going back, not)."""
@@ -523,9 +548,15 @@ async def want_model(store: Store, key: str) -> int:
     return await store.put(WANTED + key, WANT)
 
 
-async def read_generation(store: Store) -> int:
+async def read_generation(store: Store) -> int | None:
+    """The committed generation as stored; None when the key holds a value that does not parse."""
     item = await store.get(GENERATION)
-    return parse_generation(item.value)[0] if item else 0
+    if item is None:
+        return 0
+    try:
+        return parse_generation(item.value)[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _generation_value(generation: int, token: str = "") -> bytes | None:
@@ -534,12 +565,22 @@ def _generation_value(generation: int, token: str = "") -> bytes | None:
     return f"{generation}:{token}".encode() if token else str(generation).encode()
 
 
-async def update_shard_map(store: Store, changes: Mapping[str, Sequence[str]], *, base: Fleet) -> int:
+async def update_shard_map(
+    store: Store,
+    changes: Mapping[str, Sequence[str]],
+    *,
+    base: Fleet,
+    writer: str = "",
+    bump: bool = False,
+) -> int:
     """Changes the assignments of the models in `changes` (empty: unassigned) as one new generation.
 
     `base` is the caller's current view of the store (a followed Fleet): the new generation is base's + 1
     and is refused (ConcurrentPlanError, nothing visible) if the store's map moved past it. Readers see all
     of the change or none of it, however many transactions it takes. Callers hold the rebalance lock.
+    `writer` names the writer in MAP_WRITER in every transaction (the store's history then says who wrote
+    each revision of the map); `bump` commits a new generation even with nothing to change, which fences
+    out every write a previous writer still has in flight (they compare against the generation before).
     """
     generation = base.generation
     if base.staging:
@@ -558,28 +599,34 @@ async def update_shard_map(store: Store, changes: Mapping[str, Sequence[str]], *
         for mkey, raw in base.raw_assignments.items()
         if not raw.ids and raw.gen <= generation and ASSIGN + mkey not in puts
     ][: MAX_TXN_OPS * 10]
+    # A generation key holding garbage is replaced by this write (compared as it is).
     idle = _generation_value(generation)
+    if base.unreadable_generation is not None:
+        idle = base.unreadable_generation
     committed = str(generation + 1).encode()
-    if not puts and not deletes:
+    if not puts and not deletes and not bump:
         return generation
+    signed = {MAP_WRITER: writer.encode()} if writer else {}
     if len(puts) + len(deletes) < MAX_TXN_OPS:
-        if not await store.apply({**puts, GENERATION: committed}, deletes, if_equal=(GENERATION, idle)):
+        if not await store.apply(
+            {**puts, GENERATION: committed, **signed}, deletes, if_equal=(GENERATION, idle)
+        ):
             raise _moved(generation)
         return generation + 1
     token = secrets.token_hex(8)
     staging = _generation_value(generation, token)
-    if not await store.apply({GENERATION: staging or b""}, if_equal=(GENERATION, idle)):
+    if not await store.apply({GENERATION: staging or b"", **signed}, if_equal=(GENERATION, idle)):
         raise _moved(generation)
     ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
     for start in range(0, len(ops), MAX_TXN_OPS - 1):
         batch = ops[start : start + MAX_TXN_OPS - 1]
         batch_puts = {k: v for k, v in batch if v is not None}
         batch_deletes = [k for k, v in batch if v is None]
-        if not await store.apply(batch_puts, batch_deletes, if_equal=(GENERATION, staging)):
+        if not await store.apply({**batch_puts, **signed}, batch_deletes, if_equal=(GENERATION, staging)):
             raise ConcurrentPlanError(
                 f"another writer took over the shard map while generation {generation + 1} was staged"
             )
-    if not await store.apply({GENERATION: committed}, if_equal=(GENERATION, staging)):
+    if not await store.apply({GENERATION: committed, **signed}, if_equal=(GENERATION, staging)):
         raise ConcurrentPlanError(
             f"another writer took over the shard map while generation {generation + 1} was staged"
         )

@@ -26,6 +26,9 @@ class ContainerChannels:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unary: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable] = {}
         self.outstanding: dict[str, int] = {}
+        # Addresses whose last call failed UNAVAILABLE (refused, reset, or a keepalive ping unanswered):
+        # not chosen while another copy is usable, until their channel is connected again.
+        self.suspect: set[str] = set()
 
     def unary(self, address: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
         call = self._unary.get((address, method))
@@ -47,13 +50,32 @@ class ContainerChannels:
     def stream(self, address: str, method: str) -> grpc.aio.StreamStreamMultiCallable:
         return self.channel(address).stream_stream(method)  # bytes in, bytes out
 
+    def usable(self, address: str) -> bool:
+        """Whether calls to `address` can be expected to get through now: its channel is connected, or
+        idle without a failure since it last was. A channel connecting (again) may wait out a call's whole
+        deadline when its host went silent, so it is not."""
+        channel = self._channels.get(address)
+        if channel is None:
+            return True
+        state = channel.get_state()
+        if state == grpc.ChannelConnectivity.READY:
+            self.suspect.discard(address)
+            return True
+        return state == grpc.ChannelConnectivity.IDLE and address not in self.suspect
+
     def pick(self, copies: Sequence[Container], exclude: str | None = None) -> Container | None:
-        """Power of two choices: of two random copies, the one with fewer calls in flight."""
+        """Power of two choices: of two random copies, the one with fewer calls in flight; copies whose
+        container is not `usable` only when no other is."""
         candidates = [c for c in copies if c.id != exclude] if exclude else copies
         if not candidates:
             return None
         if len(candidates) == 1:
             return candidates[0]
+        usable = [c for c in candidates if self.usable(c.address)]
+        if len(usable) == 1:
+            return usable[0]
+        if usable:
+            candidates = usable
         a, b = random.sample(candidates, 2)
         return a if self.outstanding.get(a.id, 0) <= self.outstanding.get(b.id, 0) else b
 

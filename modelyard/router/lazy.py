@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from modelyard.placement import registry
 from modelyard.placement.model import Container, ModelVersion
@@ -26,8 +27,16 @@ DEFAULT_WAIT_S = 30.0  # for calls without a deadline
 
 
 class LazyLoader:
-    def __init__(self, store: Store, table: RoutingTable, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        table: RoutingTable,
+        telemetry: Telemetry | None = None,
+        store_down: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`store_down()`: whether the router's store follower knows the store does not answer now."""
         self.store = store
+        self.store_down = store_down
         self.telemetry = telemetry
         self.table = table
         self.placements = 0  # wanted-keys written (requests to the controller), for tests and metrics
@@ -80,6 +89,12 @@ class LazyLoader:
             if not live and not lost and reason and asked_at and fleet.revision >= asked_at:
                 raise NoReadyCopy(
                     f"model '{model.name}' version '{model.version}' cannot be placed: {reason}"
+                )
+            if not asked_at and self.store_down():
+                # Cut off from the store, the router cannot ask for a load: say so now, not at the deadline.
+                raise NoReadyCopy(
+                    f"model '{model.name}' version '{model.version}' has no ready copy, and the store that "
+                    "would place one does not answer this router now"
                 )
             if not asked_at:
                 # Wanted: the controller places it if it has no copy, and its agent loads it before the

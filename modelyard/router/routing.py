@@ -93,7 +93,7 @@ class Router:
             follower.listen(self.table.on_change)
         self.channels = ContainerChannels(upstream_credentials)
         self.sagemaker = SageMakerForwarder()  # HTTP to SageMaker containers: one pooled client
-        self.lazy = LazyLoader(store, self.table, telemetry)
+        self.lazy = LazyLoader(store, self.table, telemetry, store_down=lambda: self.follower.degraded)
         # Calls per model, reported for copies that follow load.
         self.rates = RateCounter(store, period_s=rate_period_s)
         self.retries = 0  # unary calls sent to a second copy after UNAVAILABLE
@@ -197,9 +197,11 @@ class Router:
         """Sends `request` to a ready copy; with `lazy_load`, a model with none is loaded first.
 
         A copy that answers UNAVAILABLE or NOT_FOUND never ran the request (connection refused or closed,
-        model not loaded there), so it is sent again: to another ready copy, or, when the failed one was the
-        only one, to the copy that replaces it, waited for within the call's deadline as a cold call waits.
-        Any other code is final: the request may have run.
+        model not loaded there), or its answer was lost with the connection (a keepalive ping went
+        unanswered: the container fell silent; an inference run twice is harmless), so it is sent again:
+        to another ready copy, or, when the failed one was the only one, to the copy that replaces it,
+        waited for within the call's deadline as a cold call waits. Any other code is final: the request
+        may have run.
         """
         model, request, caller = self._route(request, context)
         if method == _MODEL_INFER and model.backend in CHECKED_BACKENDS:
@@ -257,6 +259,8 @@ class Router:
                     # request did not run there either, so it is resent like an UNAVAILABLE one.
                     if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                         raise public_rpc_error(model, exc) from None
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.channels.suspect.add(container.address)
                     refused.add(copy)
                     others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
                     retry_on = sticky_copy(sequence.id, others) if sequence else self.channels.pick(others)

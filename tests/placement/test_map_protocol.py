@@ -10,7 +10,7 @@ import pytest
 from modelyard.placement import registry
 from modelyard.placement.registry import ConcurrentPlanError, Fleet
 from modelyard.placement.store import Store, open_store
-from modelyard.placement.store.base import MAX_TXN_OPS, Lease
+from modelyard.placement.store.base import MAX_TXN_OPS, Event, Lease
 
 
 class PausingStore(Store):
@@ -153,5 +153,46 @@ def test_unassigning_leaves_a_tombstone_that_a_later_write_removes(store_url: st
         await registry.write_shard_map(store, {"a@1": ["c2"]}, expected_generation=2)
         assert await store.get(registry.ASSIGN + "b@1") is None
         assert (await registry.load_fleet(store)).assignments == {"a@1": ("c2",)}
+
+    run(store_url, scenario)
+
+
+def test_garbage_in_the_generation_key_is_never_no_map(store_url: str) -> None:
+    """A fresh reader of a store whose generation key holds garbage sees the map as written (not an empty
+    one), a reader that read a good generation keeps it, and the next map write repairs the key."""
+
+    async def scenario(store: Store) -> None:
+        await registry.write_shard_map(store, {"a@1": ["c1"], "b@1": ["c2"]}, expected_generation=0)
+        await registry.write_shard_map(store, {"a@1": ["c3"], "b@1": ["c2"]}, expected_generation=1)
+        running = await registry.load_fleet(store)
+        revision = await store.put(registry.GENERATION, b"\xffnot-a-generation")
+        fresh = await registry.load_fleet(store)
+        assert fresh.assignments == {"a@1": ("c3",), "b@1": ("c2",)} and fresh.generation == 2
+        running.apply(Event("put", registry.GENERATION, b"\xffnot-a-generation", revision))
+        assert running.assignments == fresh.assignments and running.generation == 2
+        assert await registry.read_generation(store) is None
+        assert await registry.update_shard_map(store, {"b@1": ["c4"]}, base=fresh) == 3
+        repaired = await registry.load_fleet(store)
+        assert repaired.assignments == {"a@1": ("c3",), "b@1": ("c4",)}
+        assert repaired.unreadable_generation is None and await registry.read_generation(store) == 3
+
+    run(store_url, scenario)
+
+
+def test_a_new_terms_generation_fences_out_the_previous_writer(store_url: str) -> None:
+    """A writer deposed with a write in flight (made against generation G) can never apply it once the new
+    leader committed a generation of its own, even one that changes nothing; every write names its writer."""
+
+    async def scenario(store: Store) -> None:
+        await registry.write_shard_map(store, {"a@1": ["c1"]}, expected_generation=0)
+        deposed_view = await registry.load_fleet(store)
+        new_view = await registry.load_fleet(store)
+        assert await registry.update_shard_map(store, {}, base=new_view, writer="new", bump=True) == 2
+        with pytest.raises(ConcurrentPlanError):
+            await registry.update_shard_map(store, {"a@1": ["c9"]}, base=deposed_view, writer="old")
+        fleet = await registry.load_fleet(store)
+        assert fleet.assignments == {"a@1": ("c1",)} and fleet.generation == 2
+        writer = await store.get(registry.MAP_WRITER)
+        assert writer is not None and writer.value == b"new"
 
     run(store_url, scenario)

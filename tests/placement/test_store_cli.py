@@ -157,3 +157,24 @@ def test_models_list_counts_no_ready_copy_on_a_container_that_is_gone(tmp_path: 
     [row] = [line for line in result.stdout.splitlines() if "m@1" in line]
     cells = re.split(r"\s{2,}", row.strip())  # plain columns when piped, two spaces apart
     assert cells[4:6] == ["2", "1"], cells  # replicas 2, ready 1
+
+
+def test_garbage_in_the_generation_key_shows_and_plans_the_map_as_written(etcd_url: str) -> None:
+    """A fresh reader never takes one bad key for "no map": `placement show` still counts every copy, and a
+    dry-run rebalance plans the same moves as it would with the key intact."""
+    seed(etcd_url)
+    before = modelyard("placement", "rebalance", "--store", etcd_url, "--dry-run")
+
+    async def corrupt() -> None:
+        async with open_store(etcd_url) as store:
+            await store.put(registry.GENERATION, b"{garbage")
+
+    asyncio.run(corrupt())
+    shown = modelyard("placement", "show", "--store", etcd_url, "--json")
+    assert shown.returncode == 0, shown.stderr
+    by_id = {c["id"]: c for c in json.loads(shown.stdout)["containers"]}
+    assert by_id["a"]["copies"] == 6 and json.loads(shown.stdout)["generation"] == 1
+    after = modelyard("placement", "rebalance", "--store", etcd_url, "--dry-run")
+    assert after.returncode == 0, after.stderr
+    moves = re.compile(r"^\d+ moves, .*$", re.MULTILINE)
+    assert moves.findall(after.stdout) == moves.findall(before.stdout) != [], (before.stdout, after.stdout)

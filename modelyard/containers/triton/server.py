@@ -13,6 +13,7 @@ from pathlib import Path
 
 from modelyard.containers.process import ServerProcess, free_port
 from modelyard.fleet_secret import FLEET_SECRET_HEADER, FLEET_SECRET_KEY
+from modelyard.grpc_options import MIN_PING_INTERVAL_MS
 
 # Every gRPC protocol Triton 2.51 can restrict (`tritonserver --help`): a caller without the secret gets
 # nothing (UNAVAILABLE), not even liveness or grpc.health.v1 (our readiness check below sends the header;
@@ -106,9 +107,18 @@ class TritonServer(ServerProcess):
         return f"{self.host}:{self.grpc_port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        install = TritonInstall.find()
         self.repository.mkdir(parents=True, exist_ok=True)
-        backends = install.backend_directory(self.workdir / "backends")
+        command, env = self.command(), self.environment()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
+        )
+        log.close()
+        self._wait_ready(timeout_s)
+
+    def environment(self) -> dict[str, str]:
+        """The environment tritonserver runs in: the bundled libraries and this interpreter's."""
+        install = TritonInstall.find()
         env = dict(os.environ)
         # The bundled libraries, and this interpreter's libpython for the python backend stub.
         python_libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -117,6 +127,12 @@ class TritonServer(ServerProcess):
         )
         # The python backend stub runs `python` models with the interpreter found first on PATH.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def command(self) -> list[str]:
+        """The tritonserver command line (run in `workdir`)."""
+        install = TritonInstall.find()
+        backends = install.backend_directory(self.workdir / "backends")
         command = [
             str(install.binary),
             f"--model-repository={self.repository}",
@@ -129,6 +145,10 @@ class TritonServer(ServerProcess):
             "--disable-auto-complete-config",
             "--exit-timeout-secs=5",
             "--log-verbose=0",
+            # Routers ping their connections every second or two while calls are in flight, to notice a
+            # container that went silent (grpc_options.py); gRPC's default would answer that with GOAWAY.
+            f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}",
+            "--grpc-http2-max-ping-strikes=0",
         ]
         if self.fleet_secret:
             # On the command line (Triton reads it nowhere else): visible to this machine's users in ps.
@@ -136,12 +156,7 @@ class TritonServer(ServerProcess):
                 f"--grpc-restricted-protocol={','.join(RESTRICTED_PROTOCOLS)}:"
                 f"{FLEET_SECRET_KEY}={self.fleet_secret}"
             )
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
-        )
-        log.close()
-        self._wait_ready(timeout_s)
+        return command
 
     def _wait_ready(self, timeout_s: float) -> None:
         import tritonclient.grpc as grpcclient

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
@@ -14,6 +15,7 @@ import aetcd.rpc
 import grpc
 import grpc.aio
 
+from modelyard.grpc_options import keepalive_options
 from modelyard.placement.store import EtcdAccess
 from modelyard.placement.store.base import (
     MAX_TXN_OPS,
@@ -32,23 +34,83 @@ _PUT_ABSENT_CONCURRENCY = 4
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
+# With several endpoints, one attempt of a small request (a key, a transaction, a lease) may take this long
+# before the next endpoint is tried: a request in flight when the etcd leader died is never answered (its
+# proposal is lost), and the other members elect a new leader within about a second. A prefix read (a whole
+# fleet) gets the client's full timeout.
+ATTEMPT_S = 2.0
+# etcd's words for "no leader right now": the request did not commit, or may not have; another try after
+# the election is how etcd's own client handles them.
+_LEADERLESS = ("leader changed", "no leader", "request timed out", "leader failure")
+
+
 def _translated(fn: F) -> F:
-    """Turns aetcd's errors into the store's, naming the endpoint."""
+    """Turns aetcd's errors into the store's, naming the endpoint, and tries each endpoint once.
+
+    A member that refuses the connection (down, restarting) never got the request; one without a leader, or
+    silent (cut off), did not apply it or may have: the request goes to the next endpoint at once, so one
+    member gone or cut off costs a caller at most one attempt. Every request here is safe to send twice:
+    puts write the same value again, and a compare-and-swap sent again answers False (changed meanwhile),
+    which every caller already handles by reading again.
+    """
 
     @functools.wraps(fn)
     async def wrapper(self: EtcdStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(self, *args, **kwargs)
-        except _UNREACHABLE as exc:
-            endpoint = self.endpoint
-            await self._next_endpoint()
-            raise StoreUnavailable(f"etcd at {endpoint} is unreachable: {exc}") from exc
-        except aetcd.exceptions.RevisionCompactedError as exc:
-            raise CompactedError(str(exc)) from exc
-        except aetcd.exceptions.ClientError as exc:
-            raise StoreError(f"etcd at {self.endpoint}: {exc}") from exc
+        # With one endpoint there is nowhere else to go: the client's own timeout applies.
+        attempt_s = None if fn.__name__ == "get_prefix" or len(self.endpoints) == 1 else ATTEMPT_S
+        tries = len(self.endpoints)
+        while True:
+            tries -= 1
+            endpoint, client = self.endpoint, self._client
+            try:
+                async with asyncio.timeout(attempt_s):
+                    return await fn(self, *args, **kwargs)
+            except (*_UNREACHABLE, TimeoutError) as exc:
+                await self._next_endpoint(client)
+                if tries > 0:
+                    continue
+                raise StoreUnavailable(f"etcd at {endpoint} is unreachable: {exc or 'timeout'}") from exc
+            except asyncio.CancelledError:
+                _raise_if_ours()
+                raise StoreUnavailable(f"etcd at {endpoint}: the client moved to another endpoint") from None
+            except aetcd.exceptions.RevisionCompactedError as exc:
+                raise CompactedError(str(exc)) from exc
+            except aetcd.exceptions.ClientError as exc:
+                if tries > 0 and any(words in str(exc) for words in _LEADERLESS):
+                    await self._next_endpoint(client)
+                    continue
+                raise StoreError(f"etcd at {endpoint}: {exc}") from exc
 
     return cast(F, wrapper)
+
+
+def _raise_if_ours() -> None:
+    """Re-raises a CancelledError that cancels this task; one that does not comes from a call on a client
+    closed under it (grpc.aio raises CancelledError in a call whose channel was closed)."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        raise asyncio.CancelledError
+
+
+# etcd's require-leader flag (clientv3.WithRequireLeader): a member that has no leader (cut off from the
+# others, or between leaders) refuses requests at once ("no leader") and ends its watches, instead of
+# keeping a request waiting or a watch silent while the rest of the cluster moves on.
+_REQUIRE_LEADER: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
+
+
+class _LeaderClient(aetcd.Client):
+    """aetcd's client, with every request (watches included) carrying the require-leader flag."""
+
+    def _init_channel_attrs(self) -> None:
+        super()._init_channel_attrs()
+        self.metadata = _REQUIRE_LEADER
+
+    async def connect(self) -> None:
+        await super().connect()
+        if self.metadata is None or _REQUIRE_LEADER[0] not in self.metadata:  # replaced by an auth token
+            self.metadata = (*(self.metadata or ()), *_REQUIRE_LEADER)
+            if self._watcher is not None:
+                self._watcher._metadata = self.metadata
 
 
 def _credentials(access: EtcdAccess) -> grpc.ChannelCredentials | None:
@@ -71,34 +133,30 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 class _EtcdLease(Lease):
-    def __init__(self, store: EtcdStore, lease: Any, ttl_s: float) -> None:
-        self.id = lease.id
+    """A lease, refreshed and revoked through the store's current client: after the store moved to another
+    endpoint (its member died or was cut off) the lease lives on there, rather than in a closed client that
+    would dial the gone member again."""
+
+    def __init__(self, store: EtcdStore, lease_id: int, ttl_s: float) -> None:
+        self.id = lease_id
         self.ttl_s = ttl_s
-        self._lease = lease
         self._store = store
 
     async def refresh(self) -> None:
-        try:
-            response = await self._lease.refresh()
-        except _UNREACHABLE as exc:
-            raise StoreUnavailable(f"etcd at {self._store.endpoint} is unreachable: {exc}") from exc
-        except aetcd.exceptions.ClientError as exc:
-            raise StoreError(f"lease {self.id}: {exc}") from exc
+        response = await self._store._refresh_lease(self.id)
         if getattr(response, "TTL", 1) <= 0:
             raise StoreError(f"lease {self.id} has expired or was revoked")
 
     async def revoke(self) -> None:
         try:
-            await self._lease.revoke()
-        except _UNREACHABLE as exc:
-            raise StoreUnavailable(f"etcd at {self._store.endpoint} is unreachable: {exc}") from exc
-        except aetcd.exceptions.ClientError as exc:
+            await self._store._revoke_lease(self.id)
+        except StoreError as exc:
             if "not found" in str(exc):
                 return  # expired or revoked already: what revoking wanted
-            raise StoreError(f"lease {self.id}: {exc}") from exc
+            raise
 
 
-class _TLSClient(aetcd.Client):
+class _TLSClient(_LeaderClient):
     """aetcd only opens plaintext channels; this one opens its channel with TLS credentials instead.
 
     aetcd builds the channel synchronously at the start of `connect()`, through the module-level
@@ -144,6 +202,7 @@ class EtcdStore(Store):
         self.endpoints = list(endpoints)
         self._index = 0
         self._timeout_s = timeout_s
+        self._retiring: set[asyncio.Task[None]] = set()
         self._client = self._connect()
 
     @classmethod
@@ -187,18 +246,36 @@ class EtcdStore(Store):
             password=self._password,
             timeout=int(self._timeout_s),
             connect_wait_timeout=1,
-            # A whole prefix comes back in one response (aetcd has no paging): 100k assignments are ~10 MiB.
-            options={"grpc.max_receive_message_length": _MAX_RESPONSE_BYTES},
+            options={
+                # A whole prefix comes back in one response (aetcd has no paging): 100k assignments ~10 MiB.
+                "grpc.max_receive_message_length": _MAX_RESPONSE_BYTES,
+                # A member cut off without a reset leaves a watch silent: pings find out. etcd refuses pings
+                # more often than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
+                **dict(keepalive_options(6000, 3000)),
+            },
         )
         if self._credentials is not None:
             return _TLSClient(**settings, credentials=self._credentials)
-        return aetcd.Client(**settings)
+        return _LeaderClient(**settings)
 
-    async def _next_endpoint(self) -> None:
-        if len(self.endpoints) > 1:
-            await self._client.close()
-            self._index = (self._index + 1) % len(self.endpoints)
-            self._client = self._connect()
+    async def _next_endpoint(self, failed: aetcd.Client) -> None:
+        """Moves to the next endpoint after `failed` (the client a call failed on) did, once however many
+        calls failed on it. Calls still in flight on it (a watch, other requests) end on their own errors
+        or timeouts; it is closed under them only after the longest of those."""
+        if len(self.endpoints) == 1 or failed is not self._client:
+            return
+        self._index = (self._index + 1) % len(self.endpoints)
+        self._client = self._connect()
+        task = asyncio.get_running_loop().create_task(self._retire(failed), name="etcd-client-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, client: aetcd.Client) -> None:
+        try:
+            await asyncio.sleep(self._timeout_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
 
     @_translated
     async def get(self, key: str) -> KeyValue | None:
@@ -296,6 +373,11 @@ class EtcdStore(Store):
                     "put" if event.kind == aetcd.rtypes.EventKind.PUT else "delete"
                 )
                 yield [Event(kind, event.kv.key.decode(), event.kv.value, event.kv.mod_revision)]
+        except asyncio.CancelledError:
+            _raise_if_ours()
+            raise StoreUnavailable(
+                f"etcd watch at {self.endpoint}: the client moved to another endpoint"
+            ) from None
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise CompactedError(str(exc)) from exc
         except _UNREACHABLE as exc:
@@ -306,7 +388,18 @@ class EtcdStore(Store):
     @_translated
     async def grant_lease(self, ttl_s: float) -> Lease:
         lease = await self._client.lease(max(1, round(ttl_s)))
-        return _EtcdLease(self, lease, ttl_s)
+        return _EtcdLease(self, lease.id, ttl_s)
+
+    @_translated
+    async def _refresh_lease(self, lease_id: int) -> Any:
+        return await self._client.refresh_lease(lease_id)
+
+    @_translated
+    async def _revoke_lease(self, lease_id: int) -> None:
+        await self._client.revoke_lease(lease_id)
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self._client.close()
