@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelyard.catalog.examples import install_example
 from modelyard.containers.triton.adapter import triton_model_name
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
 from modelyard.placement.model import Container, ModelVersion
