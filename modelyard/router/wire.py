@@ -148,14 +148,8 @@ def length_delimited_fields(data: bytes) -> list[tuple[int, bytes]]:
                 raise WireError(f"field {field} runs past the end of the message")
             fields.append((field, data[pos : pos + length]))
             pos += length
-        elif wire_type == 0:
-            _, pos = _varint(data, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
         else:
-            raise WireError(f"unsupported wire type {wire_type} for field {field}")
+            pos = _skip(data, pos, tag, end)
     if pos > end:
         raise WireError("truncated message")
     return fields
