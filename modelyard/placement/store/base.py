@@ -52,6 +52,11 @@ class Lease(abc.ABC):
 MAX_TXN_OPS = 100
 
 
+def prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with `prefix` (a range end, as etcd spells prefixes)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 class Store(abc.ABC):
     """What placement, agents and routers need from etcd, implementable on one machine without it."""
 
@@ -61,6 +66,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix` in key order, and the store revision they were read at."""
+
+    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+        """Keys from `start` (included) to `end` (excluded) in key order, at most `limit` (0: all): one page
+        of a prefix without reading the rest of it. This generic version reads the whole common prefix; the
+        stores read the page only."""
+        common = 0
+        while common < min(len(start), len(end)) and start[common] == end[common]:
+            common += 1
+        items, _ = await self.get_prefix(start[:common])
+        page = [item for item in items if start <= item.key < end]
+        return page[:limit] if limit else page
 
     @abc.abstractmethod
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:

@@ -212,6 +212,18 @@ class EtcdStore(Store):
         return items, result.header.revision
 
     @_translated
+    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+        client = self._client
+        await client.connect()
+        request = aetcd.rpc.RangeRequest(key=start.encode(), range_end=end.encode(), limit=limit)
+        try:
+            response = await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+        except aetcd.rpc.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)  # raises aetcd's error for it, as its own calls do
+            raise
+        return [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in response.kvs]
+
+    @_translated
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         result = await self._client.put(key.encode(), value, lease=lease.id if lease else None)
         return int(result.header.revision)
