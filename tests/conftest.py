@@ -64,11 +64,17 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> N
 
 class EtcdServer:
     def __init__(
-        self, workdir: Path, *, tls: tuple[Path, Path] | None = None, client_ca: Path | None = None
+        self,
+        workdir: Path,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         """`tls`: (certificate, key) to serve clients over TLS only; `client_ca`: with `tls`, accept only
-        clients holding a certificate signed by this CA."""
+        clients holding a certificate signed by this CA; `extra_args`: more etcd flags (a tiny quota)."""
         self.workdir = workdir
+        self.extra_args = extra_args
         self.tls = tls
         self.client_ca = client_ca
         self.client_port = free_port()
@@ -100,6 +106,7 @@ class EtcdServer:
                 f"--initial-cluster=default={peer}",
                 "--log-level=warn",
                 *tls,
+                *self.extra_args,
             ],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

@@ -1,8 +1,8 @@
 """Pages of model versions for `modelyard models list`, read without reading the whole fleet.
 
 A page is a range read of at most `limit` registry keys after a continue token (the last key shown), the
-assignments of exactly those keys (same order, so one more range read), the live containers and the copy
-states of the page's copies: O(page + containers) keys, whatever the size of the fleet. The reads are
+assignments of exactly those keys (same order, so one more range read), then the containers those copies
+are on and the copies' states, key by key: O(page) keys, whatever the size of the fleet. The reads are
 several, not one snapshot: a page can show a copy state a moment newer than its assignment.
 """
 
@@ -21,7 +21,7 @@ _STATE_READS = 64
 
 @dataclass(frozen=True)
 class Page:
-    fleet: Fleet  # the page's models, their assignments, the live containers and the page's copy states
+    fleet: Fleet  # the page's models, their assignments, the containers and states of their copies
     next_after: str  # the continue token of the next page; "" when this is the last page
 
 
@@ -34,28 +34,32 @@ async def read_page(store: Store, after: str, limit: int) -> Page:
     if not registered:
         return Page(Fleet(), "")
     first, last = registered[0].key[len(MODELS) :], registered[-1].key[len(MODELS) :]
-    assigned, (containers, _), generation = await asyncio.gather(
-        store.get_range(ASSIGN + first, ASSIGN + last + "\0"),
-        store.get_prefix(CONTAINERS),
-        store.get(GENERATION),
+    assigned, generation = await asyncio.gather(
+        store.get_range(ASSIGN + first, ASSIGN + last + "\0"), store.get(GENERATION)
     )
-    items: list[KeyValue] = [*registered, *assigned, *containers]
+    items: list[KeyValue] = [*registered, *assigned]
     if generation is not None:
         items.append(generation)
     fleet = Fleet.from_items(items, 0)
-    wanted = [
-        state_key(cid, key)
-        for key, ids in fleet.assignments.items()
-        for cid in ids
-        if cid in fleet.containers
-    ]
     gate = asyncio.Semaphore(_STATE_READS)
 
     async def read(key: str) -> KeyValue | None:
         async with gate:
             return await store.get(key)
 
-    for state in await asyncio.gather(*(read(key) for key in wanted)):
-        if state is not None:
-            fleet.apply(Event("put", state.key, state.value, state.mod_revision))
+    async def read_all(keys: list[str]) -> None:
+        for item in await asyncio.gather(*(read(key) for key in keys)):
+            if item is not None:
+                fleet.apply(Event("put", item.key, item.value, item.mod_revision))
+
+    # The containers the page's copies are on (live ones have a key), then those copies' states.
+    await read_all(sorted({CONTAINERS + cid for ids in fleet.assignments.values() for cid in ids}))
+    await read_all(
+        [
+            state_key(cid, key)
+            for key, ids in fleet.assignments.items()
+            for cid in ids
+            if cid in fleet.containers
+        ]
+    )
     return Page(fleet, last if more else "")

@@ -12,6 +12,7 @@ from modelyard.placement.store.base import (
     Lease,
     Store,
     StoreError,
+    StoreFull,
     StoreUnavailable,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "Lease",
     "Store",
     "StoreError",
+    "StoreFull",
     "StoreUnavailable",
     "missing_store",
     "open_store",

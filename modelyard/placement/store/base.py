@@ -16,6 +16,10 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached."""
 
 
+class StoreFull(StoreError):
+    """The store refuses writes: etcd's database reached its space quota (its NOSPACE alarm is raised)."""
+
+
 class CompactedError(StoreError):
     """A watch asked for history the store no longer keeps; reload the prefix and watch again."""
 
