@@ -28,7 +28,7 @@ from modelyard.placement.model import ModelVersion
 from modelyard.placement.planner import Capacity, Demand, plan
 from modelyard.placement.rebalance import apply_rebalance, plan_rebalance, snapshot
 from modelyard.placement.registry import Changes, Fleet
-from modelyard.placement.store import Lease, Store, StoreError
+from modelyard.placement.store import Lease, Store, StoreError, StoreSpace
 from modelyard.placement.store.base import MAX_TXN_OPS
 from modelyard.placement.summary import SUMMARY, summarize
 from modelyard.telemetry import Telemetry
@@ -52,14 +52,20 @@ class PlacementController:
         scale_down_after_s: float = 300.0,
         telemetry: Telemetry | None = None,
         summary_every_s: float = 5.0,
+        space_every_s: float = 30.0,
+        store_quota_bytes: int = 0,
     ) -> None:
         """`follower`: a store follower shared with other components of this process (else its own).
         `copy_target_rps`: calls/s per copy above which a model gets another copy (0: copies do not follow
         load); extra copies go after the rate stayed low for `scale_down_after_s` (placement/autoscale.py).
         `summary_every_s`: how often, at most, the leader writes the fleet summary (placement/summary.py)
-        while the fleet changes; each write is one value of ~50 bytes per container."""
+        while the fleet changes; each write is one value of ~50 bytes per container. `space_every_s`: how
+        often the leader reads the store's size (for the gauges next to `store_quota_bytes`, 0: unknown)."""
         self.store = store
         self.summary_every_s = summary_every_s
+        self.space_every_s = space_every_s
+        self.store_quota_bytes = store_quota_bytes
+        self.space: StoreSpace | None = None  # as last read (by every controller, leading or not)
         self.telemetry = telemetry  # pass durations and placement failures (placement/metrics.py: gauges)
         self.debounce_s = debounce_s
         self.ready_timeout_s = ready_timeout_s
@@ -117,6 +123,8 @@ class PlacementController:
 
     async def run(self) -> None:
         self.follower.start()
+        # Every controller, leading or not: on a full store no one can campaign (the leader key is a write).
+        space = asyncio.create_task(self._space_loop(), name="controller-space")
         try:
             await self.follower.loaded.wait()
             while True:
@@ -134,6 +142,8 @@ class PlacementController:
                         async with asyncio.timeout(5.0):
                             await lease.revoke()
         finally:
+            space.cancel()
+            await asyncio.gather(space, return_exceptions=True)
             if self._owns_follower:
                 await self.follower.stop()
 
@@ -196,6 +206,15 @@ class PlacementController:
                     log.info("placement controller: cannot write the fleet summary (%s)", exc)
             await asyncio.sleep(self.summary_every_s)
             await self.follower.wait_changed(None, written)
+
+    async def _space_loop(self) -> None:
+        """Reads how full the store is, for the gauges and the alert on a store near its quota."""
+        while True:
+            try:
+                self.space = await self.store.space()
+            except StoreError as exc:
+                log.info("placement controller: cannot read the store's size (%s)", exc)
+            await asyncio.sleep(self.space_every_s)
 
     # -- incremental -----------------------------------------------------------------------------------
 

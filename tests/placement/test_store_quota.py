@@ -72,3 +72,38 @@ def test_a_cli_write_to_a_full_store_ends_with_that_one_line(tiny_etcd: EtcdServ
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: etcd at 127.0.0.1:")
     assert "space quota" in result.stderr and "etcdctl defrag" in result.stderr
+
+
+def test_a_full_store_says_so_in_its_space_and_a_controller_reads_it_without_leading(
+    tiny_etcd: EtcdServer,
+) -> None:
+    """What the gauges modelyard_store_db_bytes / _quota_bytes / _full export (placement/metrics.py)."""
+    from modelyard.placement.controller import PlacementController
+
+    async def scenario() -> None:
+        async with open_store(tiny_etcd.url) as store:
+            empty = await store.space()
+            assert empty is not None and not empty.full
+        await fill(tiny_etcd.url)
+        async with open_store(tiny_etcd.url) as store:
+            controller = PlacementController(store, space_every_s=0.05, store_quota_bytes=QUOTA_BYTES)
+            task = asyncio.create_task(controller.run())
+            try:
+                async with asyncio.timeout(20):
+                    while controller.space is None:  # noqa: ASYNC110  (read on the controller's own clock)
+                        await asyncio.sleep(0.05)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            assert controller.space.full and controller.space.db_bytes >= QUOTA_BYTES
+            assert not controller.leading.is_set()  # campaigning is a write: refused
+
+    asyncio.run(scenario())
+
+
+def test_the_embedded_store_has_no_quota_to_report(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with open_store(str(tmp_path / "store")) as store:
+            assert await store.space() is None
+
+    asyncio.run(scenario())

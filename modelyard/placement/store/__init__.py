@@ -13,6 +13,7 @@ from modelyard.placement.store.base import (
     Store,
     StoreError,
     StoreFull,
+    StoreSpace,
     StoreUnavailable,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreSpace",
     "StoreUnavailable",
     "missing_store",
     "open_store",

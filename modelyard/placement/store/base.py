@@ -52,6 +52,15 @@ class Lease(abc.ABC):
     async def revoke(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class StoreSpace:
+    """How full the store is: its database's size (etcd's dbSize, as `etcdctl endpoint status` shows it)
+    and whether it refuses writes for lack of space (etcd's NOSPACE alarm)."""
+
+    db_bytes: int
+    full: bool
+
+
 # etcd's default --max-txn-ops is 128; stay below it so every batch is accepted.
 MAX_TXN_OPS = 100
 
@@ -81,6 +90,10 @@ class Store(abc.ABC):
         items, _ = await self.get_prefix(start[:common])
         page = [item for item in items if start <= item.key < end]
         return page[:limit] if limit else page
+
+    async def space(self) -> StoreSpace | None:
+        """The store's size and whether it is full; None where it has no space quota (the embedded store)."""
+        return None
 
     @abc.abstractmethod
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:

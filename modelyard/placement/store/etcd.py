@@ -24,6 +24,7 @@ from modelyard.placement.store.base import (
     Store,
     StoreError,
     StoreFull,
+    StoreSpace,
     StoreUnavailable,
 )
 
@@ -232,17 +233,29 @@ class EtcdStore(Store):
         items = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in result]
         return items, result.header.revision
 
-    @_translated
-    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+    async def _rpc(self, stub: str, method: str, request: Any) -> Any:
+        """One etcd RPC aetcd has no call for (`stub` names aetcd's attribute, set once connected), with
+        aetcd's timeout, credentials and errors."""
         client = self._client
         await client.connect()
-        request = aetcd.rpc.RangeRequest(key=start.encode(), range_end=end.encode(), limit=limit)
         try:
-            response = await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+            call = getattr(getattr(client, stub), method)
+            return await call(request, timeout=client._timeout, metadata=client.metadata)
         except aetcd.rpc.AioRpcError as exc:
             aetcd.exceptions._handle_exception(exc)  # raises aetcd's error for it, as its own calls do
             raise
+
+    @_translated
+    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+        request = aetcd.rpc.RangeRequest(key=start.encode(), range_end=end.encode(), limit=limit)
+        response = await self._rpc("kvstub", "Range", request)
         return [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in response.kvs]
+
+    @_translated
+    async def space(self) -> StoreSpace:
+        """The answering member's database size and whether an alarm says it is out of space."""
+        response = await self._rpc("maintenancestub", "Status", aetcd.rpc.StatusRequest())
+        return StoreSpace(int(response.dbSize), any("NOSPACE" in error for error in response.errors))
 
     @_translated
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
