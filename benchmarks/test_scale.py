@@ -1,6 +1,7 @@
 """The control path at 1k, 10k and 100k registered model versions (issue 10): full reconcile, one incremental
 placement, `placement show` and `models list` (issue 30: <= 2 s each at 100k, on etcd and on the embedded
-store, read from the controller's summary and one page), a map change reaching a router, router RSS,
+store, read from the controller's summary and one page), etcd's size per model version, a map change
+reaching a router, router RSS,
 router loop lag while 10k models' events arrive, and cold-call latency on a live fleet of our containers.
 
 Run: ./dev bench -k scale (--quick or MODELYARD_BENCH_QUICK=1: 1k only). 1k runs on the embedded store,
@@ -82,9 +83,15 @@ async def _put_all(store: Store, puts: dict[str, bytes]) -> None:
 
 
 async def populate(
-    url: str, size: int, artifact_uri: str = "file:///nonexistent", *, placed: bool = True
+    url: str,
+    size: int,
+    artifact_uri: str = "file:///nonexistent",
+    *,
+    placed: bool = True,
+    registered: bool = False,
 ) -> int:
-    """Registers `size` models and (`placed`) size/50 containers, the planner's map and ready copy states."""
+    """Registers `size` models (unless `registered` already) and (`placed`) size/50 containers, the
+    planner's map and ready copy states."""
     count = max(4, size // 50)
     async with open_store(url) as store:
         models = [
@@ -97,7 +104,8 @@ async def populate(
             Container(f"c{j:04d}", f"127.0.0.1:{10000 + j}", memory_bytes=1024**3, backend="custom")
             for j in range(count)
         ]
-        await _put_all(store, {registry.MODELS + m.key: m.to_json() for m in models})
+        if not registered:
+            await _put_all(store, {registry.MODELS + m.key: m.to_json() for m in models})
         if not placed:
             return 0
         await _put_all(store, {registry.CONTAINERS + c.id: c.to_json() for c in containers})
@@ -262,6 +270,60 @@ def test_one_incremental_placement(benchmark: Any, scene: Scene, record: Record)
         "includes the store's watch delivering both events)"
     )
     _one_round(benchmark, {"median_ms": round(1000 * statistics.median(took_s), 1)})
+
+
+# -- etcd's size -----------------------------------------------------------------------------------------
+
+
+def test_etcd_bytes_per_model_version(benchmark: Any, record: Record, tmp_path: Path, quick: bool) -> None:
+    """A fresh etcd of its own (so no earlier test's history counts): its database size (dbSize, what
+    --quota-backend-bytes limits; `etcdctl endpoint status`) empty, after N registrations, and after the
+    fleet of N is placed and its copies reported ready (map + copy states: 3 keys per version)."""
+    size = 1_000 if quick else 100_000
+    server = EtcdServer(tmp_path)
+    try:
+        server.start()
+
+        async def db_bytes() -> int:
+            # etcd commits its backend every 100 ms (--backend-batch-interval): dbSize shows writes after.
+            await asyncio.sleep(1.0)
+            async with open_store(server.url) as store:
+                space = await store.space()
+                assert space is not None
+                return space.db_bytes
+
+        empty = asyncio.run(db_bytes())
+        asyncio.run(populate(server.url, size, placed=False))
+        registered = asyncio.run(db_bytes())
+        asyncio.run(populate(server.url, size, registered=True))
+        placed = asyncio.run(db_bytes())
+    finally:
+        server.stop()
+    per_version = (registered - empty) / size
+    per_placed = (placed - empty) / size
+    mib = 1024**2
+    record(
+        f"{label(size)} on etcd: {size} registrations {registered / mib:.1f} MiB "
+        f"({per_version:.0f} bytes per model version; value {len(_bench_model(0).to_json())} bytes); "
+        f"placed and ready (map, copy states, {max(4, size // 50)} containers) {placed / mib:.1f} MiB "
+        f"({per_placed:.0f} bytes per version); empty {empty / mib:.2f} MiB"
+    )
+    if size == 100_000:
+        # etcd's default quota is 2 GiB; deploy/k8s/etcd.yaml sets 8 GiB.
+        record(
+            f"100k fleet: {100 * placed / (2 * 1024**3):.1f}% of etcd's default 2 GiB quota, "
+            f"{100 * placed / (8 * 1024**3):.1f}% of deploy/'s 8 GiB (before any history: each rewrite of a "
+            "key adds its new value until compaction)"
+        )
+    _one_round(
+        benchmark, {"bytes_per_version": round(per_version), "placed_bytes_per_version": round(per_placed)}
+    )
+
+
+def _bench_model(i: int) -> ModelVersion:
+    return ModelVersion(
+        model_name(i), "1", backend="custom", memory_bytes=MODEL_BYTES, artifact_uri="file:///nonexistent"
+    )
 
 
 # -- CLI and routers -----------------------------------------------------------------------------------------
