@@ -870,6 +870,7 @@ def controller(
                 copy_target_rps=copy_target_rps,
                 scale_down_after_s=scale_down_after_s,
                 telemetry=telemetry,
+                store_quota_bytes=settings.etcd_quota_bytes(),
             )
             if telemetry.metrics:
                 register_controller_gauges(telemetry, the_controller)

@@ -27,6 +27,10 @@ CACHE_MISSES = "modelyard_cache_misses_total"  # calls that had to wait for a co
 COPIES = "modelyard_copies"  # gauge; labels: state (loading|ready|failed|unloading|lost)
 UNPLACED_MODELS = "modelyard_unplaced_models"  # gauge: registered models with fewer live copies than replicas
 CONTAINER_MEMORY = "modelyard_container_memory_bytes"  # gauge; labels: container, kind (used|capacity)
+# the store, as every placement controller reads it (etcd: every 30 s; alert rules take the max)
+STORE_DB_BYTES = "modelyard_store_db_bytes"  # gauge: etcd's database size (dbSize of the member it asks)
+STORE_QUOTA_BYTES = "modelyard_store_quota_bytes"  # gauge: its space quota (MODELYARD_ETCD_QUOTA_BYTES)
+STORE_FULL = "modelyard_store_full"  # gauge: 1 while etcd's NOSPACE alarm refuses writes
 # placement controller
 CONTROLLER_LEADER = "modelyard_controller_leader"  # gauge: 1 on the leading controller, 0 on the others
 PLACEMENT_FAILURES = "modelyard_placement_failures_total"  # models a pass could not place, copies not ready
@@ -60,6 +64,9 @@ ALL = (
     COPIES,
     UNPLACED_MODELS,
     CONTAINER_MEMORY,
+    STORE_DB_BYTES,
+    STORE_QUOTA_BYTES,
+    STORE_FULL,
     CONTROLLER_LEADER,
     PLACEMENT_FAILURES,
     RECONCILE,

@@ -31,6 +31,7 @@ SETTINGS = (
     Setting("MODELYARD_ETCD_CA", None, "CA (PEM) that signed etcd's certificate: TLS to etcd"),
     Setting("MODELYARD_ETCD_CERT", None, "client certificate (PEM) for etcd's mutual TLS"),
     Setting("MODELYARD_ETCD_KEY", None, "its key"),
+    Setting("MODELYARD_ETCD_QUOTA_BYTES", str(2 * 1024**3), "etcd's --quota-backend-bytes, for the alert"),
     Setting("MODELYARD_MODEL_STORE", ".modelyard/artifacts", "the artifact store: a folder or s3://BUCKET/PREFIX"),
     Setting("MODELYARD_MAX_ARCHIVE_BYTES", str(2 * 1024**3), "archives larger than this are refused"),
     Setting("MODELYARD_ARTIFACT_CACHE", ".modelyard/artifact-cache", "verified local copies of S3 artifacts"),
@@ -63,6 +64,11 @@ BY_NAME = {setting.name: setting for setting in SETTINGS}
 def get(name: str) -> str | None:
     """The variable's value when set (and not empty), else its default."""
     return os.environ.get(name) or BY_NAME[name].default
+
+
+def etcd_quota_bytes() -> int:
+    """etcd's space quota as the controller reports it next to the database size (etcd does not say it)."""
+    return int(get("MODELYARD_ETCD_QUOTA_BYTES") or 0)
 
 
 def store_url(given: str | None = None) -> str:

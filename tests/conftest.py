@@ -70,11 +70,14 @@ class EtcdServer:
         tls: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
         compaction_retention: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         """`tls`: (certificate, key) to serve clients over TLS only; `client_ca`: with `tls`, accept only
         clients holding a certificate signed by this CA; `compaction_retention`: periodic auto-compaction
-        (as deploy/k8s/etcd.yaml runs etcd) keeping this much history, e.g. "1m"."""
+        (as deploy/k8s/etcd.yaml runs etcd) keeping this much history, e.g. "1m"; `extra_args`: more etcd
+        flags (a tiny quota)."""
         self.workdir = workdir
+        self.extra_args = extra_args
         self.tls = tls
         self.client_ca = client_ca
         self.compaction_retention = compaction_retention
@@ -113,6 +116,7 @@ class EtcdServer:
                 "--log-level=warn",
                 *tls,
                 *compaction,
+                *self.extra_args,
             ],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

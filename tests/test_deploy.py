@@ -578,6 +578,16 @@ SUBJECTS = {
     ),
     "store unreachable for 1m": (metric_names.STORE_REACHABLE, r"modelyard_store_reachable\s*==\s*0", "1m"),
     "watch lag above 5 s": (metric_names.WATCH_LAG, r"modelyard_watch_lag_seconds\s*>\s*5", None),
+    "etcd above 80% of its space quota for 5m": (
+        metric_names.STORE_DB_BYTES,
+        r"max\(modelyard_store_db_bytes\) / max\(modelyard_store_quota_bytes\) > 0\.8",
+        "5m",
+    ),
+    "etcd refusing writes (NOSPACE) for 1m": (
+        metric_names.STORE_FULL,
+        r"modelyard_store_full\)\s*>\s*0",
+        "1m",
+    ),
 }
 
 

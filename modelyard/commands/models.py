@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -35,6 +36,9 @@ from modelyard.placement.model import ModelVersion, split_model_key
 from modelyard.placement.rates import ModelRate
 from modelyard.placement.store import Store
 from modelyard.placement.units import format_bytes
+
+if TYPE_CHECKING:
+    from modelyard.placement.summary import FleetSummary
 
 register_archive_checks()  # upload and import check archives: every backend's check, before any is read
 
@@ -362,26 +366,106 @@ def _import_jsonl(file: Path, store_url: str | None, artifacts: ModelStore, max_
         sys.exit(EXIT_REFUSED)
 
 
+LIST_PAGE = 50  # model versions a table shows by default
+
+
 @models.command("list")
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 @output_option
-def list_command(store_url: str | None, output: str) -> None:
-    """Registered model versions with their ready copies."""
-    fleet = run_on_store(store_url, registry.load_fleet, read_only=True)
+@click.option("--all", "everything", is_flag=True, help="Every model version (reads the whole fleet).")
+@click.option("--tenant", default=None, help="Only the versions this tenant may call (public ones too).")
+@click.option("--container", default=None, help="Only the versions with a copy assigned to this container.")
+@click.option(
+    "--state",
+    type=click.Choice(["assigned", "loading", "ready", "failed", "unloading", "lost", "none"]),
+    default=None,
+    help="Only the versions with a copy in this state (none: no copy at all).",
+)
+@click.option(
+    "--limit", type=click.IntRange(0), default=None, help=f"Versions to show (default {LIST_PAGE}; 0: all)."
+)
+@click.option(
+    "--after", default="", metavar="NAME@VERSION", help="Start after this version (the continue token)."
+)
+def list_command(
+    store_url: str | None,
+    output: str,
+    everything: bool,
+    tenant: str | None,
+    container: str | None,
+    state: str | None,
+    limit: int | None,
+    after: str,
+) -> None:
+    """Registered model versions with their ready copies, a page at a time.
+
+    By default the first 50 (in name order) and the totals, read without reading the whole fleet; the
+    last line gives the `--after` token of the next page. `--all` or `-o json|yaml` list every version;
+    `--tenant`, `--container` and `--state` filter (those read the whole fleet: seconds at 100k).
+    """
+    fmt = chosen(output)
+    if (
+        everything
+        or tenant is not None
+        or container is not None
+        or state is not None
+        or (fmt != "table" and limit is None)
+    ):
+        fleet = run_on_store(store_url, registry.load_fleet, read_only=True)
+        rows = [
+            m
+            for m in sorted(fleet.models.values(), key=lambda m: (m.name, m.version))
+            if (not after or m.key > after) and _matches(m, fleet, tenant, container, state)
+        ]
+        page = rows[:limit] if limit else rows
+        next_after = page[-1].key if len(page) < len(rows) else ""
+        total = f"{len(rows)} matching" if tenant or container or state else f"{len(rows)}"
+        _print_models(fmt, page, fleet, next_after, total)
+        return
+    page_size = LIST_PAGE if limit is None else limit
+    fleet, next_after, summary = run_on_store(
+        store_url, lambda store: _read_page(store, after, page_size), read_only=True
+    )
     rows = sorted(fleet.models.values(), key=lambda m: (m.name, m.version))
-    if chosen(output) != "table":
-        emit_data(chosen(output), [json.loads(m.to_json()) for m in rows])
+    total = f"{summary.models} (the controller's count)" if summary else ""
+    _print_models(fmt, rows, fleet, next_after, total)
+    if summary and fmt == "table":
+        backends = ", ".join(f"{n} {b}" for b, n in summary.backends.items())
+        states = ", ".join(f"{n} {s}" for s, n in summary.states.items())
+        click.echo(f"registered: {backends or 'none'}; copies: {states or 'none'}, {summary.lost} lost")
+
+
+def _matches(
+    model: ModelVersion, fleet: registry.Fleet, tenant: str | None, container: str | None, state: str | None
+) -> bool:
+    if tenant is not None and not model.visible_to(tenant):
+        return False
+    held = fleet.assignments.get(model.key, ())
+    if container is not None and container not in held:
+        return False
+    if state is None:
+        return True
+    if state == "none":
+        return not held
+    phases = [
+        "lost" if cid not in fleet.containers else (s.phase if s else "assigned")
+        for cid in held
+        for s in [fleet.states.get((cid, model.key))]
+    ]
+    return state in phases
+
+
+def _print_models(
+    fmt: str, rows: list[ModelVersion], fleet: registry.Fleet, next_after: str, total: str
+) -> None:
+    if fmt != "table":
+        emit_data(fmt, [json.loads(m.to_json()) for m in rows])
+        if next_after:
+            click.echo(f"more: --after {next_after}", err=True)
         return
     table = Table(("model", "backend", "kind", "memory", "replicas", "ready", "tenants"))
     table.right = frozenset({"memory", "replicas", "ready"})
     for m in rows:
-        ready = sum(
-            1
-            for cid in fleet.assignments.get(m.key, ())
-            if cid in fleet.containers  # a dead container's (lease gone) copies serve nothing
-            and (s := fleet.states.get((cid, m.key)))
-            and s.phase == "ready"
-        )
         table.rows.append(
             (
                 m.key,
@@ -389,11 +473,34 @@ def list_command(store_url: str | None, output: str) -> None:
                 m.kind,
                 format_bytes(m.memory_bytes),
                 str(m.replicas),
-                str(ready),
+                str(len(fleet.ready_on(m.key))),  # a dead container's (lease gone) copies serve nothing
                 ",".join(m.tenants) or "public",
             )
         )
     print_table(table)
+    if next_after or total:
+        click.echo(
+            f"{len(rows)} model versions shown"
+            + (f" of {total}" if total else "")
+            + (f"; next page: --after {next_after} (--all or -o json: every one)" if next_after else "")
+        )
+
+
+async def _read_page(store: Store, after: str, limit: int) -> tuple[registry.Fleet, str, FleetSummary | None]:
+    """One page of versions and, when a controller wrote one, the fleet summary (for the totals)."""
+    import asyncio
+
+    from modelyard.placement.listing import read_page
+    from modelyard.placement.summary import SUMMARY, FleetSummary
+
+    page, stored = await asyncio.gather(read_page(store, after, limit or 1_000_000_000), store.get(SUMMARY))
+    summary = None
+    if stored is not None:
+        try:
+            summary = FleetSummary.from_json(stored.value)
+        except (ValueError, UnicodeDecodeError):
+            summary = None  # the page stands without totals
+    return page.fleet, page.next_after, summary
 
 
 @models.command("show")

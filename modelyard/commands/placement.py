@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from modelyard.placement.rebalance import RebalancePlan
     from modelyard.placement.registry import Fleet
     from modelyard.placement.store import Store
+    from modelyard.placement.summary import FleetSummary
     from modelyard.placement.usage import ContainerUsage
 
 T = TypeVar("T")
@@ -141,30 +142,190 @@ def _spread(rows: Sequence[ContainerUsage]) -> tuple[float, float]:
     return sum(live) / len(live), max(live)
 
 
+COPY_STATES = ("assigned", "loading", "ready", "failed", "unloading", "lost")
+TOP_CONTAINERS = 20  # container lines a summary shows by default
+
+
 @placement.command()
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 @output_option
-def show(store_url: str | None, output: str) -> None:
-    """Per container: memory used / capacity, copies; and what is unplaced or lost."""
-    from modelyard.placement.autoscale import resident_and_evictable
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Read the whole fleet now and list every container (slower: seconds at 100k model versions).",
+)
+@click.option("--container", "containers", multiple=True, help="List the copies on this container (repeat).")
+@click.option(
+    "--state", "states", multiple=True, type=click.Choice(COPY_STATES), help="List copies in this state."
+)
+@click.option("--tenant", default=None, help="List the copies of the models this tenant may call.")
+@click.option("--limit", type=click.IntRange(0), default=None, help="Lines to show (0: all).")
+@click.option("--offset", type=click.IntRange(0), default=0, help="Lines to skip first.")
+def show(
+    store_url: str | None,
+    output: str,
+    everything: bool,
+    containers: tuple[str, ...],
+    states: tuple[str, ...],
+    tenant: str | None,
+    limit: int | None,
+    offset: int,
+) -> None:
+    """A summary: the fullest containers, copies per state, totals, what is unplaced or lost.
+
+    By default it reads the summary the placement controller keeps in the store (one key, however big the
+    fleet), or computes it when no controller wrote one. `--all` reads the whole fleet and lists every
+    container; `-o json|yaml` gives that full listing as data; `--container`, `--state` and `--tenant`
+    list the copies that match (reading the whole fleet). `--limit/--offset` page any listing.
+    """
+    fmt = chosen(output)
+    if containers or states or tenant is not None:
+        _show_copies(store_url, fmt, containers, states, tenant, limit, offset)
+    elif everything or fmt != "table":
+        _show_everything(store_url, fmt, limit, offset)
+    else:
+        _show_summary(store_url, TOP_CONTAINERS if limit is None else limit, offset)
+
+
+def _read_summary(store_url: str | None) -> tuple[FleetSummary, dict[str, object], bool]:
+    """(summary, autoscale status, whether a controller wrote it); computed from a full read without one."""
+    import asyncio
+    import time
+
     from modelyard.placement.autoscaler import STATUS, read_status
     from modelyard.placement.registry import ConcurrentPlanError, load_fleet
-    from modelyard.placement.usage import lost_copies, under_replicated, usage
+    from modelyard.placement.summary import SUMMARY, FleetSummary, summarize
+
+    async def read(store: Store) -> tuple[FleetSummary, dict[str, object], bool]:
+        stored, status = await asyncio.gather(store.get(SUMMARY), store.get(STATUS))
+        autoscale = read_status(status.value if status else None)
+        if stored is not None:
+            try:
+                return FleetSummary.from_json(stored.value), autoscale, True
+            except (ValueError, UnicodeDecodeError) as exc:
+                click.echo(
+                    f"note: the stored fleet summary does not parse ({exc}); reading the fleet", err=True
+                )
+        fleet = await load_fleet(store)
+        return summarize(fleet, now=time.time()), autoscale, False
+
+    return run_on_store(store_url, read, (ConcurrentPlanError,), read_only=True)
+
+
+def _show_summary(store_url: str | None, limit: int, offset: int) -> None:
+    import time
+
+    summary, autoscale, stored = _read_summary(store_url)
+    live = [line for line in summary.containers if line.live]
+    fullest = sorted(summary.containers, key=lambda line: (not line.live, -line.utilization, line.id))
+    shown = fullest[offset : offset + limit] if limit else fullest[offset:]
+    table = Table(
+        ("container", "kind", "used", "capacity", "", "util", "copies"),
+        title=f"shard map generation {summary.generation}: "
+        + (
+            f"{len(shown)} fullest of {len(fullest)} containers"
+            if len(shown) < len(fullest)
+            else "containers"
+        ),
+        right=frozenset({"used", "capacity", "util", "copies"}),
+    )
+    for line in shown:
+        table.rows.append(
+            _container_row(line.id, line.kind, line.live, line.used_bytes, line.capacity_bytes, line.copies)
+        )
+    print_table(table)
+    if len(shown) < len(fullest):
+        click.echo(
+            f"... {len(fullest) - len(shown)} more containers: "
+            "--limit N --offset M to page, --all for every one"
+        )
+    utilizations = [line.utilization for line in live]
+    mean = sum(utilizations) / len(utilizations) if utilizations else 0.0
+    click.echo(
+        f"{summary.models} models, {summary.copies} copies on {len(live)} live containers; "
+        f"utilization mean {mean:.0%}, max {max(utilizations, default=0.0):.0%}; unplaced or "
+        f"under-replicated: {summary.under_replicated}; lost copies: {summary.lost}"
+    )
+    by_state = ", ".join(f"{summary.states.get(s, 0)} {s}" for s in COPY_STATES if s != "lost")
+    click.echo(f"copies by state: {by_state}, {summary.lost} lost (their container is gone)")
+    if summary.short_sample:
+        more = summary.under_replicated - len(summary.short_sample)
+        click.echo(
+            "short of copies: "
+            + ", ".join(summary.short_sample)
+            + (f" and {more} more (--state or -o json)" if more > 0 else "")
+        )
+    _echo_autoscale(summary.resident, summary.evictable, autoscale)
+    if stored:
+        age_s = max(0.0, time.time() - summary.written_at)
+        click.echo(
+            f"(summary written by {summary.writer} {age_s:.0f} s ago at store revision {summary.revision}; "
+            "--all reads the fleet now)",
+            err=True,
+        )
+
+
+def _container_row(cid: str, kind: str, live: bool, used: int, capacity: int, copies: int) -> tuple[str, ...]:
+    utilization = used / capacity if capacity else 0.0
+    return (
+        cid + ("" if live else " (lost)"),
+        kind,
+        format_bytes(used),
+        format_bytes(capacity) if live else "-",
+        _bar(utilization) if live else "",
+        f"{utilization:.0%}" if live else "-",
+        str(copies),
+    )
+
+
+def _echo_autoscale(resident: int, evictable: int, autoscale: dict[str, object]) -> None:
+    click.echo(
+        f"copies resident (replicas >= 1): {resident}; evictable (load on demand): {evictable}; "
+        f"evictions: {autoscale.get('evictions', 0)}; copies added or removed for load: "
+        f"{autoscale.get('copy_changes', 0)}"
+    )
+    decisions = autoscale.get("decisions")
+    if isinstance(decisions, list) and decisions:
+        click.echo(
+            "recent copy decisions (copy target "
+            f"{autoscale.get('copy_target_rps', 0)} calls/s, scale down after "
+            f"{autoscale.get('scale_down_after_s', 0)} s):"
+        )
+        for line in decisions[-10:]:
+            click.echo(f"  {line}")
+
+
+def _read_fleet(store_url: str | None) -> tuple[Fleet, dict[str, object]]:
+    from modelyard.placement.autoscaler import STATUS, read_status
+    from modelyard.placement.registry import ConcurrentPlanError, load_fleet
 
     async def read(store: Store) -> tuple[Fleet, dict[str, object]]:
         fleet = await load_fleet(store)
         status = await store.get(STATUS)
         return fleet, read_status(status.value if status else None)
 
-    fleet, autoscale = run_on_store(store_url, read, (ConcurrentPlanError,), read_only=True)
+    return run_on_store(store_url, read, (ConcurrentPlanError,), read_only=True)
+
+
+def _page(rows: Sequence[T], limit: int | None, offset: int) -> Sequence[T]:
+    return rows[offset : offset + limit] if limit else rows[offset:]
+
+
+def _show_everything(store_url: str | None, fmt: str, limit: int | None, offset: int) -> None:
+    """Every container (paged with --limit/--offset), read from the whole fleet now."""
+    from modelyard.placement.autoscale import resident_and_evictable
+    from modelyard.placement.usage import lost_copies, under_replicated, usage
+
+    fleet, autoscale = _read_fleet(store_url)
     resident, evictable = resident_and_evictable(fleet)
-    rows = usage(fleet, fleet.assignments)
+    rows = _page(usage(fleet, fleet.assignments), limit, offset)
     short = under_replicated(fleet)
     lost = lost_copies(fleet)
     copies = sum(len(ids) for ids in fleet.assignments.values())
-    if chosen(output) != "table":
+    if fmt != "table":
         emit_data(
-            chosen(output),
+            fmt,
             {
                 "generation": fleet.generation,
                 "models": len(fleet.models),
@@ -195,39 +356,66 @@ def show(store_url: str | None, output: str) -> None:
         right=frozenset({"used", "capacity", "util", "copies"}),
     )
     for r in rows:
-        state = "" if r.live else " (lost)"
-        table.rows.append(
-            (
-                r.id + state,
-                r.kind,
-                format_bytes(r.used_bytes),
-                format_bytes(r.capacity_bytes) if r.live else "-",
-                _bar(r.utilization) if r.live else "",
-                f"{r.utilization:.0%}" if r.live else "-",
-                str(r.copies),
-            )
-        )
+        table.rows.append(_container_row(r.id, r.kind, r.live, r.used_bytes, r.capacity_bytes, r.copies))
     print_table(table)
     mean, top = _spread(rows)
     click.echo(
-        f"{len(fleet.models)} models, {copies} copies on {sum(r.live for r in rows)} live containers; "
+        f"{len(fleet.models)} models, {copies} copies on {sum(1 for c in fleet.containers)} live containers; "
         f"utilization mean {mean:.0%}, max {top:.0%}; unplaced or under-replicated: {len(short)}; "
         f"lost copies: {len(lost)}"
     )
-    click.echo(
-        f"copies resident (replicas >= 1): {resident}; evictable (load on demand): {evictable}; "
-        f"evictions: {autoscale.get('evictions', 0)}; copies added or removed for load: "
-        f"{autoscale.get('copy_changes', 0)}"
-    )
-    decisions = autoscale.get("decisions")
-    if isinstance(decisions, list) and decisions:
-        click.echo(
-            "recent copy decisions (copy target "
-            f"{autoscale.get('copy_target_rps', 0)} calls/s, scale down after "
-            f"{autoscale.get('scale_down_after_s', 0)} s):"
+    _echo_autoscale(resident, evictable, autoscale)
+
+
+def _show_copies(
+    store_url: str | None,
+    fmt: str,
+    containers: tuple[str, ...],
+    states: tuple[str, ...],
+    tenant: str | None,
+    limit: int | None,
+    offset: int,
+) -> None:
+    """One line per copy (model, container, state, budget) matching every filter given, in model order."""
+    fleet, _ = _read_fleet(store_url)
+    wanted_containers = set(containers)
+    matches: list[tuple[str, str, str, int]] = []
+    for key in sorted(fleet.assignments):
+        model = fleet.models.get(key)
+        if tenant is not None and (model is None or not model.visible_to(tenant)):
+            continue
+        for cid in fleet.assignments[key]:
+            if wanted_containers and cid not in wanted_containers:
+                continue
+            if cid not in fleet.containers:
+                phase = "lost"
+            else:
+                state = fleet.states.get((cid, key))
+                phase = state.phase if state else "assigned"
+            if states and phase not in states:
+                continue
+            matches.append((key, cid, phase, fleet.budget_bytes(model) if model else 0))
+    page = _page(matches, 50 if limit is None and fmt == "table" else limit, offset)
+    if fmt != "table":
+        emit_data(
+            fmt,
+            {
+                "matching": len(matches),
+                "offset": offset,
+                "copies": [
+                    {"model": m, "container": c, "state": p, "budget_bytes": b} for m, c, p, b in page
+                ],
+            },
         )
-        for line in decisions[-10:]:
-            click.echo(f"  {line}")
+        return
+    table = Table(("model", "container", "state", "budget"), right=frozenset({"budget"}))
+    table.rows.extend((m, c, p, format_bytes(b)) for m, c, p, b in page)
+    print_table(table)
+    click.echo(
+        f"{len(page)} of {len(matches)} matching copies"
+        + (f" from {offset}" if offset else "")
+        + ("; --limit N --offset M to page (--limit 0: all)" if len(page) < len(matches) else "")
+    )
 
 
 @placement.command()

@@ -28,8 +28,9 @@ from modelyard.placement.model import ModelVersion
 from modelyard.placement.planner import Capacity, Demand, plan
 from modelyard.placement.rebalance import apply_rebalance, plan_rebalance, snapshot
 from modelyard.placement.registry import Changes, Fleet
-from modelyard.placement.store import Lease, Store, StoreError
+from modelyard.placement.store import Lease, Store, StoreError, StoreSpace
 from modelyard.placement.store.base import MAX_TXN_OPS
+from modelyard.placement.summary import SUMMARY, summarize
 from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,21 @@ class PlacementController:
         copy_target_rps: float = 0.0,
         scale_down_after_s: float = 300.0,
         telemetry: Telemetry | None = None,
+        summary_every_s: float = 5.0,
+        space_every_s: float = 30.0,
+        store_quota_bytes: int = 0,
     ) -> None:
         """`follower`: a store follower shared with other components of this process (else its own).
         `copy_target_rps`: calls/s per copy above which a model gets another copy (0: copies do not follow
-        load); extra copies go after the rate stayed low for `scale_down_after_s` (placement/autoscale.py)."""
+        load); extra copies go after the rate stayed low for `scale_down_after_s` (placement/autoscale.py).
+        `summary_every_s`: how often, at most, the leader writes the fleet summary (placement/summary.py)
+        while the fleet changes; each write is one value of ~50 bytes per container. `space_every_s`: how
+        often the leader reads the store's size (for the gauges next to `store_quota_bytes`, 0: unknown)."""
         self.store = store
+        self.summary_every_s = summary_every_s
+        self.space_every_s = space_every_s
+        self.store_quota_bytes = store_quota_bytes
+        self.space: StoreSpace | None = None  # as last read (by every controller, leading or not)
         self.telemetry = telemetry  # pass durations and placement failures (placement/metrics.py: gauges)
         self.debounce_s = debounce_s
         self.ready_timeout_s = ready_timeout_s
@@ -112,6 +123,8 @@ class PlacementController:
 
     async def run(self) -> None:
         self.follower.start()
+        # Every controller, leading or not: on a full store no one can campaign (the leader key is a write).
+        space = asyncio.create_task(self._space_loop(), name="controller-space")
         try:
             await self.follower.loaded.wait()
             while True:
@@ -129,6 +142,8 @@ class PlacementController:
                         async with asyncio.timeout(5.0):
                             await lease.revoke()
         finally:
+            space.cancel()
+            await asyncio.gather(space, return_exceptions=True)
             if self._owns_follower:
                 await self.follower.stop()
 
@@ -160,6 +175,7 @@ class PlacementController:
             asyncio.create_task(self._incremental_loop(), name="controller-incremental"),
             asyncio.create_task(self._full_loop(), name="controller-full"),
             asyncio.create_task(self.autoscaler.run(), name="controller-autoscale"),
+            asyncio.create_task(self._summary_loop(), name="controller-summary"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -176,6 +192,30 @@ class PlacementController:
             await lease.refresh()
             if self.follower.fleet.leader not in ("", self.holder) and self.follower.healthy:
                 raise StoreError(f"the store names another leader ({self.follower.fleet.leader})")
+
+    async def _summary_loop(self) -> None:
+        """Writes the fleet summary `placement show` and `models list` read, when the fleet changed."""
+        written = -1  # the follower version last summarized; -1: none yet (or the write failed)
+        while True:
+            seen = self.follower.version
+            if seen != written:
+                summary = summarize(self.follower.fleet, writer=self.holder, now=time.time())
+                try:
+                    await self.store.put(SUMMARY, summary.to_json())
+                    written = seen
+                except StoreError as exc:  # a summary is a convenience: never a reason to stop leading
+                    log.info("placement controller: cannot write the fleet summary (%s)", exc)
+            await asyncio.sleep(self.summary_every_s)
+            await self.follower.wait_changed(None, written)
+
+    async def _space_loop(self) -> None:
+        """Reads how full the store is, for the gauges and the alert on a store near its quota."""
+        while True:
+            try:
+                self.space = await self.store.space()
+            except StoreError as exc:
+                log.info("placement controller: cannot read the store's size (%s)", exc)
+            await asyncio.sleep(self.space_every_s)
 
     # -- incremental -----------------------------------------------------------------------------------
 

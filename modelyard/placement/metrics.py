@@ -51,7 +51,29 @@ def register_controller_gauges(telemetry: Telemetry, controller: PlacementContro
                 yield float(row.used_bytes), {"container": row.id, "kind": "used"}
                 yield float(row.capacity_bytes), {"container": row.id, "kind": "capacity"}
 
+    # The store's size from every controller: a full store lets none of them lead (campaigning is a write).
+    def store_db() -> Samples:
+        if controller.space is not None:
+            yield float(controller.space.db_bytes), {}
+
+    def store_quota() -> Samples:
+        if controller.space is not None and controller.store_quota_bytes:
+            yield float(controller.store_quota_bytes), {}
+
+    def store_full() -> Samples:
+        if controller.space is not None:
+            yield (1.0 if controller.space.full else 0.0), {}
+
     telemetry.gauge(names.CONTROLLER_LEADER, leader, "1 on the leading placement controller")
+    telemetry.gauge(names.STORE_DB_BYTES, store_db, "etcd's database size (every controller)")
+    telemetry.gauge(
+        names.STORE_QUOTA_BYTES, store_quota, "etcd's space quota, as configured (every controller)"
+    )
+    telemetry.gauge(
+        names.STORE_FULL,
+        store_full,
+        "1 while etcd refuses writes for lack of space (every controller)",
+    )
     telemetry.gauge(names.COPIES, copies, "Model copies by state (leading controller only)")
     telemetry.gauge(
         names.UNPLACED_MODELS,

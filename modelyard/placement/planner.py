@@ -212,7 +212,8 @@ class _Planner:
     def keep(self, previous: Mapping[str, Sequence[str]]) -> None:
         """Keep each previous copy whose container exists, has the right kind and room, up to the replicas."""
         index, kind, free, room = self.index, self.kind, self.free, self.room
-        for mi, model in enumerate(self.order):
+        # Without a previous map there is nothing to keep: skip the pass over every model (1 s at 1M).
+        for mi, model in enumerate(self.order if previous else ()):
             ids = previous.get(model.name)
             if not ids:
                 continue

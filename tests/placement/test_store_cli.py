@@ -178,3 +178,121 @@ def test_garbage_in_the_generation_key_shows_and_plans_the_map_as_written(etcd_u
     assert after.returncode == 0, after.stderr
     moves = re.compile(r"^\d+ moves, .*$", re.MULTILINE)
     assert moves.findall(after.stdout) == moves.findall(before.stdout) != [], (before.stdout, after.stdout)
+
+
+# -- summaries, pages and filters (issue 30: 100k model versions) -------------------------------------------
+
+
+def test_show_prints_the_controllers_summary_and_all_reads_the_fleet_now(etcd_url: str) -> None:
+    """A summary in the store describing another fleet (2 models): show prints it, not the store's 6 models,
+    and says how old it is; --all reads the 6."""
+    from modelyard.placement.registry import Fleet
+    from modelyard.placement.summary import SUMMARY, summarize
+
+    seed(etcd_url)
+    other = Fleet.of(
+        models=[ModelVersion("p", "1", memory_bytes=GiB), ModelVersion("q", "1", memory_bytes=GiB)],
+        containers=[Container("a", "x:1", memory_bytes=64 * GiB)],
+        assignments={"p@1": ["a"], "q@1": ["a"]},
+    )
+
+    async def put_summary() -> None:
+        async with open_store(etcd_url) as store:
+            await store.put(SUMMARY, summarize(other, writer="controller t", now=time.time()).to_json())
+
+    asyncio.run(put_summary())
+    result = modelyard("placement", "show", "--store", etcd_url)
+    assert result.returncode == 0, result.stderr
+    assert "2 models, 2 copies on 1 live containers" in result.stdout
+    assert "copies by state: 2 assigned, 0 loading, 0 ready" in result.stdout
+    assert "summary written by controller t" in result.stderr
+    everything = modelyard("placement", "show", "--store", etcd_url, "--all")
+    assert "6 models, 6 copies on 2 live containers" in everything.stdout
+
+
+def test_show_summary_lists_the_fullest_containers_first_and_pages_the_rest(etcd_url: str) -> None:
+    seed(etcd_url)
+    result = modelyard("placement", "show", "--store", etcd_url, "--limit", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("a ", "b "))]
+    assert [row.split()[0] for row in rows] == ["a"]  # a holds 6 copies, b none
+    assert "1 more containers" in result.stdout
+    second = modelyard("placement", "show", "--store", etcd_url, "--limit", "1", "--offset", "1")
+    assert [line.split()[0] for line in second.stdout.splitlines() if line.startswith(("a ", "b "))] == ["b"]
+
+
+def test_show_filters_list_the_matching_copies_a_page_at_a_time(etcd_url: str) -> None:
+    seed(etcd_url)
+
+    async def one_ready() -> None:
+        async with open_store(etcd_url) as store:
+            await registry.put_copy_state(store, "a", "m0@1", CopyState("ready"))
+
+    asyncio.run(one_ready())
+    ready = modelyard("placement", "show", "--store", etcd_url, "--state", "ready", "-o", "json")
+    assert json.loads(ready.stdout)["copies"] == [
+        {"model": "m0@1", "container": "a", "state": "ready", "budget_bytes": GiB}
+    ]
+    page = modelyard(
+        "placement", "show", "--store", etcd_url, "--container", "a", "--state", "assigned", "--limit", "2"
+    )
+    assert page.returncode == 0, page.stderr
+    assert "2 of 5 matching copies" in page.stdout and "m1@1" in page.stdout and "m3@1" not in page.stdout
+    assert modelyard("placement", "show", "--store", etcd_url, "--container", "b").stdout.count("@1") == 0
+
+
+def register(url: str, models: list[ModelVersion]) -> None:
+    async def main() -> None:
+        async with open_store(url) as store:
+            for model in models:
+                await registry.register_model(store, model)
+
+    asyncio.run(main())
+
+
+def test_models_list_pages_with_a_continue_token(store_url: str) -> None:
+    register(store_url, [ModelVersion(f"m{i}", "1", memory_bytes=GiB) for i in range(5)])
+
+    def listed(*args: str) -> tuple[list[str], str]:
+        result = modelyard("models", "list", "--store", store_url, *args)
+        assert result.returncode == 0, result.stderr
+        keys = [line.split()[0] for line in result.stdout.splitlines() if "@" in line.split()[0]]
+        return keys, result.stdout.splitlines()[-1]
+
+    first, tail = listed("--limit", "2")
+    assert first == ["m0@1", "m1@1"] and "next page: --after m1@1" in tail
+    second, tail = listed("--limit", "2", "--after", "m1@1")
+    assert second == ["m2@1", "m3@1"] and "--after m3@1" in tail
+    last, tail = listed("--limit", "2", "--after", "m3@1")
+    assert last == ["m4@1"] and "next page" not in tail
+    everything = json.loads(modelyard("models", "list", "--store", store_url, "-o", "json").stdout)
+    assert [m["name"] for m in everything] == [f"m{i}" for i in range(5)]
+
+
+def test_models_list_filters_by_tenant_container_and_state(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+
+    async def main() -> None:
+        async with open_store(url) as store:
+            await registry.register_model(store, ModelVersion("pub", "1", memory_bytes=GiB))
+            await registry.register_model(
+                store, ModelVersion("acme", "1", memory_bytes=GiB, tenants=("acme",))
+            )
+            await registry.register_model(
+                store, ModelVersion("zeta", "1", memory_bytes=GiB, tenants=("zeta",))
+            )
+            await registry.register_container(store, Container("a", "x:1", memory_bytes=64 * GiB))
+            await registry.write_shard_map(store, {"pub@1": ["a"], "acme@1": ["a"]}, expected_generation=0)
+            await registry.put_copy_state(store, "a", "acme@1", CopyState("ready"))
+
+    asyncio.run(main())
+
+    def keys(*args: str) -> list[str]:
+        result = modelyard("models", "list", "--store", url, *args)
+        assert result.returncode == 0, result.stderr
+        return [line.split()[0] for line in result.stdout.splitlines() if "@1" in line.split()[0]]
+
+    assert keys("--tenant", "acme") == ["acme@1", "pub@1"]
+    assert keys("--container", "a", "--state", "ready") == ["acme@1"]
+    assert keys("--state", "assigned") == ["pub@1"]
+    assert keys("--state", "none") == ["zeta@1"]

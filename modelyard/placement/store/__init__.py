@@ -12,6 +12,8 @@ from modelyard.placement.store.base import (
     Lease,
     Store,
     StoreError,
+    StoreFull,
+    StoreSpace,
     StoreUnavailable,
 )
 
@@ -25,6 +27,8 @@ __all__ = [
     "Lease",
     "Store",
     "StoreError",
+    "StoreFull",
+    "StoreSpace",
     "StoreUnavailable",
     "missing_store",
     "open_store",

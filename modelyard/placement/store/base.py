@@ -16,6 +16,10 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached."""
 
 
+class StoreFull(StoreError):
+    """The store refuses writes: etcd's database reached its space quota (its NOSPACE alarm is raised)."""
+
+
 class CompactedError(StoreError):
     """A watch asked for history the store no longer keeps; reload the prefix and watch again."""
 
@@ -48,8 +52,22 @@ class Lease(abc.ABC):
     async def revoke(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class StoreSpace:
+    """How full the store is: its database's size (etcd's dbSize, as `etcdctl endpoint status` shows it)
+    and whether it refuses writes for lack of space (etcd's NOSPACE alarm)."""
+
+    db_bytes: int
+    full: bool
+
+
 # etcd's default --max-txn-ops is 128; stay below it so every batch is accepted.
 MAX_TXN_OPS = 100
+
+
+def prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with `prefix` (a range end, as etcd spells prefixes)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class Store(abc.ABC):
@@ -61,6 +79,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix` in key order, and the store revision they were read at."""
+
+    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+        """Keys from `start` (included) to `end` (excluded) in key order, at most `limit` (0: all): one page
+        of a prefix without reading the rest of it. This generic version reads the whole common prefix; the
+        stores read the page only."""
+        common = 0
+        while common < min(len(start), len(end)) and start[common] == end[common]:
+            common += 1
+        items, _ = await self.get_prefix(start[:common])
+        page = [item for item in items if start <= item.key < end]
+        return page[:limit] if limit else page
+
+    async def space(self) -> StoreSpace | None:
+        """The store's size and whether it is full; None where it has no space quota (the embedded store)."""
+        return None
 
     @abc.abstractmethod
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:

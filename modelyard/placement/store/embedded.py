@@ -164,8 +164,19 @@ class EmbeddedStore(Store):
             self._conn.execute("COMMIT")
         return [KeyValue(k, bytes(v), r) for k, v, r in rows], revision
 
+    def _get_range(self, start: str, end: str, limit: int) -> list[KeyValue]:
+        self._expire_leases()
+        rows = self._conn.execute(
+            "SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
+            (start, end, limit or -1),
+        ).fetchall()
+        return [KeyValue(k, bytes(v), r) for k, v, r in rows]
+
     async def get(self, key: str) -> KeyValue | None:
         return await self._run(self._get, key)
+
+    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+        return await self._run(self._get_range, start, end, limit)
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         return await self._run(self._get_prefix, prefix)

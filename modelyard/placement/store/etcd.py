@@ -25,6 +25,8 @@ from modelyard.placement.store.base import (
     Lease,
     Store,
     StoreError,
+    StoreFull,
+    StoreSpace,
     StoreUnavailable,
 )
 
@@ -32,6 +34,24 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 _PUT_ABSENT_CONCURRENCY = 4
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+# etcd's answer to a write once its database reached --quota-backend-bytes (and from then on: the NOSPACE
+# alarm stays raised, refusing every write, until an operator disarms it).
+_NO_SPACE = ("database space exceeded", "NOSPACE")
+# etcd weighs a transaction against its space quota by its top-level puts only: one made of nested
+# transactions weighs nothing and is applied even past the quota, with the NOSPACE alarm raised (measured
+# on etcd 3.4: 3,000 versions registered into a 1 MiB-quota store already refusing plain writes). So each
+# put_absent batch also writes this key: the batch then counts, and a full store refuses it.
+SPACE_GUARD = b"/modelyard/store/space-guard"
+
+
+def store_full(endpoint: str) -> StoreFull:
+    """The one line a refused write ends with: what happened, and what frees the space."""
+    return StoreFull(
+        f"etcd at {endpoint} refuses writes: its database reached its space quota "
+        "(--quota-backend-bytes, NOSPACE alarm). Free space: compact old revisions (etcdctl compact "
+        "REVISION), defragment each member (etcdctl defrag), then etcdctl alarm disarm; or raise the quota "
+        "(docs/scaling-100k.md)"
+    )
 
 
 # With several endpoints, one attempt of a small request (a key, a transaction, a lease) may take this long
@@ -76,6 +96,8 @@ def _translated(fn: F) -> F:
             except aetcd.exceptions.RevisionCompactedError as exc:
                 raise CompactedError(str(exc)) from exc
             except aetcd.exceptions.ClientError as exc:
+                if any(sign in str(exc) for sign in _NO_SPACE):
+                    raise store_full(endpoint) from exc
                 if tries > 0 and any(words in str(exc) for words in _LEADERLESS):
                     await self._next_endpoint(client)
                     continue
@@ -288,6 +310,30 @@ class EtcdStore(Store):
         items = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in result]
         return items, result.header.revision
 
+    async def _rpc(self, stub: str, method: str, request: Any) -> Any:
+        """One etcd RPC aetcd has no call for (`stub` names aetcd's attribute, set once connected), with
+        aetcd's timeout, credentials and errors."""
+        client = self._client
+        await client.connect()
+        try:
+            call = getattr(getattr(client, stub), method)
+            return await call(request, timeout=client._timeout, metadata=client.metadata)
+        except aetcd.rpc.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)  # raises aetcd's error for it, as its own calls do
+            raise
+
+    @_translated
+    async def get_range(self, start: str, end: str, limit: int = 0) -> list[KeyValue]:
+        request = aetcd.rpc.RangeRequest(key=start.encode(), range_end=end.encode(), limit=limit)
+        response = await self._rpc("kvstub", "Range", request)
+        return [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in response.kvs]
+
+    @_translated
+    async def space(self) -> StoreSpace:
+        """The answering member's database size and whether an alarm says it is out of space."""
+        response = await self._rpc("maintenancestub", "Status", aetcd.rpc.StatusRequest())
+        return StoreSpace(int(response.dbSize), any("NOSPACE" in error for error in response.errors))
+
     @_translated
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         result = await self._client.put(key.encode(), value, lease=lease.id if lease else None)
@@ -349,8 +395,9 @@ class EtcdStore(Store):
                     )
                     for key, value in batch
                 ]
+                ops.append(tx.put(SPACE_GUARD, b""))
                 _, responses = await self._client.transaction(compare=[], success=ops, failure=[])
-                for (key, _), response in zip(batch, responses, strict=True):
+                for (key, _), response in zip(batch, responses[: len(batch)], strict=True):
                     outcome = response.response_txn
                     if not outcome.succeeded:
                         kvs = outcome.responses[0].response_range.kvs
