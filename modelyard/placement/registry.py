@@ -118,6 +118,7 @@ class Changes:
     pipelines: set[str] = field(default_factory=set)  # name@version
     leader: bool = False
     tenants: bool = False  # a tenant's limits, the default limits, or the set of live routers
+    generation: bool = False  # the committed shard map generation moved (even with no assignment changed)
     everything: bool = False  # a fresh snapshot: anything may have changed
 
     def __bool__(self) -> bool:
@@ -129,6 +130,7 @@ class Changes:
             or self.pipelines
             or self.leader
             or self.tenants
+            or self.generation
             or self.everything
         )
 
@@ -142,6 +144,7 @@ class Changes:
         self.pipelines |= other.pipelines
         self.leader |= other.leader
         self.tenants |= other.tenants
+        self.generation |= other.generation
         self.everything |= other.everything
 
 
@@ -419,6 +422,7 @@ class Fleet:
         """The committed generation moved: staged assignments up to it take effect (or, going back, not)."""
         went_back = generation < self.generation
         self.generation = generation
+        changes.generation = True  # published even when no assignment changes: a writer waits for it
         for gen in [g for g in self._pending if g <= generation]:
             for mkey in self._pending.pop(gen):
                 value = self.raw_assignments.get(mkey)

@@ -212,3 +212,23 @@ def test_bad_values_in_the_store_are_skipped_with_a_log_line_and_stop_nothing(
 
     with caplog.at_level(logging.WARNING):
         run(store_url, scenario)
+
+
+def test_a_new_leader_places_at_once_in_a_store_where_nothing_else_moves(store_url: str) -> None:
+    """A new term's first write only moves the generation (the fence): the controller waits to see it
+    before placing, so the follower must announce a generation-only change. It once did not: in a store
+    with no other writes (no agents, no routers) the first placement waited 30 s for an unrelated event."""
+
+    async def scenario(store: Store) -> None:
+        await registry.register_container(store, Container("x", "h:1", memory_bytes=8 * GiB))
+        await registry.register_model(store, ModelVersion("a", "1", memory_bytes=GiB))
+        controller, task = await controller_task(store)
+        try:
+            await until(
+                controller.follower, lambda fleet: fleet.assignments.get("a@1") == ("x",), timeout_s=5
+            )
+            assert controller.follower.fleet.generation == 2  # the fence, then the placement
+        finally:
+            await stop(task)
+
+    run(store_url, scenario)
