@@ -233,13 +233,14 @@ def test_infer_session_to_a_container_that_stays_down_waits_until_its_deadline(f
 
 
 def test_streams_whose_copy_refuses_them_fail_over_to_the_other_copy(fleet: FleetThread) -> None:
-    """scale@1 is listed ready on triton-0 and on `ghost` (nothing listens there). The copy choice is
-    random between the two, so of 30 stream calls some go to the ghost first; every one must still answer
-    right, through the other copy, and the router must count those it moved."""
+    """scale@1 is listed ready on triton-0 and on `ghost` (nothing listens there). Until the ghost has
+    refused a call the copy choice is random between the two, so streams reach it; every one must still
+    answer right, through the other copy, and the router must count those it moved. Once refused, the ghost
+    is no longer chosen while triton-0 is usable (router/forward.py `usable`), so the stream that met it
+    may have come in an earlier test of this module: the count is of the module's fleet."""
     router = fleet.fleet.router
     assert router is not None
     pool = router.router.streams
-    moved_before = pool.failed_over
     with grpc.insecure_channel(fleet.address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         for i in range(30):
@@ -251,7 +252,7 @@ def test_streams_whose_copy_refuses_them_fail_over_to_the_other_copy(fleet: Flee
     assert [a.error_message for a in session] == [""] * len(session)
     answers = {a.infer_response.id: floats(a.infer_response) for a in session if a.infer_response.outputs}
     assert answers == {f"r{i}": [2.0 * i] for i in range(30)}
-    assert pool.failed_over > moved_before
+    assert pool.failed_over >= 1
 
 
 def test_unary_infer_to_a_container_that_stays_down_waits_for_a_copy_until_its_deadline(
