@@ -258,7 +258,7 @@ class PodRun:
 @pytest.fixture
 def netns(tmp_path: Path) -> Iterator[Netns]:
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (CI runs as root)")
+        missing("root", "network namespaces need it: run as root (CI does)")
     if shutil.which("ip") is None:
         missing("ip (iproute2)", "apt-get install iproute2")
     if shutil.which("etcd") is None:

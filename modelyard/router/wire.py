@@ -64,14 +64,8 @@ def read_header(data: bytes) -> tuple[str, str, str]:
                 except UnicodeDecodeError as exc:
                     raise WireError(f"field {field} is not UTF-8") from exc
             pos = stop
-        elif wire_type == 0:
-            _, pos = _varint(data, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
         else:
-            raise WireError(f"unsupported wire type {wire_type} for field {field}")
+            pos = _skip(data, pos, tag, end)
         if pos > end:
             raise WireError("truncated message")
     return fields[0], fields[1], fields[2]
@@ -224,7 +218,7 @@ def _skip(data: bytes, pos: int, tag: int, end: int) -> int:
     elif wire_type == 5:
         pos += 4
     else:
-        raise WireError(f"unsupported wire type {wire_type}")
+        raise WireError(f"unsupported wire type {wire_type} for field {tag >> 3}")
     if pos > end:
         raise WireError("truncated message")
     return pos
@@ -293,14 +287,8 @@ def read_sequence_parameters(data: bytes) -> tuple[str, bool] | None:
                     kind, text = _parameter(data, value_start, value_stop)
                     start = kind == 0x08 and text == "True"
             pos = stop
-        elif wire_type == 0:
-            _, pos = _varint(data, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
         else:
-            raise WireError(f"unsupported wire type {wire_type} for field {tag >> 3}")
+            pos = _skip(data, pos, tag, end)
     if pos > end:
         raise WireError("truncated message")
     if not sequence or sequence == "0":
