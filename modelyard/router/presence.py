@@ -8,11 +8,10 @@ routers stays the same; a router that dies leaves the count within the lease's t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from modelyard.placement.registry import ROUTERS
-from modelyard.placement.store import Lease, Store, StoreError
+from modelyard.placement.store import Lease, Store, StoreError, stop_leased
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +37,8 @@ class RouterPresence:
             self._task = asyncio.create_task(self._run(), name="router-presence")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            with contextlib.suppress(StoreError, TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await lease.revoke()  # the key goes with it: the other routers take a larger share
+        (task, self._task), (lease, self._lease) = (self._task, None), (self._lease, None)
+        await stop_leased(task, lease)  # the key goes with it: the other routers take a larger share
 
     async def _run(self) -> None:
         while True:

@@ -11,14 +11,13 @@ an idle router writes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 
 from modelyard.placement.rates import RATES, RateReport
-from modelyard.placement.store import Lease, Store, StoreError
+from modelyard.placement.store import Lease, Store, StoreError, stop_leased
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,8 @@ class RateCounter:
             self._task = asyncio.create_task(self._report_forever(), name="router-rates")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            with contextlib.suppress(StoreError, TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await lease.revoke()
+        (task, self._task), (lease, self._lease) = (self._task, None), (self._lease, None)
+        await stop_leased(task, lease)
 
     def report(self, elapsed_s: float) -> RateReport:
         """The rates of the models called since the last report (counts reset)."""

@@ -15,6 +15,7 @@ from modelyard.placement.store.base import (
     StoreFull,
     StoreSpace,
     StoreUnavailable,
+    stop_leased,
 )
 
 DEFAULT_STORE_DIR = ".modelyard/store"
@@ -32,6 +33,7 @@ __all__ = [
     "StoreUnavailable",
     "missing_store",
     "open_store",
+    "stop_leased",
 ]
 
 

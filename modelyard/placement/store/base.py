@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -50,6 +52,18 @@ class Lease(abc.ABC):
 
     @abc.abstractmethod
     async def revoke(self) -> None: ...
+
+
+async def stop_leased(task: asyncio.Task[None] | None, lease: Lease | None, timeout_s: float = 5.0) -> None:
+    """Ends a loop that keeps keys under `lease` alive, then revokes the lease so its keys go at once (not
+    when it runs out); a store that does not answer within `timeout_s` leaves that to the lease's TTL."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if lease is not None:
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await lease.revoke()
 
 
 @dataclass(frozen=True)
