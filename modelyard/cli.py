@@ -144,11 +144,9 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 )
 def main(log_level: str, log_json: bool) -> None:
     """modelyard: serve thousands of ML models from a fleet of shared inference containers."""
-    from modelyard.containers.archives import register_archive_checks
     from modelyard.logs import setup_logging
 
     setup_logging(log_level, log_json)
-    register_archive_checks()  # every command that reads an archive (upload, import, apply, up) checks it
 
 
 F = TypeVar("F", bound=Callable[..., Any])

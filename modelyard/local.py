@@ -21,6 +21,7 @@ from modelyard import settings
 from modelyard.catalog.examples import EXAMPLE_NAMES, install_example
 from modelyard.containers.adapter import ContainerAdapter
 from modelyard.containers.agent import Agent, register_agent_gauges
+from modelyard.containers.archives import register_archive_checks
 from modelyard.containers.custom.adapter import CustomAdapter
 from modelyard.containers.custom.archive import CUSTOM_EXAMPLE_NAMES, install_custom_example
 from modelyard.containers.custom.process import CustomContainerProcess
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from modelyard.catalog.s3store import ArtifactCache
 
 log = logging.getLogger(__name__)
+register_archive_checks()  # `up` stores the example models: every backend's archive check, before any is read
 
 STOP_STEP_S = 20.0  # the longest one step of stopping the fleet may take before it is left behind
 T = TypeVar("T")

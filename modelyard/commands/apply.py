@@ -14,6 +14,9 @@ import click
 
 from modelyard import settings
 from modelyard.console import STORE_HELP, fail, run_on_store
+from modelyard.containers.archives import register_archive_checks
+
+register_archive_checks()  # apply checks every archive a fleet file names, before anything is written
 
 
 @click.command("apply")
