@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import abc
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class StoreError(Exception):
@@ -57,6 +58,9 @@ class Lease(abc.ABC):
 async def stop_leased(task: asyncio.Task[None] | None, lease: Lease | None, timeout_s: float = 5.0) -> None:
     """Ends a loop that keeps keys under `lease` alive, then revokes the lease so its keys go at once (not
     when it runs out); a store that does not answer within `timeout_s` leaves that to the lease's TTL."""
+    import asyncio  # here: the store's data model is imported by commands that must start fast
+    import contextlib
+
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
