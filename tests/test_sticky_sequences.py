@@ -165,6 +165,20 @@ def wait_until(condition: object, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def streamed_error(fleet: TwoRouters, sequence: int, value: float) -> str:
+    """One ModelStreamInfer call of `sequence` through the first router: the in-stream error it gets."""
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    with grpcclient.InferenceServerClient(fleet.address) as client:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        tensor = grpcclient.InferInput("INPUT", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+        client.async_stream_infer("accumulate", [tensor], request_id=f"{sequence}-s", sequence_id=sequence)
+        result, error = answers.get(timeout=CALL_TIMEOUT_S)
+        client.stop_stream()
+    assert error is not None, f"sequence {sequence}'s streamed call was answered: {result}"
+    return str(error)
+
+
 def test_streamed_calls_of_a_sequence_stay_on_its_copy(fleet: TwoRouters) -> None:
     first, _ = routers(fleet)
     ready = first.table.ready_copies(KEY)
@@ -230,6 +244,8 @@ def test_a_sequence_stays_on_one_copy_through_two_routers_and_dies_with_it(fleet
         by_grpc(fleet, lost, 6.0)
     assert at_once.value.status() == "StatusCode.ABORTED"
     assert f"sequence {lost} of model 'accumulate' version '1' is lost" in at_once.value.message()
+    # A streamed call of it fails the same way: the pooled stream's failover never resends it elsewhere.
+    assert f"sequence {lost} of model 'accumulate' version '1' is lost" in streamed_error(fleet, lost, 6.0)
     wait_until(
         lambda: all([c.id for c in r.table.ready_copies(KEY)] == ["triton-0"] for r in (first, second)),
         30,

@@ -52,6 +52,8 @@ class TooManyUpstreams(ResourceExhausted):
 # code on it (its `triton_grpc_error` header came later), nor does our container. For the causes we know,
 # the code is read from their words — the same codes their unary calls return for those causes.
 _STREAM_ERROR_CODES = (
+    # Ours (router/sequences.py SequenceLost), for a call of a sequence whose copy no longer holds it.
+    (re.compile(r"^sequence .* is lost: .*start it again with sequence_start$"), grpc.StatusCode.ABORTED),
     (re.compile(r"unknown model|is not found|is not loaded|not registered"), grpc.StatusCode.NOT_FOUND),
     (
         re.compile(r"no available versions|is not ready|being unloaded|maximum queue size", re.IGNORECASE),

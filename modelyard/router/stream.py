@@ -53,6 +53,7 @@ from modelyard.router.errors import (
 from modelyard.router.forward import ContainerChannels
 from modelyard.router.public_names import public_error
 from modelyard.router.sagemaker_forward import reject_stream
+from modelyard.router.sequences import lost_sequence, read_sequence, sticky_copy
 from modelyard.router.wire import (
     StreamResponse,
     WireError,
@@ -71,6 +72,17 @@ if TYPE_CHECKING:
 def _public_error(request: _Request, message: str) -> str:
     """A container's in-stream error as the request's caller should read it (routing.public_error)."""
     return public_error(request.model, message, request.upstream_id, request.caller_id)
+
+
+def _caller_error(request: _Request, container_id: str, message: str) -> str:
+    """An in-stream error delivered to the caller: public names, and for a call of a Triton sequence whose
+    copy no longer holds it, the lost sequence named (as a unary call's; router/sequences.py)."""
+    sequence = read_sequence(request.data)
+    if sequence is not None:
+        lost = lost_sequence(sequence, request.model, container_id, stream_error_code(message), message)
+        if lost is not None:
+            return lost.details
+    return _public_error(request, message)
 
 
 log = logging.getLogger(__name__)
@@ -325,6 +337,8 @@ class Upstream:
                 error = UpstreamFailed(stream_error_code(info.error), _public_error(request, info.error))
                 self.pool.fail_over(request, self.container, error)
             return
+        if info.error is not None:  # as the caller should read it, once for every consumer
+            info.error = _caller_error(request, self.container.id, info.error)
         if info.error is not None or info.final:
             self._finish(request)
         if sink is None or (
@@ -456,12 +470,18 @@ class StreamPool:
         try:
             if router is None:
                 raise error
+            # A call of a Triton sequence is never resent where its state is not (router/sequences.py).
+            sequence = read_sequence(request.data)
             while request.sink is not None:
+                if sequence is not None:
+                    lost = lost_sequence(sequence, request.model, failed.id, error.code, error.details)
+                    if lost is not None:
+                        raise lost
                 request.refused.add(failed.id)
                 others = [
                     c for c in router.table.ready_copies(request.model.key) if c.id not in request.refused
                 ]
-                container = router.channels.pick(others)
+                container = sticky_copy(sequence.id, others) if sequence else router.channels.pick(others)
                 if container is None:
                     container = await router.wait_for_replacement(
                         request.model, failed, request.refused, request.deadline
@@ -578,8 +598,7 @@ async def infer_stream(router: Router, request: bytes, context: grpc.aio.Service
                 assert isinstance(item, tuple)
                 response, info, _ = item
                 if info.error is not None:
-                    error = public_error(model, info.error, pending.upstream_id, caller_id)
-                    raise ContainerStreamError(error)
+                    raise ContainerStreamError(info.error)
                 if info.inner is None:
                     raise UpstreamFailed(grpc.StatusCode.INTERNAL, "container sent an empty stream response")
                 start, stop = info.inner
@@ -650,7 +669,7 @@ async def relay(
                         name = None if info.error is not None else request.name
                         inner = response_fields(name, request.caller_id)
                         if info.error is not None:  # appended, its error_message wins over the container's
-                            inner = stream_error(_public_error(request, info.error)) + nested(2, inner)
+                            inner = stream_error(info.error) + nested(2, inner)
                             await _write(context, response + inner)
                         else:
                             await _write(context, response + nested(2, inner))  # one copy
