@@ -71,12 +71,14 @@ class ContainerChannels:
             return None
         if len(candidates) == 1:
             return candidates[0]
-        usable = [c for c in candidates if self.usable(c.address)]
-        if len(usable) == 1:
-            return usable[0]
-        if usable:
-            candidates = usable
         a, b = random.sample(candidates, 2)
+        usable = self.usable
+        if not (usable(a.address) and usable(b.address)):  # rare: only then look at every copy
+            healthy = [c for c in candidates if usable(c.address)]
+            if len(healthy) == 1:
+                return healthy[0]
+            if healthy:
+                a, b = random.sample(healthy, 2)
         return a if self.outstanding.get(a.id, 0) <= self.outstanding.get(b.id, 0) else b
 
     async def close(self) -> None:
