@@ -28,12 +28,11 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from modelyard.containers.triton.adapter import TRITON_SERVER_NAME, triton_model_name
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
-from modelyard.grpc_options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, keepalive_options
+from modelyard.grpc_options import container_channel_options
 from modelyard.placement.model import RouteRule
 from modelyard.router.identity import TENANT_HEADER
 from modelyard.router.versions import choose_version
@@ -239,16 +238,11 @@ class Client:
     def _container(self, address: str) -> grpcclient.InferenceServerClient:
         client = self._containers.get(address)
         if client is None:
-            # Pings while calls are in flight, as the router's channels do: a container that went silent
-            # (its host cut off) fails the call (UNAVAILABLE, sent on to the router) within seconds instead
-            # of at its deadline.
-            options = [
-                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-                *keepalive_options(KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS),
-            ]
+            # The router's channel options: pings while calls are in flight (a container that went silent
+            # fails the call, UNAVAILABLE, sent on to the router, within seconds instead of at its deadline)
+            # and reconnects within a second.
             client = self._containers[address] = grpcclient.InferenceServerClient(
-                address, channel_args=options, **self._tls
+                address, channel_args=list(container_channel_options()), **self._tls
             )
         return client
 

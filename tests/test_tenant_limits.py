@@ -89,6 +89,26 @@ def test_tenants_set_show_list_and_clear(tmp_path: Path) -> None:
     }
 
 
+def test_tenants_show_and_list_follow_the_cli_conventions(tmp_path: Path) -> None:
+    """-o table|json|yaml like every list and show; a store path that does not exist is refused, not made."""
+    import yaml
+
+    store = ["--store", str(tmp_path / "store")]
+    assert cli("set", "noisy", "--max-inflight", "4", *store).returncode == 0
+    assert yaml.safe_load(cli("show", "noisy", "-o", "yaml", *store).stdout)["limits"] == {
+        "max_inflight": 4,
+        "priority": "normal",
+    }
+    table = cli("list", *store).stdout.splitlines()  # piped: plain columns
+    assert table[0].split() == ["tenant", "limits", "source", "per", "router"] and table[1].startswith(
+        "noisy"
+    )
+    for command in ("show", "list"):
+        absent = cli(command, *(["noisy"] if command == "show" else []), "--store", str(tmp_path / "typo"))
+        assert absent.returncode == 2 and "no store at" in absent.stderr, absent.stderr
+    assert not (tmp_path / "typo").exists()
+
+
 # -- a router following them ---------------------------------------------------------------------------
 
 

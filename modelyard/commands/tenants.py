@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
 import click
 
+from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 from modelyard.placement import registry
 from modelyard.placement.registry import Fleet
-from modelyard.placement.store import Store
+from modelyard.placement.store import KeyValue, Store
 from modelyard.placement.tenants import NO_LIMITS, TenantLimits, check_tenant_name, parse_limits, share
 
 DEFAULT = "(default)"
@@ -102,17 +102,28 @@ def _status(fleet: Fleet, tenant: str | None) -> dict[str, Any]:
     }
 
 
+async def _load_tenants(store: Store) -> Fleet:
+    """The fleet's tenant limits and live routers only (not its models: a whole fleet can be 100k keys)."""
+    items: list[KeyValue] = []
+    revision = 0
+    for prefix in (registry.TENANTS, registry.TENANT_DEFAULT, registry.ROUTERS):
+        found, revision = await store.get_prefix(prefix)
+        items += found
+    return Fleet.from_items(items, revision)
+
+
 @tenants.command("show")
 @click.argument("tenant", required=False)
 @click.option("--default", "default", is_flag=True, help="Show the default limits.")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@output_option
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def show_command(tenant: str | None, default: bool, output: str, store_url: str | None) -> None:
     """TENANT's limits, where they come from, and each live router's share of them."""
     target = _target(tenant, default)
-    status = _status(run_on_store(store_url, registry.load_fleet), target)
-    if output == "json":
-        click.echo(json.dumps(status, indent=2))
+    status = _status(run_on_store(store_url, _load_tenants, read_only=True), target)
+    output = chosen(output)
+    if output != "table":
+        emit_data(output, status)
         return
     click.echo(f"tenant:       {status['tenant']}")
     click.echo(f"limits:       {_text(status['limits'])} (from {status['source']})")
@@ -120,21 +131,27 @@ def show_command(tenant: str | None, default: bool, output: str, store_url: str 
 
 
 @tenants.command("list")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@output_option
 @click.option("--store", "store_url", default=None, help=STORE_HELP)
 def list_command(output: str, store_url: str | None) -> None:
     """Every tenant with limits, and the default."""
-    fleet = run_on_store(store_url, registry.load_fleet)
+    fleet = run_on_store(store_url, _load_tenants, read_only=True)
     rows = [_status(fleet, t) for t in sorted(fleet.tenants)]
     if fleet.tenant_default is not None:
         rows.append(_status(fleet, None))
-    if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+    output = chosen(output)
+    if output != "table":
+        emit_data(output, rows)
         return
     if not rows:
         click.echo("no tenant limits")
-    for row in rows:
-        click.echo(f"{row['tenant']:<24} {_text(row['limits'])}")
+        return
+    print_table(
+        Table(
+            ("tenant", "limits", "source", "per router"),
+            [(r["tenant"], _text(r["limits"]), r["source"], _text(r["per_router"])) for r in rows],
+        )
+    )
 
 
 @tenants.command("clear")

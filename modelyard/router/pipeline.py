@@ -35,7 +35,6 @@ from modelyard.router.errors import (
     ContainerStreamError,
     DeadlineExceeded,
     ModelNotFound,
-    UpstreamFailed,
     parse_request,
 )
 from modelyard.router.stream import Sink, _write
@@ -460,19 +459,15 @@ class PipelineRunner:
                     swallow_final=False,
                     timeout_s=router.upstream_timeout(context),
                 )
-            except ModelyardError as exc:
-                raise self._failed(pipeline, step, exc.code, str(exc)) from exc
-            except UpstreamFailed as exc:
+            except ModelyardError as exc:  # UpstreamFailed among them
                 raise self._failed(pipeline, step, exc.code, exc.details) from exc
             wanted = dict(step.outputs)
             try:
                 while True:
                     try:
                         items = await sink.take()
-                    except UpstreamFailed as exc:
+                    except ModelyardError as exc:  # UpstreamFailed among them
                         raise self._failed(pipeline, step, exc.code, exc.details) from exc
-                    except ModelyardError as exc:
-                        raise self._failed(pipeline, step, exc.code, str(exc)) from exc
                     for item in items:
                         assert isinstance(item, tuple)
                         data, info, _ = item

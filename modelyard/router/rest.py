@@ -30,7 +30,8 @@ from aiohttp import web
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as kserve
 
-from modelyard.containers.triton.server import FLEET_SECRET_HEADER
+from modelyard.fleet_secret import FLEET_SECRET_HEADER
+from modelyard.router.admission import PUSHBACK_TRAILER
 from modelyard.router.identity import AUTHORIZATION_HEADER, TENANT_HEADER
 from modelyard.router.kserve import SERVICE, kserve_handler
 from modelyard.router.routing import Router
@@ -38,7 +39,6 @@ from modelyard.router.routing import Router
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # a refusal's advice to wait (tenant limits): Retry-After here
 # Headers that travel from HTTP into the call's metadata: credentials and trace context. Nothing else
 # (Host, Content-Length, ...) means anything to a gRPC hop.
 _METADATA_HEADERS = (AUTHORIZATION_HEADER, TENANT_HEADER, FLEET_SECRET_HEADER, "traceparent", "tracestate")
@@ -109,7 +109,7 @@ class HttpCallContext:
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         aborted = _Aborted(code, details)
         for key, value in (*self.trailing_metadata, *(trailing_metadata or ())):
-            if key == PUSHBACK_HEADER and str(value).isdigit():  # gRPC's retry pushback, in HTTP's words
+            if key == PUSHBACK_TRAILER and str(value).isdigit():  # gRPC's retry pushback, in HTTP's words
                 aborted.headers["Retry-After"] = str(max(1, math.ceil(int(value) / 1000)))
         raise aborted
 

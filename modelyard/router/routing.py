@@ -53,9 +53,6 @@ from modelyard.telemetry import CURRENT_CALL, OTHER_LABEL, TRACE_HEADERS, CallIn
 DEFAULT_DEADLINE_S = 60.0  # for upstream calls whose caller set no deadline
 _KSERVE = "/inference.GRPCInferenceService/"
 _MODEL_INFER = _KSERVE + "ModelInfer"
-_MODEL_METADATA = _KSERVE + "ModelMetadata"
-_MODEL_CONFIG = _KSERVE + "ModelConfig"
-_MODEL_STATISTICS = _KSERVE + "ModelStatistics"
 
 
 @functools.lru_cache(maxsize=65536)
