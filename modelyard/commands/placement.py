@@ -319,7 +319,8 @@ def _show_everything(store_url: str | None, fmt: str, limit: int | None, offset:
 
     fleet, autoscale = _read_fleet(store_url)
     resident, evictable = resident_and_evictable(fleet)
-    rows = _page(usage(fleet, fleet.assignments), limit, offset)
+    every = usage(fleet, fleet.assignments)
+    rows = _page(every, limit, offset)
     short = under_replicated(fleet)
     lost = lost_copies(fleet)
     copies = sum(len(ids) for ids in fleet.assignments.values())
@@ -358,7 +359,7 @@ def _show_everything(store_url: str | None, fmt: str, limit: int | None, offset:
     for r in rows:
         table.rows.append(_container_row(r.id, r.kind, r.live, r.used_bytes, r.capacity_bytes, r.copies))
     print_table(table)
-    mean, top = _spread(rows)
+    mean, top = _spread(every)  # the fleet's, not the page's
     click.echo(
         f"{len(fleet.models)} models, {copies} copies on {sum(1 for c in fleet.containers)} live containers; "
         f"utilization mean {mean:.0%}, max {top:.0%}; unplaced or under-replicated: {len(short)}; "
