@@ -42,7 +42,7 @@ from modelyard.placement.controller import PlacementController
 from modelyard.placement.follow import StoreFollower
 from modelyard.placement.metrics import register_controller_gauges
 from modelyard.placement.model import Container, ModelVersion
-from modelyard.placement.store import Store, open_store
+from modelyard.placement.store import Store
 from modelyard.router.server import RouterServer
 from modelyard.telemetry import Telemetry
 
@@ -143,7 +143,7 @@ class LocalFleet:
             self.telemetry = Telemetry(
                 "modelyard-up", metrics_port=self.metrics_port, metrics_host=settings.metrics_host()
             )
-        self._store = store = open_store(self.store_url, settings.etcd_access())
+        self._store = store = settings.open_configured_store(self.store_url)
         # One follower of the store for the router, the controller and every agent of this process.
         self._follower = StoreFollower(store, name="local fleet")
         self._follower.start()

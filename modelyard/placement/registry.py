@@ -626,7 +626,7 @@ async def update_shard_map(
         batch = ops[start : start + MAX_TXN_OPS - 1]
         batch_puts = {k: v for k, v in batch if v is not None}
         batch_deletes = [k for k, v in batch if v is None]
-        if not await store.apply({**batch_puts, **signed}, batch_deletes, if_equal=(GENERATION, staging)):
+        if not await store.apply(batch_puts, batch_deletes, if_equal=(GENERATION, staging)):
             raise ConcurrentPlanError(
                 f"another writer took over the shard map while generation {generation + 1} was staged"
             )
