@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import unquote
@@ -62,6 +64,9 @@ ATTEMPT_S = 2.0
 # etcd's words for "no leader right now": the request did not commit, or may not have; another try after
 # the election is how etcd's own client handles them.
 _LEADERLESS = ("leader changed", "no leader", "request timed out", "leader failure")
+# How long a request answered "no leader" by every member keeps trying: an election after a leader died
+# takes about one election timeout (1 s by default) plus a round of votes.
+LEADERLESS_WAIT_S = 5.0
 
 
 def _translated(fn: F) -> F:
@@ -79,6 +84,20 @@ def _translated(fn: F) -> F:
         # With one endpoint there is nowhere else to go: the client's own timeout applies.
         attempt_s = None if fn.__name__ == "get_prefix" or len(self.endpoints) == 1 else ATTEMPT_S
         tries = len(self.endpoints)
+        electing_until: float | None = None  # set when every member said "no leader": wait out the election
+
+        async def in_election(exc: Exception) -> bool:
+            """Every member said "no leader": True (after a jittered pause) while an election may end."""
+            nonlocal electing_until, tries
+            if not any(words in str(exc) for words in _LEADERLESS):
+                return False
+            electing_until = electing_until or time.monotonic() + LEADERLESS_WAIT_S
+            if time.monotonic() >= electing_until:
+                return False
+            await asyncio.sleep(0.1 + random.random() * 0.2)  # jittered: every client of the fleet retries
+            tries = len(self.endpoints)
+            return True
+
         while True:
             tries -= 1
             endpoint, client = self.endpoint, self._client
@@ -87,7 +106,7 @@ def _translated(fn: F) -> F:
                     return await fn(self, *args, **kwargs)
             except (*_UNREACHABLE, TimeoutError) as exc:
                 await self._next_endpoint(client)
-                if tries > 0:
+                if tries > 0 or await in_election(exc):
                     continue
                 raise StoreUnavailable(f"etcd at {endpoint} is unreachable: {exc or 'timeout'}") from exc
             except asyncio.CancelledError:
@@ -98,9 +117,10 @@ def _translated(fn: F) -> F:
             except aetcd.exceptions.ClientError as exc:
                 if any(sign in str(exc) for sign in _NO_SPACE):
                     raise store_full(endpoint) from exc
-                if tries > 0 and any(words in str(exc) for words in _LEADERLESS):
+                if any(words in str(exc) for words in _LEADERLESS):
                     await self._next_endpoint(client)
-                    continue
+                    if tries > 0 or await in_election(exc):
+                        continue
                 raise StoreError(f"etcd at {endpoint}: {exc}") from exc
 
     return cast(F, wrapper)
