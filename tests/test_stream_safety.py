@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,6 +296,30 @@ def test_a_stream_past_the_default_deadline_is_deadline_exceeded(short_deadline_
             for _ in call:
                 pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_unary_call_to_a_silent_container_past_the_default_deadline_is_deadline_exceeded(
+    fleet: FleetThread, short_deadline_router: str
+) -> None:
+    # The caller sets no deadline and Triton stops answering without closing anything (SIGSTOP: the kernel
+    # still holds its connections), so only the router's default deadline (0.3 s, kept by its sweep, not
+    # by a gRPC deadline) can end the call.
+    process = fleet.fleet.tritons[0].process
+    assert process is not None
+    with grpc.insecure_channel(short_deadline_router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        assert floats(stub.Infer(request("scale", [1.5]))) == [3.0]  # connected, the copy ready
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Infer(request("scale", [1.5]))
+            took_s = time.monotonic() - started
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+    assert "default deadline of 0.3 s" in (caught.value.details() or "")
+    assert 0.3 <= took_s < 2.0  # the deadline, plus at most one sweep period and the call's own time
 
 
 def test_a_unary_call_within_the_default_deadline_succeeds(short_deadline_router: str) -> None:

@@ -33,7 +33,8 @@ def kserve_handler(router: Router) -> grpc.GenericRpcHandler:
         path = f"/{SERVICE}/{method}"
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if pipeline_name(router, request) is not None:
+            # No pipeline registered (the usual fleet): one attribute chain, not a call, on every request.
+            if router.table.fleet.pipelines_by_name and pipeline_name(router, request) is not None:
                 return await router.pipelines.unary(method, request, context)
             return await router.forward_unary(path, request, context)
 

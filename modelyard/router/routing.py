@@ -21,6 +21,7 @@ from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import Store
 from modelyard.router.admission import Admission, Overloaded
 from modelyard.router.container_queue import ContainerQueues
+from modelyard.router.deadlines import DefaultDeadline
 from modelyard.router.errors import BadRequest, DeadlineExceeded, NoReadyCopy, NotReady
 from modelyard.router.follow import TableFollower
 from modelyard.router.forward import ContainerChannels
@@ -82,6 +83,7 @@ class Router:
         self.identity = identity or Authenticator.trusting_header(fleet_secret)
         self.fleet_secret = fleet_secret  # sent to containers on every call (their restricted protocols)
         self.default_deadline_s = default_deadline_s
+        self.default_deadline = DefaultDeadline(default_deadline_s)  # unary calls without a deadline
         self.telemetry = telemetry
         self.table = RoutingTable()
         self._owns_follower = follower is None
@@ -132,6 +134,7 @@ class Router:
             await self.follower.stop()
         else:
             self.follower.unlisten(self.table.on_change)
+        await self.default_deadline.close()
         await self.streams.close()  # before the channels they run on
         await self.channels.close()
         await self.sagemaker.close()
@@ -208,8 +211,9 @@ class Router:
         # Before any upstream work; a pipeline's steps were admitted with the pipeline (`admit` False).
         ticket = admission.enter(tenant) if admit and admission.active else None
         try:
-            self.rates.count(model.key)
-            copies = self.table.ready_copies(model.key)
+            key = model.key
+            self.rates.count(key)
+            copies = self.table.ready_copies(key)
             # A call of a Triton sequence goes where its sequence is (router/sequences.py); read only when
             # there is a choice to make, and on failures.
             sequence = read_sequence(request) if len(copies) > 1 and method == _MODEL_INFER else None
@@ -218,7 +222,8 @@ class Router:
                 container = await self._load_copy(model, context, lazy_load)
             else:
                 self.cache_hits += 1
-            timeout = self.upstream_timeout(context)
+            remaining = context.time_remaining()  # None: held to the router's default (deadlines.py)
+            timeout = self.default_deadline_s if remaining is None else remaining
             deadline = time.monotonic() + timeout
             metadata = self.upstream_metadata(*caller)
             call = CURRENT_CALL.get()
@@ -235,10 +240,13 @@ class Router:
                     outstanding[copy] = inflight + 1
                 else:  # the container is at its bound: a slot in turn with other tenants, or refused
                     await self._wait_turn(copy, caller[0].tenant, deadline, call)
-                    timeout = self.upstream_timeout(context)
+                    timeout = deadline - time.monotonic()
                 try:
                     if container.backend == "sagemaker":  # HTTP, not gRPC
                         response = await self.sagemaker.unary(model, container, method, request, timeout)
+                    elif remaining is None:
+                        unary = self.channels.unary(container.address, method)
+                        response = await self.default_deadline.call(unary, request, metadata, deadline, model)
                     else:
                         response = await self.channels.unary(container.address, method)(
                             request, timeout=timeout, metadata=metadata
@@ -259,14 +267,14 @@ class Router:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self.channels.suspect.add(container.address)
                     refused.add(copy)
-                    others = [c for c in self.table.ready_copies(model.key) if c.id not in refused]
+                    others = [c for c in self.table.ready_copies(key) if c.id not in refused]
                     retry_on = sticky_copy(sequence.id, others) if sequence else self.channels.pick(others)
                     if retry_on is None:
                         if not lazy_load:
                             raise public_rpc_error(model, exc) from None
                         retry_on = await self.wait_for_replacement(model, container, refused, deadline)
                     container = retry_on
-                    timeout = self.upstream_timeout(context)
+                    timeout = deadline - time.monotonic()
                     self.retries += 1
                     if call is not None:
                         call.retries += 1

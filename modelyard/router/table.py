@@ -132,12 +132,12 @@ class RoutingTable:
 
         On the call path: a choice that is not random (anything but a weighted split) is made once per
         (name, version, tenant) and kept until the model's registrations or route rule change."""
-        rule = self.fleet.routes.get(name)
         cache = self._resolved.get(name)
         if cache is not None:
             model = cache.get((version, tenant))
             if model is not None:
                 return model
+        rule = self.fleet.routes.get(name)
         model = resolve_version(
             name,
             self.fleet.by_name.get(name),
