@@ -8,7 +8,8 @@
 sends KServe ModelInfer calls (FP32 INPUT of N bytes, gRPC retries off) as tenant T, prints "ready" after
 the first answer, then after D seconds of calls one JSON line:
     {"ok_s": [latency of each answered call], "refused_s": [latency of each RESOURCE_EXHAUSTED],
-     "codes": {status: n}, "pushback_ms": [the push-back of each refusal that carried one]}
+     "codes": {status: n}, "pushback_ms": [the push-back of each refusal that carried one],
+     "cpu_pct": this process's CPU while calling, in % of one core}
 With honor_pushback a caller refused with `grpc-retry-pushback-ms` waits that long before its next call,
 as a client with gRPC's retry policy does.
 """
@@ -47,6 +48,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         await infer(request, metadata=metadata, timeout=30)  # connected and warm
         print("ready", flush=True)
         stop_at = time.monotonic() + float(spec["duration_s"])
+        cpu_started, wall_started = time.process_time(), time.monotonic()
 
         async def one() -> float:
             """One call; returns the push-back to honour (s)."""
@@ -85,6 +87,8 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                         await asyncio.sleep(wait_s)
 
             await asyncio.gather(*(caller() for _ in range(int(spec["concurrency"]))))
+        # This process's own CPU while it called: on a shared machine, the load generator's share too.
+        result["cpu_pct"] = (time.process_time() - cpu_started) / (time.monotonic() - wall_started) * 100
     return result
 
 

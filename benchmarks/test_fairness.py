@@ -56,6 +56,8 @@ NOISY_CALLERS = 16
 NOISY_BYTES = 64 * 1024
 FAIR_BOUND = 2  # the container's bound in the fair-sharing row
 NOISY_LIMIT = 2  # noisy's --max-inflight in the limits row
+NOISY_RPS = 100  # noisy's --rps in the added row (with --max-inflight NOISY_LIMIT)
+PROBE_RATE = 20.0  # calls/s of the noisy tenant's paced caller in the limits row
 WARM_UP_S = 1.0  # the flood runs this long before quiet's measured calls start
 
 
@@ -65,6 +67,7 @@ class Bench:
     store: str
     router: str  # address of `modelyard serve`
     router_pid: int
+    triton_pid: int
     secret_file: Path
     processes: list[subprocess.Popen[bytes]]
     duration_s: float
@@ -108,7 +111,9 @@ def bench(tmp_path_factory: pytest.TempPathFactory, quick: bool) -> Iterator[Ben
         address, process = serve(store, secret_file)
         processes.append(process)
         duration_s = 2.0 if quick else 20.0
-        yield Bench(thread, store, address, process.pid, secret_file, processes, duration_s)
+        triton = thread.fleet.tritons[0].process
+        assert triton is not None
+        yield Bench(thread, store, address, process.pid, triton.pid, secret_file, processes, duration_s)
     finally:
         for process in processes:
             stop_process(process)
@@ -146,6 +151,8 @@ def percentile(samples: list[float], q: float) -> float:
 class Row:
     quiet: dict[str, Any]
     noisy: dict[str, Any] | None
+    cpu_pct: dict[str, float]  # router and Triton (with its backend stubs), % of one core over the row
+    probe: dict[str, Any] | None = None  # a paced caller of the noisy tenant, when the row has one
 
     @property
     def p50_ms(self) -> float:
@@ -160,8 +167,8 @@ class Row:
         return sum(n for code, n in self.quiet["codes"].items() if code != "OK")
 
 
-def run_row(bench: Bench, flood: bool) -> Row:
-    noisy = None
+def run_row(bench: Bench, flood: bool, probe: bool = False) -> Row:
+    noisy = paced = None
     if flood:
         noisy = load(
             bench,
@@ -172,10 +179,31 @@ def run_row(bench: Bench, flood: bool) -> Row:
             duration_s=bench.duration_s + 2 * WARM_UP_S,
         )
         time.sleep(WARM_UP_S)  # the flood is at its steady state before quiet's measured calls
+    if probe:
+        # One more caller of the noisy tenant, paced and in a process of its own: the refusal latency a
+        # caller sees whose own process is not the flood's (the flood's 16 callers share one busy loop).
+        paced = load(
+            bench,
+            tenant="noisy",
+            model="identity",
+            size_bytes=NOISY_BYTES,
+            rate=PROBE_RATE,
+            duration_s=bench.duration_s,
+        )
+    pids = {"router": [bench.router_pid], "Triton": [bench.triton_pid]}
+    started, cpu_before = time.monotonic(), {name: cpu_s(p) for name, p in pids.items()}
     quiet = load(
         bench, tenant="quiet", model="scale", size_bytes=16, rate=QUIET_RATE, duration_s=bench.duration_s
     )
-    return Row(answer(quiet), answer(noisy) if noisy is not None else None)
+    quiet_answer = answer(quiet)
+    took_s = time.monotonic() - started
+    cpu_pct = {name: (cpu_s(p) - cpu_before[name]) / took_s * 100 for name, p in pids.items()}
+    return Row(
+        quiet_answer,
+        answer(noisy) if noisy is not None else None,
+        cpu_pct,
+        answer(paced) if paced is not None else None,
+    )
 
 
 def tenants_cli(bench: Bench, *args: str) -> None:
@@ -216,6 +244,11 @@ def describe(name: str, row: Row, alone: Row | None) -> str:
         other = {c: n for c, n in codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")}
         if other:
             text += f", other {other}"
+    # Where the machine's two cores went: the router and Triton, and each load generator's own process.
+    cpu = {**row.cpu_pct, "quiet client": row.quiet.get("cpu_pct", 0.0)}
+    if row.noisy is not None:
+        cpu["noisy client"] = row.noisy.get("cpu_pct", 0.0)
+    text += "; CPU % of a core: " + ", ".join(f"{n} {pct:.0f}" for n, pct in cpu.items())
     print(f"  {name}: {text}")
     return text
 
@@ -228,20 +261,36 @@ def test_quiet_tenant_under_a_noisy_flood(bench: Bench, verdict: Verdict, record
 
     tenants_cli(bench, "set", "noisy", "--max-inflight", str(NOISY_LIMIT))
     try:
-        limited = run_row(bench, flood=True)
+        limited = run_row(bench, flood=True, probe=True)
     finally:
         tenants_cli(bench, "clear", "noisy")
-    describe(f"noisy --max-inflight {NOISY_LIMIT}", limited, alone)
+    record(f"noisy --max-inflight {NOISY_LIMIT}: {describe('limited', limited, alone)}")
+
+    # Not a row the issue names: a limit on noisy's rate as well bounds the router's and Triton's work
+    # for it, which an in-flight limit alone does not when its calls are quick.
+    tenants_cli(bench, "set", "noisy", "--max-inflight", str(NOISY_LIMIT), "--rps", str(NOISY_RPS))
+    try:
+        rate_limited = run_row(bench, flood=True)
+    finally:
+        tenants_cli(bench, "clear", "noisy")
+    record(
+        f"noisy --max-inflight {NOISY_LIMIT} --rps {NOISY_RPS}: "
+        f"{describe('limited with a rate', rate_limited, alone)}"
+    )
 
     set_container_bound(bench, FAIR_BOUND)
     try:
         fair = run_row(bench, flood=True)
     finally:
         set_container_bound(bench, 0)
-    describe(f"fair sharing (container bound {FAIR_BOUND})", fair, alone)
+    record(f"fair sharing (container bound {FAIR_BOUND}): {describe('fair sharing', fair, alone)}")
 
     bound_ms = max(1.5 * alone.p99_ms, alone.p99_ms + 5.0)
-    rows = ((f"noisy --max-inflight {NOISY_LIMIT}", limited), (f"fair sharing, bound {FAIR_BOUND}", fair))
+    rows = (
+        (f"noisy --max-inflight {NOISY_LIMIT}", limited),
+        (f"fair sharing, bound {FAIR_BOUND}", fair),
+        (f"noisy --max-inflight {NOISY_LIMIT} --rps {NOISY_RPS} (added row)", rate_limited),
+    )
     for name, row in rows:
         verdict(
             f"{name}: quiet p99",
@@ -250,16 +299,17 @@ def test_quiet_tenant_under_a_noisy_flood(bench: Bench, verdict: Verdict, record
             row.p99_ms <= bound_ms,
         )
         verdict(f"{name}: quiet failed calls", str(row.quiet_failed), "0", row.quiet_failed == 0)
-    assert limited.noisy is not None
-    refused = limited.noisy["refused_s"]
-    other = {c: n for c, n in limited.noisy["codes"].items() if c not in ("OK", "RESOURCE_EXHAUSTED")}
-    median_ms = statistics.median(refused) * 1e3 if refused else float("nan")
-    verdict(
-        f"noisy --max-inflight {NOISY_LIMIT}: refusals",
-        f"{len(refused)} RESOURCE_EXHAUSTED, median {median_ms:.2f} ms, other codes {other or 'none'}",
-        "all RESOURCE_EXHAUSTED, median <= 5 ms",
-        bool(refused) and not other and median_ms <= 5.0,
-    )
+    assert limited.noisy is not None and limited.probe is not None
+    for who, result in (("the flood's callers", limited.noisy), ("a paced caller", limited.probe)):
+        refused = result["refused_s"]
+        other = {c: n for c, n in result["codes"].items() if c not in ("OK", "RESOURCE_EXHAUSTED")}
+        median_ms = statistics.median(refused) * 1e3 if refused else float("nan")
+        verdict(
+            f"noisy --max-inflight {NOISY_LIMIT}: refusals seen by {who}",
+            f"{len(refused)} RESOURCE_EXHAUSTED, median {median_ms:.2f} ms, other codes {other or 'none'}",
+            "all RESOURCE_EXHAUSTED, median <= 5 ms",
+            bool(refused) and not other and median_ms <= 5.0,
+        )
 
 
 def test_admission_costs_no_cpu_when_nobody_is_limited(bench: Bench, quick: bool, verdict: Verdict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -75,6 +77,22 @@ def test_rate_limit_refuses_after_the_burst_with_the_time_to_the_next_token() ->
     with pytest.raises(Overloaded, match="rate limit of 2 calls/s") as refused:
         gate.enter("noisy")
     assert 1 <= int(refused.value.trailers[0][1]) <= 500
+
+
+def test_callers_refused_for_the_rate_are_spread_over_the_tokens_to_come() -> None:
+    # 10 callers refused at once for a rate of 100/s: each is told to come back one token later than the
+    # one before, so they return about one per token instead of all ten for the next one.
+    gate = admission({"noisy": TenantLimits(rps=100, burst=1)})
+    ticket = gate.enter("noisy")
+    assert ticket is not None
+    pushbacks = []
+    for _ in range(10):
+        with pytest.raises(Overloaded) as refused:
+            gate.enter("noisy")
+        pushbacks.append(int(refused.value.trailers[0][1]))
+    assert pushbacks[0] <= 11  # the next token: 10 ms
+    assert all(later > earlier for earlier, later in itertools.pairwise(pushbacks))
+    assert 90 <= pushbacks[-1] <= 111  # nine callers ahead of it: about nine tokens more
 
 
 def test_the_default_applies_to_tenants_without_an_entry_and_callers_without_a_tenant() -> None:
