@@ -55,10 +55,15 @@ def inflight_pushback_s(state: TenantState, now: float) -> float:
     """When a caller refused for the tenant's in-flight limit should try again: a slot frees about every
     `call_s / max_inflight`, and the callers refused lately queue for them too. (A push-back of one call
     alone brings every refused caller back at once, to be refused again: refusals then cost the router
-    more than the calls.)"""
-    state.refused_recently = state.refused_recently * math.exp(-(now - state.refused_at) / state.call_s) + 1
+    more than the calls.) "Lately" is the last push-back given, at least one call's time: a caller told to
+    wait that long is still waiting, so the refusals within it count the callers waiting."""
+    window_s = max(state.call_s, state.inflight_pushback_s)
+    state.refused_recently = state.refused_recently * math.exp(-(now - state.refused_at) / window_s) + 1
     state.refused_at = now
-    return state.call_s * (1.0 + state.refused_recently / max(1, state.limits.max_inflight))
+    state.inflight_pushback_s = state.call_s * (
+        1.0 + state.refused_recently / max(1, state.limits.max_inflight)
+    )
+    return state.inflight_pushback_s
 
 
 def rate_pushback_s(state: TenantState, wait_s: float, now: float) -> float:
@@ -85,8 +90,9 @@ class TenantState:
     tokens: float = 0.0
     refilled_at: float = 0.0
     call_s: float = 0.01  # running mean of its calls' duration
-    refused_recently: float = 0.0  # its in-flight refusals, decaying over one call_s
+    refused_recently: float = 0.0  # its in-flight refusals, decaying over the last in-flight push-back
     refused_at: float = 0.0
+    inflight_pushback_s: float = 0.0
     rate_refused: float = 0.0  # its rate refusals, decaying over the last rate push-back
     rate_refused_at: float = 0.0
     rate_pushback_s: float = 0.0

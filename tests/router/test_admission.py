@@ -12,7 +12,14 @@ from modelyard.placement import registry
 from modelyard.placement.registry import Fleet
 from modelyard.placement.store.base import Event
 from modelyard.placement.tenants import TenantLimits
-from modelyard.router.admission import PUSHBACK_TRAILER, Admission, Overloaded, take_token
+from modelyard.router.admission import (
+    PUSHBACK_TRAILER,
+    Admission,
+    Overloaded,
+    TenantState,
+    inflight_pushback_s,
+    take_token,
+)
 
 
 @given(
@@ -77,6 +84,22 @@ def test_rate_limit_refuses_after_the_burst_with_the_time_to_the_next_token() ->
     with pytest.raises(Overloaded, match="rate limit of 2 calls/s") as refused:
         gate.enter("noisy")
     assert 1 <= int(refused.value.trailers[0][1]) <= 500
+
+
+def test_callers_waiting_for_in_flight_slots_are_told_to_wait_for_the_slots_ahead_of_them() -> None:
+    # 14 callers over a limit of 2 calls of 10 ms: slots free at 200/s, so each caller, refused and told
+    # to come back, should wait about the time 14 callers take to pass 2 slots (~70 ms), not one call's
+    # time (they would come back 7 times too often, each time refused again: refusals cost the router a
+    # call's work each).
+    limits = TenantLimits(max_inflight=2)
+    state = TenantState("noisy", limits, call_s=0.010)
+    now, pushbacks = 0.0, []
+    for _ in range(40):  # steady state: the 14 callers refused in turn, each back after its push-back
+        for _ in range(14):
+            pushbacks.append(inflight_pushback_s(state, now))
+            now += pushbacks[-1] / 14
+    settled = pushbacks[-14:]
+    assert all(0.05 <= p <= 0.12 for p in settled), settled
 
 
 def test_callers_refused_for_the_rate_are_spread_over_the_tokens_to_come() -> None:
