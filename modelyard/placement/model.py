@@ -179,7 +179,7 @@ def split_model_key(key: str) -> tuple[str, str]:
     return name, version
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelVersion:
     """One registered version of a model and what placement and routing need to know about it."""
 
@@ -227,7 +227,7 @@ class ModelVersion:
         return model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Container:
     """A serving container (a Triton instance or our own) with its memory budget."""
 
@@ -254,7 +254,7 @@ class Container:
         return container
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CopyState:
     """What an agent reports about one copy of a model version on its container."""
 
@@ -273,7 +273,7 @@ class CopyState:
         return _typed(cls, raw, {"phase": COPY_PHASES})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteRule:
     """How calls for a model name pick a version when the request names none.
 

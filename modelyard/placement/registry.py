@@ -65,7 +65,7 @@ def state_key(container_id: str, key: str) -> str:
     return f"{STATE}{container_id}/{key}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Assignment:
     """One model's assignment value: `ids` from generation `gen` on, `prev` before it."""
 

@@ -27,14 +27,14 @@ class CompactedError(StoreError):
     """A watch asked for history the store no longer keeps; reload the prefix and watch again."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyValue:
     key: str
     value: bytes
     mod_revision: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     kind: Literal["put", "delete"]
     key: str
