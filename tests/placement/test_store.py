@@ -333,3 +333,49 @@ def test_an_idle_embedded_watch_does_not_read_the_log(
         await task
 
     run(str(tmp_path / "store"), scenario)
+
+
+def test_etcd_prefix_read_in_pages_is_one_revision(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefix read larger than a page comes in pages, all at the first page's revision: a write between
+    two pages is not in it; a compaction past that revision during the read makes it read again."""
+    from modelyard.placement.store import etcd
+
+    monkeypatch.setattr(etcd, "PREFIX_PAGE_KEYS", 2)
+
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, etcd.EtcdStore)
+        for key in ("/t/a", "/t/b", "/t/c", "/t/d", "/t/e", "/u/a"):
+            await store.put(key, key.encode())
+        pages = 0
+        real_rpc = store._rpc
+
+        async def with_a_write_after_the_first_page(stub: str, method: str, request: object) -> object:
+            nonlocal pages
+            pages += 1
+            response = await real_rpc(stub, method, request)
+            if pages == 1:
+                await store.put("/t/aa", b"after the first page")
+            return response
+
+        monkeypatch.setattr(store, "_rpc", with_a_write_after_the_first_page)
+        items, revision = await store.get_prefix("/t/")
+        assert [i.key for i in items] == ["/t/a", "/t/b", "/t/c", "/t/d", "/t/e"]
+        assert all(i.value == i.key.encode() for i in items)
+        assert pages == 3
+        assert (await store.get("/t/aa")) is not None and revision < (await store.get("/t/aa")).mod_revision
+
+        async def compacting_after_the_first_page(stub: str, method: str, request: object) -> object:
+            nonlocal pages
+            pages += 1
+            response = await real_rpc(stub, method, request)
+            if pages == 1:
+                await store._client.compact(await store.put("/t/ab", b"compacted over"))
+            return response
+
+        pages = 0
+        monkeypatch.setattr(store, "_rpc", compacting_after_the_first_page)
+        items, _ = await store.get_prefix("/t/")
+        assert [i.key for i in items] == ["/t/a", "/t/aa", "/t/ab", "/t/b", "/t/c", "/t/d", "/t/e"]
+        assert pages == 2 + 4  # the first page, the second refused (compacted), then the whole read again
+
+    run(etcd_url, scenario)

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.utils
 import grpc
 import grpc.aio
 
@@ -35,6 +36,8 @@ from modelyard.placement.store.base import (
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 _PUT_ABSENT_CONCURRENCY = 4
+PREFIX_PAGE_KEYS = 10_000  # keys per request of a prefix read (a few MiB)
+_COMPACTED = "required revision has been compacted"  # etcd's answer to a read at a compacted revision
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 # etcd's answer to a write once its database reached --quota-backend-bytes (and from then on: the NOSPACE
 # alarm stays raised, refusing every write, until an operator disarms it).
@@ -326,9 +329,30 @@ class EtcdStore(Store):
 
     @_translated
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
-        result = await self._client.get_prefix(prefix.encode(), sort_order="ascend", sort_target="key")
-        items = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in result]
-        return items, result.header.revision
+        while True:
+            try:
+                return await self._read_pages(prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode()))
+            except aetcd.exceptions.ClientError as exc:
+                if _COMPACTED not in str(exc):
+                    raise
+                # compacted past the first page's revision during the read: read again, at the current one
+
+    async def _read_pages(self, start: bytes, end: bytes) -> tuple[list[KeyValue], int]:
+        """A range read in pages of PREFIX_PAGE_KEYS keys, every page at the revision of the first: one answer
+        for a whole 100k-model fleet is ~100 MiB held at once in gRPC's buffer and its protobuf, memory the
+        process then keeps (measured: a router holding a 100k fleet, 405 -> 325 MiB RSS)."""
+        items: list[KeyValue] = []
+        revision = 0  # the first page: the current one
+        while True:
+            request = aetcd.rpc.RangeRequest(
+                key=start, range_end=end, limit=PREFIX_PAGE_KEYS, revision=revision
+            )
+            response = await self._rpc("kvstub", "Range", request)
+            revision = revision or response.header.revision
+            items.extend(KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in response.kvs)
+            if not response.more or not response.kvs:
+                return items, revision
+            start = response.kvs[-1].key + b"\0"  # the next key after the page's last
 
     async def _rpc(self, stub: str, method: str, request: Any) -> Any:
         """One etcd RPC aetcd has no call for (`stub` names aetcd's attribute, set once connected), with
