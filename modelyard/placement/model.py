@@ -103,8 +103,10 @@ def _typed(cls: type[T], raw: bytes | str, choices: dict[str, tuple[str, ...]] |
             value = _pairs(value, str if kind == "str_pairs" else int)
         values[name] = value
     for name, allowed in (choices or {}).items():
-        if name in values and values[name] not in allowed:
-            raise ValueError(f"{name}: {values[name]!r} is not one of {', '.join(allowed)}")
+        if name in values:
+            if values[name] not in allowed:
+                raise ValueError(f"{name}: {values[name]!r} is not one of {', '.join(allowed)}")
+            values[name] = allowed[allowed.index(values[name])]  # one string per choice, not one per value
     try:
         return cls(**values)
     except TypeError as exc:  # a required field is missing

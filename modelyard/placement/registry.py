@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -92,7 +93,8 @@ class Assignment:
                     raise ValueError(f"{name}: expected a list of container ids, got {value!r}")
         if gen.__class__ is not int or gen < 0:
             raise ValueError(f"gen: expected a non-negative integer, got {gen!r}")
-        return cls(tuple(ids), gen, tuple(prev))  # type: ignore[arg-type]
+        # Container ids recur in every copy: one string each (sys.intern), not one per assignment.
+        return cls(tuple(map(sys.intern, ids)), gen, tuple(map(sys.intern, prev)))  # type: ignore[arg-type]
 
 
 def parse_generation(raw: bytes) -> tuple[int, str]:
@@ -265,9 +267,11 @@ class Fleet:
         return changes
 
     def _apply(self, event: Event, changes: Changes) -> None:
+        # Model keys and container ids recur in several indexes and in the keys of every copy's state and
+        # assignment: each is one string (sys.intern), not one per store key it was read from.
         key, put = event.key, event.kind == "put"
         if key.startswith(MODELS):
-            mkey = key[len(MODELS) :]
+            mkey = sys.intern(key[len(MODELS) :])
             name, version = split_model_key(mkey)
             if put:
                 model = ModelVersion.from_json(event.value)
@@ -286,7 +290,7 @@ class Fleet:
             changes.models.add(mkey)
             changes.registrations.add(mkey)
         elif key.startswith(CONTAINERS):
-            cid = key[len(CONTAINERS) :]
+            cid = sys.intern(key[len(CONTAINERS) :])
             if put:
                 container = Container.from_json(event.value)
                 if container.id != cid:
@@ -296,7 +300,7 @@ class Fleet:
                 self.containers.pop(cid, None)
             changes.containers.add(cid)
         elif key.startswith(ASSIGN):
-            mkey = key[len(ASSIGN) :]
+            mkey = sys.intern(key[len(ASSIGN) :])
             split_model_key(mkey)
             if put:
                 value = Assignment.from_json(event.value)
@@ -316,6 +320,7 @@ class Fleet:
                 self._set_assignment(mkey, (), changes)
         elif key.startswith(STATE):
             cid, _, mkey = key[len(STATE) :].partition("/")
+            cid, mkey = sys.intern(cid), sys.intern(mkey)
             split_model_key(mkey)
             if put:
                 state = CopyState.from_json(event.value)
@@ -348,7 +353,7 @@ class Fleet:
                 self.routes.pop(name, None)
             changes.routes.add(name)
         elif key.startswith(WANTED):
-            mkey = key[len(WANTED) :]
+            mkey = sys.intern(key[len(WANTED) :])
             split_model_key(mkey)
             if put:
                 self.wanted[mkey] = "" if event.value in (b"", WANT) else event.value.decode()
