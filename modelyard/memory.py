@@ -41,3 +41,17 @@ def reuse_large_buffers(largest_message_bytes: int) -> bool:
         return False
     log.debug("malloc: allocations up to %d bytes from the heap, up to %d freed bytes kept", from_heap, kept)
     return True
+
+
+def release_freed_memory() -> bool:
+    """Hands the free pages inside glibc's heaps back to the kernel (`malloc_trim`); False where the C
+    library is not glibc (nothing done).
+
+    For after a one-off peak, such as a fleet snapshot parsed and its store values dropped: glibc keeps
+    freed memory in its heaps (up to reuse_large_buffers' bound at their top, and any amount below a chunk
+    still in use), so a process would hold its load's peak for good."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim(0)
+    return True

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from modelyard.memory import release_freed_memory
 from modelyard.placement import registry
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import CompactedError, Store, StoreError
@@ -128,7 +129,10 @@ class StoreFollower:
                 self.fleet = fleet
                 self._set_healthy(True)
                 self.loaded.set()
-                await self._publish(Changes(everything=True))
+                await self._publish(Changes(everything=True))  # the last reader lets go of the previous view
+                # The parse's peak (the store's values and the previous view, ~100 MiB at 100k models) is
+                # free now, but glibc would keep it: a thread, since a big heap takes a while to walk.
+                await asyncio.to_thread(release_freed_memory)
                 self._watching = True
                 async for events in self.store.watch_prefix(registry.ROOT, fleet.revision + 1):
                     await self._apply(events)
