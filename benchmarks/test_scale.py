@@ -535,24 +535,28 @@ def serve_rss(url: str) -> int:
             process.kill()
 
 
+RSS_TARGET_MIB = 250  # issue 30: a router holding 100k registered model versions
+
+
 def test_router_rss(benchmark: Any, scene: Scene, record: Record, verdict: Verdict, tmp_path: Path) -> None:
     """`modelyard serve` against an empty store, then against the fleet of N: RSS and RSS per 10k."""
     empty = serve_rss(str(tmp_path / "empty-store"))
     full = serve_rss(scene.url)
     per_10k = (full - empty) * 10_000 / scene.size
     mib = 1024**2
-    line = (
-        f"{label(scene.size)} ({scene.store_kind}, {STAND_INS}): {full / mib:.0f} MiB "
-        f"(empty store {empty / mib:.0f} MiB), "
-        f"{per_10k / mib:.1f} MiB per 10k models"
+    figure = (
+        f"{full / mib:.0f} MiB (empty store {empty / mib:.0f} MiB), {per_10k / mib:.1f} MiB per 10k models"
     )
+    line = f"{label(scene.size)} ({scene.store_kind}, {STAND_INS}): {figure}"
     if scene.size == 100_000:
         verdict(
             f"100k router RSS (modelyard serve, {STAND_INS})",
-            f"{full / mib:.0f} MiB",
-            "<= 500 MiB",
-            full <= 500 * mib,
+            figure,
+            f"<= {RSS_TARGET_MIB} MiB",
+            full <= RSS_TARGET_MIB * mib,
         )
+    else:
+        print(f"  {line}")
     record(line)
     _one_round(benchmark, {"rss_mib": round(full / mib, 1), "per_10k_mib": round(per_10k / mib, 2)})
 
