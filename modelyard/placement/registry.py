@@ -278,6 +278,8 @@ class Fleet:
                 if model.key != mkey:
                     raise ValueError(f"registered as {model.key}")
                 self.models[mkey] = model
+                if name == model.name:
+                    name = model.name  # the model's own string, not one more per name
                 self.by_name.setdefault(name, {})[version] = model
             else:
                 self.models.pop(mkey, None)
