@@ -107,7 +107,7 @@ def snapshot(fleet: Fleet) -> Fleet:
         generation=fleet.generation,
         revision=fleet.revision,
     )
-    copy.measured = {key: dict(by_container) for key, by_container in fleet.measured.items()}
+    copy.measured = dict(fleet.measured)
     copy.unparsable = set(fleet.unparsable)
     copy.full_copies = {key: set(cids) for key, cids in fleet.full_copies.items()}
     return copy

@@ -179,7 +179,8 @@ class Fleet:
     # indexes
     by_name: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)  # name -> version -> model
     by_container: dict[str, set[str]] = field(default_factory=dict)  # container id -> model keys
-    measured: dict[str, dict[str, int]] = field(default_factory=dict)  # model key -> container -> bytes
+    # model key -> ((container, bytes), ...): pairs, not a dict per model (a third of the size, at one copy)
+    measured: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)  # container id -> budget of the copies assigned to it
     cost: dict[str, int] = field(default_factory=dict)  # model key -> the per-copy budget counted in `used`
     raw_assignments: dict[str, Assignment] = field(default_factory=dict)
@@ -232,7 +233,7 @@ class Fleet:
     def budget_bytes(self, model: ModelVersion) -> int:
         """What a copy costs: max(declared, measured), since declared sizes lie."""
         measured = self.measured.get(model.key)
-        return max(model.memory_bytes, *measured.values()) if measured else model.memory_bytes
+        return max(model.memory_bytes, *(size for _, size in measured)) if measured else model.memory_bytes
 
     def full_containers(self) -> set[str]:
         """Containers that refused a load for lack of memory while that failed copy's state stands."""
@@ -328,7 +329,8 @@ class Fleet:
                 state = CopyState.from_json(event.value)
                 self.states[(cid, mkey)] = state
                 if state.measured_bytes:
-                    self.measured.setdefault(mkey, {})[cid] = state.measured_bytes
+                    others = tuple(pair for pair in self.measured.get(mkey, ()) if pair[0] != cid)
+                    self.measured[mkey] = (*others, (cid, state.measured_bytes))
                 else:
                     self._forget_measure(mkey, cid)
                 full = state.container_full and state.phase == "failed"
@@ -488,8 +490,10 @@ class Fleet:
     def _forget_measure(self, mkey: str, cid: str) -> None:
         measured = self.measured.get(mkey)
         if measured is not None:
-            measured.pop(cid, None)
-            if not measured:
+            others = tuple(pair for pair in measured if pair[0] != cid)
+            if others:
+                self.measured[mkey] = others
+            else:
                 del self.measured[mkey]
 
 
