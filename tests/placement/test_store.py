@@ -150,34 +150,6 @@ def test_watch_sees_puts_and_deletes_in_order_from_a_revision(store_url: str) ->
     run(store_url, scenario)
 
 
-def test_a_burst_of_writes_reaches_a_watcher_in_a_few_lists_not_one_event_at_a_time(store_url: str) -> None:
-    # A follower applies a list in slices and serves its event loop between them; events handed over one
-    # at a time were applied as a burst without a pause (the router's loop stalled while 10k registered).
-    async def scenario(store: Store) -> None:
-        _, revision = await store.get_prefix("/t/")
-        count = 4 * MAX_TXN_OPS
-        lists: list[list[Event]] = []
-        got_all = asyncio.Event()
-
-        async def watch() -> None:
-            async for events in store.watch_prefix("/t/", revision + 1):
-                lists.append(events)
-                if sum(map(len, lists)) >= count:
-                    got_all.set()
-                    return
-
-        task = asyncio.create_task(watch())  # from the revision before the writes: sees them all
-        await store.apply({f"/t/{i:05d}": b"x" for i in range(count)})
-        await asyncio.wait_for(got_all.wait(), timeout=30)
-        await task
-        assert sum(map(len, lists)) == count
-        assert [e.key for batch in lists for e in batch] == [f"/t/{i:05d}" for i in range(count)]
-        # One list per transaction etcd applied at most (the store writes MAX_TXN_OPS keys per transaction).
-        assert len(lists) <= count // MAX_TXN_OPS, [len(batch) for batch in lists]
-
-    run(store_url, scenario)
-
-
 def test_keys_under_an_expired_lease_disappear_and_watchers_see_it(store_url: str) -> None:
     async def scenario(store: Store) -> None:
         lease = await store.grant_lease(1)

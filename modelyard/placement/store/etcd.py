@@ -457,47 +457,13 @@ class EtcdStore(Store):
         return present
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
-        """Every event received and not yet taken comes in one list. aetcd hands events over one at a time
-        from a queue whose reads do not wait while it holds any, so a follower taking them one by one ran
-        a whole burst (10k registrations: thousands of events) without letting its event loop serve
-        anything else; given the burst as one list, it applies it in slices with the loop served between
-        (placement/follow.py)."""
-        received: list[Event] = []
-        arrived = asyncio.Event()
-        ended: list[BaseException | None] = []  # what ended the watch: an error, or None
-
-        async def receive(watch: Any) -> None:
-            try:
-                async for event in watch:
-                    kind: Literal["put", "delete"] = (
-                        "put" if event.kind == aetcd.rtypes.EventKind.PUT else "delete"
-                    )
-                    received.append(Event(kind, event.kv.key.decode(), event.kv.value, event.kv.mod_revision))
-                    arrived.set()
-                ended.append(None)
-            except BaseException as exc:  # raised where the events are taken, and translated there
-                task = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
-                    raise  # this watch is being closed
-                ended.append(exc)
-            finally:
-                arrived.set()
-
-        receiver: asyncio.Task[None] | None = None
         try:
             watch = await self._client.watch_prefix(prefix.encode(), start_revision=start_revision)
-            receiver = asyncio.create_task(receive(watch), name=f"etcd watch {prefix}")
-            while True:
-                await arrived.wait()
-                arrived.clear()
-                if received:
-                    batch = received[:]
-                    received.clear()
-                    yield batch
-                if ended and not received:
-                    if ended[0] is not None:
-                        raise ended[0]
-                    return
+            async for event in watch:
+                kind: Literal["put", "delete"] = (
+                    "put" if event.kind == aetcd.rtypes.EventKind.PUT else "delete"
+                )
+                yield [Event(kind, event.kv.key.decode(), event.kv.value, event.kv.mod_revision)]
         except asyncio.CancelledError:
             _raise_if_ours()
             raise StoreUnavailable(
@@ -509,10 +475,6 @@ class EtcdStore(Store):
             raise StoreUnavailable(f"etcd at {self.endpoint} is unreachable: {exc}") from exc
         except aetcd.exceptions.ClientError as exc:
             raise StoreError(f"etcd watch at {self.endpoint}: {exc}") from exc
-        finally:
-            if receiver is not None:
-                receiver.cancel()
-                await asyncio.gather(receiver, return_exceptions=True)
 
     @_translated
     async def grant_lease(self, ttl_s: float) -> Lease:
