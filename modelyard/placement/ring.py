@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate
 
 # One vnode per 2 GiB of memory, clamped: big containers attract proportionally more models without a
 # 1 TiB container costing hundreds of vnodes, and a tiny one still gets enough to spread its arcs. (1 GiB
@@ -20,11 +23,18 @@ VNODE_BYTES = 2 << 30
 MIN_VNODES = 16
 MAX_VNODES = 160
 
+_model_hash = partial(hashlib.blake2b, digest_size=8, person=b"modelyard.model")
+
 
 def model_position(name: str) -> int:
     """Where a model sits on every ring (a 64-bit point)."""
-    digest = hashlib.blake2b(name.encode(), digest_size=8, person=b"modelyard.model").digest()
-    return int.from_bytes(digest, "big")
+    return int.from_bytes(_model_hash(name.encode()).digest(), "big")
+
+
+def model_positions(names: Iterable[str]) -> tuple[int, ...]:
+    """`model_position` of each name, without a Python call per name (a million names: 1 s less)."""
+    digests = b"".join(map(hashlib.blake2b.digest, map(_model_hash, map(str.encode, names))))
+    return struct.unpack(f">{len(digests) // 8}Q", digests)
 
 
 def vnode_count(memory_bytes: int) -> int:
@@ -50,6 +60,12 @@ class Ring:
     owners: list[int]
     _wrapped: list[int]
     _max_steps: int
+    # `start` looks the top bits of a position up in `_first` (how many vnodes lie below each slice of the
+    # ring) and bisects only that slice of `_points` (the positions again, as machine words), a few vnodes
+    # side by side in memory: a bisect over 300k Python ints misses the cache at each of its 19 steps.
+    _points: array[int]
+    _first: array[int]
+    _shift: int
 
     @classmethod
     def build(cls, positions: Sequence[int], owners: Sequence[int], max_steps: int) -> Ring:
@@ -62,7 +78,12 @@ class Ring:
         wrapped = list(owners)
         while owners and len(wrapped) < len(owners) + max_steps:
             wrapped.extend(owners)
-        return cls(positions, owners, wrapped, max_steps)
+        shift = 64 - max(0, len(positions).bit_length() - 2)  # a slice per 2 to 4 vnodes
+        below = [0] * ((1 << (64 - shift)) + 1)
+        for position in positions:
+            below[(position >> shift) + 1] += 1
+        first = array("q", accumulate(below))
+        return cls(positions, owners, wrapped, max_steps, array("Q", positions), first, shift)
 
     def only(self, keep: Callable[[int], bool]) -> Ring:
         """The ring of the vnodes whose owners `keep` accepts, in the same positions."""
@@ -75,8 +96,9 @@ class Ring:
         return len(self.owners)
 
     def start(self, position: int) -> int:
-        """The first vnode strictly after `position`, wrapping past the top of the ring."""
-        index = bisect_right(self.positions, position)
+        """The first vnode strictly after `position` (a 64-bit point), wrapping past the top of the ring."""
+        first, piece = self._first, position >> self._shift
+        index = bisect_right(self._points, position, first[piece], first[piece + 1])
         return 0 if index == len(self.positions) else index
 
     def window(self, start: int, steps: int) -> list[int]:
