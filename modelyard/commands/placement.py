@@ -18,7 +18,7 @@ import click
 from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 from modelyard.placement.inputs import InputError, format_map, read_containers, read_map, read_models
-from modelyard.placement.planner import Capacity, Demand, Plan, plan
+from modelyard.placement.planner import Capacity, Demands, Plan, plan
 from modelyard.placement.units import format_bytes
 
 if TYPE_CHECKING:
@@ -102,15 +102,14 @@ def _umask() -> int:
     return mask
 
 
-def _summary(models: Sequence[Demand], containers: Sequence[Capacity], result: Plan) -> str:
-    size = {model.name: model.memory_bytes for model in models}
+def _summary(models: Demands, containers: Sequence[Capacity], result: Plan) -> str:
     kind = {container.id: container.kind for container in containers}
     used = {"gpu": 0, "cpu": 0}
     copies = 0
-    for name, ids in result.assignments.items():
-        copies += len(ids)
-        for container_id in ids:
-            used[kind[container_id]] += size[name]
+    for name, size in zip(models.names, models.memory_bytes, strict=True):
+        for container_id in result.assignments.get(name, ()):
+            copies += 1
+            used[kind[container_id]] += size
     capacity = {"gpu": 0, "cpu": 0}
     for container in containers:
         capacity[container.kind] += container.memory_bytes
