@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -103,13 +104,16 @@ def _umask() -> int:
 
 
 def _summary(models: Demands, containers: Sequence[Capacity], result: Plan) -> str:
-    kind = {container.id: container.kind for container in containers}
-    used = {"gpu": 0, "cpu": 0}
-    copies = 0
-    for name, size in zip(models.names, models.memory_bytes, strict=True):
-        for container_id in result.assignments.get(name, ()):
-            copies += 1
-            used[kind[container_id]] += size
+    gpus = {container.id for container in containers if container.kind == "gpu"}
+    copies = used_bytes = on_gpu_bytes = 0
+    placed = map(result.assignments.get, models.names, repeat(()))
+    for size, ids in zip(models.memory_bytes, placed, strict=True):
+        copies += len(ids)
+        for container_id in ids:
+            used_bytes += size
+            if container_id in gpus:
+                on_gpu_bytes += size
+    used = {"gpu": on_gpu_bytes, "cpu": used_bytes - on_gpu_bytes}
     capacity = {"gpu": 0, "cpu": 0}
     for container in containers:
         capacity[container.kind] += container.memory_bytes

@@ -22,10 +22,11 @@ the hard one, and the fallback switches from worst fit (spread) to best fit (pac
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import eq, itemgetter, mul
+from typing import TypeVar
 
 from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
 from modelyard.placement.ring import Ring, model_positions, vnode_positions
@@ -46,6 +47,8 @@ _GPU, _CPU = 0, 1
 _KIND_CODES = {"gpu": (_GPU,), "cpu": (_CPU,), "any": (_GPU, _CPU)}
 _KIND_LABELS = {"gpu": "gpu", "cpu": "cpu", "any": "gpu or cpu"}
 _INFINITY = 1 << 256  # bigger than any memory size
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,15 @@ def plan(
 
 
 # What the passes over every model read, in one tuple per model: (sort key, index in the models,
-# memory_bytes, replicas, kind, ring position). At 1M models, reading four columns through a list of
-# indices in placement order cost seconds more: each read lands somewhere else in memory.
-_Row = tuple[int, int, int, int, str, int]
+# memory_bytes, replicas, kind, the vnode its walk starts at, that vnode's container). At 1M models,
+# reading columns through a list of indices in placement order cost seconds more: each read lands
+# somewhere else in memory.
+_Row = tuple[int, int, int, int, str, int, int]
 
 
-def _in_placement_order(models: Demands, by_name: list[int], positions: Sequence[int]) -> list[_Row]:
+def _in_placement_order(
+    models: Demands, by_name: list[int], starts: Sequence[int], firsts: Sequence[int]
+) -> list[_Row]:
     """The models' rows: kind-pinned models first, then more replicas, then bigger; the name breaks ties.
 
     A stable sort of the rows in name order by `(kind == "any", -replicas, -memory_bytes)`, that tuple
@@ -143,17 +149,26 @@ def _in_placement_order(models: Demands, by_name: list[int], positions: Sequence
     sizes, replicas, kinds = models.memory_bytes, models.replicas, models.kinds
     span = max(sizes, default=0) + 1
     top = max(replicas, default=0) + 1
-    rows = [
-        (
-            ((kinds[i] == "any") * top - replicas[i]) * span - sizes[i],
-            i,
-            sizes[i],
-            replicas[i],
-            kinds[i],
-            positions[i],
-        )
-        for i in by_name
+    keys = [
+        ((kind == "any") * top - copies) * span - size
+        for size, copies, kind in zip(sizes, replicas, kinds, strict=True)
     ]
+
+    def in_name_order(column: Sequence[T]) -> Iterator[T]:
+        return map(column.__getitem__, by_name)
+
+    rows = list(
+        zip(
+            in_name_order(keys),
+            by_name,
+            in_name_order(sizes),
+            in_name_order(replicas),
+            in_name_order(kinds),
+            in_name_order(starts),
+            in_name_order(firsts),
+            strict=True,
+        )
+    )
     rows.sort(key=itemgetter(0))
     return rows
 
@@ -199,9 +214,6 @@ class _Planner:
         self.cap = [container.memory_bytes for container in by_id]
         self.kind = [_GPU if container.kind == "gpu" else _CPU for container in by_id]
         self.models = models
-        self.by_name = sorted(range(len(models)), key=models.names.__getitem__)
-        self.rows = _in_placement_order(models, self.by_name, model_positions(models.names))
-        self.holders: list[list[int]] = [[] for _ in range(len(models))]
         self.reasons: dict[str, str] = {}
         self.members = [[c for c, kind in enumerate(self.kind) if kind == code] for code in (_GPU, _CPU)]
         self.free = list(self.cap)
@@ -219,6 +231,26 @@ class _Planner:
         self._full: dict[str, int] = {}
         for code in (_GPU, _CPU):
             self._mark_full(code, _INFINITY if self.members[code] else 0)
+        self.by_name = sorted(range(len(models)), key=models.names.__getitem__)
+        self.rows = _in_placement_order(models, self.by_name, *self._walk_starts())
+        # The containers holding each model's copies. A tuple, so that single copies can share one per
+        # container (`_alone`): no list to make per model, and few objects to read when writing the map.
+        self.holders: list[tuple[int, ...]] = [()] * len(models)
+        self._alone = [(c,) for c in range(len(self.ids))]
+
+    def _walk_starts(self) -> tuple[list[int], list[int]]:
+        """For each model, the vnode its walk starts at on the ring of its kind and that vnode's container;
+        0 and -1 for a kind without containers, whose models are short before any walk."""
+        kinds, positions = self.models.kinds, model_positions(self.models.names)
+        starts: dict[str, Iterator[int]] = {kind: repeat(0) for kind in MODEL_KINDS}
+        firsts: dict[str, Iterator[int]] = {kind: repeat(-1) for kind in MODEL_KINDS}
+        for kind, ring in self._used_rings().items():
+            of_kind = ring.starts(compress(positions, map(eq, kinds, repeat(kind))))
+            starts[kind] = iter(of_kind)
+            firsts[kind] = map(ring.owners.__getitem__, of_kind)
+        # Each model takes the next start and container of its kind's lists, in model order.
+        in_model_order = list(map(next, map(starts.__getitem__, kinds)))
+        return in_model_order, list(map(next, map(firsts.__getitem__, kinds)))
 
     def _soft_caps(self) -> tuple[list[int], list[bool]]:
         """Each container's walk cap: its kind's expected utilization plus slack, at most its memory."""
@@ -264,7 +296,7 @@ class _Planner:
                     owners.extend([c] * len(vnodes))
                 every = self._rings["any"] = Ring.build(positions, owners, WALK_STEPS)
             code = _KIND_CODES[model_kind][0]
-            ring = every if model_kind == "any" else every.only(lambda owner: self.kind[owner] == code)
+            ring = every if model_kind == "any" else every.only(set(self.members[code]).__contains__)
             self._rings[model_kind] = ring
         return ring
 
@@ -277,12 +309,12 @@ class _Planner:
         """Keep each previous copy whose container exists, has the right kind and room, up to the replicas."""
         index, kind, free, room, names = self.index, self.kind, self.free, self.room, self.models.names
         # Without a previous map there is nothing to keep: skip the pass over every model (1 s at 1M).
-        for _, i, size, replicas, model_kind, _ in self.rows if previous else ():
+        for _, i, size, replicas, model_kind, _, _ in self.rows if previous else ():
             ids = previous.get(names[i])
             if not ids:
                 continue
             allowed = _KIND_CODES[model_kind]
-            kept = self.holders[i]
+            kept: list[int] = []
             for container_id in ids:
                 c = index.get(container_id)
                 if c is None or c in kept or len(kept) >= replicas:
@@ -292,34 +324,33 @@ class _Planner:
                 kept.append(c)
                 free[c] -= size
                 room[c] -= size
+            self.holders[i] = tuple(kept)
         n = len(self.ids)
         self._key = [free[c] * n + c for c in range(n)]
         self._by_free = [sorted(self._key[c] for c in self.members[code]) for code in (_GPU, _CPU)]
 
     def place_missing(self) -> None:
         """Place every copy not kept, walking the ring first and falling back to the free-bytes index."""
-        room, free, dirty, holders = self.room, self.free, self._dirty, self.holders
+        room, free, dirty, holders, alone = self.room, self.free, self._dirty, self.holders, self._alone
         # This loop runs once per model and dominates the planner's time: everything it reads is bound once.
         rings = self._used_rings()
-        for _, i, size, replicas, kind, position in self.rows:
-            chosen = holders[i]
-            need = replicas - len(chosen)
+        for _, i, size, replicas, kind, start, c in self.rows:
+            kept = holders[i]
+            need = replicas - len(kept)
             if need <= 0:
                 continue
             if size >= self._full[kind]:
-                self._short(i, len(chosen))
+                self._short(i, len(kept))
                 continue
-            ring = rings[kind]
-            start = ring.start(position)
-            c = ring.owners[start]
-            if need == 1 and room[c] >= size and not chosen:
+            if need == 1 and room[c] >= size and not kept:
                 # The common case far from capacity: the first vnode's container has room.
-                chosen.append(c)
+                holders[i] = alone[c]
                 free[c] -= size
                 room[c] -= size
                 dirty.add(c)
                 continue
-            for c in ring.window(start, WALK_STEPS):
+            chosen = list(kept)
+            for c in rings[kind].window(start, WALK_STEPS):
                 if room[c] >= size and c not in chosen:
                     chosen.append(c)
                     free[c] -= size
@@ -336,6 +367,7 @@ class _Planner:
                 chosen.append(fallback)
                 self._take(fallback, size)
                 need -= 1
+            holders[i] = tuple(chosen)
 
     def _used_rings(self) -> dict[str, Ring]:
         """The rings of the kinds that have models and containers."""
@@ -436,10 +468,9 @@ class _Planner:
                 (vi - j) % len(ring) for vis in spots.values() for vi in vis for j in range(ADOPT_DEPTH)
             }
         starting: dict[str, dict[int, list[int]]] = {name: {} for name in ring_names}
-        for _, i, _, _, kind, position in self.rows:
+        for _, i, _, _, kind, start, _ in self.rows:
             if not self.holders[i]:
                 continue
-            start = self._ring(kind).start(position)
             if start in near[kind]:
                 starting[kind].setdefault(start, []).append(i)
         for c in takers:
@@ -486,7 +517,7 @@ class _Planner:
                 continue
             if used[c] + size - fair > fair - used[c]:
                 continue  # overshoots the fair share by more than it is missing
-            chosen[chosen.index(donor)] = c
+            self.holders[i] = tuple(c if h == donor else h for h in chosen)
             self._take(c, size)
             self._take(donor, -size)
             used[c] += size
@@ -495,7 +526,7 @@ class _Planner:
     def result(self) -> Plan:
         """The plan, models in name order (the map's order): writing it then needs no sort."""
         ids, names, holders = self.ids, self.models.names, self.holders
-        # Single copies share their container's tuple: a million fewer objects to build and to free.
+        # Single copies share their container's tuple: a million fewer objects to make and to free.
         alone = [(container_id,) for container_id in ids]
         assignments: dict[str, tuple[str, ...]] = {}
         for i in self.by_name:

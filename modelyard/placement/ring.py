@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import struct
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate
+from itertools import compress
 
 # One vnode per 2 GiB of memory, clamped: big containers attract proportionally more models without a
 # 1 TiB container costing hundreds of vnodes, and a tiny one still gets enough to spread its arcs. (1 GiB
@@ -70,8 +70,11 @@ class Ring:
     @classmethod
     def build(cls, positions: Sequence[int], owners: Sequence[int], max_steps: int) -> Ring:
         """A ring of the vnodes `positions[i]` owned by `owners[i]`; equal positions keep the given order."""
-        ordered = sorted(range(len(positions)), key=positions.__getitem__)
-        return cls.presorted([positions[i] for i in ordered], [owners[i] for i in ordered], max_steps)
+        # Each position with its index in the bits below it: one sort of plain ints, ties by index.
+        bits = len(positions).bit_length()
+        packed = sorted(position << bits | i for i, position in enumerate(positions))
+        low = (1 << bits) - 1
+        return cls.presorted([p >> bits for p in packed], [owners[p & low] for p in packed], max_steps)
 
     @classmethod
     def presorted(cls, positions: list[int], owners: list[int], max_steps: int) -> Ring:
@@ -79,17 +82,15 @@ class Ring:
         while owners and len(wrapped) < len(owners) + max_steps:
             wrapped.extend(owners)
         shift = 64 - max(0, len(positions).bit_length() - 2)  # a slice per 2 to 4 vnodes
-        below = [0] * ((1 << (64 - shift)) + 1)
-        for position in positions:
-            below[(position >> shift) + 1] += 1
-        first = array("q", accumulate(below))
+        pieces = [position >> shift for position in positions]
+        first = array("q", [bisect_left(pieces, piece) for piece in range((1 << (64 - shift)) + 1)])
         return cls(positions, owners, wrapped, max_steps, array("Q", positions), first, shift)
 
     def only(self, keep: Callable[[int], bool]) -> Ring:
         """The ring of the vnodes whose owners `keep` accepts, in the same positions."""
-        kept = [i for i, owner in enumerate(self.owners) if keep(owner)]
+        kept = list(map(keep, self.owners))
         return Ring.presorted(
-            [self.positions[i] for i in kept], [self.owners[i] for i in kept], self._max_steps
+            list(compress(self.positions, kept)), list(compress(self.owners, kept)), self._max_steps
         )
 
     def __len__(self) -> int:
@@ -97,9 +98,15 @@ class Ring:
 
     def start(self, position: int) -> int:
         """The first vnode strictly after `position` (a 64-bit point), wrapping past the top of the ring."""
-        first, piece = self._first, position >> self._shift
-        index = bisect_right(self._points, position, first[piece], first[piece + 1])
-        return 0 if index == len(self.positions) else index
+        return self.starts((position,))[0]
+
+    def starts(self, positions: Iterable[int]) -> list[int]:
+        """`start` of each position, without a method call each."""
+        points, first, shift, size = self._points, self._first, self._shift, len(self._points)
+        if not size:
+            return [0 for _ in positions]
+        # bisect_right returns `size` past the last vnode: the walk wraps to vnode 0.
+        return [bisect_right(points, p, first[p >> shift], first[(p >> shift) + 1]) % size for p in positions]
 
     def window(self, start: int, steps: int) -> list[int]:
         if steps > self._max_steps:
