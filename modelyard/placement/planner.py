@@ -24,8 +24,8 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import eq, itemgetter, mul
+from itertools import compress, islice, repeat
+from operator import eq, itemgetter, lt, mul
 from typing import TypeVar
 
 from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
@@ -139,7 +139,7 @@ _Row = tuple[int, int, int, int, str, int, int]
 
 
 def _in_placement_order(
-    models: Demands, by_name: list[int], starts: Sequence[int], firsts: Sequence[int]
+    models: Demands, by_name: Sequence[int], starts: Sequence[int], firsts: Sequence[int]
 ) -> list[_Row]:
     """The models' rows: kind-pinned models first, then more replicas, then bigger; the name breaks ties.
 
@@ -155,7 +155,8 @@ def _in_placement_order(
     ]
 
     def in_name_order(column: Sequence[T]) -> Iterator[T]:
-        return map(column.__getitem__, by_name)
+        # Models usually come in name order (by_name is then a range): nothing to gather.
+        return iter(column) if isinstance(by_name, range) else map(column.__getitem__, by_name)
 
     rows = list(
         zip(
@@ -231,7 +232,11 @@ class _Planner:
         self._full: dict[str, int] = {}
         for code in (_GPU, _CPU):
             self._mark_full(code, _INFINITY if self.members[code] else 0)
-        self.by_name = sorted(range(len(models)), key=models.names.__getitem__)
+        names = models.names
+        # The models' indices in name order: a range when they come sorted (the usual), else a sort.
+        self.by_name: Sequence[int] = range(len(names))
+        if not all(map(lt, names, islice(names, 1, None))):
+            self.by_name = sorted(self.by_name, key=names.__getitem__)
         self.rows = _in_placement_order(models, self.by_name, *self._walk_starts())
         # The containers holding each model's copies. A tuple, so that single copies can share one per
         # container (`_alone`): no list to make per model, and few objects to read when writing the map.
@@ -247,7 +252,7 @@ class _Planner:
         for kind, ring in self._used_rings().items():
             of_kind = ring.starts(compress(positions, map(eq, kinds, repeat(kind))))
             starts[kind] = iter(of_kind)
-            firsts[kind] = map(ring.owners.__getitem__, of_kind)
+            firsts[kind] = iter(list(map(ring.owners.__getitem__, of_kind)))
         # Each model takes the next start and container of its kind's lists, in model order.
         in_model_order = list(map(next, map(starts.__getitem__, kinds)))
         return in_model_order, list(map(next, map(firsts.__getitem__, kinds)))
@@ -331,7 +336,8 @@ class _Planner:
 
     def place_missing(self) -> None:
         """Place every copy not kept, walking the ring first and falling back to the free-bytes index."""
-        room, free, dirty, holders, alone = self.room, self.free, self._dirty, self.holders, self._alone
+        room, free, dirty, full = self.room, self.free, self._dirty, self._full
+        holders, alone = self.holders, self._alone
         # This loop runs once per model and dominates the planner's time: everything it reads is bound once.
         rings = self._used_rings()
         for _, i, size, replicas, kind, start, c in self.rows:
@@ -339,7 +345,7 @@ class _Planner:
             need = replicas - len(kept)
             if need <= 0:
                 continue
-            if size >= self._full[kind]:
+            if size >= full[kind]:
                 self._short(i, len(kept))
                 continue
             if need == 1 and room[c] >= size and not kept:
@@ -413,7 +419,7 @@ class _Planner:
 
     def _mark_full(self, code: int, size: int) -> None:
         self.full_at[code] = min(self.full_at[code], size)
-        self._full = {"gpu": self.full_at[_GPU], "cpu": self.full_at[_CPU], "any": max(self.full_at)}
+        self._full.update(gpu=self.full_at[_GPU], cpu=self.full_at[_CPU], any=max(self.full_at))
 
     def _short(self, i: int, placed: int) -> None:
         kind, replicas, size = self.models.kinds[i], self.models.replicas[i], self.models.memory_bytes[i]
