@@ -16,6 +16,7 @@ from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
 from modelyard.placement.planner import Capacity, Demand, Demands, Plan
 
 T = TypeVar("T")
+_KINDS = {kind: kind for kind in MODEL_KINDS}
 
 
 class InputError(Exception):
@@ -46,22 +47,23 @@ def _well_formed_models(records: list[Any] | None) -> Demands | None:
     memory_bytes = _column(records, "memory_bytes")
     replicas = _column(records, "replicas", 1)
     kinds = _column(records, "kind", "any")
-    # Types compared exactly: JSON true/false arrive as bool, which Python counts as int.
+    # Types compared exactly: JSON true/false arrive as bool, which Python counts as int. Demands checks
+    # the rest (unique names, known kinds, replicas >= 1).
     if not (
         set(map(type, names)) == {str}
         and all(names)
-        and len(set(names)) == len(names)
         and set(map(type, memory_bytes)) == {int}
         and min(memory_bytes) > 0
         and set(map(type, replicas)) == {int}
-        and min(replicas) >= 1
         and set(map(type, kinds)) == {str}
-        and set(kinds) <= set(MODEL_KINDS)
     ):
         return None
     # One string object per kind instead of one per line.
-    kinds = tuple(map({kind: kind for kind in MODEL_KINDS}.__getitem__, kinds))
-    return Demands(names, memory_bytes, replicas, kinds)
+    kinds = tuple(map(_KINDS.get, kinds, kinds))
+    try:
+        return Demands(names, memory_bytes, replicas, kinds)
+    except ValueError:
+        return None
 
 
 def _column(records: list[dict[str, Any]], key: str, default: Any = None) -> tuple[Any, ...]:

@@ -66,7 +66,8 @@ class Demands:
     """Models as columns, model `i` being `Demand(names[i], memory_bytes[i], replicas[i], kinds[i])`.
 
     What the planner works on: a million Demand objects take seconds to build and to read, four tuples a
-    fraction of that. `plan` takes either.
+    fraction of that. `plan` takes either. Raises ValueError on columns of different lengths, duplicate
+    names, unknown kinds, negative memory or replicas below 1.
     """
 
     names: tuple[str, ...]
@@ -77,6 +78,24 @@ class Demands:
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.memory_bytes) == len(self.replicas) == len(self.kinds):
             raise ValueError("the columns of Demands must have the same length")
+        # One C-level pass per rule; the loop finds the model to name only when one breaks a rule.
+        if not (
+            len(set(self.names)) == len(self.names)
+            and all(map(MODEL_KINDS.__contains__, self.kinds))
+            and min(self.memory_bytes, default=0) >= 0
+            and min(self.replicas, default=1) >= 1
+        ):
+            names: set[str] = set()
+            for name, memory_bytes, replicas, kind in zip(
+                self.names, self.memory_bytes, self.replicas, self.kinds, strict=True
+            ):
+                if name in names:
+                    raise ValueError(f"duplicate model {name!r}")
+                names.add(name)
+                if kind not in MODEL_KINDS:
+                    raise ValueError(f"model {name!r}: unknown kind {kind!r}")
+                if memory_bytes < 0 or replicas < 1:
+                    raise ValueError(f"model {name!r}: needs memory_bytes >= 0 and replicas >= 1")
 
     @classmethod
     def of(cls, models: Iterable[Demand]) -> Demands:
@@ -122,7 +141,7 @@ def plan(
     unknown kinds, negative memory or replicas below 1.
     """
     table = models if isinstance(models, Demands) else Demands.of(models)
-    _check(table, containers)
+    _check(containers)
     planner = _Planner(table, containers)
     planner.keep(previous or {})
     planner.place_missing()
@@ -174,25 +193,8 @@ def _in_placement_order(
     return rows
 
 
-def _check(models: Demands, containers: Sequence[Capacity]) -> None:
-    # One C-level pass per rule; the loop below finds the model to name only when one breaks a rule.
-    if not (
-        len(set(models.names)) == len(models)
-        and set(models.kinds) <= set(MODEL_KINDS)
-        and min(models.memory_bytes, default=0) >= 0
-        and min(models.replicas, default=1) >= 1
-    ):
-        names: set[str] = set()
-        for name, memory_bytes, replicas, kind in zip(
-            models.names, models.memory_bytes, models.replicas, models.kinds, strict=True
-        ):
-            if name in names:
-                raise ValueError(f"duplicate model {name!r}")
-            names.add(name)
-            if kind not in MODEL_KINDS:
-                raise ValueError(f"model {name!r}: unknown kind {kind!r}")
-            if memory_bytes < 0 or replicas < 1:
-                raise ValueError(f"model {name!r}: needs memory_bytes >= 0 and replicas >= 1")
+def _check(containers: Sequence[Capacity]) -> None:
+    """The models were checked when their Demands were made."""
     ids: set[str] = set()
     for container in containers:
         if container.id in ids:
@@ -540,6 +542,6 @@ class _Planner:
             if len(chosen) == 1:
                 assignments[names[i]] = alone[chosen[0]]
             elif chosen:
-                assignments[names[i]] = tuple(ids[c] for c in sorted(chosen))
+                assignments[names[i]] = tuple(map(ids.__getitem__, sorted(chosen)))
         unplaced = {name: self.reasons[name] for name in sorted(self.reasons)}
         return Plan(assignments, unplaced)
