@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -18,7 +19,7 @@ import click
 from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 from modelyard.placement.inputs import InputError, format_map, read_containers, read_map, read_models
-from modelyard.placement.planner import Capacity, Demand, Plan, plan
+from modelyard.placement.planner import Capacity, Demands, Plan, plan
 from modelyard.placement.units import format_bytes
 
 if TYPE_CHECKING:
@@ -102,15 +103,17 @@ def _umask() -> int:
     return mask
 
 
-def _summary(models: Sequence[Demand], containers: Sequence[Capacity], result: Plan) -> str:
-    size = {model.name: model.memory_bytes for model in models}
-    kind = {container.id: container.kind for container in containers}
-    used = {"gpu": 0, "cpu": 0}
-    copies = 0
-    for name, ids in result.assignments.items():
+def _summary(models: Demands, containers: Sequence[Capacity], result: Plan) -> str:
+    gpus = {container.id for container in containers if container.kind == "gpu"}
+    copies = used_bytes = on_gpu_bytes = 0
+    placed = map(result.assignments.get, models.names, repeat(()))
+    for size, ids in zip(models.memory_bytes, placed, strict=True):
         copies += len(ids)
         for container_id in ids:
-            used[kind[container_id]] += size[name]
+            used_bytes += size
+            if container_id in gpus:
+                on_gpu_bytes += size
+    used = {"gpu": on_gpu_bytes, "cpu": used_bytes - on_gpu_bytes}
     capacity = {"gpu": 0, "cpu": 0}
     for container in containers:
         capacity[container.kind] += container.memory_bytes

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, TypeVar
 
 from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
-from modelyard.placement.planner import Capacity, Demand, Plan
+from modelyard.placement.planner import Capacity, Demand, Demands, Plan
 
 T = TypeVar("T")
+_KINDS = {kind: kind for kind in MODEL_KINDS}
 
 
 class InputError(Exception):
@@ -27,48 +29,50 @@ class PreviousMap:
     assignments: dict[str, tuple[str, ...]]
 
 
-def read_models(path: str) -> list[Demand]:
+def read_models(path: str) -> Demands:
     """MODELS.jsonl: `{"name", "memory_bytes", "replicas" (default 1), "kind" (default "any")}` per line."""
-    lines = _lines(path)
-    models = _well_formed_models(_parse_all(lines))
+    text = _read_text(path)
+    models = _well_formed_models(_parse_all(text))
     if models is not None:
         return models
-    return _check_lines(path, lines, "name", "model name", _model)
+    return Demands.of(_check_lines(path, _numbered_lines(text), "name", "model name", _model))
 
 
-def _well_formed_models(records: list[Any] | None) -> list[Demand] | None:
-    """The fast path for 100k-line files: the models if every record is valid, else None (and the slow
-    path finds the line to blame)."""
-    if records is None:
+def _well_formed_models(records: list[Any] | None) -> Demands | None:
+    """The fast path for 1M-line files: the models if every record is valid, else None (and the slow path
+    finds the line to blame). Each rule is checked on a whole column at once, by C loops."""
+    if records is None or set(map(type, records)) != {dict}:
         return None
-    models = []
-    for record in records:
-        if type(record) is not dict:
-            return None
-        name = record.get("name")
-        memory_bytes = record.get("memory_bytes")
-        replicas = record.get("replicas", 1)
-        kind = record.get("kind", "any")
-        # `type(x) is int` also rejects JSON true/false, which Python counts as ints.
-        if not (
-            type(name) is str
-            and name
-            and type(memory_bytes) is int
-            and memory_bytes > 0
-            and type(replicas) is int
-            and replicas >= 1
-            and kind in MODEL_KINDS
-        ):
-            return None
-        models.append(Demand(name, memory_bytes, replicas, kind))
-    if len({model.name for model in models}) != len(models):
+    names = _column(records, "name")
+    memory_bytes = _column(records, "memory_bytes")
+    replicas = _column(records, "replicas", 1)
+    kinds = _column(records, "kind", "any")
+    # Types compared exactly: JSON true/false arrive as bool, which Python counts as int. Demands checks
+    # the rest (unique names, known kinds, replicas >= 1).
+    if not (
+        set(map(type, names)) == {str}
+        and all(names)
+        and set(map(type, memory_bytes)) == {int}
+        and min(memory_bytes) > 0
+        and set(map(type, replicas)) == {int}
+        and set(map(type, kinds)) == {str}
+    ):
         return None
-    return models
+    # One string object per kind instead of one per line.
+    kinds = tuple(map(_KINDS.get, kinds, kinds))
+    try:
+        return Demands(names, memory_bytes, replicas, kinds)
+    except ValueError:
+        return None
+
+
+def _column(records: list[dict[str, Any]], key: str, default: Any = None) -> tuple[Any, ...]:
+    return tuple(map(dict.get, records, repeat(key), repeat(default)))
 
 
 def read_containers(path: str) -> list[Capacity]:
     """CONTAINERS.jsonl: `{"id", "memory_bytes", "kind"}` per line."""
-    return _check_lines(path, _lines(path), "id", "container id", _container)
+    return _check_lines(path, _numbered_lines(_read_text(path)), "id", "container id", _container)
 
 
 def read_map(path: str) -> PreviousMap:
@@ -122,19 +126,32 @@ def _read_text(path: str) -> str:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def _lines(path: str) -> list[tuple[int, str]]:
+def _numbered_lines(text: str) -> list[tuple[int, str]]:
     """The non-blank lines of a file with their numbers."""
-    return [(n, line) for n, line in enumerate(_read_text(path).splitlines(), start=1) if line.strip()]
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def _parse_all(lines: list[tuple[int, str]]) -> list[Any] | None:
-    """All lines parsed at once (one JSON array), or None when some line is not JSON on its own."""
+def _parse_all(text: str) -> list[Any] | None:
+    """All non-blank lines parsed at once (one JSON array), or None when some line is not JSON on its own."""
+    if text.isascii() and "\r" not in text:
+        # Then "\n" is the only line break (splitlines knows more), and a file without blank lines parses
+        # with each newline between two lines made a comma, without a list of its lines (0.5 s at 1M).
+        between = text.count("\n") - text.endswith("\n")
+        records = _loads_array(text.replace("\n", ",", between))
+        if records is not None and len(records) == between + 1:
+            return records
+    lines = list(filter(str.strip, text.splitlines()))
+    records = _loads_array(",".join(lines))
+    # `1, 2` on one line would parse as two array items; the slow path then reports the line.
+    return records if records is not None and len(records) == len(lines) else None
+
+
+def _loads_array(items: str) -> list[Any] | None:
     try:
-        records = json.loads("[" + ",".join(line for _, line in lines) + "]")
+        records: list[Any] = json.loads("".join(("[", items, "]")))  # one copy of 80 MB, not two
     except (json.JSONDecodeError, RecursionError):
         return None
-    # `1, 2` on one line would parse as two array items; the slow path then reports the line.
-    return records if len(records) == len(lines) else None
+    return records
 
 
 def _check_lines(

@@ -21,13 +21,15 @@ the hard one, and the fallback switches from worst fit (spread) to best fit (pac
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import compress, islice, repeat
+from operator import eq, itemgetter, lt, mul
+from typing import TypeVar
 
 from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
-from modelyard.placement.ring import Ring, model_position, vnode_positions
+from modelyard.placement.ring import Ring, model_positions, vnode_positions
 
 # How many vnodes a walk visits before falling back to the free-bytes index. Walks far from capacity stop
 # at the first vnode or two; this bound only matters near capacity, where long walks would dominate.
@@ -46,6 +48,8 @@ _KIND_CODES = {"gpu": (_GPU,), "cpu": (_CPU,), "any": (_GPU, _CPU)}
 _KIND_LABELS = {"gpu": "gpu", "cpu": "cpu", "any": "gpu or cpu"}
 _INFINITY = 1 << 256  # bigger than any memory size
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Demand:
@@ -55,6 +59,56 @@ class Demand:
     memory_bytes: int
     replicas: int = 1
     kind: str = "any"
+
+
+@dataclass(frozen=True)
+class Demands:
+    """Models as columns, model `i` being `Demand(names[i], memory_bytes[i], replicas[i], kinds[i])`.
+
+    What the planner works on: a million Demand objects take seconds to build and to read, four tuples a
+    fraction of that. `plan` takes either. Raises ValueError on columns of different lengths, duplicate
+    names, unknown kinds, negative memory or replicas below 1.
+    """
+
+    names: tuple[str, ...]
+    memory_bytes: tuple[int, ...]
+    replicas: tuple[int, ...]
+    kinds: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.names) == len(self.memory_bytes) == len(self.replicas) == len(self.kinds):
+            raise ValueError("the columns of Demands must have the same length")
+        # One C-level pass per rule; the loop finds the model to name only when one breaks a rule.
+        if not (
+            len(set(self.names)) == len(self.names)
+            and all(map(MODEL_KINDS.__contains__, self.kinds))
+            and min(self.memory_bytes, default=0) >= 0
+            and min(self.replicas, default=1) >= 1
+        ):
+            names: set[str] = set()
+            for name, memory_bytes, replicas, kind in zip(
+                self.names, self.memory_bytes, self.replicas, self.kinds, strict=True
+            ):
+                if name in names:
+                    raise ValueError(f"duplicate model {name!r}")
+                names.add(name)
+                if kind not in MODEL_KINDS:
+                    raise ValueError(f"model {name!r}: unknown kind {kind!r}")
+                if memory_bytes < 0 or replicas < 1:
+                    raise ValueError(f"model {name!r}: needs memory_bytes >= 0 and replicas >= 1")
+
+    @classmethod
+    def of(cls, models: Iterable[Demand]) -> Demands:
+        models = list(models)
+        return cls(
+            tuple(model.name for model in models),
+            tuple(model.memory_bytes for model in models),
+            tuple(model.replicas for model in models),
+            tuple(model.kind for model in models),
+        )
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass(frozen=True)
@@ -75,7 +129,7 @@ class Plan:
 
 
 def plan(
-    models: Sequence[Demand],
+    models: Sequence[Demand] | Demands,
     containers: Sequence[Capacity],
     previous: Mapping[str, Sequence[str]] | None = None,
     *,
@@ -86,8 +140,9 @@ def plan(
     The result depends on the inputs only, not on their order. Raises ValueError on duplicate names or ids,
     unknown kinds, negative memory or replicas below 1.
     """
-    _check(models, containers)
-    planner = _Planner(models, containers)
+    table = models if isinstance(models, Demands) else Demands.of(models)
+    _check(containers)
+    planner = _Planner(table, containers)
     planner.keep(previous or {})
     planner.place_missing()
     if rebalance:
@@ -95,28 +150,51 @@ def plan(
     return planner.result()
 
 
-def _in_placement_order(models: Sequence[Demand]) -> list[Demand]:
-    """Kind-pinned models first, then more replicas, then bigger; the name breaks ties.
+# What the passes over every model read, in one tuple per model: (sort key, index in the models,
+# memory_bytes, replicas, kind, the vnode its walk starts at, that vnode's container). At 1M models,
+# reading columns through a list of indices in placement order cost seconds more: each read lands
+# somewhere else in memory.
+_Row = tuple[int, int, int, int, str, int, int]
 
-    That is `sorted(models, key=lambda m: (m.kind == "any", -m.replicas, -m.memory_bytes, m.name))`, as
-    stable C-level sorts: a third faster on 100k models.
+
+def _in_placement_order(
+    models: Demands, by_name: Sequence[int], starts: Sequence[int], firsts: Sequence[int]
+) -> list[_Row]:
+    """The models' rows: kind-pinned models first, then more replicas, then bigger; the name breaks ties.
+
+    A stable sort of the rows in name order by `(kind == "any", -replicas, -memory_bytes)`, that tuple
+    packed into one int.
     """
-    ordered = sorted(models, key=attrgetter("name"))
-    ordered.sort(key=attrgetter("memory_bytes"), reverse=True)
-    ordered.sort(key=attrgetter("replicas"), reverse=True)
-    return [m for m in ordered if m.kind != "any"] + [m for m in ordered if m.kind == "any"]
+    sizes, replicas, kinds = models.memory_bytes, models.replicas, models.kinds
+    span = max(sizes, default=0) + 1
+    top = max(replicas, default=0) + 1
+    keys = [
+        ((kind == "any") * top - copies) * span - size
+        for size, copies, kind in zip(sizes, replicas, kinds, strict=True)
+    ]
+
+    def in_name_order(column: Sequence[T]) -> Iterator[T]:
+        # Models usually come in name order (by_name is then a range): nothing to gather.
+        return iter(column) if isinstance(by_name, range) else map(column.__getitem__, by_name)
+
+    rows = list(
+        zip(
+            in_name_order(keys),
+            by_name,
+            in_name_order(sizes),
+            in_name_order(replicas),
+            in_name_order(kinds),
+            in_name_order(starts),
+            in_name_order(firsts),
+            strict=True,
+        )
+    )
+    rows.sort(key=itemgetter(0))
+    return rows
 
 
-def _check(models: Sequence[Demand], containers: Sequence[Capacity]) -> None:
-    names: set[str] = set()
-    for model in models:
-        if model.name in names:
-            raise ValueError(f"duplicate model {model.name!r}")
-        names.add(model.name)
-        if model.kind not in MODEL_KINDS:
-            raise ValueError(f"model {model.name!r}: unknown kind {model.kind!r}")
-        if model.memory_bytes < 0 or model.replicas < 1:
-            raise ValueError(f"model {model.name!r}: needs memory_bytes >= 0 and replicas >= 1")
+def _check(containers: Sequence[Capacity]) -> None:
+    """The models were checked when their Demands were made."""
     ids: set[str] = set()
     for container in containers:
         if container.id in ids:
@@ -129,16 +207,16 @@ def _check(models: Sequence[Demand], containers: Sequence[Capacity]) -> None:
 
 
 class _Planner:
-    """One planning run. Containers are numbered by sorted id and models kept in placement order."""
+    """One planning run. Containers are numbered by sorted id; models keep their index in `models` and are
+    visited in placement order (`rows`)."""
 
-    def __init__(self, models: Sequence[Demand], containers: Sequence[Capacity]) -> None:
+    def __init__(self, models: Demands, containers: Sequence[Capacity]) -> None:
         by_id = sorted(containers, key=lambda container: container.id)
         self.ids = [container.id for container in by_id]
         self.index = {container_id: i for i, container_id in enumerate(self.ids)}
         self.cap = [container.memory_bytes for container in by_id]
         self.kind = [_GPU if container.kind == "gpu" else _CPU for container in by_id]
-        self.order = _in_placement_order(models)
-        self.holders: list[list[int]] = [[] for _ in self.order]
+        self.models = models
         self.reasons: dict[str, str] = {}
         self.members = [[c for c, kind in enumerate(self.kind) if kind == code] for code in (_GPU, _CPU)]
         self.free = list(self.cap)
@@ -156,12 +234,37 @@ class _Planner:
         self._full: dict[str, int] = {}
         for code in (_GPU, _CPU):
             self._mark_full(code, _INFINITY if self.members[code] else 0)
+        names = models.names
+        # The models' indices in name order: a range when they come sorted (the usual), else a sort.
+        self.by_name: Sequence[int] = range(len(names))
+        if not all(map(lt, names, islice(names, 1, None))):
+            self.by_name = sorted(self.by_name, key=names.__getitem__)
+        self.rows = _in_placement_order(models, self.by_name, *self._walk_starts())
+        # The containers holding each model's copies. A tuple, so that single copies can share one per
+        # container (`_alone`): no list to make per model, and few objects to read when writing the map.
+        self.holders: list[tuple[int, ...]] = [()] * len(models)
+        self._alone = [(c,) for c in range(len(self.ids))]
+
+    def _walk_starts(self) -> tuple[list[int], list[int]]:
+        """For each model, the vnode its walk starts at on the ring of its kind and that vnode's container;
+        0 and -1 for a kind without containers, whose models are short before any walk."""
+        kinds, positions = self.models.kinds, model_positions(self.models.names)
+        starts: dict[str, Iterator[int]] = {kind: repeat(0) for kind in MODEL_KINDS}
+        firsts: dict[str, Iterator[int]] = {kind: repeat(-1) for kind in MODEL_KINDS}
+        for kind, ring in self._used_rings().items():
+            of_kind = ring.starts(compress(positions, map(eq, kinds, repeat(kind))))
+            starts[kind] = iter(of_kind)
+            firsts[kind] = iter(list(map(ring.owners.__getitem__, of_kind)))
+        # Each model takes the next start and container of its kind's lists, in model order.
+        in_model_order = list(map(next, map(starts.__getitem__, kinds)))
+        return in_model_order, list(map(next, map(firsts.__getitem__, kinds)))
 
     def _soft_caps(self) -> tuple[list[int], list[bool]]:
         """Each container's walk cap: its kind's expected utilization plus slack, at most its memory."""
-        demand = {"gpu": 0, "cpu": 0, "any": 0}
-        for model in self.order:
-            demand[model.kind] += model.memory_bytes * model.replicas
+        wanted = list(map(mul, self.models.memory_bytes, self.models.replicas))
+        demand = {
+            kind: sum(compress(wanted, map(eq, self.models.kinds, repeat(kind)))) for kind in MODEL_KINDS
+        }
         cap_gpu = sum(self.cap[c] for c in self.members[_GPU])
         cap_cpu = sum(self.cap[c] for c in self.members[_CPU])
         # Expected utilization per kind as (numerator, denominator): `any` demand fills whichever kind is
@@ -200,7 +303,7 @@ class _Planner:
                     owners.extend([c] * len(vnodes))
                 every = self._rings["any"] = Ring.build(positions, owners, WALK_STEPS)
             code = _KIND_CODES[model_kind][0]
-            ring = every if model_kind == "any" else every.only(lambda owner: self.kind[owner] == code)
+            ring = every if model_kind == "any" else every.only(set(self.members[code]).__contains__)
             self._rings[model_kind] = ring
         return ring
 
@@ -211,54 +314,53 @@ class _Planner:
 
     def keep(self, previous: Mapping[str, Sequence[str]]) -> None:
         """Keep each previous copy whose container exists, has the right kind and room, up to the replicas."""
-        index, kind, free, room = self.index, self.kind, self.free, self.room
+        index, kind, free, room, names = self.index, self.kind, self.free, self.room, self.models.names
         # Without a previous map there is nothing to keep: skip the pass over every model (1 s at 1M).
-        for mi, model in enumerate(self.order if previous else ()):
-            ids = previous.get(model.name)
+        for _, i, size, replicas, model_kind, _, _ in self.rows if previous else ():
+            ids = previous.get(names[i])
             if not ids:
                 continue
-            allowed = _KIND_CODES[model.kind]
-            size = model.memory_bytes
-            kept = self.holders[mi]
+            allowed = _KIND_CODES[model_kind]
+            kept: list[int] = []
             for container_id in ids:
                 c = index.get(container_id)
-                if c is None or c in kept or len(kept) >= model.replicas:
+                if c is None or c in kept or len(kept) >= replicas:
                     continue
                 if kind[c] not in allowed or free[c] < size:
                     continue
                 kept.append(c)
                 free[c] -= size
                 room[c] -= size
+            self.holders[i] = tuple(kept)
         n = len(self.ids)
         self._key = [free[c] * n + c for c in range(n)]
         self._by_free = [sorted(self._key[c] for c in self.members[code]) for code in (_GPU, _CPU)]
 
     def place_missing(self) -> None:
         """Place every copy not kept, walking the ring first and falling back to the free-bytes index."""
-        room, free, dirty = self.room, self.free, self._dirty
-        # The ring's lists, bound once: this loop runs once per model and dominates the planner's time.
-        walks = {kind: (ring.positions, ring.window) for kind, ring in self._used_rings().items()}
-        for mi, model in enumerate(self.order):
-            chosen = self.holders[mi]
-            need = model.replicas - len(chosen)
-            if need <= 0:
-                continue
-            size = model.memory_bytes
-            if size >= self._full[model.kind]:
-                self._short(model, len(chosen))
-                continue
-            positions, window = walks[model.kind]
-            start = bisect_right(positions, model_position(model.name))
-            walk = window(start if start < len(positions) else 0, WALK_STEPS)
-            c = walk[0]
-            if need == 1 and room[c] >= size and not chosen:
-                # The common case far from capacity: the first vnode's container has room.
-                chosen.append(c)
+        room, free, dirty, full = self.room, self.free, self._dirty, self._full
+        holders, alone = self.holders, self._alone
+        # This loop runs once per model and dominates the planner's time: everything it reads is bound once.
+        rings = self._used_rings()
+        for _, i, size, replicas, kind, start, c in self.rows:
+            if replicas == 1 and size < full[kind] and room[c] >= size and not holders[i]:
+                # The common case far from capacity: one copy, none kept, and the first vnode's container
+                # has room. Tested first: it decides two models in three. (A kind without containers is
+                # full at size 0, so its models never reach `room[c]` with c = -1.)
+                holders[i] = alone[c]
                 free[c] -= size
                 room[c] -= size
                 dirty.add(c)
                 continue
-            for c in walk:
+            kept = holders[i]
+            need = replicas - len(kept)
+            if need <= 0:
+                continue
+            if size >= full[kind]:
+                self._short(i, len(kept))
+                continue
+            chosen = list(kept)
+            for c in rings[kind].window(start, WALK_STEPS):
                 if room[c] >= size and c not in chosen:
                     chosen.append(c)
                     free[c] -= size
@@ -268,17 +370,18 @@ class _Planner:
                     if not need:
                         break
             while need:
-                fallback = self._fallback(size, _KIND_CODES[model.kind], chosen)
+                fallback = self._fallback(size, _KIND_CODES[kind], chosen)
                 if fallback is None:
-                    self._short(model, len(chosen))
+                    self._short(i, len(chosen))
                     break
                 chosen.append(fallback)
                 self._take(fallback, size)
                 need -= 1
+            holders[i] = tuple(chosen)
 
     def _used_rings(self) -> dict[str, Ring]:
         """The rings of the kinds that have models and containers."""
-        kinds = {model.kind for model in self.order}
+        kinds = set(self.models.kinds)
         return {kind: self._ring(kind) for kind in sorted(kinds) if self._full[kind]}
 
     def _sync(self) -> None:
@@ -320,22 +423,23 @@ class _Planner:
 
     def _mark_full(self, code: int, size: int) -> None:
         self.full_at[code] = min(self.full_at[code], size)
-        self._full = {"gpu": self.full_at[_GPU], "cpu": self.full_at[_CPU], "any": max(self.full_at)}
+        self._full.update(gpu=self.full_at[_GPU], cpu=self.full_at[_CPU], any=max(self.full_at))
 
-    def _short(self, model: Demand, placed: int) -> None:
-        label = _KIND_LABELS[model.kind]
-        eligible = sum(len(self.members[code]) for code in _KIND_CODES[model.kind])
+    def _short(self, i: int, placed: int) -> None:
+        kind, replicas, size = self.models.kinds[i], self.models.replicas[i], self.models.memory_bytes[i]
+        label = _KIND_LABELS[kind]
+        eligible = sum(len(self.members[code]) for code in _KIND_CODES[kind])
         if not eligible:
-            reason = f"no {model.kind} containers" if model.kind != "any" else "no containers"
-        elif eligible < model.replicas and placed == eligible:
+            reason = f"no {kind} containers" if kind != "any" else "no containers"
+        elif eligible < replicas and placed == eligible:
             reason = f"only {eligible} {label} containers"
         elif placed:
-            reason = f"no other {label} container has {model.memory_bytes} bytes free"
+            reason = f"no other {label} container has {size} bytes free"
         else:
-            reason = f"no {label} container has {model.memory_bytes} bytes free"
+            reason = f"no {label} container has {size} bytes free"
         if placed:
-            reason = f"placed {placed} of {model.replicas} replicas: {reason}"
-        self.reasons[model.name] = reason
+            reason = f"placed {placed} of {replicas} replicas: {reason}"
+        self.reasons[self.models.names[i]] = reason
 
     def rebalance(self) -> None:
         """Let containers far below their fair share adopt copies whose ring walks now reach them first.
@@ -374,13 +478,11 @@ class _Planner:
                 (vi - j) % len(ring) for vis in spots.values() for vi in vis for j in range(ADOPT_DEPTH)
             }
         starting: dict[str, dict[int, list[int]]] = {name: {} for name in ring_names}
-        for mi, model in enumerate(self.order):
-            if not self.holders[mi]:
+        for _, i, _, _, kind, start, _ in self.rows:
+            if not self.holders[i]:
                 continue
-            ring = self._ring(model.kind)
-            start = ring.start(model_position(model.name))
-            if start in near[model.kind]:
-                starting[model.kind].setdefault(start, []).append(mi)
+            if start in near[kind]:
+                starting[kind].setdefault(start, []).append(i)
         for c in takers:
             self._adopt(c, fair[c], used, taker_set, vnodes_of, starting)
 
@@ -401,8 +503,8 @@ class _Planner:
             for vi in vnodes_of[name].get(c, ()):
                 for depth in range(ADOPT_DEPTH):
                     s = (vi - depth) % size_of_ring
-                    for mi in starting[name].get(s, ()):
-                        chosen = self.holders[mi]
+                    for i in starting[name].get(s, ()):
+                        chosen = self.holders[i]
                         if c in chosen:
                             continue
                         before = set(ring.window(s, depth))
@@ -413,31 +515,35 @@ class _Planner:
                             continue
                         donor = max(movable, key=lambda h: (used[h] / cap[h] if cap[h] else 0.0, -h))
                         utilization = used[donor] / cap[donor] if cap[donor] else 0.0
-                        candidate = (depth, -utilization, self.order[mi].name, mi, donor)
-                        if mi not in best or candidate < best[mi]:
-                            best[mi] = candidate
-        for _, _, _, mi, donor in sorted(best.values()):
+                        candidate = (depth, -utilization, self.models.names[i], i, donor)
+                        if i not in best or candidate < best[i]:
+                            best[i] = candidate
+        for _, _, _, i, donor in sorted(best.values()):
             if used[c] >= fair:
                 break
-            size = self.order[mi].memory_bytes
-            chosen = self.holders[mi]
+            size = self.models.memory_bytes[i]
+            chosen = self.holders[i]
             if size > self.free[c] or donor not in chosen or c in chosen:
                 continue
             if used[c] + size - fair > fair - used[c]:
                 continue  # overshoots the fair share by more than it is missing
-            chosen[chosen.index(donor)] = c
+            self.holders[i] = tuple(c if h == donor else h for h in chosen)
             self._take(c, size)
             self._take(donor, -size)
             used[c] += size
             used[donor] -= size
 
     def result(self) -> Plan:
-        ids = self.ids
+        """The plan, models in name order (the map's order): writing it then needs no sort."""
+        ids, names, holders = self.ids, self.models.names, self.holders
+        # Single copies share their container's tuple: a million fewer objects to make and to free.
+        alone = [(container_id,) for container_id in ids]
         assignments: dict[str, tuple[str, ...]] = {}
-        for model, chosen in zip(self.order, self.holders, strict=True):
+        for i in self.by_name:
+            chosen = holders[i]
             if len(chosen) == 1:
-                assignments[model.name] = (ids[chosen[0]],)
+                assignments[names[i]] = alone[chosen[0]]
             elif chosen:
-                assignments[model.name] = tuple(ids[c] for c in sorted(chosen))
+                assignments[names[i]] = tuple(map(ids.__getitem__, sorted(chosen)))
         unplaced = {name: self.reasons[name] for name in sorted(self.reasons)}
         return Plan(assignments, unplaced)
