@@ -45,7 +45,11 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"ok_s": [], "refused_s": [], "codes": Counter(), "pushback_ms": []}
     async with grpc.aio.insecure_channel(spec["address"], options=options) as channel:
         infer = channel.unary_unary(INFER)
-        await infer(request, metadata=metadata, timeout=30)  # connected and warm
+        try:
+            await infer(request, metadata=metadata, timeout=30)  # connected and warm
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # refused: the router answered, connected
+                raise
         print("ready", flush=True)
         stop_at = time.monotonic() + float(spec["duration_s"])
         cpu_started, wall_started = time.process_time(), time.monotonic()
