@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modelyard.errors import ResourceExhausted
@@ -51,33 +51,43 @@ def take_token(tokens: float, elapsed_s: float, rate: float, depth: float) -> tu
     return tokens, (1.0 - tokens) / rate
 
 
+@dataclass(slots=True)
+class Refusals:
+    """Callers refused for one limit lately, counted as the callers still waiting for it: the count decays
+    over the last push-back given (at least one `unit_s`), since a caller told to wait that long is still
+    waiting. Push-backs built on it spread refused callers out; one unit alone brings them all back at
+    once, to be refused again (each refusal costs the router a call's receive and send)."""
+
+    count: float = 0.0
+    at: float = 0.0
+    pushback_s: float = 0.0
+
+    def add(self, now: float, unit_s: float) -> float:
+        """One more refusal at `now`; returns the callers waiting, this one included."""
+        window_s = max(unit_s, self.pushback_s)
+        self.count = self.count * math.exp(-(now - self.at) / window_s) + 1
+        self.at = now
+        return self.count
+
+    def told(self, pushback_s: float) -> float:
+        self.pushback_s = pushback_s
+        return pushback_s
+
+
 def inflight_pushback_s(state: TenantState, now: float) -> float:
     """When a caller refused for the tenant's in-flight limit should try again: a slot frees about every
-    `call_s / max_inflight`, and the callers refused lately queue for them too. (A push-back of one call
-    alone brings every refused caller back at once, to be refused again: refusals then cost the router
-    more than the calls.) "Lately" is the last push-back given, at least one call's time: a caller told to
-    wait that long is still waiting, so the refusals within it count the callers waiting."""
-    window_s = max(state.call_s, state.inflight_pushback_s)
-    state.refused_recently = state.refused_recently * math.exp(-(now - state.refused_at) / window_s) + 1
-    state.refused_at = now
-    state.inflight_pushback_s = state.call_s * (
-        1.0 + state.refused_recently / max(1, state.limits.max_inflight)
-    )
-    return state.inflight_pushback_s
+    `call_s / max_inflight`, and the callers waiting queue for the slots too."""
+    waiting = state.inflight_refusals.add(now, state.call_s)
+    return state.inflight_refusals.told(state.call_s * (1.0 + waiting / max(1, state.limits.max_inflight)))
 
 
 def rate_pushback_s(state: TenantState, wait_s: float, now: float) -> float:
     """When a caller refused for the tenant's rate limit should try again: when the next token comes
-    (`wait_s`), plus one token's time for each caller refused lately, who queue for tokens too. (The time
-    to the next token alone brings every refused caller back together for one token: 16 callers at
-    --rps 100 made 900 refusals a second, which cost the router more than the calls it admitted.) "Lately"
-    is the last push-back given, at least one token's time."""
+    (`wait_s`), plus one token's time for each other caller waiting for tokens (16 callers at --rps 100
+    told only `wait_s` made 900 refusals a second)."""
     per_token_s = 1.0 / state.limits.rps
-    window_s = max(per_token_s, state.rate_pushback_s)
-    state.rate_refused = state.rate_refused * math.exp(-(now - state.rate_refused_at) / window_s) + 1
-    state.rate_refused_at = now
-    state.rate_pushback_s = wait_s + (state.rate_refused - 1) * per_token_s
-    return state.rate_pushback_s
+    waiting = state.rate_refusals.add(now, per_token_s)
+    return state.rate_refusals.told(wait_s + (waiting - 1) * per_token_s)
 
 
 @dataclass(slots=True)
@@ -90,12 +100,8 @@ class TenantState:
     tokens: float = 0.0
     refilled_at: float = 0.0
     call_s: float = 0.01  # running mean of its calls' duration
-    refused_recently: float = 0.0  # its in-flight refusals, decaying over the last in-flight push-back
-    refused_at: float = 0.0
-    inflight_pushback_s: float = 0.0
-    rate_refused: float = 0.0  # its rate refusals, decaying over the last rate push-back
-    rate_refused_at: float = 0.0
-    rate_pushback_s: float = 0.0
+    inflight_refusals: Refusals = field(default_factory=Refusals)
+    rate_refusals: Refusals = field(default_factory=Refusals)
 
 
 class Admission:

@@ -26,8 +26,7 @@ class DefaultDeadline:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.period_s = min(MAX_SWEEP_PERIOD_S, seconds / 10)
-        self._held: dict[Any, float] = {}  # upstream call -> its monotonic deadline
-        self._expired: set[Any] = set()
+        self._held: dict[Any, float] = {}  # upstream call -> its monotonic deadline; the sweep takes it out
         self._sweeper: asyncio.Task[None] | None = None
 
     async def call(
@@ -44,7 +43,8 @@ class DefaultDeadline:
             return response
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if call in self._expired and (task is None or not task.cancelling()):
+            # Not held any more: the sweep cancelled it (a caller's own cancellation leaves it held).
+            if call not in self._held and (task is None or not task.cancelling()):
                 raise DeadlineExceeded(
                     f"model '{model.name}' version '{model.version}': no answer within the router's default "
                     f"deadline of {self.seconds:g} s (the call set no deadline of its own)"
@@ -52,7 +52,6 @@ class DefaultDeadline:
             raise
         finally:
             self._held.pop(call, None)
-            self._expired.discard(call)
 
     async def _sweep(self) -> None:
         try:
@@ -62,7 +61,6 @@ class DefaultDeadline:
                 late = [call for call, deadline in self._held.items() if deadline <= now]
                 for call in late:
                     del self._held[call]
-                    self._expired.add(call)
                     call.cancel()
         finally:
             self._sweeper = None

@@ -34,12 +34,16 @@ def test_a_call_past_the_default_deadline_is_cancelled_and_deadline_exceeded() -
         deadlines = DefaultDeadline(0.2)
         calls, unary = never_answers()
         started = time.monotonic()
+        held = asyncio.create_task(deadlines.call(unary, b"", (), started + 0.2, MODEL))
+        await asyncio.sleep(0)  # one loop step: the task runs up to its upstream call, held
+        sweeper = deadlines._sweeper
+        assert sweeper is not None
         with pytest.raises(DeadlineExceeded, match=r"'scale' version '2'.*default deadline of 0.2 s"):
-            await deadlines.call(unary, b"", (), started + 0.2, MODEL)
+            await held
         assert 0.2 <= time.monotonic() - started < 0.2 + 2 * deadlines.period_s + 0.1
         assert calls[0].cancelled()  # the upstream call itself is cancelled, not left running
-        await asyncio.sleep(2 * deadlines.period_s)
-        assert deadlines._sweeper is None  # nothing held: no sweep runs (an idle router stays idle)
+        await asyncio.wait_for(sweeper, 5)  # nothing held: the sweep ends (an idle router stays idle)
+        assert deadlines._sweeper is None
 
     asyncio.run(run())
 
@@ -54,7 +58,7 @@ def test_an_answer_within_the_deadline_is_returned_and_nothing_stays_held() -> N
             return answer
 
         assert await deadlines.call(unary, b"ok", (), time.monotonic() + 5, MODEL) == b"ok!"
-        assert not deadlines._held and not deadlines._expired
+        assert not deadlines._held
         await deadlines.close()
         assert deadlines._sweeper is None
 
@@ -66,7 +70,8 @@ def test_a_caller_cancelled_before_the_deadline_is_cancelled_not_deadline_exceed
         deadlines = DefaultDeadline(5.0)
         calls, unary = never_answers()
         task = asyncio.create_task(deadlines.call(unary, b"", (), time.monotonic() + 5, MODEL))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one loop step: the task runs up to its upstream call, held
+        assert calls and deadlines._held
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
