@@ -382,6 +382,7 @@ def up(
         scale_down_after_s=scale_down_after_s,
         max_inflight=max_inflight,
         metrics_port=metrics_port,
+        router_process=True,  # the data path in its own process, as deployed (modelyard/router/process.py)
     )
     if model_store and not model_store.startswith("s3://"):
         fleet.model_store = Path(model_store)  # our containers load uploads from there too
@@ -398,10 +399,6 @@ def up(
         if model_store:
             # A missing bucket or credentials: one line, now.
             open_model_store(model_store, cache_dir=settings.artifact_cache_dir()).check()
-        from modelyard.grpc_options import DEFAULT_MAX_MESSAGE_BYTES
-        from modelyard.memory import reuse_large_buffers
-
-        reuse_large_buffers(DEFAULT_MAX_MESSAGE_BYTES)  # the router runs in this process
         if not asyncio.run(run_up(fleet)):
             sys.exit(1)
     except (*startup_errors, StoreError, TimeoutError, ArchiveError, MetricsPortError) as exc:

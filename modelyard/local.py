@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from modelyard import settings
 from modelyard.catalog.examples import EXAMPLE_NAMES, install_example
+from modelyard.commands.logs import ROUTER_LOG
 from modelyard.containers.adapter import ContainerAdapter
 from modelyard.containers.agent import Agent, register_agent_gauges
 from modelyard.containers.archives import register_archive_checks
@@ -43,7 +44,8 @@ from modelyard.placement.follow import StoreFollower
 from modelyard.placement.metrics import register_controller_gauges
 from modelyard.placement.model import Container, ModelVersion
 from modelyard.placement.store import Store
-from modelyard.router.server import RouterServer
+from modelyard.router.process import RouterProcess
+from modelyard.router.server import RouterServer, RouterStartError
 from modelyard.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -88,7 +90,11 @@ class LocalFleet:
     mlservers: list[MLServerProcess] = field(default_factory=list)
     sagemakers: list[SageMakerProcess] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
-    router: RouterServer | None = None
+    # The router as `modelyard serve`, a child process (`modelyard up`: the data path keeps its own event loop
+    # while this process imports, loads and plans); False: in this process (tests that read its table).
+    router_process: bool = False
+    router: RouterServer | None = None  # the router in this process
+    router_child: RouterProcess | None = None  # or the router process
     controller: PlacementController | None = None
     restarts: Counter[str] = field(default_factory=Counter)  # container restarts by container id
     # Containers accept only calls carrying this secret (only the agents and the router hold it); it is
@@ -107,6 +113,7 @@ class LocalFleet:
     _artifact_cache: ArtifactCache | None = None
     _follower: StoreFollower | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _router_task: asyncio.Task[None] | None = None
 
     async def start(self, ready_timeout_s: float = 120.0) -> list[ModelVersion]:
         """Everything, supervised; the placement controller (the one writer of the shard map) places the
@@ -116,9 +123,28 @@ class LocalFleet:
         self.supervise_containers()
         await self.wait_registered(ready_timeout_s)
         self.start_controller()
-        await self.start_router()
-        await self.wait_ready(models, ready_timeout_s)
+        if self.router_process:  # it reads a store where the examples are ready already
+            if self.telemetry is not None and self.telemetry.metrics:  # (the router serves its own)
+                self.telemetry.serve_metrics(ready=self.follower.loaded.is_set)
+            await self.wait_ready(models, ready_timeout_s)
+            await self.start_router_process()
+        else:
+            await self.start_router()
+            await self.wait_ready(models, ready_timeout_s)
         return models
+
+    @property
+    def router_address(self) -> str:
+        if self.router_child is not None:
+            return self.router_child.address
+        assert self.router is not None, "start() first"
+        return self.router.address
+
+    @property
+    def rest_address(self) -> str | None:
+        if self.router_child is not None:
+            return self.router_child.rest_address
+        return self.router.rest_address if self.router is not None else None
 
     @property
     def processes(
@@ -422,24 +448,61 @@ class LocalFleet:
         )
         await self.router.start()
 
+    async def start_router_process(self) -> None:
+        """`modelyard serve` on the fleet's store, address and secret (its log: WORKDIR/router.log),
+        restarted if it dies; with metrics, its own /metrics on a free port."""
+        self.router_child = RouterProcess(
+            self.workdir / ROUTER_LOG,
+            self.store_url,
+            host=self.host,
+            port=self.port,
+            http_port=self.http_port,
+            metrics_port=None if self.metrics_port is None else 0,
+            fleet_secret_file=self.write_fleet_secret(),
+        )
+        await _finish_in_thread(self.router_child.start)
+        self._router_task = asyncio.create_task(
+            self._supervise_router(self.router_child), name="supervise-router"
+        )
+
+    async def _supervise_router(self, router: RouterProcess) -> None:
+        failures = 0
+        while router.process is not None:
+            up_since = time.monotonic()
+            status = await wait_for_exit(router.process)
+            failures = 1 if time.monotonic() - up_since >= HEALTHY_RUN_S else failures + 1
+            delay_s = backoff_s(failures)
+            log.error(
+                "the router process stopped (%s); restarting it in %.1f s", describe_exit(status), delay_s
+            )
+            await asyncio.sleep(delay_s)
+            try:
+                await _finish_in_thread(router.restart)
+            except RouterStartError as exc:
+                log.error("the router did not start again: %s", exc)
+            else:
+                pid = router.process.pid if router.process is not None else 0
+                log.warning("the router process started again as pid %d on %s", pid, router.address)
+
     async def wait_ready(self, models: list[ModelVersion], timeout_s: float) -> None:
-        """Waits until every copy the shard map assigns to `models` is ready in the router's table."""
-        assert self.router is not None
-        table = self.router.router.table
+        """Waits until every copy the shard map assigns to `models` is ready (in this process's view of
+        the store, which the router in this process shares)."""
+
+        def waiting() -> list[str]:
+            fleet = self.follower.fleet
+            return [
+                m.key
+                for m in models
+                if not 0 < len(fleet.assignments.get(m.key, ())) == len(fleet.ready_on(m.key))
+            ]
+
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assigned = table.fleet.assignments
-            if table.loaded and all(
-                0 < len(assigned.get(m.key, ())) == len(table.ready_copies(m.key)) for m in models
-            ):
+            if self.follower.loaded.is_set() and not waiting():
                 return
             await asyncio.sleep(0.1)
-        assigned = table.fleet.assignments
-        waiting = [
-            m.key for m in models if not 0 < len(assigned.get(m.key, ())) == len(table.ready_copies(m.key))
-        ]
         raise TimeoutError(
-            f"models not ready within {timeout_s:.0f} s: {', '.join(waiting)}; "
+            f"models not ready within {timeout_s:.0f} s: {', '.join(waiting())}; "
             f"see {self.workdir}/containers/*/*.log"
         )
 
@@ -464,6 +527,12 @@ class LocalFleet:
 
         if self.router is not None:
             await step("the router", self.router.stop())
+        if self.router_child is not None:
+            if self._router_task is not None:
+                self._router_task.cancel()
+                await asyncio.gather(self._router_task, return_exceptions=True)
+            # SIGTERM: it drains its calls (2 s), then exits; SIGKILL after 10 s
+            await asyncio.to_thread(self.router_child.stop)
         for task in self._tasks:
             task.cancel()
         tasks = asyncio.gather(*self._tasks, return_exceptions=True)
@@ -573,8 +642,7 @@ async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
             await started
         return
     models = started.result()
-    assert fleet.router is not None
-    table = fleet.router.router.table
+    fleet_view = fleet.follower.fleet
     print()
     print(f"{'container':<12} {'address':<17} {'pid':>8}  models")
     for process, agent in zip(fleet.processes, fleet.agents, strict=True):
@@ -582,31 +650,34 @@ async def _serve_until(fleet: LocalFleet, stop: asyncio.Event) -> None:
         print(f"{agent.container.id:<12} {process.address:<17} {pid:>8}  {', '.join(sorted(agent.loaded))}")
     print()
     for model in models:
-        copies = ", ".join(c.id for c in table.ready_copies(model.key))
-        print(f"model {model.key:<12} ready on {copies}")
+        print(f"model {model.key:<12} ready on {', '.join(fleet_view.ready_on(model.key))}")
     print()
-    print(f"router ready on {fleet.router.address} (KServe v2 gRPC and modelyard.v1.Router)")
+    child = fleet.router_child
+    router_pid = f", pid {child.process.pid}" if child is not None and child.process is not None else ""
+    print(f"router ready on {fleet.router_address} (KServe v2 gRPC and modelyard.v1.Router{router_pid})")
+    if fleet.rest_address is not None:
+        print(f"router REST on {fleet.rest_address} (KServe v2 REST)")
     if fleet.telemetry is not None and fleet.telemetry.metrics_port is not None:
-        print(
-            f"metrics on http://{fleet.host}:{fleet.telemetry.metrics_port}/metrics "
-            "(router, controller and agents)"
-        )
-    if fleet.router.rest_address is not None:
-        print(f"router REST on {fleet.router.rest_address} (KServe v2 REST)")
+        what = "controller and agents" if child is not None else "router, controller and agents"
+        print(f"metrics on http://{fleet.host}:{fleet.telemetry.metrics_port}/metrics ({what})")
+    if child is not None and child.metrics_url is not None:
+        print(f"router metrics on {child.metrics_url}")
+    if child is not None:
+        print(f"router log: {child.log_path} (modelyard logs router)")
     print(
         "tenants: x-tenant-id is trusted as sent (local development; `modelyard serve` identifies "
         "callers by token or client certificate)"
     )
     print(f"containers accept only calls carrying the fleet secret in {fleet.fleet_secret_file}")
     print("try it:")
-    print(f"  {example_call(fleet.router.address)}")
-    if fleet.router.rest_address is not None:
-        print(f"  {rest_example_call(fleet.router.rest_address)}")
+    print(f"  {example_call(fleet.router_address)}")
+    if fleet.rest_address is not None:
+        print(f"  {rest_example_call(fleet.rest_address)}")
     if fleet.sagemakers:
-        print(f"  {example_call(fleet.router.address, 'sagemaker_scale')}")
+        print(f"  {example_call(fleet.router_address, 'sagemaker_scale')}")
         print(f"  curl http://{fleet.sagemakers[0].address}/ping   # and /models: the SageMaker contract")
     if fleet.mlserver_containers:
-        print(f"  {iris_call(fleet.router.address)}")
+        print(f"  {iris_call(fleet.router_address)}")
     print("press Ctrl-C to stop everything", flush=True)
     await stopped
     print("stopping...", flush=True)

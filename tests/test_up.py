@@ -113,6 +113,10 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
         assert f"router REST on 127.0.0.1:{up.http_port}" in text
         pids = [int(m) for m in re.findall(r"^(?:triton|custom)-\d+\s+\S+\s+(\d+)", text, re.MULTILINE)]
         assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        router_pid = re.search(r"^router ready on .* pid (\d+)\)$", text, re.MULTILINE)
+        assert router_pid is not None, text  # the router runs in a process of its own
+        pids.append(int(router_pid.group(1)))
+        assert alive(pids[-1]) and pids[-1] != up.process.pid
 
         example = up.output[up.output.index("try it:\n") + 1].strip()
         result = run_example(example)
@@ -129,7 +133,7 @@ def test_up_serves_the_printed_example_and_ctrl_c_stops_everything(tmp_path: Pat
         deadline = time.monotonic() + 15
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(pid) for pid in pids), "Triton processes outlived modelyard up"
+        assert not any(alive(pid) for pid in pids), "containers or the router outlived modelyard up"
         assert rest.splitlines()[-1] == "stopped", rest
     finally:
         up.stop()
@@ -202,3 +206,37 @@ def test_up_on_a_busy_port_fails_with_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_up_restarts_a_killed_router_process_on_its_port_and_logs_it(tmp_path: Path) -> None:
+    require_triton()
+    port = free_port()
+    up = Up(tmp_path, port, "--containers", "1", "--custom-containers", "0")
+    try:
+        up.read_until("press Ctrl-C", 180)
+        text = "".join(up.output)
+        found = re.search(r"^router ready on .* pid (\d+)\)$", text, re.MULTILINE)
+        assert found is not None, text
+        pid = int(found.group(1))
+        example = up.output[up.output.index("try it:\n") + 1].strip()
+
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        restart = up.read_until("the router process started again as pid", 30)
+        new_pid = int(re.search(r"as pid (\d+) on 127.0.0.1:(\d+)", restart).group(1))  # type: ignore[union-attr]
+        assert new_pid != pid and alive(new_pid)
+        assert f"on 127.0.0.1:{port}" in restart  # the port users were given still serves
+        result = run_example(example)
+        assert result.returncode == 0, result.stderr
+        printed = np.array([float(v) for v in re.findall(r"-?\d+\.?\d*", result.stdout)])
+        np.testing.assert_allclose(printed, np.array([1, 2, 3]) * 2.0)
+        print(f"\nrouter killed: serving again after {time.monotonic() - killed_at:.1f} s")
+        command = [sys.executable, "-m", "modelyard", "logs", "router"]
+        logs = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert logs.stdout.count(f"router listening on 127.0.0.1:{port} ") == 2, logs.stdout
+
+        status, rest = up.ctrl_c()
+        assert status == 0 and rest.splitlines()[-1] == "stopped", rest
+        assert not alive(new_pid), "the restarted router outlived modelyard up"
+    finally:
+        up.stop()

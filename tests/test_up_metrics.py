@@ -1,6 +1,6 @@
-"""`modelyard up`'s one /metrics: the control plane (loads, cache hits and misses, cold-call waits, evictions,
-copies, memory, the leading controller, placement failures, pass times) with live values as models load and
-go. A real `modelyard up` process, scraped over HTTP as Prometheus would."""
+"""`modelyard up`'s /metrics: the control plane's (loads, evictions, copies, memory, the leading controller,
+placement failures, pass times) and the router process's (cache hits and misses, cold-call waits), with live
+values as models load and go. A real `modelyard up` process, scraped over HTTP as Prometheus would."""
 
 from __future__ import annotations
 
@@ -63,9 +63,11 @@ def test_up_shows_the_control_plane_metrics_live_as_models_load_and_are_evicted(
     port, workdir = free_port(), tmp_path / "fleet"
     up = Up(tmp_path, port, "--workdir", str(workdir), "--containers", "1", "--custom-containers", "1")
     try:
-        line = up.read_until("metrics on http://", 180)
-        url = re.search(r"(http://\S+/metrics)", line).group(1)  # type: ignore[union-attr]
-        up.read_until("press Ctrl-C", 60)
+        up.read_until("press Ctrl-C", 180)
+        text = "".join(up.output)
+        url = re.search(r"^metrics on (http://\S+/metrics) \(controller and agents\)", text, re.M).group(1)  # type: ignore[union-attr]
+        router_url = re.search(r"^router metrics on (http://\S+/metrics)$", text, re.M).group(1)  # type: ignore[union-attr]
+        assert router_url != url
         ready = int("".join(up.output).count("ready on "))  # one line per example model, and the router's
 
         # Every example model loaded: load times by backend, its copies ready, the one controller leading.
@@ -82,10 +84,10 @@ def test_up_shows_the_control_plane_metrics_live_as_models_load_and_are_evicted(
         # add_sub wants 2 copies and this fleet has one Triton container.
         assert value(metrics, names.UNPLACED_MODELS) == 1
 
-        # A call to a loaded model is a cache hit.
-        hits = value(metrics, names.CACHE_HITS)
+        # A call to a loaded model is a cache hit (the router's count, on the router process's /metrics).
+        hits = value(scrape(router_url), names.CACHE_HITS)
         np.testing.assert_allclose(infer(f"127.0.0.1:{port}", "scale"), [2, 4, 6])
-        scrape_until(url, lambda m: value(m, names.CACHE_HITS) == hits + 1, "a cache hit")
+        scrape_until(router_url, lambda m: value(m, names.CACHE_HITS) == hits + 1, "a cache hit")
 
         # A model no container can take (a GPU model on CPU containers): its call is a miss, waits for the
         # controller's answer and fails with it; the controller counts the placement failure.
@@ -99,12 +101,14 @@ def test_up_shows_the_control_plane_metrics_live_as_models_load_and_are_evicted(
                 break
             time.sleep(0.2)
         assert "gpu" in str(failure.value).lower(), failure.value
-        metrics = scrape_until(
-            url,
+        scrape_until(
+            router_url,
             lambda m: value(m, names.CACHE_MISSES) >= 1 and value(m, names.COLD_CALL_WAIT + "_count") >= 1,
             "a cache miss and its wait",
         )
-        assert value(metrics, names.PLACEMENT_FAILURES) >= 1
+        metrics = scrape_until(
+            url, lambda m: value(m, names.PLACEMENT_FAILURES) >= 1, "the placement failure"
+        )
         assert value(metrics, names.UNPLACED_MODELS) == 2
 
         # Removing a model evicts its copy: counted, with how long the copy had been loaded.

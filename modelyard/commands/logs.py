@@ -1,7 +1,8 @@
 """`modelyard logs COMPONENT`: the log of one part of a running (or stopped) `modelyard up`.
 
-`up` runs the router, the agents and the controller in its own process and logs them to WORKDIR/up.log
-(as on its stderr); each container process logs to its own file under WORKDIR/containers/ID/.
+`up` runs the agents and the controller in its own process and logs them to WORKDIR/up.log (as on its
+stderr); the router runs as a process of its own logging to WORKDIR/router.log, and each container process
+to its own file under WORKDIR/containers/ID/.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 from modelyard.console import fail
 
 UP_LOG = "up.log"
+ROUTER_LOG = "router.log"
 # Components that run inside `modelyard up`: their lines in up.log, by logger name (a line reads
 # "DATE TIME LEVEL LOGGER: message").
 IN_UP = {
@@ -60,12 +62,15 @@ def _selected(lines: Iterable[str], loggers: tuple[str, ...]) -> Iterator[str]:
 @click.option("-n", "--lines", "count", type=click.IntRange(0), default=50, show_default=True)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 def logs(component: str, workdir: Path, count: int, follow: bool) -> None:
-    """Print the last lines of COMPONENT's log: up, router, controller, agents (all inside `modelyard up`)
+    """Print the last lines of COMPONENT's log: up, controller, agents (inside `modelyard up`), router
     or a container id (triton-0, custom-0, ...; `modelyard up` prints them)."""
     if not workdir.is_dir():
         fail(f"no {workdir} here: give --workdir, the one `modelyard up` was started with")
     files = containers(workdir)
-    if component in IN_UP:
+    loggers: tuple[str, ...] = ()
+    if component == "router" and (workdir / ROUTER_LOG).is_file():
+        path = workdir / ROUTER_LOG
+    elif component in IN_UP:  # (the router's lines too, when it ran inside `up`)
         path, loggers = workdir / UP_LOG, IN_UP[component]
     elif component in files:
         path, loggers = files[component], ()
