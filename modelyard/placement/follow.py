@@ -134,8 +134,15 @@ class StoreFollower:
                 # free now, but glibc would keep it: a thread, since a big heap takes a while to walk.
                 await asyncio.to_thread(release_freed_memory)
                 self._watching = True
+                applied = 0
                 async for events in self.store.watch_prefix(registry.ROOT, fleet.revision + 1):
                     await self._apply(events)
+                    applied += len(events)
+                    if applied >= SLICE_EVENTS:
+                        # A store may hand a burst over an event at a time from a queue that never makes
+                        # this loop wait (etcd's client does): serve the event loop between slices of it too.
+                        applied = 0
+                        await asyncio.sleep(0)
                 log.info("%s: store watch ended; reloading", self.name)
             except CompactedError:
                 log.info("%s: store watch history compacted; reloading", self.name)
