@@ -78,9 +78,10 @@ class Demands:
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.memory_bytes) == len(self.replicas) == len(self.kinds):
             raise ValueError("the columns of Demands must have the same length")
-        # One C-level pass per rule; the loop finds the model to name only when one breaks a rule.
+        # One C-level pass per rule; the loop finds the model to name only when one breaks a rule. Names in
+        # strict order (the usual) are unique without a set of a million names.
         if not (
-            len(set(self.names)) == len(self.names)
+            (_in_strict_order(self.names) or len(set(self.names)) == len(self.names))
             and all(map(MODEL_KINDS.__contains__, self.kinds))
             and min(self.memory_bytes, default=0) >= 0
             and min(self.replicas, default=1) >= 1
@@ -111,6 +112,10 @@ class Demands:
         return len(self.names)
 
 
+def _in_strict_order(names: Sequence[str]) -> bool:
+    return all(map(lt, names, islice(names, 1, None)))
+
+
 @dataclass(frozen=True)
 class Capacity:
     """A container's memory budget and kind (gpu|cpu)."""
@@ -122,10 +127,12 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Plan:
-    """Container ids per model (models with at least one copy), and why each short model is short."""
+    """Container ids per model (models with at least one copy), why each short model is short, and the bytes
+    of the copies on each container (every container, 0 when empty)."""
 
     assignments: dict[str, tuple[str, ...]]
     unplaced: dict[str, str]
+    used_bytes: dict[str, int]
 
 
 def plan(
@@ -237,7 +244,7 @@ class _Planner:
         names = models.names
         # The models' indices in name order: a range when they come sorted (the usual), else a sort.
         self.by_name: Sequence[int] = range(len(names))
-        if not all(map(lt, names, islice(names, 1, None))):
+        if not _in_strict_order(names):
             self.by_name = sorted(self.by_name, key=names.__getitem__)
         self.rows = _in_placement_order(models, self.by_name, *self._walk_starts())
         # The containers holding each model's copies. A tuple, so that single copies can share one per
@@ -546,4 +553,5 @@ class _Planner:
             elif chosen:
                 assignments[names[i]] = tuple(map(ids.__getitem__, sorted(chosen)))
         unplaced = {name: self.reasons[name] for name in sorted(self.reasons)}
-        return Plan(assignments, unplaced)
+        used_bytes = {container_id: self.cap[c] - self.free[c] for c, container_id in enumerate(ids)}
+        return Plan(assignments, unplaced, used_bytes)
