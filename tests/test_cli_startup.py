@@ -1,5 +1,8 @@
 """`modelyard placement ...` and `modelyard models ...` import only what they use: a plan of 10k models takes
-a few tenths of a second, and gRPC, numpy, the Triton client and OpenTelemetry alone cost more."""
+a few tenths of a second, and gRPC, numpy, the Triton client and OpenTelemetry alone cost more.
+
+The one exception: `placement plan` runs the planner, whose sorts and ring searches are numpy's (0.1-0.15 s to
+import, 3 s less at 1M models x 10k containers: issue 30)."""
 
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ def imported_modules(args: list[str], cwd: Path) -> set[str]:
     }
 
 
-def heavy(modules: set[str]) -> list[str]:
-    return sorted(m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY)
+def heavy(modules: set[str], allowed: tuple[str, ...] = ()) -> list[str]:
+    return sorted(
+        m for m in modules if (m.split(".")[0] in HEAVY or m in HEAVY) and m.split(".")[0] not in allowed
+    )
 
 
-def test_placement_plan_imports_no_grpc_numpy_triton_client_or_telemetry(tmp_path: Path) -> None:
+def test_placement_plan_imports_no_grpc_triton_client_or_telemetry(tmp_path: Path) -> None:
     (tmp_path / "models.jsonl").write_text(
         json.dumps({"name": "m", "memory_bytes": 10, "replicas": 1}) + "\n"
     )
@@ -51,7 +56,7 @@ def test_placement_plan_imports_no_grpc_numpy_triton_client_or_telemetry(tmp_pat
         tmp_path,
     )
     assert "modelyard.placement.planner" in modules  # the measurement saw the command run
-    assert heavy(modules) == []
+    assert heavy(modules, allowed=("numpy",)) == []
     assert json.loads((tmp_path / "map.json").read_text())["assignments"] == {"m": ["c"]}
 
 

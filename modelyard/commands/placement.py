@@ -11,7 +11,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from itertools import repeat
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -19,7 +18,7 @@ import click
 from modelyard.commands.output import Table, chosen, emit_data, output_option, print_table
 from modelyard.console import STORE_HELP, fail, run_on_store
 from modelyard.placement.inputs import InputError, format_map, read_containers, read_map, read_models
-from modelyard.placement.planner import Capacity, Demands, Plan, plan
+from modelyard.placement.planner import Capacity, Plan, plan
 from modelyard.placement.units import format_bytes
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def _plan(
         _write_atomically(out_path, format_map(result, version))
     except OSError as exc:
         fail(f"cannot write {out_path}: {exc.strerror or exc}")
-    click.echo(_summary(models, containers, result), err=True)
+    click.echo(_summary(containers, result), err=True)
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -103,20 +102,13 @@ def _umask() -> int:
     return mask
 
 
-def _summary(models: Demands, containers: Sequence[Capacity], result: Plan) -> str:
-    gpus = {container.id for container in containers if container.kind == "gpu"}
-    copies = used_bytes = on_gpu_bytes = 0
-    placed = map(result.assignments.get, models.names, repeat(()))
-    for size, ids in zip(models.memory_bytes, placed, strict=True):
-        copies += len(ids)
-        for container_id in ids:
-            used_bytes += size
-            if container_id in gpus:
-                on_gpu_bytes += size
-    used = {"gpu": on_gpu_bytes, "cpu": used_bytes - on_gpu_bytes}
+def _summary(containers: Sequence[Capacity], result: Plan) -> str:
+    used = {"gpu": 0, "cpu": 0}
     capacity = {"gpu": 0, "cpu": 0}
     for container in containers:
+        used[container.kind] += result.used_bytes[container.id]
         capacity[container.kind] += container.memory_bytes
+    copies = sum(map(len, result.assignments.values()))
     by_kind = ", ".join(f"{k} {_percent(used[k], capacity[k])}" for k in ("gpu", "cpu") if capacity[k])
     total = _percent(sum(used.values()), sum(capacity.values()))
     return (

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
+from operator import lt
 from typing import Any, TypeVar
 
 from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
@@ -106,12 +107,18 @@ def read_map(path: str) -> PreviousMap:
 def format_map(result: Plan, version: int) -> str:
     """The MAP.json text for a plan: keys sorted, so the same plan is always the same bytes."""
     document = {
-        "version": version,
         "assignments": result.assignments,
-        "unplaced": sorted(result.unplaced),
         "reasons": result.unplaced,
+        "unplaced": sorted(result.unplaced),
+        "version": version,
     }
-    return json.dumps(document, sort_keys=True) + "\n"
+    # `plan` returns its dicts in key order: then json need not sort a million keys again (0.2 s at 1M).
+    in_order = _in_key_order(result.assignments) and _in_key_order(result.unplaced)
+    return json.dumps(document, sort_keys=not in_order) + "\n"
+
+
+def _in_key_order(mapping: Mapping[str, Any]) -> bool:
+    return all(map(lt, mapping, islice(mapping, 1, None)))
 
 
 def _read_text(path: str) -> str:

@@ -25,11 +25,15 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
-from operator import eq, itemgetter, lt, mul
-from typing import TypeVar
+from operator import eq, lt, mul
+from typing import TYPE_CHECKING
 
 from modelyard.placement.model import CONTAINER_KINDS, MODEL_KINDS
 from modelyard.placement.ring import Ring, model_positions, vnode_positions
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 # How many vnodes a walk visits before falling back to the free-bytes index. Walks far from capacity stop
 # at the first vnode or two; this bound only matters near capacity, where long walks would dominate.
@@ -47,8 +51,6 @@ _GPU, _CPU = 0, 1
 _KIND_CODES = {"gpu": (_GPU,), "cpu": (_CPU,), "any": (_GPU, _CPU)}
 _KIND_LABELS = {"gpu": "gpu", "cpu": "cpu", "any": "gpu or cpu"}
 _INFINITY = 1 << 256  # bigger than any memory size
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,10 @@ class Demands:
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.memory_bytes) == len(self.replicas) == len(self.kinds):
             raise ValueError("the columns of Demands must have the same length")
-        # One C-level pass per rule; the loop finds the model to name only when one breaks a rule.
+        # One C-level pass per rule; the loop finds the model to name only when one breaks a rule. Names in
+        # strict order (the usual) are unique without a set of a million names.
         if not (
-            len(set(self.names)) == len(self.names)
+            (_in_strict_order(self.names) or len(set(self.names)) == len(self.names))
             and all(map(MODEL_KINDS.__contains__, self.kinds))
             and min(self.memory_bytes, default=0) >= 0
             and min(self.replicas, default=1) >= 1
@@ -111,6 +114,10 @@ class Demands:
         return len(self.names)
 
 
+def _in_strict_order(names: Sequence[str]) -> bool:
+    return all(map(lt, names, islice(names, 1, None)))
+
+
 @dataclass(frozen=True)
 class Capacity:
     """A container's memory budget and kind (gpu|cpu)."""
@@ -122,10 +129,12 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Plan:
-    """Container ids per model (models with at least one copy), and why each short model is short."""
+    """Container ids per model (models with at least one copy), why each short model is short, and the bytes
+    of the copies on each container (every container, 0 when empty)."""
 
     assignments: dict[str, tuple[str, ...]]
     unplaced: dict[str, str]
+    used_bytes: dict[str, int]
 
 
 def plan(
@@ -150,47 +159,64 @@ def plan(
     return planner.result()
 
 
-# What the passes over every model read, in one tuple per model: (sort key, index in the models,
-# memory_bytes, replicas, kind, the vnode its walk starts at, that vnode's container). At 1M models,
-# reading columns through a list of indices in placement order cost seconds more: each read lands
-# somewhere else in memory.
-_Row = tuple[int, int, int, int, str, int, int]
+@dataclass(frozen=True)
+class _Rows:
+    """The models in placement order, as columns: row `r` is model `index[r]`, its memory_bytes, replicas and
+    kind, the vnode its walk starts at and that vnode's container.
+
+    Gathered by numpy and made Python lists in that order: the passes over every model then read each list
+    from start to end. (Python tuples per model, sorted, cost seconds at 1M models: each read landed
+    somewhere else in memory.)
+    """
+
+    index: list[int]
+    memory_bytes: list[int]
+    replicas: list[int]
+    kinds: list[str]
+    starts: list[int]
+    firsts: list[int]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, str, int, int]]:
+        columns = (self.index, self.memory_bytes, self.replicas, self.kinds, self.starts, self.firsts)
+        return zip(*columns, strict=True)
 
 
 def _in_placement_order(
-    models: Demands, by_name: Sequence[int], starts: Sequence[int], firsts: Sequence[int]
-) -> list[_Row]:
+    models: Demands,
+    kinds: NDArray[np.object_],
+    by_name: Sequence[int],
+    starts: NDArray[np.int64],
+    firsts: NDArray[np.int64],
+) -> _Rows:
     """The models' rows: kind-pinned models first, then more replicas, then bigger; the name breaks ties.
 
-    A stable sort of the rows in name order by `(kind == "any", -replicas, -memory_bytes)`, that tuple
-    packed into one int.
+    A stable sort of the models in name order by `(kind == "any", -replicas, -memory_bytes)`.
     """
-    sizes, replicas, kinds = models.memory_bytes, models.replicas, models.kinds
-    span = max(sizes, default=0) + 1
-    top = max(replicas, default=0) + 1
-    keys = [
-        ((kind == "any") * top - copies) * span - size
-        for size, copies, kind in zip(sizes, replicas, kinds, strict=True)
-    ]
+    import numpy as np
 
-    def in_name_order(column: Sequence[T]) -> Iterator[T]:
-        # Models usually come in name order (by_name is then a range): nothing to gather.
-        return iter(column) if isinstance(by_name, range) else map(column.__getitem__, by_name)
-
-    rows = list(
-        zip(
-            in_name_order(keys),
-            by_name,
-            in_name_order(sizes),
-            in_name_order(replicas),
-            in_name_order(kinds),
-            in_name_order(starts),
-            in_name_order(firsts),
-            strict=True,
-        )
+    sizes, replicas = _numbers(models.memory_bytes), _numbers(models.replicas)
+    named = np.arange(len(models)) if isinstance(by_name, range) else np.array(by_name, dtype=np.int64)
+    # lexsort sorts by its last key first.
+    order = named[np.lexsort((-sizes[named], -replicas[named], kinds[named] == "any"))]
+    return _Rows(
+        order.tolist(),
+        sizes[order].tolist(),
+        replicas[order].tolist(),
+        kinds[order].tolist(),
+        starts[order].tolist(),
+        firsts[order].tolist(),
     )
-    rows.sort(key=itemgetter(0))
-    return rows
+
+
+def _numbers(column: Sequence[int]) -> NDArray[np.int64] | NDArray[np.object_]:
+    """A column of non-negative ints as machine words, or as Python ints where one does not fit (they sort
+    the same, slower)."""
+    import numpy as np
+
+    try:
+        return np.array(column, dtype=np.int64)
+    except OverflowError:
+        return np.array(column, dtype=object)
 
 
 def _check(containers: Sequence[Capacity]) -> None:
@@ -211,6 +237,8 @@ class _Planner:
     visited in placement order (`rows`)."""
 
     def __init__(self, models: Demands, containers: Sequence[Capacity]) -> None:
+        import numpy as np
+
         by_id = sorted(containers, key=lambda container: container.id)
         self.ids = [container.id for container in by_id]
         self.index = {container_id: i for i, container_id in enumerate(self.ids)}
@@ -237,27 +265,29 @@ class _Planner:
         names = models.names
         # The models' indices in name order: a range when they come sorted (the usual), else a sort.
         self.by_name: Sequence[int] = range(len(names))
-        if not all(map(lt, names, islice(names, 1, None))):
+        if not _in_strict_order(names):
             self.by_name = sorted(self.by_name, key=names.__getitem__)
-        self.rows = _in_placement_order(models, self.by_name, *self._walk_starts())
+        kinds = np.array(models.kinds, dtype=object)
+        self.rows = _in_placement_order(models, kinds, self.by_name, *self._walk_starts(kinds))
         # The containers holding each model's copies. A tuple, so that single copies can share one per
         # container (`_alone`): no list to make per model, and few objects to read when writing the map.
         self.holders: list[tuple[int, ...]] = [()] * len(models)
         self._alone = [(c,) for c in range(len(self.ids))]
 
-    def _walk_starts(self) -> tuple[list[int], list[int]]:
+    def _walk_starts(self, kinds: NDArray[np.object_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """For each model, the vnode its walk starts at on the ring of its kind and that vnode's container;
         0 and -1 for a kind without containers, whose models are short before any walk."""
-        kinds, positions = self.models.kinds, model_positions(self.models.names)
-        starts: dict[str, Iterator[int]] = {kind: repeat(0) for kind in MODEL_KINDS}
-        firsts: dict[str, Iterator[int]] = {kind: repeat(-1) for kind in MODEL_KINDS}
-        for kind, ring in self._used_rings().items():
-            of_kind = ring.starts(compress(positions, map(eq, kinds, repeat(kind))))
-            starts[kind] = iter(of_kind)
-            firsts[kind] = iter(list(map(ring.owners.__getitem__, of_kind)))
-        # Each model takes the next start and container of its kind's lists, in model order.
-        in_model_order = list(map(next, map(starts.__getitem__, kinds)))
-        return in_model_order, list(map(next, map(firsts.__getitem__, kinds)))
+        import numpy as np
+
+        starts = np.zeros(len(kinds), dtype=np.int64)
+        firsts = np.full(len(kinds), -1, dtype=np.int64)
+        rings = self._used_rings()
+        positions = model_positions(self.models.names if rings else ())
+        for kind, ring in rings.items():
+            of_kind = kinds == kind
+            starts[of_kind] = ring.starts(positions[of_kind])
+            firsts[of_kind] = np.array(ring.owners, dtype=np.int64)[starts[of_kind]]
+        return starts, firsts
 
     def _soft_caps(self) -> tuple[list[int], list[bool]]:
         """Each container's walk cap: its kind's expected utilization plus slack, at most its memory."""
@@ -316,7 +346,7 @@ class _Planner:
         """Keep each previous copy whose container exists, has the right kind and room, up to the replicas."""
         index, kind, free, room, names = self.index, self.kind, self.free, self.room, self.models.names
         # Without a previous map there is nothing to keep: skip the pass over every model (1 s at 1M).
-        for _, i, size, replicas, model_kind, _, _ in self.rows if previous else ():
+        for i, size, replicas, model_kind, _, _ in self.rows if previous else ():
             ids = previous.get(names[i])
             if not ids:
                 continue
@@ -342,7 +372,7 @@ class _Planner:
         holders, alone = self.holders, self._alone
         # This loop runs once per model and dominates the planner's time: everything it reads is bound once.
         rings = self._used_rings()
-        for _, i, size, replicas, kind, start, c in self.rows:
+        for i, size, replicas, kind, start, c in self.rows:
             if replicas == 1 and size < full[kind] and room[c] >= size and not holders[i]:
                 # The common case far from capacity: one copy, none kept, and the first vnode's container
                 # has room. Tested first: it decides two models in three. (A kind without containers is
@@ -478,7 +508,7 @@ class _Planner:
                 (vi - j) % len(ring) for vis in spots.values() for vi in vis for j in range(ADOPT_DEPTH)
             }
         starting: dict[str, dict[int, list[int]]] = {name: {} for name in ring_names}
-        for _, i, _, _, kind, start, _ in self.rows:
+        for i, _, _, kind, start, _ in self.rows:
             if not self.holders[i]:
                 continue
             if start in near[kind]:
@@ -546,4 +576,5 @@ class _Planner:
             elif chosen:
                 assignments[names[i]] = tuple(map(ids.__getitem__, sorted(chosen)))
         unplaced = {name: self.reasons[name] for name in sorted(self.reasons)}
-        return Plan(assignments, unplaced)
+        used_bytes = {container_id: self.cap[c] - self.free[c] for c, container_id in enumerate(ids)}
+        return Plan(assignments, unplaced, used_bytes)

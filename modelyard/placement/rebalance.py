@@ -81,6 +81,7 @@ def plan_fleet(
     extra copies under load, a load-on-demand model while resident); a model with none is left out."""
     assignments: dict[str, tuple[str, ...]] = {}
     unplaced: dict[str, str] = {}
+    used_bytes: dict[str, int] = {}
     wanted = {m.key: (copies or {}).get(m.key, m.replicas) for m in models}
     models = [m for m in models if wanted[m.key] > 0]
     for backend in sorted({m.backend for m in models} | {c.backend for c in containers}):
@@ -95,7 +96,8 @@ def plan_fleet(
         )
         assignments.update(result.assignments)
         unplaced.update({key: f"{why} (among {backend} containers)" for key, why in result.unplaced.items()})
-    return Plan(assignments, unplaced)
+        used_bytes.update(result.used_bytes)
+    return Plan(assignments, unplaced, used_bytes)
 
 
 def snapshot(fleet: Fleet) -> Fleet:
