@@ -1,4 +1,4 @@
-"""`modelyard up`: a whole fleet on one machine — embedded store, containers, agents, controller and the router."""
+"""`modelyard up`: a whole fleet on one machine — store, containers, agents, controller and the router."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
 from modelyard.local import LocalFleet
 from modelyard.placement import registry
-from modelyard.placement.rebalance import RebalancePlan, _moves, apply_rebalance
+from modelyard.placement.rebalance import RebalancePlan, apply_rebalance
 from modelyard.placement.usage import lost_copies
 from tests.conftest import require_triton
 from tests.fleet import FleetThread
@@ -87,15 +87,7 @@ def test_moving_a_model_between_tritons_drops_no_call(fleet: FleetThread) -> Non
         current = await registry.load_fleet(store)
         after = dict(current.assignments)
         after["scale@1"] = ("triton-1",)
-        rebalance = RebalancePlan(
-            generation=current.generation,
-            before=dict(current.assignments),
-            after=after,
-            moves=_moves(current, dict(current.assignments), after),
-            unplaced={},
-            usage_before=[],
-            usage_after=[],
-        )
+        rebalance = RebalancePlan.between(current, dict(current.assignments), after)
         result = await apply_rebalance(store, rebalance, holder="test", ready_timeout_s=60)
         assert result.failed == {} and result.ready == 1
         # Calls go on while triton-0's agent drains and unloads its old copy (the move's second half).

@@ -438,7 +438,7 @@ def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> N
     async def run(store: Store) -> int:
         fleet = await load_fleet(store)
         proposal = plan_rebalance(fleet)
-        _print_moves(proposal)
+        _print_moves(proposal, fleet)
         if dry_run or not proposal.moves:
             if not proposal.moves:
                 click.echo("nothing to move")
@@ -467,7 +467,9 @@ def rebalance(store_url: str | None, dry_run: bool, ready_timeout_s: float) -> N
     sys.exit(run_on_store(store_url, run, (ConcurrentPlanError,)))
 
 
-def _print_moves(proposal: RebalancePlan) -> None:
+def _print_moves(proposal: RebalancePlan, fleet: Fleet) -> None:
+    from modelyard.placement.usage import usage
+
     if proposal.moves:
         table = Table(("model", "from", "to", "bytes"), title="moves", right=frozenset({"bytes"}))
         for move in proposal.moves:
@@ -480,8 +482,8 @@ def _print_moves(proposal: RebalancePlan) -> None:
                 )
             )
         print_table(table)
-    before_mean, before_max = _spread(proposal.usage_before)
-    after_mean, after_max = _spread(proposal.usage_after)
+    before_mean, before_max = _spread(usage(fleet, proposal.before))
+    after_mean, after_max = _spread(usage(fleet, proposal.after))
     click.echo(
         f"{len(proposal.moves)} moves, {format_bytes(proposal.bytes_moved)} moved; utilization mean/max "
         f"{before_mean:.0%}/{before_max:.0%} -> {after_mean:.0%}/{after_max:.0%}; "

@@ -307,11 +307,13 @@ def kept_copies(fleet: Fleet) -> dict[str, int]:
     """Copies a full rebalance keeps per model where that is not its `replicas`: the extra copies load
     brought (up to `max_replicas`) and a load-on-demand model's copies while resident. O(assignments)."""
     kept: dict[str, int] = {}
+    models, containers = fleet.models, fleet.containers
     for key, ids in fleet.assignments.items():
-        model = fleet.models.get(key)
-        if model is None:
+        model = models.get(key)
+        # Live copies are at most the assigned ones: most models are settled here without counting.
+        if model is None or len(ids) <= model.replicas:
             continue
-        live = sum(1 for cid in ids if cid in fleet.containers)
+        live = sum(1 for cid in ids if cid in containers)
         if live > model.replicas:
             kept[key] = min(live, model.most_copies)
     return kept

@@ -345,12 +345,21 @@ class _Planner:
     def keep(self, previous: Mapping[str, Sequence[str]]) -> None:
         """Keep each previous copy whose container exists, has the right kind and room, up to the replicas."""
         index, kind, free, room, names = self.index, self.kind, self.free, self.room, self.models.names
+        holders, alone = self.holders, self._alone
         # Without a previous map there is nothing to keep: skip the pass over every model (1 s at 1M).
         for i, size, replicas, model_kind, _, _ in self.rows if previous else ():
             ids = previous.get(names[i])
             if not ids:
                 continue
             allowed = _KIND_CODES[model_kind]
+            if len(ids) == 1:
+                # The common case: one copy, kept if it may stay (no list and no tuple per model).
+                c = index.get(ids[0])
+                if c is not None and kind[c] in allowed and free[c] >= size:
+                    holders[i] = alone[c]
+                    free[c] -= size
+                    room[c] -= size
+                continue
             kept: list[int] = []
             for container_id in ids:
                 c = index.get(container_id)
@@ -361,7 +370,7 @@ class _Planner:
                 kept.append(c)
                 free[c] -= size
                 room[c] -= size
-            self.holders[i] = tuple(kept)
+            holders[i] = tuple(kept)
         n = len(self.ids)
         self._key = [free[c] * n + c for c in range(n)]
         self._by_free = [sorted(self._key[c] for c in self.members[code]) for code in (_GPU, _CPU)]

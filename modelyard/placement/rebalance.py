@@ -17,10 +17,9 @@ from modelyard.placement.autoscale import kept_copies
 from modelyard.placement.follow import StoreFollower
 from modelyard.placement.mapwriter import LOCK, MapWriter, RebalanceInProgress
 from modelyard.placement.model import Container, ModelVersion
-from modelyard.placement.planner import Capacity, Demand, Plan, plan
+from modelyard.placement.planner import Capacity, Demands, Plan, plan
 from modelyard.placement.registry import Changes, ConcurrentPlanError, Fleet
 from modelyard.placement.store import Store
-from modelyard.placement.usage import ContainerUsage, usage
 
 __all__ = ["LOCK", "RebalanceInProgress"]
 
@@ -42,28 +41,40 @@ class RebalancePlan:
     after: dict[str, tuple[str, ...]]
     moves: list[Move]
     unplaced: dict[str, str]
-    usage_before: list[ContainerUsage]
-    usage_after: list[ContainerUsage]
+    # The models whose assignment changes: those with moves, and those whose copies are only reordered.
+    changed: frozenset[str]
+
+    @classmethod
+    def between(
+        cls,
+        fleet: Fleet,
+        before: dict[str, tuple[str, ...]],
+        after: dict[str, tuple[str, ...]],
+        unplaced: dict[str, str] | None = None,
+    ) -> RebalancePlan:
+        """The plan from `before` to `after` on `fleet`, its moves and changed models worked out."""
+        # Found without sorting the whole map: a settled fleet changes few models.
+        changed = [key for key, ids in after.items() if before.get(key, ()) != ids]
+        changed += [key for key, ids in before.items() if ids and key not in after]
+        moves = []
+        for key in sorted(changed):
+            model = fleet.models.get(key)
+            cost = fleet.budget_bytes(model) if model else 0
+            old, new = set(before.get(key, ())), set(after.get(key, ()))
+            gone, added = sorted(old - new), sorted(new - old)
+            for i in range(max(len(gone), len(added))):
+                moves.append(
+                    Move(key, gone[i] if i < len(gone) else None, added[i] if i < len(added) else None, cost)
+                )
+        return cls(fleet.generation, before, after, moves, unplaced or {}, frozenset(changed))
 
     @property
     def bytes_moved(self) -> int:
         return sum(m.memory_bytes for m in self.moves if m.target is not None)
 
 
-def _moves(fleet: Fleet, before: dict[str, tuple[str, ...]], after: dict[str, tuple[str, ...]]) -> list[Move]:
-    moves = []
-    for key in sorted(set(before) | set(after)):
-        if before.get(key, ()) == after.get(key, ()):
-            continue
-        model = fleet.models.get(key)
-        cost = fleet.budget_bytes(model) if model else 0
-        old, new = set(before.get(key, ())), set(after.get(key, ()))
-        gone, added = sorted(old - new), sorted(new - old)
-        for i in range(max(len(gone), len(added))):
-            moves.append(
-                Move(key, gone[i] if i < len(gone) else None, added[i] if i < len(added) else None, cost)
-            )
-    return moves
+# What planning needs of a model, one tuple per model: (key, backend, budget in bytes, copies, kind).
+_Row = tuple[str, str, int, int, str]
 
 
 def plan_fleet(
@@ -79,19 +90,43 @@ def plan_fleet(
 
     `copies`: how many copies a model should have where that is not its `replicas` (placement/autoscale.py:
     extra copies under load, a load-on-demand model while resident); a model with none is left out."""
+    rows = []
+    for m in models:
+        key = m.key
+        budget = (budgets or {}).get(key, m.memory_bytes)
+        rows.append((key, m.backend, budget, (copies or {}).get(key, m.replicas), m.kind))
+    return _plan_rows(rows, containers, previous, rebalance=rebalance)
+
+
+def _plan_rows(
+    rows: Iterable[_Row],
+    containers: Sequence[Container],
+    previous: Mapping[str, Sequence[str]],
+    *,
+    rebalance: bool,
+) -> Plan:
+    """`plan_fleet` on rows: per backend, the models as the planner's columns (no object per model)."""
+    columns: dict[str, tuple[list[str], list[int], list[int], list[str]]] = {}
+    for key, backend, budget, copies, kind in rows:
+        if copies <= 0:
+            continue
+        group = columns.get(backend)
+        if group is None:
+            group = columns[backend] = ([], [], [], [])
+        group[0].append(key)
+        group[1].append(budget)
+        group[2].append(copies)
+        group[3].append(kind)
     assignments: dict[str, tuple[str, ...]] = {}
     unplaced: dict[str, str] = {}
     used_bytes: dict[str, int] = {}
-    wanted = {m.key: (copies or {}).get(m.key, m.replicas) for m in models}
-    models = [m for m in models if wanted[m.key] > 0]
-    for backend in sorted({m.backend for m in models} | {c.backend for c in containers}):
-        group = [m for m in models if m.backend == backend]
-        if not group:
-            continue
+    for backend in sorted(columns):
+        names, budgets, copies_of, kinds = columns[backend]
+        # The planner looks `previous` up by the names it places: the other backends' keys are never read.
         result = plan(
-            [Demand(m.key, (budgets or {}).get(m.key, m.memory_bytes), wanted[m.key], m.kind) for m in group],
+            Demands(tuple(names), tuple(budgets), tuple(copies_of), tuple(kinds)),
             [Capacity(c.id, c.memory_bytes, c.kind) for c in containers if c.backend == backend],
-            previous={m.key: previous[m.key] for m in group if m.key in previous},
+            previous=previous,
             rebalance=rebalance,
         )
         assignments.update(result.assignments)
@@ -116,13 +151,13 @@ def snapshot(fleet: Fleet) -> Fleet:
 
 
 def _room_of_full_containers(
-    fleet: Fleet, before: Mapping[str, Sequence[str]]
-) -> tuple[list[Container], dict[str, tuple[str, ...]]]:
+    fleet: Fleet, before: Mapping[str, tuple[str, ...]]
+) -> tuple[list[Container], Mapping[str, tuple[str, ...]]]:
     """The live containers, a full one (it refused a load for lack of memory: SageMaker's 507) with room
     for exactly what it holds now, and the previous map without the copies such containers refused."""
     full = fleet.full_containers()
     if not full:
-        return list(fleet.containers.values()), {key: tuple(ids) for key, ids in before.items()}
+        return list(fleet.containers.values()), before
     previous = {
         key: tuple(cid for cid in ids if cid not in fleet.full_copies.get(key, ()))
         for key, ids in before.items()
@@ -147,30 +182,32 @@ def plan_rebalance(
 
     With `placed_only` (a controller that places on demand), models without a copy stay without one.
     `copies`: per model, the copies it should have when that is not its `replicas` (see `plan_fleet`).
+    O(models + copies) around the planner itself, in one pass over the models: at 100k models every
+    extra pass or object per model costs a noticeable part of a reconcile.
     """
     if copies is None:  # keep the extra copies load brought and resident load-on-demand copies
         copies = kept_copies(fleet)
-    models = sorted(
-        (m for m in fleet.models.values() if not placed_only or m.key in fleet.assignments),
-        key=lambda m: m.key,
-    )
-    before = {k: ids for k, ids in fleet.assignments.items()}
+    before = dict(fleet.assignments)
     containers, previous = _room_of_full_containers(fleet, before)
-    result = plan_fleet(
-        models,
-        containers,
-        previous,
-        budgets={m.key: fleet.budget_bytes(m) for m in models},
-        rebalance=True,
-        copies=copies,
-    )
+    measured = fleet.measured
+    rows: list[_Row] = []
+    for key, m in sorted(fleet.models.items()):
+        if placed_only and key not in before:
+            continue
+        budget = m.memory_bytes
+        for _, size in measured.get(key, ()):  # Fleet.budget_bytes, inline: a call per model costs
+            if size > budget:
+                budget = size
+        rows.append((key, m.backend, budget, copies.get(key, m.replicas) if copies else m.replicas, m.kind))
+    result = _plan_rows(rows, containers, previous, rebalance=True)
     after = dict(result.assignments)
     # A model whose registration does not parse is still registered: its copies stay where they are.
-    for key, ids in before.items():
+    for key, ids in before.items() if fleet.unparsable else ():
         if key not in fleet.models and registry.MODELS + key in fleet.unparsable:
             after[key] = ids
     # A lost copy that could not be re-placed stays assigned: if its container comes back, so does the copy.
-    for key, ids in before.items():
+    lost_somewhere = {cid for ids in before.values() for cid in ids} - fleet.containers.keys()
+    for key, ids in before.items() if lost_somewhere else ():
         model = fleet.models.get(key)
         if model is None:
             continue
@@ -179,15 +216,7 @@ def plan_rebalance(
         missing = (copies or {}).get(key, model.replicas) - len(placed)
         if missing > 0 and lost:
             after[key] = (*placed, *lost[:missing])
-    return RebalancePlan(
-        generation=fleet.generation,
-        before=before,
-        after=after,
-        moves=_moves(fleet, before, after),
-        unplaced=dict(result.unplaced),
-        usage_before=usage(fleet, before),
-        usage_after=usage(fleet, after),
-    )
+    return RebalancePlan.between(fleet, before, after, dict(result.unplaced))
 
 
 @dataclass(frozen=True)
@@ -233,7 +262,7 @@ async def _apply(
         stored = await registry.read_generation(writer.store)
         if stored is not None and stored != rebalance.generation:
             raise ConcurrentPlanError("the shard map changed since this plan was made; plan again")
-        changed = set(rebalance.before) | set(rebalance.after)
+        changed = rebalance.changed  # the rest of the map stays as it is: not written again
         union = {
             key: tuple(dict.fromkeys((*rebalance.after.get(key, ()), *rebalance.before.get(key, ()))))
             for key in changed
