@@ -3,7 +3,9 @@
 
 Judged: the import (a whole process) <= 15 s; every copy ready <= 3 min after it; the warm caller during the
 import p99 <= 50 ms, max <= 250 ms and 0 failed or wrong calls; a sample of imported models answering
-afterwards. Also shown (not judged): the warm caller while the copies load, after the import.
+afterwards. Also shown (not judged): the warm caller while the copies load, after the import, and the anchor:
+the same model called on its container directly (with the fleet secret, as the router calls it) during the
+import, which says what the machine itself gave any caller then.
 Quick mode (CI): 2,000 models into 4 containers, nothing judged. Everything is a process of its own
 (tests/live_import.py): `up`, the import, the warm caller and the readiness reads.
 """
@@ -26,9 +28,11 @@ def test_import_into_a_live_fleet(benchmark, record, verdict, quick: bool, tmp_p
         result = import_while_warm(up, tmp_path, count, ready_ceiling_s=900)
         failures = call_sample(up.address, count, 500)
     during = window(result.warm, result.started_at, result.ended_at)
+    anchor = window(result.direct, result.started_at, result.ended_at)
     loading = window(result.warm, result.ended_at, result.ended_at + result.ready_s)
     size = f"{count // 1000}k into {containers} containers"
     record(f"{size}: warm caller while the copies loaded (after the import): {loading.line()}")
+    record(f"{size}: the anchor, the warm model on its container directly during the import: {anchor.line()}")
     verdict(
         f"{size}: import (whole process)",
         f"{result.import_s:.1f} s",

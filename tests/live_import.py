@@ -1,6 +1,7 @@
 """A bulk import into a live `modelyard up`, as a user runs both: the fleet and the import are the real
-commands, a warm caller calls through the router from a process of its own, and readiness is read from the
-controller's summary (`modelyard models list`), so nothing of the harness runs in the fleet's processes.
+commands, a warm caller calls through the router from a process of its own (and an anchor calls the same
+model on its container directly, as the router does), and readiness is read from the controller's summary
+(`modelyard models list`), so nothing of the harness runs in the fleet's processes.
 
 Used by tests/test_twenty_thousand_models.py (CI, 20k) and benchmarks/test_live_import.py (100k).
 Run as `python -m tests.live_import warm ADDRESS OUT_FILE STOP_FILE` for the warm caller alone.
@@ -24,9 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVES = 10  # the models share ten archives: model i computes OUTPUT = INPUT x factor(i)
 PRIVATE = "acme"  # every tenth model is private to this tenant
-WARM_MODEL = "linear"  # `up`'s example for our containers: OUTPUT = INPUT @ W + b
-WARM_INPUT = [[1.0, 2.0, 3.0, 4.0]]
-WARM_OUTPUT = [[5.0, 4.0]]
+WARM_MODEL = "scale"  # `up`'s example on Triton: OUTPUT = INPUT x 2
+WARM_INPUT = [1.0, 2.0, 3.0]
 WARM_EVERY_S = 0.005
 
 
@@ -60,22 +60,26 @@ def write_catalog(folder: Path, count: int) -> Path:
 # -- the warm caller (its own process) -----------------------------------------------------------------------
 
 
-def warm_main(address: str, out_file: str, stop_file: str) -> None:
-    """Calls WARM_MODEL every WARM_EVERY_S until `stop_file` exists; prints "ready" after its first answer;
-    writes {"calls": [[wall clock, seconds], ...], "errors": [[wall clock, what], ...]} to `out_file`."""
+def warm_main(address: str, out_file: str, stop_file: str, model: str, secret_file: str = "") -> None:
+    """Calls `model` every WARM_EVERY_S until `stop_file` exists; prints "ready" after its first answer;
+    writes {"calls": [[wall clock, seconds], ...], "errors": [[wall clock, what], ...]} to `out_file`.
+    With `secret_file`, the calls carry the fleet secret (a container called directly, as the router does)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    from modelyard.fleet_secret import FLEET_SECRET_HEADER
+
+    headers = {FLEET_SECRET_HEADER: Path(secret_file).read_text().strip()} if secret_file else None
     calls: list[tuple[float, float]] = []
     errors: list[tuple[float, str]] = []
-    expected = np.array(WARM_OUTPUT, dtype=np.float32)
+    expected = np.array(WARM_INPUT, dtype=np.float32) * 2
     with grpcclient.InferenceServerClient(address) as client:
         while not Path(stop_file).exists():
-            tensor = grpcclient.InferInput("INPUT", [1, 4], "FP32")
+            tensor = grpcclient.InferInput("INPUT", [len(WARM_INPUT)], "FP32")
             tensor.set_data_from_numpy(np.array(WARM_INPUT, dtype=np.float32))
             at, started = time.time(), time.perf_counter()
             try:
-                out = client.infer(WARM_MODEL, [tensor], client_timeout=10).as_numpy("OUTPUT")
+                out = client.infer(model, [tensor], headers=headers, client_timeout=10).as_numpy("OUTPUT")
                 calls.append((at, time.perf_counter() - started))
                 if not np.allclose(out, expected):
                     errors.append((at, f"wrong answer {out.tolist()}"))
@@ -113,8 +117,10 @@ def window(figures: dict[str, Any], start: float, end: float) -> WarmFigures:
 
 
 class WarmCaller:
-    def __init__(self, address: str, folder: Path) -> None:
-        self.out_file, self.stop_file = folder / "warm.json", folder / "warm.stop"
+    def __init__(
+        self, address: str, folder: Path, *, name: str = "warm", model: str = WARM_MODEL, secret: str = ""
+    ) -> None:
+        self.out_file, self.stop_file = folder / f"{name}.json", folder / f"{name}.stop"
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -124,6 +130,8 @@ class WarmCaller:
                 address,
                 str(self.out_file),
                 str(self.stop_file),
+                model,
+                secret,
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -183,6 +191,13 @@ class UpProcess:
             time.sleep(0.5)
         self.address = f"127.0.0.1:{self.port}"
         self.store = str(workdir / "store")
+        # The container holding the warm model, and its address: the anchor calls it directly.
+        holder = re.search(rf"^model {WARM_MODEL}@1\s+ready on (\S+?)(?:,|$)", text, re.MULTILINE)
+        assert holder is not None, text[-3000:]
+        row = re.search(rf"^{holder.group(1)}\s+(\S+)\s+\d+", text, re.MULTILINE)
+        assert row is not None, text[-3000:]
+        self.warm_container_address = row.group(1)
+        self.secret_file = str(workdir / "fleet-secret")
 
     def stop(self) -> None:
         import os
@@ -244,7 +259,8 @@ class Imported:
     started_at: float  # wall clock
     ended_at: float
     ready_s: float  # after the import ended
-    warm: dict[str, Any]
+    warm: dict[str, Any]  # through the router
+    direct: dict[str, Any]  # the anchor: the same model called on its container directly
 
 
 @contextmanager
@@ -260,6 +276,9 @@ def import_while_warm(up: UpProcess, folder: Path, count: int, ready_ceiling_s: 
     """`modelyard models import` of `count` lines while the warm caller calls; waits for every copy."""
     catalog = write_catalog(folder / "catalog", count)
     warm = WarmCaller(up.address, folder)
+    direct = WarmCaller(
+        up.warm_container_address, folder, name="direct", model=f"{WARM_MODEL}@1", secret=up.secret_file
+    )
     try:
         time.sleep(1.0)  # a second of calls before the import: the caller's own baseline
         started_at, started = time.time(), time.monotonic()
@@ -278,8 +297,8 @@ def import_while_warm(up: UpProcess, folder: Path, count: int, ready_ceiling_s: 
         assert f"imported {count}, skipped 0, failed 0" in result.stdout, result.stdout
         ready_s = wait_all_ready(up.store, count, ready_ceiling_s)
     finally:
-        figures = warm.stop()
-    return Imported(count, import_s, started_at, ended_at, ready_s, figures)
+        figures, anchor = warm.stop(), direct.stop()
+    return Imported(count, import_s, started_at, ended_at, ready_s, figures, anchor)
 
 
 def call_sample(address: str, count: int, k: int, seed: int = 30) -> list[str]:
@@ -299,6 +318,6 @@ def call_sample(address: str, count: int, k: int, seed: int = 30) -> list[str]:
 
 if __name__ == "__main__":
     if sys.argv[1] == "warm":
-        warm_main(sys.argv[2], sys.argv[3], sys.argv[4])
+        warm_main(*sys.argv[2:7])
     else:
         raise SystemExit(f"unknown role {sys.argv[1]!r}")
