@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.live_import import call_sample, import_while_warm, live_fleet, window
 
 IMPORT_TARGET_S = 15.0
@@ -22,6 +24,7 @@ WARM_P99_TARGET_MS = 50.0
 WARM_MAX_TARGET_MS = 250.0
 
 
+@pytest.mark.timeout(1800)  # 100k: the fleet's start, the import and every load (minutes)
 def test_import_into_a_live_fleet(benchmark, record, verdict, quick: bool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     count, containers = (2_000, 4) if quick else (100_000, 20)
     with live_fleet(tmp_path, containers) as up:

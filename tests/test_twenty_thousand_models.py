@@ -21,6 +21,7 @@ CONTAINERS = 10
 WARM_P99_MS = 1000.0
 WARM_MAX_MS = 3000.0
 READY_CEILING_S = 300.0
+pytestmark = pytest.mark.timeout(900)  # the fleet's start, the import, every load: 2 min on a quiet machine
 
 
 @pytest.fixture(scope="module")
