@@ -69,9 +69,10 @@ class RouterProcess(ServerProcess):
             command += ["--fleet-secret-file", str(self.fleet_secret_file)]
         return command
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        """Starts `modelyard serve` and returns once it listens (it has read the store by then); raises
-        RouterStartError with the router's last words if it exits first."""
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Starts `modelyard serve` and returns once it listens and has read the store (its gRPC health
+        says SERVING: at 100k models that takes seconds); raises RouterStartError with the router's last
+        words if it exits first."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
@@ -88,11 +89,23 @@ class RouterProcess(ServerProcess):
                     if said
                     else f"the router exited ({self.process.returncode})"
                 )
-            if self._listening(lines):
+            if self._listening(lines) and self._serving():
                 return
-            time.sleep(0.05)  # its log is the only word it gives of having started
+            time.sleep(0.05)  # its log and its health are the only words it gives of having started
         self.stop()
         raise RouterStartError(f"the router did not start within {timeout_s:.0f} s; see {self.log_path}")
+
+    def _serving(self) -> bool:
+        """Whether the router's gRPC health (overall) says SERVING: its routing table is loaded."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _lines_since(self, offset: int) -> list[str]:
         with self.log_path.open("rb") as log:
