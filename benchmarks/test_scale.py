@@ -550,10 +550,21 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 RSS_TARGET_MIB = 250  # issue 30: a router holding 100k registered model versions
 
 
-def test_router_rss(benchmark: Any, scene: Scene, record: Record, verdict: Verdict, tmp_path: Path) -> None:
-    """`modelyard serve` against an empty store, then against the fleet of N: RSS and RSS per 10k."""
-    empty = serve_rss(str(tmp_path / "empty-store"))
-    full = serve_rss(scene.url)
+def _report_rss(
+    benchmark: Any,
+    scene: Scene,
+    record: Record,
+    verdict: Verdict,
+    what: str,
+    command: str,
+    rss_of: Callable[[str], int],
+    target_mib: int,
+    empty_store: Path,
+) -> None:
+    """`command`'s RSS against an empty store, then against the fleet of N: RSS and RSS per 10k models,
+    judged against `target_mib` at 100k."""
+    empty = rss_of(str(empty_store))
+    full = rss_of(scene.url)
     per_10k = (full - empty) * 10_000 / scene.size
     mib = 1024**2
     figure = (
@@ -562,15 +573,20 @@ def test_router_rss(benchmark: Any, scene: Scene, record: Record, verdict: Verdi
     line = f"{label(scene.size)} ({scene.store_kind}, {STAND_INS}): {figure}"
     if scene.size == 100_000:
         verdict(
-            f"100k router RSS (modelyard serve, {STAND_INS})",
-            figure,
-            f"<= {RSS_TARGET_MIB} MiB",
-            full <= RSS_TARGET_MIB * mib,
+            f"100k {what} ({command}, {STAND_INS})", figure, f"<= {target_mib} MiB", full <= target_mib * mib
         )
     else:
         print(f"  {line}")
     record(line)
     _one_round(benchmark, {"rss_mib": round(full / mib, 1), "per_10k_mib": round(per_10k / mib, 2)})
+
+
+def test_router_rss(benchmark: Any, scene: Scene, record: Record, verdict: Verdict, tmp_path: Path) -> None:
+    """`modelyard serve` against an empty store, then against the fleet of N: RSS and RSS per 10k."""
+    _report_rss(
+        benchmark, scene, record, verdict, "router RSS", "modelyard serve", serve_rss, RSS_TARGET_MIB,
+        tmp_path / "empty-store",
+    )  # fmt: skip
 
 
 def full_reconciles(metrics: str) -> int:
@@ -617,25 +633,10 @@ def test_controller_rss(
 ) -> None:
     """`modelyard controller` against an empty store, then against the fleet of N after its first full
     reconcile: RSS and RSS per 10k."""
-    empty = controller_rss(str(tmp_path / "empty-store"))
-    full = controller_rss(scene.url)
-    per_10k = (full - empty) * 10_000 / scene.size
-    mib = 1024**2
-    figure = (
-        f"{full / mib:.0f} MiB (empty store {empty / mib:.0f} MiB), {per_10k / mib:.1f} MiB per 10k models"
-    )
-    line = f"{label(scene.size)} ({scene.store_kind}, {STAND_INS}): {figure}"
-    if scene.size == 100_000:
-        verdict(
-            f"100k controller RSS (modelyard controller, {STAND_INS})",
-            figure,
-            f"<= {CONTROLLER_RSS_TARGET_MIB} MiB",
-            full <= CONTROLLER_RSS_TARGET_MIB * mib,
-        )
-    else:
-        print(f"  {line}")
-    record(line)
-    _one_round(benchmark, {"rss_mib": round(full / mib, 1), "per_10k_mib": round(per_10k / mib, 2)})
+    _report_rss(
+        benchmark, scene, record, verdict, "controller RSS", "modelyard controller", controller_rss,
+        CONTROLLER_RSS_TARGET_MIB, tmp_path / "empty-store",
+    )  # fmt: skip
 
 
 class LoopThread:
