@@ -45,7 +45,7 @@ from modelyard.placement.metrics import register_controller_gauges
 from modelyard.placement.model import Container, ModelVersion
 from modelyard.placement.store import Store
 from modelyard.router.process import RouterProcess
-from modelyard.router.server import RouterServer, RouterStartError
+from modelyard.router.server import RouterServer
 from modelyard.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -353,17 +353,7 @@ class LocalFleet:
             # A process that ran for a while before dying starts its backoff over: backoff is for a crash
             # loop (dying again within seconds of each start), not for a container killed now and then.
             failures = 1 if time.monotonic() - up_since >= HEALTHY_RUN_S else failures + 1
-            waited_s = 0.0
-            while True:
-                delay = backoff_s(failures)
-                await asyncio.sleep(delay)
-                waited_s += delay
-                try:
-                    await _finish_in_thread(process.restart)
-                    break
-                except Exception as exc:  # a start error, or anything: keep trying, with backoff
-                    failures += 1
-                    log.error("container %s did not restart (%s); trying again", cid, exc)
+            waited_s = await _restart_with_backoff(f"container {cid}", process.restart, failures)
             self.restarts[cid] += 1
             if process.address != agent.container.address:
                 old = agent.adapter
@@ -466,23 +456,22 @@ class LocalFleet:
         )
 
     async def _supervise_router(self, router: RouterProcess) -> None:
+        """Starts the router process again whenever it exits, as containers are (on its ports if free)."""
         failures = 0
         while router.process is not None:
-            up_since = time.monotonic()
+            pid, up_since = router.process.pid, time.monotonic()
             status = await wait_for_exit(router.process)
             failures = 1 if time.monotonic() - up_since >= HEALTHY_RUN_S else failures + 1
-            delay_s = backoff_s(failures)
-            log.error(
-                "the router process stopped (%s); restarting it in %.1f s", describe_exit(status), delay_s
+            waited_s = await _restart_with_backoff("the router process", router.restart, failures)
+            assert router.process is not None
+            log.warning(
+                "the router process (pid %d) %s; started again after %.1f s as pid %d on %s",
+                pid,
+                describe_exit(status),
+                waited_s,
+                router.process.pid,
+                router.address,
             )
-            await asyncio.sleep(delay_s)
-            try:
-                await _finish_in_thread(router.restart)
-            except RouterStartError as exc:
-                log.error("the router did not start again: %s", exc)
-            else:
-                pid = router.process.pid if router.process is not None else 0
-                log.warning("the router process started again as pid %d on %s", pid, router.address)
 
     async def wait_ready(self, models: list[ModelVersion], timeout_s: float) -> None:
         """Waits until every copy the shard map assigns to `models` is ready (in this process's view of
@@ -548,6 +537,22 @@ class LocalFleet:
         if self.telemetry is not None:
             self.telemetry.shutdown()
         return clean
+
+
+async def _restart_with_backoff(what: str, restart: Callable[[], None], failures: int) -> float:
+    """`restart()` (in a thread) after backoff, again and longer after each failed start, until one
+    succeeds; returns the seconds waited."""
+    waited_s = 0.0
+    while True:
+        delay = backoff_s(failures)
+        await asyncio.sleep(delay)
+        waited_s += delay
+        try:
+            await _finish_in_thread(restart)
+            return waited_s
+        except Exception as exc:  # a start error, or anything: keep trying, with backoff
+            failures += 1
+            log.error("%s did not restart (%s); trying again", what, exc)
 
 
 async def _close_later(adapter: ContainerAdapter, after_s: float = 60.0) -> None:

@@ -222,7 +222,7 @@ def test_up_restarts_a_killed_router_process_on_its_port_and_logs_it(tmp_path: P
 
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        restart = up.read_until("the router process started again as pid", 30)
+        restart = up.read_until(f"the router process (pid {pid}) killed by SIGKILL; started again", 30)
         new_pid = int(re.search(r"as pid (\d+) on 127.0.0.1:(\d+)", restart).group(1))  # type: ignore[union-attr]
         assert new_pid != pid and alive(new_pid)
         assert f"on 127.0.0.1:{port}" in restart  # the port users were given still serves

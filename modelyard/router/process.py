@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from modelyard.containers.process import ServerProcess, free_port, port_is_free
 from modelyard.router.server import RouterStartError
 
@@ -97,9 +100,6 @@ class RouterProcess(ServerProcess):
 
     def _serving(self) -> bool:
         """Whether the router's gRPC health (overall) says SERVING: its routing table is loaded."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         with grpc.insecure_channel(self.address) as channel:
             try:
                 answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
