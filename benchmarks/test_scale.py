@@ -17,6 +17,7 @@ except in the cold-call benchmark, which runs our container: every other figure 
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelyard.containers.custom.adapter import CustomAdapter
 from modelyard.containers.triton.server import free_port
+from modelyard.memory import freeze_long_lived_objects
 from modelyard.metric_names import RECONCILE
 from modelyard.placement import registry
 from modelyard.placement.controller import PlacementController
@@ -675,6 +677,7 @@ def test_router_loop_lag_while_events_arrive(
     url, kind = store_url_for(size, tmp_path, request)
     loop = LoopThread()
     lags_s: list[float] = []
+    freeze_long_lived_objects()  # as `modelyard serve` runs the router (modelyard/memory.py)
 
     async def start() -> tuple[Store, RouterServer]:
         store = open_store(url)
@@ -719,6 +722,8 @@ def test_router_loop_lag_while_events_arrive(
 
         loop.call(stop())
         loop.stop()
+        freeze_long_lived_objects(None)
+        gc.unfreeze()
     lags_ms = sorted(1000 * lag for lag in lags_s)
     p99 = statistics.quantiles(lags_ms, n=100)[98]
     line = (

@@ -395,6 +395,9 @@ def up(
         SageMakerNotInstalled,
         SageMakerStartError,
     )
+    from modelyard.memory import freeze_long_lived_objects
+
+    freeze_long_lived_objects()  # the fleet view, out of the garbage collector's walks (memory.py)
     try:
         if model_store:
             # A missing bucket or credentials: one line, now.
@@ -610,9 +613,10 @@ def serve(
 
     # The router moves every tensor twice (in and out): its large buffers are reused (modelyard/memory.py),
     # keeping up to a few messages' worth of freed memory.
-    from modelyard.memory import reuse_large_buffers
+    from modelyard.memory import freeze_long_lived_objects, reuse_large_buffers
 
     reuse_large_buffers(max_message_bytes)
+    freeze_long_lived_objects()  # the fleet view, out of the garbage collector's walks (memory.py)
     try:
         run_event_loop(run())
     except (RouterStartError, StoreError, MetricsPortError) as exc:
@@ -817,6 +821,9 @@ def agent(
             await adapter.close()
             await store.close()
 
+    from modelyard.memory import freeze_long_lived_objects
+
+    freeze_long_lived_objects()  # the fleet view, out of the garbage collector's walks (memory.py)
     try:
         asyncio.run(run())
     except (StoreError, MetricsPortError) as exc:
@@ -873,6 +880,9 @@ def controller(
                 telemetry.serve_metrics(ready=the_controller.follower.loaded.is_set)
             await the_controller.run()
 
+    from modelyard.memory import freeze_long_lived_objects
+
+    freeze_long_lived_objects()  # the fleet view, out of the garbage collector's walks (memory.py)
     try:
         asyncio.run(run())
     except (StoreError, MetricsPortError) as exc:

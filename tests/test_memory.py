@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 ALLOCATE_AND_FREE = """
 import resource, sys
@@ -74,3 +75,61 @@ def test_a_peak_freed_is_handed_back_to_the_kernel() -> None:
     assert released == "True"  # glibc
     assert held_mib > 150, f"glibc gave the freed peak back by itself ({held_mib} MiB held)"
     assert after_mib < 30, f"{after_mib} MiB still held after release_freed_memory"
+
+
+FOLLOW_AND_LOOK = """
+import asyncio, gc, sys
+from modelyard.memory import FREEZE_EVERY_EVENTS, freeze_long_lived_objects
+from modelyard.placement import registry
+from modelyard.placement.follow import StoreFollower
+from modelyard.placement.model import ModelVersion
+from modelyard.placement.store import open_store
+
+if sys.argv[2] == "on":
+    freeze_long_lived_objects()
+
+def models(start, count):
+    names = (f"m{i:05d}" for i in range(start, start + count))
+    return [ModelVersion(name, "1", backend="custom", memory_bytes=4) for name in names]
+
+async def main():
+    async with open_store(sys.argv[1]) as store:
+        await store.apply({registry.MODELS + m.key: m.to_json() for m in models(0, 500)})
+        follower = StoreFollower(store, name="test")
+        follower.start()
+        await follower.loaded.wait()
+        burst = FREEZE_EVERY_EVENTS + 100  # registrations arriving as events once the snapshot is in
+        for start in range(500, 500 + burst, 100):
+            await store.apply({registry.MODELS + m.key: m.to_json() for m in models(start, 100)})
+        while len(follower.fleet.models) < 500 + burst:
+            await follower.wait_changed(30, follower.version)
+        walked = {id(o) for o in gc.get_objects()}  # what the collector walks (not the frozen)
+        fleet = follower.fleet
+        from_snapshot, from_events = fleet.models["m00000@1"], fleet.models["m00600@1"]
+        print(id(from_snapshot) in walked, id(from_events) in walked, gc.get_freeze_count())
+        await follower.stop()
+
+asyncio.run(main())
+"""
+
+
+def _follow_and_look(tmp_path: Path, mode: str) -> tuple[bool, bool, int]:
+    store = tmp_path / mode
+    out = subprocess.run(
+        [sys.executable, "-c", FOLLOW_AND_LOOK, str(store), mode], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    snapshot, events, frozen = out.stdout.split()
+    return snapshot == "True", events == "True", int(frozen)
+
+
+def test_the_fleet_view_a_follower_builds_is_out_of_the_collectors_walks(tmp_path: Path) -> None:
+    """With `freeze_long_lived_objects` (as serve, controller, agent and up run): a model from the snapshot
+    and one from a burst of events after it are frozen, so no full collection walks the view again."""
+    in_snapshot, in_events, frozen = _follow_and_look(tmp_path, "on")
+    assert not in_snapshot, "a model from the snapshot is still walked by every full collection"
+    assert not in_events, "a model from a burst of events is still walked by every full collection"
+    assert frozen > 1_600  # at least the view's 1,624 models
+    # Off (a library user's process): Python's collector as it was, nothing frozen.
+    in_snapshot, in_events, frozen = _follow_and_look(tmp_path, "off")
+    assert in_snapshot and in_events and frozen == 0

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from modelyard.memory import release_freed_memory
+from modelyard.memory import long_lived_objects_added, release_freed_memory
 from modelyard.placement import registry
 from modelyard.placement.registry import Changes, Fleet
 from modelyard.placement.store import CompactedError, Store, StoreError
@@ -153,6 +153,7 @@ class StoreFollower:
                 # The parse's peak (the store's values and the previous view, ~100 MiB at 100k models) is
                 # free now, but glibc would keep it: a thread, since a big heap takes a while to walk.
                 await asyncio.to_thread(release_freed_memory)
+                long_lived_objects_added(0, snapshot=True)  # the view, out of the collector's walks
                 self._watching = True
                 # A store may hand a burst over an event at a time from a queue that never makes this loop
                 # wait (etcd's client does): a slice runs on across lists, and is cut as within one.
@@ -186,6 +187,7 @@ class StoreFollower:
                 current.restart()
         if changes:
             await self._publish(changes)
+        long_lived_objects_added(len(events))
 
     async def _publish(self, changes: Changes) -> None:
         for listener in list(self._listeners):
