@@ -23,6 +23,9 @@ assignment value carries the generation that wrote it and the ids it had before 
 `ids` when that generation is committed and `prev` while it is still being staged. The writer marks the
 generation key as staging, writes its batches (each a compare-and-swap on that mark, so a writer that lost
 the lock can never write again), and commits by setting the generation in one last compare-and-swap.
+A half-written map is never seen. A follower takes a commit of many moves in slices (`commit_early`):
+between them each model's copies are those of the new generation or of the previous one, both committed
+(and both ready, moves being make-before-break), and `generation` moves last.
 """
 
 from __future__ import annotations
@@ -426,6 +429,38 @@ class Fleet:
             newest = max((a.gen for a in self.raw_assignments.values()), default=0)
             if newest != self.generation:
                 self._commit(newest, changes)
+
+    def committing(self, event: Event) -> list[str]:
+        """The staged assignments that `event`, if it commits a newer shard-map generation, makes take
+        effect: a follower may take them in slices (`commit_early`) before it applies the event itself, so
+        a commit of 100k moves does not hold its loop in one step. Empty for any other event."""
+        if event.key != GENERATION or event.kind != "put" or not self._pending:
+            return []
+        try:
+            generation, _ = parse_generation(event.value)
+        except (ValueError, UnicodeDecodeError):
+            return []  # applied (and logged) as one step
+        if generation <= self.generation:
+            return []  # going back re-stages: one step
+        return [mkey for gen, keys in self._pending.items() if gen <= generation for mkey in keys]
+
+    def commit_early(self, mkeys: Iterable[str], changes: Changes) -> None:
+        """The committed assignments of `mkeys` (from `committing`) take effect now, ahead of the generation
+        event that commits them. Until that event is applied a reader sees some of the new generation's
+        assignments and the rest of the previous one's: each model's copies are one generation's or the
+        other's, every one of them committed in the store, and `generation` (what a writer waits for, and
+        compares against) moves only with the event."""
+        for mkey in mkeys:
+            value = self.raw_assignments.get(mkey)
+            if value is None:
+                continue
+            staged = self._pending.get(value.gen)
+            if staged is None or mkey not in staged:
+                continue
+            staged.discard(mkey)
+            if not staged:
+                del self._pending[value.gen]
+            self._set_assignment(mkey, value.ids, changes)
 
     def _commit(self, generation: int, changes: Changes) -> None:
         """The committed generation moved: staged assignments up to it take effect (or, going back, not)."""
