@@ -99,7 +99,11 @@ class EtcdServer:
         if self.client_ca is not None:
             tls += ["--client-cert-auth", f"--trusted-ca-file={self.client_ca}"]
         compaction = (
-            ["--auto-compaction-mode=periodic", f"--auto-compaction-retention={self.compaction_retention}"]
+            [
+                "--auto-compaction-mode=periodic",
+                f"--auto-compaction-retention={self.compaction_retention}",
+                "--snapshot-count=10000",  # as deploy/k8s/etcd.yaml
+            ]
             if self.compaction_retention
             else []
         )
