@@ -665,7 +665,6 @@ def container(
     artifact_cache: Path,
 ) -> None:
     """Run our own KServe v2 container: many small numpy models in one process."""
-    import asyncio
 
     from modelyard.numpy_container.container import run_container
     from modelyard.telemetry import Telemetry
@@ -684,7 +683,8 @@ def container(
     except TLSConfigError as exc:
         fail(str(exc))
     try:
-        asyncio.run(
+        # On uvloop, as the router (run_event_loop): each load and call costs the container less CPU.
+        run_event_loop(
             run_container(
                 host,
                 port,

@@ -47,6 +47,7 @@ from modelyard.grpc_options import (
     container_server_options,
     message_size_options,
 )
+from modelyard.numpy_container import MEMORY_BYTES_TRAILER
 from modelyard.numpy_container.conversion import (
     config_tensors,
     decode_inputs,
@@ -276,7 +277,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         artifact_uri = string_parameter(request.parameters, "artifact_uri")
         if not artifact_uri:
             raise BadRequest(f"loading model '{request.model_name}' needs the parameter artifact_uri")
-        await self.host.load(request.model_name, version, artifact_uri)
+        loaded = await self.host.load(request.model_name, version, artifact_uri)
+        context.set_trailing_metadata(((MEMORY_BYTES_TRAILER, str(loaded.model.memory_bytes)),))
         return pb.RepositoryModelLoadResponse()
 
     @_unary

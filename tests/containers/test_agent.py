@@ -466,3 +466,41 @@ def test_a_container_that_refuses_connections_is_withdrawn_at_the_first_check(
 
 async def _not(value: Awaitable[bool]) -> bool:
     return not await value
+
+
+def test_a_load_answers_the_copy_s_footprint_so_the_agent_measures_it_without_another_call(
+    container: CustomContainerProcess, tmp_path: Path
+) -> None:
+    """Our container answers a load with the bytes it now accounts for the version (a trailer): the agent's
+    measurement, recorded in the copy's ready state, is that figure, and asking the container again (its
+    ModelStatistics) gives the same one."""
+    model, by_agent = models(tmp_path, "measured", "by_agent")
+
+    async def scenario() -> tuple[int, int, int]:
+        adapter = CustomAdapter(container.address)
+        try:
+            await adapter.load(model)
+
+            async def no_second_call(*args: object, **kwargs: object) -> None:
+                raise AssertionError("the footprint of a copy just loaded was asked for again")
+
+            asked = adapter._stub.ModelStatistics
+            adapter._stub.ModelStatistics = no_second_call  # type: ignore[method-assign]
+            from_load = await adapter.footprint(model)
+            adapter._stub.ModelStatistics = asked  # type: ignore[method-assign]
+            from_statistics = await adapter.footprint(model)  # the load's figure is used once
+            async with open_store(str(tmp_path / "store")) as store:
+                _agent, agent_adapter, task = await start(store, container, [by_agent])
+                try:
+                    copy = await state(store, by_agent.key)
+                finally:
+                    await stop(task)
+                    await agent_adapter.close()
+            assert copy is not None
+            return from_load, from_statistics, copy.measured_bytes
+        finally:
+            await adapter.close()
+
+    from_load, from_statistics, recorded = asyncio.run(scenario())
+    assert from_load == from_statistics > 0
+    assert recorded == from_load  # both models hold one float32 factor: the same footprint

@@ -13,6 +13,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelyard.containers.adapter import LoadError
 from modelyard.fleet_secret import FLEET_SECRET_HEADER
+from modelyard.numpy_container import MEMORY_BYTES_TRAILER
 from modelyard.placement.model import ModelVersion, model_key
 
 
@@ -27,6 +28,7 @@ class CustomAdapter:
         self.address = address
         # Sent on every call: a container with a fleet secret refuses calls without it.
         self._metadata = ((FLEET_SECRET_HEADER, fleet_secret),) if fleet_secret else None
+        self._loaded_bytes: dict[str, int] = {}  # key -> bytes its load answered, until measured
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials)
         else:
@@ -47,10 +49,15 @@ class CustomAdapter:
         request = pb.RepositoryModelLoadRequest(model_name=model.name)
         request.parameters["version"].string_param = model.version
         request.parameters["artifact_uri"].string_param = model.artifact_uri
+        call = self._stub.RepositoryModelLoad(request, timeout=timeout_s, metadata=self._metadata)
         try:
-            await self._stub.RepositoryModelLoad(request, timeout=timeout_s, metadata=self._metadata)
+            await call
+            trailers = await call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
             raise LoadError(f"{model.key}: {exc.code().name}: {exc.details()}") from exc
+        for key, value in trailers or ():
+            if key == MEMORY_BYTES_TRAILER and str(value).isdigit():
+                self._loaded_bytes[model.key] = int(value)
 
     async def unload(self, model: ModelVersion, timeout_s: float = 60.0) -> None:
         request = pb.RepositoryModelUnloadRequest(model_name=model.name)
@@ -61,7 +68,11 @@ class CustomAdapter:
             raise LoadError(f"{model.key}: unload failed: {exc.code().name}: {exc.details()}") from exc
 
     async def footprint(self, model: ModelVersion) -> int:
-        """The bytes the container accounts for this version (its `memory_usage` statistic)."""
+        """The bytes the container accounts for this version (its `memory_usage` statistic): as its last
+        load answered them (one call less per load), else asked."""
+        loaded = self._loaded_bytes.pop(model.key, None)
+        if loaded is not None:
+            return loaded
         request = pb.ModelStatisticsRequest(name=model.name, version=model.version)
         response = await self._stub.ModelStatistics(request, timeout=5, metadata=self._metadata)
         return sum(u.byte_size for s in response.model_stats for u in s.memory_usage)
