@@ -85,15 +85,13 @@ def freeze_long_lived_objects(every_events: int | None = FREEZE_EVERY_EVENTS) ->
     _freeze_every, _added_since_freeze = every_events, 0
 
 
-def long_lived_objects_added(events: int, *, snapshot: bool = False) -> bool:
-    """A store follower applied `events` store events, or a whole `snapshot`; True when this froze the heap
-    (only with `freeze_long_lived_objects` on)."""
+def long_lived_objects_added(events: int, *, snapshot: bool = False) -> None:
+    """A store follower applied `events` store events, or a whole `snapshot`: the heap is frozen when
+    `freeze_long_lived_objects` is on and enough came since the last freeze."""
     global _added_since_freeze
     if _freeze_every is None:
-        return False
+        return
     _added_since_freeze += events
-    if _added_since_freeze < _freeze_every and not snapshot:
-        return False
-    _added_since_freeze = 0
-    gc.freeze()
-    return True
+    if _added_since_freeze >= _freeze_every or snapshot:
+        _added_since_freeze = 0
+        gc.freeze()

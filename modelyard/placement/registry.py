@@ -442,6 +442,9 @@ class Fleet:
             return []  # applied (and logged) as one step
         if generation <= self.generation:
             return []  # going back re-stages: one step
+        return self._staged_up_to(generation)
+
+    def _staged_up_to(self, generation: int) -> list[str]:
         return [mkey for gen, keys in self._pending.items() if gen <= generation for mkey in keys]
 
     def commit_early(self, mkeys: Iterable[str], changes: Changes) -> None:
@@ -467,11 +470,7 @@ class Fleet:
         went_back = generation < self.generation
         self.generation = generation
         changes.generation = True  # published even when no assignment changes: a writer waits for it
-        for gen in [g for g in self._pending if g <= generation]:
-            for mkey in self._pending.pop(gen):
-                value = self.raw_assignments.get(mkey)
-                if value is not None:
-                    self._set_assignment(mkey, value.ids, changes)
+        self.commit_early(self._staged_up_to(generation), changes)  # what a follower has not taken already
         if not went_back:
             return
         # A generation that went back (a store restored from a backup) re-stages what is now ahead of it.
