@@ -4,8 +4,8 @@ One JSON object per line: `name`, `version`, `archive` (a path, relative to the 
 `tenants` (list), `memory_bytes`, `replicas`, `max_replicas`, `kind`. Each line is registered whole or not
 at all, exactly like `models upload` (same checks, same compare-and-swap), but
 
-- each archive is checked and stored once however many lines name it (cached by path, size and mtime;
-  identical archives under other paths land once too, by sha256),
+- each archive is checked and stored once however many lines name it (cached by its name for the length
+  of the import; identical archives under other paths land once too, by sha256),
 - registry keys are created in batches with the store's `put_absent` (one transaction per batch),
 - a bad line is reported with its number and the others go on; a line whose version is already
   registered with the same content is skipped, so running the same file again changes nothing.
@@ -73,28 +73,33 @@ class ImportReport:
 
 
 class ArchiveCache:
-    """Checks and stores each archive once per import; a refused archive is refused once, too."""
+    """Checks and stores each archive once per import; a refused archive is refused once, too.
+
+    Keyed by the archive as the lines name it (relative to the import's folder): the first line naming it
+    checks and stores it, later lines reuse that result without touching the file again, so an archive
+    replaced while the import runs is registered as it was first read. The same file under two spellings
+    is checked twice and stored once (the model store keys archives by sha256).
+    """
 
     def __init__(self, model_store: ModelStore, max_archive_bytes: int) -> None:
         self._model_store = model_store
         self._max_archive_bytes = max_archive_bytes
-        self._results: dict[tuple[str, int, int], StoredArchive | ArchiveError] = {}
+        self._results: dict[tuple[Path, str], StoredArchive | ArchiveError] = {}
 
-    def stored(self, path: Path) -> StoredArchive:
-        try:
-            stat = path.stat()
-        except OSError as exc:
-            raise ArchiveError(f"{path}: {exc.strerror or exc}") from exc
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        result = self._results.get(key)
+    def stored(self, folder: Path, archive: str) -> StoredArchive:
+        result = self._results.get((folder, archive))
         if result is None:
-            result = self._check_and_store(path)
-            self._results[key] = result
+            result = self._check_and_store(folder / archive)
+            self._results[(folder, archive)] = result
         if isinstance(result, ArchiveError):
             raise result
         return result
 
     def _check_and_store(self, path: Path) -> StoredArchive | ArchiveError:
+        try:
+            path.stat()
+        except OSError as exc:
+            return ArchiveError(f"{path}: {exc.strerror or exc}")
         try:
             with checked(path, max_bytes=self._max_archive_bytes) as artifact:
                 signature = artifact_signature(artifact.root)
@@ -143,7 +148,7 @@ def model_for_line(text: str, folder: Path, archives: ArchiveCache) -> ModelVers
     max_replicas = _field(entry, "max_replicas", int, 0)
     kind = _field(entry, "kind", str, "cpu")
     check_settings(kind, replicas, memory_bytes, max_replicas)
-    stored = archives.stored(folder / archive)
+    stored = archives.stored(folder, archive)
     check_name(name, version, stored.backend)
     return ModelVersion(
         name=name,

@@ -17,19 +17,22 @@ def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]
 
 
 def test_put_absent_creates_missing_keys_and_returns_present_ones_unchanged(store_url: str) -> None:
-    count = 2 * MAX_TXN_OPS + 17  # several batches, the last one partial
+    # Several batches of each store (etcd's MAX_TXN_OPS, the embedded store's 1,000 keys and its queries of
+    # 500), the last one partial; present keys on both sides of those boundaries.
+    count = 2_517
+    old = {f"/t/k{i:04d}": f"old-{i}".encode() for i in (3, 210, 499, 500, 999, 1000, 2516)}
 
     async def scenario(store: Store) -> None:
-        await store.put("/t/k0003", b"old")
-        await store.put("/t/k0210", b"older")
+        for key, value in old.items():
+            await store.put(key, value)
         present = await store.put_absent({f"/t/k{i:04d}": f"new-{i}".encode() for i in range(count)})
-        assert present == {"/t/k0003": b"old", "/t/k0210": b"older"}
+        assert present == old
         items, _ = await store.get_prefix("/t/")
         values = {item.key: item.value for item in items}
         assert len(values) == count
-        assert values["/t/k0003"] == b"old" and values["/t/k0210"] == b"older"
+        assert all(values[key] == value for key, value in old.items())
         assert (
-            values["/t/k0000"] == b"new-0" and values[f"/t/k{count - 1:04d}"] == f"new-{count - 1}".encode()
+            values["/t/k0000"] == b"new-0" and values[f"/t/k{count - 2:04d}"] == f"new-{count - 2}".encode()
         )
 
     run(store_url, scenario)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
 
 from modelyard.placement import registry
-from modelyard.placement.model import Container, CopyState, ModelVersion
+from modelyard.placement.model import Container, CopyState, ModelVersion, RouteRule, signature_json
 from modelyard.placement.registry import ConcurrentPlanError
 from modelyard.placement.store import Store, open_store
 
@@ -38,6 +39,25 @@ def test_shard_map_round_trips_with_every_type(store_url: str) -> None:
         assert fleet.copies_on("c1") == [model.key]
 
     run(store_url, scenario)
+
+
+def test_stored_values_keep_their_canonical_spelling() -> None:
+    """Every field, keys sorted, tuples as lists: the bytes fleets already hold in their store. A value
+    re-encoded differently would look changed to every comparison of stored bytes (and be rewritten)."""
+    signature = signature_json((("IN", "FP32", (-1, 3)),), (("OUT", "FP32", (-1,)),), False)
+    values = [
+        ModelVersion(
+            "m", "7", backend="custom", kind="gpu", memory_bytes=5, replicas=0, artifact_uri="file:///a/b",
+            sha256="ab" * 32, tenants=("t1", "t\u00e9"), max_replicas=3, signature=signature,
+        ),
+        Container("c1", "127.0.0.1:9", kind="gpu", memory_bytes=80, backend="custom", labels=(("zone", "a"),),
+                  max_inflight=4),
+        CopyState("failed", message="boom \"quoted\"", measured_bytes=7, container_full=True),
+        RouteRule("m", default_version="7", tenant_versions=(("t1", "7"),), weights=(("7", 3), ("6", 1))),
+    ]  # fmt: skip
+    for value in values:
+        assert value.to_json() == json.dumps(dataclasses.asdict(value), sort_keys=True).encode()
+        assert type(value).from_json(value.to_json()) == value
 
 
 def test_a_stale_generation_is_refused_and_writes_nothing(store_url: str) -> None:

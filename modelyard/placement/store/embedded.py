@@ -41,6 +41,12 @@ STORE_FILE = "store.sqlite3"  # the one file of a store directory
 _LOG_KEEP_REVISIONS = 10_000
 T = TypeVar("T")
 _PREFIX_END = "\U0010ffff"
+# Keys named in one `key IN (...)` query: under SQLite's smallest limit on bound parameters (999).
+_KEYS_PER_QUERY = 500
+# Keys one `put_absent` transaction creates. etcd caps a transaction's operations (MAX_TXN_OPS); SQLite does
+# not, and each commit costs the same whatever its size: a bulk import of 100,000 versions, nothing else
+# running, took 5.4 s in 100 transactions of 1,000 keys and 6.9 s in 1,000 of 100.
+_ABSENT_PER_TXN = 1000
 
 
 class _EmbeddedLease(Lease):
@@ -292,21 +298,29 @@ class EmbeddedStore(Store):
         return True
 
     def _put_absent(self, puts: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
-        """One atomic revision creating the absent keys; the present ones' values."""
+        """One atomic revision creating the absent keys (each key once in `puts`); the present ones'
+        values. The present keys are read in one query and the rest inserted in one `executemany`."""
         self._expire_leases()
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            keys = [key for key, _ in puts]
             present: dict[str, bytes] = {}
+            for start in range(0, len(keys), _KEYS_PER_QUERY):
+                part = keys[start : start + _KEYS_PER_QUERY]
+                rows = conn.execute(
+                    f"SELECT key, value FROM kv WHERE key IN ({','.join('?' * len(part))})", part
+                )
+                present.update((key, bytes(value)) for key, value in rows)
             revision = self._revision() + 1
-            for key, value in puts:
-                row = conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
-                if row is not None:
-                    present[key] = bytes(row[0])
-                    continue
-                conn.execute("INSERT INTO kv VALUES (?, ?, ?, NULL)", (key, value, revision))
-                conn.execute("INSERT OR REPLACE INTO log VALUES (?, ?, ?)", (revision, key, value))
-            if len(present) < len(puts):
+            absent = [(key, value) for key, value in puts if key not in present]
+            if absent:
+                conn.executemany(
+                    "INSERT INTO kv VALUES (?, ?, ?, NULL)", [(k, v, revision) for k, v in absent]
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO log VALUES (?, ?, ?)", [(revision, k, v) for k, v in absent]
+                )
                 conn.execute("UPDATE meta SET value=? WHERE name='revision'", (revision,))
                 if revision % 1000 == 0:  # as in _write: the change log keeps the last revisions only
                     compacted = revision - _LOG_KEEP_REVISIONS
@@ -322,8 +336,8 @@ class EmbeddedStore(Store):
     async def put_absent(self, puts: Mapping[str, bytes]) -> dict[str, bytes]:
         items = list(puts.items())
         present: dict[str, bytes] = {}
-        for start in range(0, len(items), MAX_TXN_OPS):
-            present.update(await self._run(self._put_absent, items[start : start + MAX_TXN_OPS]))
+        for start in range(0, len(items), _ABSENT_PER_TXN):
+            present.update(await self._run(self._put_absent, items[start : start + _ABSENT_PER_TXN]))
         return present
 
     async def grant_lease(self, ttl_s: float) -> Lease:
