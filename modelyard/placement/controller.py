@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -34,6 +35,12 @@ from modelyard.placement.summary import SUMMARY, summarize
 from modelyard.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# Models one incremental pass places at most; more wait for the next pass. A pass's assignments become
+# visible (and agents start loading them) only when its generation commits, and a pass of 60,000 models
+# took ~40 s of staged writes on a busy store: the copies of a bulk import then arrived in two or three
+# bursts while the containers idled between them. Passes of this size keep every agent loading.
+INCREMENTAL_SLICE = 5_000
 
 
 class PlacementController:
@@ -224,9 +231,12 @@ class PlacementController:
             await self._incremental.wait()
             await asyncio.sleep(0.01)  # gather a burst (concurrent cold calls, a bulk import's batch)
             self._incremental.clear()
-            touched, self._touched = self._touched, set()
+            touched: set[str] = set()
             try:
-                await self.place_incrementally(touched)
+                # The slice is chosen once the map is ours: with what is wanted by then, not before a wait.
+                async with self.writer.locked():
+                    touched = self._next_slice()
+                    await self.place_incrementally(touched)
             except StoreError as exc:  # includes the lock held by a manual rebalance
                 log.info("placement controller: %s; retrying in %.0f s", exc, self.retry_s)
                 self._touched |= touched
@@ -235,6 +245,21 @@ class PlacementController:
                 log.exception("placement controller: incremental placement failed; retrying")
                 self._touched |= touched
                 asyncio.get_running_loop().call_later(self.retry_s, self._incremental.set)
+
+    def _next_slice(self) -> set[str]:
+        """The models of the next incremental pass: every touched model, or INCREMENTAL_SLICE of them with
+        the ones a router waits for (wanted) first, and another pass for the rest."""
+        touched = self._touched
+        if len(touched) <= INCREMENTAL_SLICE:
+            self._touched = set()
+            return touched
+        wanted = self.follower.fleet.wanted
+        first = [key for key in touched if key in wanted][:INCREMENTAL_SLICE]
+        rest = (key for key in touched if key not in wanted)
+        taken = {*first, *itertools.islice(rest, INCREMENTAL_SLICE - len(first))}
+        self._touched = touched - taken
+        self._incremental.set()
+        return taken
 
     async def place_incrementally(self, keys: Iterable[str]) -> int:
         """Places the given models' missing copies around everything else; returns models changed."""

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
+from modelyard.placement import controller as controller_module
 from modelyard.placement import registry
 from modelyard.placement.controller import PlacementController, incremental_changes
 from modelyard.placement.follow import StoreFollower
+from modelyard.placement.mapwriter import MapWriter, RebalanceInProgress
 from modelyard.placement.model import Container, CopyState, ModelVersion
 from modelyard.placement.registry import Fleet
 from modelyard.placement.store import Store, open_store
@@ -72,6 +75,48 @@ def test_registered_models_are_placed_within_budget_and_removed_ones_unassigned(
             assert sum(per_container.values()) == 12 and max(per_container.values()) <= 10
             await store.delete(registry.MODELS + models[0].key)
             await until(watch, lambda f: models[0].key not in f.assignments)
+        finally:
+            await stop(task)
+            await watch.stop()
+
+    run(store_url, scenario)
+
+
+def test_a_bulk_registration_is_placed_in_slices_each_committed_with_wanted_models_first(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass's copies reach agents only when its generation commits: a bulk import is placed a slice at a
+    time (agents load the first slice while the next is written), a model a call waits for in the first."""
+    monkeypatch.setattr(controller_module, "INCREMENTAL_SLICE", 50)
+
+    async def scenario(store: Store) -> None:
+        for cid in ("a", "b"):
+            await registry.register_container(store, Container(cid, f"x:{cid}", memory_bytes=1000 * GiB))
+        controller, task = await controller_task(store, retry_s=0.2)
+        watch = StoreFollower(store, name="test")
+        watch.start()
+        # Another process's rebalance holds the map: the controller gathers all 230 models (and the wait
+        # for one of them) before it may place any, whichever batches the store delivered them in.
+        other = MapWriter(store, watch, "someone-else")
+        try:
+            await until(watch, lambda f: f.generation >= 1)  # the leader's first full pass is behind us
+            models = [ModelVersion(f"m{i:03d}", "1", memory_bytes=GiB) for i in range(230)]
+            waited_for = models[177].key
+            while True:
+                try:
+                    async with other.locked():
+                        await registry.create_models(store, models)  # as `models import` writes them
+                        await registry.want_model(store, waited_for)
+                        await until(
+                            controller.follower, lambda f: waited_for in f.wanted and len(f.models) == 230
+                        )
+                    break
+                except RebalanceInProgress:  # the controller's own pass holds it: try again
+                    await asyncio.sleep(0.05)
+            await until(watch, lambda f: all(m.key in f.assignments for m in models))
+            placed_in = Counter(watch.fleet.raw_assignments[m.key].gen for m in models)
+            assert max(placed_in.values()) <= 50 and len(placed_in) >= 5, placed_in
+            assert watch.fleet.raw_assignments[waited_for].gen == min(placed_in), placed_in
         finally:
             await stop(task)
             await watch.stop()
