@@ -487,7 +487,7 @@ class Agent:
     async def _load(self, model: ModelVersion) -> None:
         cid = self.container.id
         async with self._load_slots:
-            await self._report(model.key, CopyState("loading"))
+            self._report_soon(model.key, CopyState("loading"))  # not waited for: see _report_soon
             self.load_calls += 1
             started = time.monotonic()
             try:
@@ -583,10 +583,18 @@ class Agent:
         Thousands of loads report twice each: one store write per report would make the store, not the
         container, the bottleneck of a bulk load (and wake every follower once per report).
         """
+        await asyncio.shield(self._report_soon(key, state))
+
+    def _report_soon(self, key: str, state: CopyState) -> asyncio.Task[None]:
+        """Records a copy's state for the next write without waiting for it. A load's "loading" goes this
+        way: the container is called at once, and when the store is busy (a bulk load) a fast load's
+        "ready" replaces its "loading" before that is written: one write and one event for every follower
+        instead of two. The order of a copy's states is kept (one pending state per copy, writes in turn).
+        """
         self._reports[key] = state
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_reports())
-        await asyncio.shield(self._flusher)
+        return self._flusher
 
     async def _flush_reports(self) -> None:
         await asyncio.sleep(0)  # let the reports of loads finishing together join this write

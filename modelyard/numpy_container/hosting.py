@@ -35,9 +35,9 @@ def artifact_dir(artifact_uri: str) -> Path:
 
 
 def check_in_store(path: Path, model_store: Path) -> None:
-    """Refuses a model directory outside `model_store` (resolved first: neither `..` nor a symbolic link
-    leads out of it). File system calls: run it off the event loop."""
-    if not path.resolve().is_relative_to(model_store.resolve()):
+    """Refuses a model directory outside `model_store` (a path already resolved; `path` is resolved here:
+    neither `..` nor a symbolic link leads out of it). File system calls: run it off the event loop."""
+    if not path.resolve().is_relative_to(model_store):
         raise PermissionDenied(f"model directory {str(path)!r} is outside this container's model store")
 
 
@@ -129,10 +129,11 @@ class ModelHost:
         model_store: Path | None = None,
         compute_threads: int | None = None,
     ) -> None:
-        """`model_store`: load only from inside this directory (None: anywhere). `compute_threads`: the
-        pool running model math (numpy releases the GIL in most of it); default: Python's choice."""
+        """`model_store`: load only from inside this directory (None: anywhere), resolved once here, not
+        at every load. `compute_threads`: the pool running model math (numpy releases the GIL in most of
+        it); default: Python's choice."""
         self.memory_bytes = memory_bytes
-        self.model_store = model_store
+        self.model_store = model_store.resolve() if model_store is not None else None
         self.compute = ThreadPoolExecutor(compute_threads, thread_name_prefix="model-compute")
         self.used_bytes = 0
         self.load_count = 0  # artifact reads performed; concurrent loads of one key share one

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelyard.numpy_container.numpy_model import (
+    WHOLE_READ_BYTES,
     ModelFormatError,
     TensorError,
     TensorSpec,
@@ -47,6 +48,15 @@ def test_linear_computes_input_times_w_plus_b(tmp_path: Path) -> None:
     out = model.run({"INPUT": x})["OUTPUT"]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, x @ W + b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_in", [4, 600])  # weights of 40 B, read whole; of 2.4 MB, parsed from disk
+def test_weights_small_and_large_load_exactly(tmp_path: Path, n_in: int) -> None:
+    model = load_model_dir(linear_dir(tmp_path / "m", n_in=n_in, n_out=1000 if n_in > 4 else 2))
+    assert ((tmp_path / "m" / "weights.npz").stat().st_size > WHOLE_READ_BYTES) == (n_in > 4)
+    with np.load(tmp_path / "m" / "weights.npz") as stored:
+        np.testing.assert_array_equal(model.arrays["W"], stored["W"])
+        np.testing.assert_array_equal(model.arrays["b"], stored["b"])
 
 
 def test_linear_weights_are_converted_once_to_the_signature_datatype(tmp_path: Path) -> None:
