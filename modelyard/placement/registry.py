@@ -656,8 +656,7 @@ async def update_shard_map(
     if not puts and not deletes and not bump:
         return generation
     signed = {MAP_WRITER: writer.encode()} if writer else {}
-    per_txn = store.max_txn_ops
-    if len(puts) + len(deletes) < per_txn:
+    if len(puts) + len(deletes) < MAX_TXN_OPS:
         if not await store.apply(
             {**puts, GENERATION: committed, **signed}, deletes, if_equal=(GENERATION, idle)
         ):
@@ -668,8 +667,8 @@ async def update_shard_map(
     if not await store.apply({GENERATION: staging or b"", **signed}, if_equal=(GENERATION, idle)):
         raise _moved(generation)
     ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
-    for start in range(0, len(ops), per_txn - 1):
-        batch = ops[start : start + per_txn - 1]
+    for start in range(0, len(ops), MAX_TXN_OPS - 1):
+        batch = ops[start : start + MAX_TXN_OPS - 1]
         batch_puts = {k: v for k, v in batch if v is not None}
         batch_deletes = [k for k, v in batch if v is None]
         if not await store.apply(batch_puts, batch_deletes, if_equal=(GENERATION, staging)):
@@ -697,11 +696,10 @@ async def abort_staging(store: Store, base: Fleet) -> None:
         generation + 1,
         len(staged),
     )
-    per_txn = store.max_txn_ops
-    for start in range(0, len(staged), per_txn - 1):
+    for start in range(0, len(staged), MAX_TXN_OPS - 1):
         batch = {
             ASSIGN + mkey: Assignment(raw.prev, generation, raw.prev).to_json()
-            for mkey, raw in staged[start : start + per_txn - 1]
+            for mkey, raw in staged[start : start + MAX_TXN_OPS - 1]
         }
         if not await store.apply(batch, if_equal=(GENERATION, staging)):
             raise _moved(generation)

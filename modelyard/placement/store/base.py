@@ -91,9 +91,6 @@ def prefix_end(prefix: str) -> str:
 class Store(abc.ABC):
     """What placement, agents and routers need from etcd, implementable on one machine without it."""
 
-    # Operations one transaction takes: writers of many keys (the shard map) batch by it.
-    max_txn_ops: int = MAX_TXN_OPS
-
     @abc.abstractmethod
     async def get(self, key: str) -> KeyValue | None: ...
 

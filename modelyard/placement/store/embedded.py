@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelyard.placement.store.base import (
+    MAX_TXN_OPS,
     CompactedError,
     Event,
     KeyValue,
@@ -42,10 +43,10 @@ T = TypeVar("T")
 _PREFIX_END = "\U0010ffff"
 # Keys named in one `key IN (...)` query: under SQLite's smallest limit on bound parameters (999).
 _KEYS_PER_QUERY = 500
-# Operations in one transaction. etcd caps them (MAX_TXN_OPS); SQLite does not, and each commit costs about
-# the same whatever its size: a bulk import of 100,000 versions, nothing else running, took 5.4 s in 100
-# transactions of 1,000 keys and 6.9 s in 1,000 of 100.
-_TXN_OPS = 1000
+# Keys one `put_absent` transaction creates. etcd caps a transaction's operations (MAX_TXN_OPS); SQLite does
+# not, and each commit costs the same whatever its size: a bulk import of 100,000 versions, nothing else
+# running, took 5.4 s in 100 transactions of 1,000 keys and 6.9 s in 1,000 of 100.
+_ABSENT_PER_TXN = 1000
 
 
 class _EmbeddedLease(Lease):
@@ -104,8 +105,6 @@ class _DirectoryWrites:
 
 
 class EmbeddedStore(Store):
-    max_txn_ops = _TXN_OPS
-
     def __init__(self, directory: Path, *, poll_interval_s: float = 0.05) -> None:
         self.directory = directory
         self.poll_interval_s = poll_interval_s
@@ -284,10 +283,11 @@ class EmbeddedStore(Store):
         if_equal: tuple[str, bytes | None] | None = None,
         lease: Lease | None = None,
     ) -> bool:
+        # SQLite has no operation limit, but batching the same way as etcd keeps both stores' behaviour alike.
         ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
         first = True
-        for start in range(0, max(len(ops), 1), _TXN_OPS):
-            batch = ops[start : start + _TXN_OPS]
+        for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
+            batch = ops[start : start + MAX_TXN_OPS]
             batch_puts = [(k, v) for k, v in batch if v is not None]
             batch_deletes = [k for k, v in batch if v is None]
             guard = if_equal if first else None
@@ -336,8 +336,8 @@ class EmbeddedStore(Store):
     async def put_absent(self, puts: Mapping[str, bytes]) -> dict[str, bytes]:
         items = list(puts.items())
         present: dict[str, bytes] = {}
-        for start in range(0, len(items), _TXN_OPS):
-            present.update(await self._run(self._put_absent, items[start : start + _TXN_OPS]))
+        for start in range(0, len(items), _ABSENT_PER_TXN):
+            present.update(await self._run(self._put_absent, items[start : start + _ABSENT_PER_TXN]))
         return present
 
     async def grant_lease(self, ttl_s: float) -> Lease:
