@@ -232,7 +232,9 @@ def copy_counts(store: str) -> dict[str, int]:
     assert result.returncode == 0, result.stderr
     found = SUMMARY.search(result.stdout)
     assert found is not None, result.stdout
-    counts = {}
+    counts: dict[str, int] = {}
+    if found.group(1) == "none":  # nothing placed yet (or the controller's summary not rewritten yet)
+        return counts
     for part in found.group(1).split(", "):
         number, _, state = part.partition(" ")
         counts[state] = int(number)
