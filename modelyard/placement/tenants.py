@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+from modelyard.placement.model import dataclass_json
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 # How much of a saturated container each priority gets when tenants compete (deficit round robin weights).
@@ -39,7 +41,7 @@ class TenantLimits:
         return float(self.burst) if self.burst else max(1.0, math.ceil(self.rps))
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return dataclass_json(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> TenantLimits:

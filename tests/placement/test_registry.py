@@ -12,6 +12,7 @@ from modelyard.placement import registry
 from modelyard.placement.model import Container, CopyState, ModelVersion, RouteRule, signature_json
 from modelyard.placement.registry import ConcurrentPlanError
 from modelyard.placement.store import Store, open_store
+from modelyard.placement.tenants import TenantLimits
 
 
 def run(url: str, scenario) -> object:  # type: ignore[no-untyped-def]
@@ -54,6 +55,7 @@ def test_stored_values_keep_their_canonical_spelling() -> None:
                   max_inflight=4),
         CopyState("failed", message="boom \"quoted\"", measured_bytes=7, container_full=True),
         RouteRule("m", default_version="7", tenant_versions=(("t1", "7"),), weights=(("7", 3), ("6", 1))),
+        TenantLimits(max_inflight=3, rps=2.5, burst=4, priority="high"),
     ]  # fmt: skip
     for value in values:
         assert value.to_json() == json.dumps(dataclasses.asdict(value), sort_keys=True).encode()
