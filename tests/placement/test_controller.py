@@ -102,6 +102,7 @@ def test_a_bulk_registration_is_placed_in_slices_each_committed_with_wanted_mode
             await until(watch, lambda f: f.generation >= 1)  # the leader's first full pass is behind us
             models = [ModelVersion(f"m{i:03d}", "1", memory_bytes=GiB) for i in range(230)]
             waited_for = models[177].key
+            deadline = asyncio.get_running_loop().time() + 20
             while True:
                 try:
                     async with other.locked():
@@ -112,6 +113,9 @@ def test_a_bulk_registration_is_placed_in_slices_each_committed_with_wanted_mode
                         )
                     break
                 except RebalanceInProgress:  # the controller's own pass holds it: try again
+                    assert asyncio.get_running_loop().time() < deadline, (
+                        "the map lock never came free in 20 s"
+                    )
                     await asyncio.sleep(0.05)
             await until(watch, lambda f: all(m.key in f.assignments for m in models))
             placed_in = Counter(watch.fleet.raw_assignments[m.key].gen for m in models)
